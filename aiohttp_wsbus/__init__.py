@@ -1,0 +1,1 @@
+"""aiohttp_wsbus: a real-time channel bus for aiohttp."""

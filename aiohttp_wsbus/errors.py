@@ -1,0 +1,42 @@
+"""The exceptions aiohttp_wsbus raises; web.py turns each into a status or close code."""
+
+from __future__ import annotations
+
+
+class WsBusError(Exception):
+    """Base class for every error this package raises on purpose."""
+
+
+class InvalidSettings(ValueError, WsBusError):
+    """A setup() setting is wrong; the message names it."""
+
+
+class InvalidToken(WsBusError):
+    """The token is missing, malformed, badly signed, expired or has the wrong claims.
+
+    `reason` is a short machine-readable word (never the token itself).
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class KeysUnavailable(WsBusError):
+    """No signing key can be had right now (JWKS unreachable and nothing cached)."""
+
+
+class Forbidden(WsBusError):
+    """The token is valid but does not grant what was asked."""
+
+    def __init__(self, channels: list[str]) -> None:
+        super().__init__(", ".join(channels))
+        self.channels = channels
+
+
+class BrokerUnavailable(WsBusError):
+    """The broker cannot publish or subscribe right now; callers may retry later."""
+
+
+class InvalidChannel(WsBusError, ValueError):
+    """A channel name breaks the naming rules."""

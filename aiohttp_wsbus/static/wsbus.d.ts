@@ -1,0 +1,1 @@
+../../js/wsbus.d.ts

@@ -1,0 +1,48 @@
+"""Packaging for aiohttp-wsbus."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+
+setup(
+    name="aiohttp-wsbus",
+    version="0.1.0.dev0",
+    description="A real-time channel bus for aiohttp: JWT-authorized WebSocket push with an HTTP emit endpoint.",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.11",
+    packages=find_packages(include=["aiohttp_wsbus", "aiohttp_wsbus.*"]),
+    # The served JS client is js/wsbus.js itself: one source, no copy that can drift.
+    # static/wsbus.js is a symlink to js/wsbus.js: the build copies its bytes in.
+    package_data={"aiohttp_wsbus": ["py.typed", "static/wsbus.js", "static/wsbus.d.ts"]},
+    install_requires=[
+        "aiohttp>=3.11",
+        "PyJWT[crypto]>=2.13",
+        "cryptography",
+        "marshmallow>=4.1.2",
+    ],
+    extras_require={
+        "redis": ["redis>=5.2"],
+        "metrics": ["prometheus-client>=0.20"],
+        "bench": ["matplotlib"],
+        "test": [
+            "pytest>=8",
+            "pytest-aiohttp>=1.1",
+            "hypothesis>=6",
+            "mypy>=1.13",
+            "ruff>=0.8",
+            "redis>=5.2",
+            "prometheus-client>=0.20",
+            "playwright>=1.50",
+        ],
+    },
+    classifiers=[
+        "Framework :: AsyncIO",
+        "Framework :: aiohttp",
+        "Programming Language :: Python :: 3",
+        "Typing :: Typed",
+    ],
+)
