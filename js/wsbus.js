@@ -1,0 +1,533 @@
+// wsbus.js: the browser (and Node 20+) client for aiohttp-wsbus.
+// One dependency-free ES module. The protocol and close codes are documented in
+// docs/protocol.md; recovery (offsets, epochs, `since`) in docs/recovery.md.
+
+/** The close codes the server uses; see the table in README.md for what the client does. */
+export const CloseCodes = Object.freeze({
+  NORMAL: 1000,
+  GOING_AWAY: 1001,
+  ABNORMAL: 1006,
+  MESSAGE_TOO_BIG: 1009,
+  INTERNAL_ERROR: 1011,
+  TRY_AGAIN_LATER: 1013,
+  TOKEN_EXPIRED: 4001,
+  SLOW_CONSUMER: 4002,
+  BAD_REQUEST: 4400,
+  UNAUTHORIZED: 4401,
+  FORBIDDEN: 4403,
+});
+
+// Codes after which reconnecting cannot help: the client goes to "closed".
+const FATAL_CODES = new Set([
+  CloseCodes.NORMAL,
+  CloseCodes.MESSAGE_TOO_BIG,
+  CloseCodes.BAD_REQUEST,
+  CloseCodes.FORBIDDEN,
+]);
+
+const OPEN = 1; // WebSocket.OPEN, without relying on the implementation's statics
+const MIN_REFRESH_DELAY = 1000; // never refresh in a tight loop, whatever the clocks say
+const noop = () => {};
+
+/** A real-time channel bus connection: subscribe to channels, survive drops, keep the token fresh. */
+export class WsBus {
+  constructor(url, options = {}) {
+    if (typeof options.getToken !== "function") {
+      throw new TypeError("WsBus: options.getToken must be a function returning a token");
+    }
+    this._WebSocket = options.WebSocket ?? globalThis.WebSocket;
+    if (typeof this._WebSocket !== "function") {
+      throw new TypeError("WsBus: no WebSocket implementation; pass options.WebSocket");
+    }
+    this._url = resolveUrl(url);
+    this._getToken = options.getToken;
+    this._minDelay = options.minReconnectDelay ?? 500;
+    this._maxDelay = Math.max(options.maxReconnectDelay ?? 20000, this._minDelay);
+    this._refreshBefore = options.refreshBefore ?? 30;
+    this._random = options.random ?? Math.random;
+    const timers = options.timers ?? {};
+    this._timers = {
+      setTimeout: timers.setTimeout ?? ((fn, ms) => globalThis.setTimeout(fn, ms)),
+      clearTimeout: timers.clearTimeout ?? ((id) => globalThis.clearTimeout(id)),
+      now: timers.now ?? (() => Date.now()),
+    };
+
+    this._state = "disconnected";
+    this._listeners = new Map(); // event -> Set of listeners
+    this._handlers = new Map(); // channel -> Set of (data, meta) handlers
+    this._wanted = new Set(); // channels the app wants, whatever the connection does
+    this._requested = new Set(); // channels asked of the current connection
+    this._positions = new Map(); // channel -> {offset, epoch}: where to recover from
+    for (const channel of options.channels ?? []) this._wanted.add(channel);
+
+    this._ws = null;
+    this._generation = 0; // bumped whenever a connection is abandoned; stale callbacks check it
+    this._isWelcomed = false;
+    this._attempt = 0; // backoff attempts since the last welcome
+    this._refreshAttempt = 0;
+    this._hasRetriedUnauthorized = false;
+    this._reconnectTimer = null;
+    this._refreshTimer = null;
+    this._isStarted = false;
+    this._isClosed = false;
+    this._onOnline = () => this._handleOnline();
+    this._onOffline = () => this._handleOffline();
+
+    if (options.autoConnect ?? true) this.connect();
+  }
+
+  /** "connecting" | "connected" | "disconnected" | "closed" */
+  get state() {
+    return this._state;
+  }
+
+  /** Starts connecting (needed only with autoConnect: false); connects at once if waiting to retry. */
+  connect() {
+    if (this._isClosed || this._state === "connecting" || this._state === "connected") return;
+    if (!this._isStarted) {
+      this._isStarted = true;
+      if (typeof globalThis.addEventListener === "function") {
+        globalThis.addEventListener("online", this._onOnline);
+        globalThis.addEventListener("offline", this._onOffline);
+      }
+    }
+    this._clearReconnectTimer();
+    this._open();
+  }
+
+  /** Listens to "state", "denied", "error", "recovered" or "message"; returns a function that stops listening. */
+  on(event, listener) {
+    let listeners = this._listeners.get(event);
+    if (!listeners) this._listeners.set(event, (listeners = new Set()));
+    const entry = (...args) => listener(...args); // same listener twice gets two entries
+    listeners.add(entry);
+    return () => listeners.delete(entry);
+  }
+
+  /** Joins `channel` (if new) and calls `handler(data, meta)` for its messages; returns a function that removes the handler. */
+  subscribe(channel, handler) {
+    if (typeof channel !== "string") throw new TypeError("WsBus.subscribe: channel must be a string");
+    if (handler !== undefined && typeof handler !== "function") {
+      throw new TypeError("WsBus.subscribe: handler must be a function");
+    }
+    let entry = null;
+    if (handler) {
+      let handlers = this._handlers.get(channel);
+      if (!handlers) this._handlers.set(channel, (handlers = new Set()));
+      entry = (data, meta) => handler(data, meta);
+      handlers.add(entry);
+    }
+    if (!this._wanted.has(channel)) {
+      this._wanted.add(channel);
+      this._sync();
+    }
+    return () => {
+      if (entry) this._handlers.get(channel)?.delete(entry);
+    };
+  }
+
+  /** Leaves `channel` and drops its handlers. */
+  unsubscribe(channel) {
+    this._forget(channel);
+    this._sync();
+  }
+
+  /** Stops for good: closes the socket, cancels every timer, removes browser listeners. */
+  close() {
+    if (this._isClosed) return;
+    this._isClosed = true;
+    this._abandonSocket();
+    this._clearReconnectTimer();
+    if (this._isStarted && typeof globalThis.removeEventListener === "function") {
+      globalThis.removeEventListener("online", this._onOnline);
+      globalThis.removeEventListener("offline", this._onOffline);
+    }
+    this._setState("closed");
+  }
+
+  // -- connecting -------------------------------------------------------------
+
+  /** Starts one connection attempt; never lets a rejection escape. */
+  _open() {
+    this._connectAttempt().catch((error) => this._emitError(error));
+  }
+
+  async _connectAttempt() {
+    const generation = ++this._generation;
+    this._setState("connecting");
+    let token;
+    try {
+      token = await this._getToken();
+    } catch (error) {
+      if (generation !== this._generation) return;
+      this._emitError(wrapError(error, "getToken failed"));
+      this._disconnected();
+      return;
+    }
+    if (generation !== this._generation) return;
+    let ws;
+    try {
+      ws = new this._WebSocket(this._url);
+    } catch (error) {
+      // A URL the WebSocket constructor refuses will never work.
+      this._emitError(wrapError(error, "cannot create WebSocket"));
+      this.close();
+      return;
+    }
+    this._ws = ws;
+    this._isWelcomed = false;
+    ws.onopen = () => {
+      if (ws === this._ws) this._sendConnect(token);
+    };
+    ws.onmessage = (event) => {
+      if (ws === this._ws) this._receive(event.data);
+    };
+    ws.onerror = noop; // a close event always follows; that is where we decide
+    ws.onclose = (event) => {
+      if (ws === this._ws) this._handleClose(event.code, event.reason ?? "");
+    };
+  }
+
+  _sendConnect(token) {
+    const channels = [...this._wanted];
+    const frame = { type: "connect", token, channels };
+    const since = this._since(channels);
+    if (since) frame.since = since;
+    this._requested = new Set(channels);
+    this._send(frame);
+  }
+
+  _handleClose(code, reason) {
+    const wasWelcomed = this._isWelcomed;
+    this._abandonSocket();
+    if (FATAL_CODES.has(code)) {
+      if (code !== CloseCodes.NORMAL) this._emitError(closeError(code, reason));
+      this.close();
+      return;
+    }
+    if (code === CloseCodes.UNAUTHORIZED) {
+      if (this._hasRetriedUnauthorized) {
+        this._emitError(closeError(code, reason));
+        this.close();
+        return;
+      }
+      this._hasRetriedUnauthorized = true;
+      this._disconnected({ isImmediate: true }); // getToken() runs again on every connect: that is the fresh token
+      return;
+    }
+    // 4001 after a good session: the token ran out, a new one fixes it at once.
+    // Without a welcome first, an immediate retry could spin, so back off instead.
+    const isExpiry = code === CloseCodes.TOKEN_EXPIRED && wasWelcomed;
+    this._disconnected({ isImmediate: isExpiry });
+  }
+
+  /** Goes to "disconnected", then reconnects at once or after the next backoff delay. */
+  _disconnected({ isImmediate = false } = {}) {
+    this._setState("disconnected");
+    if (this._isClosed) return; // a state listener may have called close()
+    if (isImmediate) {
+      this._open();
+      return;
+    }
+    this._attempt += 1;
+    const wait = this._backoffDelay(this._attempt);
+    this._clearReconnectTimer();
+    this._reconnectTimer = this._timers.setTimeout(() => {
+      this._reconnectTimer = null;
+      if (!this._isClosed && this._state === "disconnected") this._open();
+    }, wait);
+  }
+
+  /** Full jitter: attempt n (from 1) waits a uniform random time in [min, min(max, min * 2^n)] ms. */
+  _backoffDelay(attempt) {
+    const ceiling = Math.min(this._maxDelay, this._minDelay * 2 ** attempt);
+    return this._minDelay + this._random() * (ceiling - this._minDelay);
+  }
+
+  _abandonSocket() {
+    this._generation += 1;
+    this._isWelcomed = false;
+    this._requested = new Set();
+    this._clearRefreshTimer();
+    const ws = this._ws;
+    this._ws = null;
+    if (!ws) return;
+    // No-ops rather than null: some implementations (ws) throw on an unheard "error".
+    ws.onopen = ws.onmessage = ws.onclose = ws.onerror = noop;
+    try {
+      ws.close(CloseCodes.NORMAL);
+    } catch {
+      // already closing or closed
+    }
+  }
+
+  _handleOnline() {
+    if (!this._isClosed && this._state === "disconnected") this.connect();
+  }
+
+  _handleOffline() {
+    if (this._isClosed || this._state === "disconnected") return;
+    this._abandonSocket();
+    this._disconnected(); // "online" will cut the wait short
+  }
+
+  // -- receiving --------------------------------------------------------------
+
+  _receive(text) {
+    let frame;
+    try {
+      frame = JSON.parse(text);
+    } catch (error) {
+      this._emitError(wrapError(error, "unreadable frame from server"));
+      return;
+    }
+    if (!frame || typeof frame !== "object") return;
+    switch (frame.type) {
+      case "welcome":
+        return this._handleWelcome(frame);
+      case "subscribed":
+        return this._handleSubscribed(frame);
+      case "unsubscribed":
+        return this._handleUnsubscribed(frame);
+      case "refreshed":
+        return this._handleRefreshed(frame);
+      case "message":
+        return this._handleMessage(frame);
+      default:
+        return; // "pong" and frame types newer than this client
+    }
+  }
+
+  _handleWelcome(frame) {
+    const generation = this._generation;
+    this._isWelcomed = true;
+    this._attempt = 0;
+    this._hasRetriedUnauthorized = false;
+    this._scheduleRefresh(frame.expires_at);
+    this._setState("connected");
+    // Any listener below may call close(); the generation tells us to stop.
+    if (generation !== this._generation) return;
+    this._applySubscription(frame);
+    if (generation !== this._generation) return;
+    this._sync();
+  }
+
+  _handleSubscribed(frame) {
+    this._applySubscription(frame);
+  }
+
+  /** Applies the `denied`, `positions` and `recovered` parts of a welcome or subscribed frame. */
+  _applySubscription(frame) {
+    const denied = frame.denied ?? {};
+    const positions = frame.positions ?? {};
+    const recovered = frame.recovered ?? {};
+    for (const channel of Object.keys(denied)) this._deny(channel, denied[channel]);
+    for (const channel of Object.keys(positions)) {
+      if (!this._wanted.has(channel) || channel in recovered) continue;
+      this._advance(channel, positions[channel]); // fresh subscription: recover from here next time
+    }
+    for (const channel of Object.keys(recovered)) {
+      if (!this._wanted.has(channel)) continue;
+      const ok = recovered[channel] === true;
+      if (!ok) {
+        // Too far behind or a new epoch: continue from the server's position, the app reloads.
+        const position = positions[channel];
+        if (isPosition(position)) this._positions.set(channel, { offset: position.offset, epoch: position.epoch });
+        else this._positions.delete(channel);
+      }
+      this._emit("recovered", channel, ok);
+    }
+  }
+
+  _handleUnsubscribed(frame) {
+    if (frame.reason !== "revoked") return; // "client" confirms what we asked
+    for (const channel of frame.channels ?? []) this._deny(channel, "revoked");
+  }
+
+  _handleRefreshed(frame) {
+    this._refreshAttempt = 0;
+    for (const channel of frame.revoked ?? []) this._deny(channel, "revoked");
+    this._scheduleRefresh(frame.expires_at);
+  }
+
+  _handleMessage(frame) {
+    const channel = frame.channel;
+    if (!this._wanted.has(channel)) return; // left it; the server has not caught up yet
+    const { offset, epoch } = frame;
+    if (typeof offset === "number") {
+      const last = this._positions.get(channel);
+      if (last && last.epoch === epoch && offset <= last.offset) return; // seen it already
+      this._positions.set(channel, { offset, epoch });
+    }
+    const meta = { channel, offset, epoch, recovered: frame.recovered === true };
+    for (const handler of [...(this._handlers.get(channel) ?? [])]) {
+      try {
+        handler(frame.data, meta);
+      } catch (error) {
+        this._emitError(error);
+      }
+    }
+    this._emit("message", channel, frame.data, meta);
+  }
+
+  /** Stops asking for `channel` and tells the app why, once. */
+  _deny(channel, reason) {
+    this._requested.delete(channel); // the server does not hold it; never unsubscribe it
+    if (!this._wanted.has(channel)) return;
+    this._forget(channel);
+    this._emit("denied", channel, reason);
+  }
+
+  _forget(channel) {
+    this._wanted.delete(channel);
+    this._handlers.delete(channel);
+    this._positions.delete(channel);
+  }
+
+  /** Moves a channel's position forward, never back within the same epoch. */
+  _advance(channel, position) {
+    if (!isPosition(position)) return;
+    const last = this._positions.get(channel);
+    if (last && last.epoch === position.epoch && last.offset >= position.offset) return;
+    this._positions.set(channel, { offset: position.offset, epoch: position.epoch });
+  }
+
+  // -- sending ----------------------------------------------------------------
+
+  /** Brings the server's subscriptions in line with what the app wants (only once welcomed). */
+  _sync() {
+    if (!this._isWelcomed) return; // the connect frame carries everything
+    const added = [...this._wanted].filter((channel) => !this._requested.has(channel));
+    const removed = [...this._requested].filter((channel) => !this._wanted.has(channel));
+    if (removed.length) {
+      for (const channel of removed) this._requested.delete(channel);
+      this._send({ type: "unsubscribe", channels: removed });
+    }
+    if (added.length) {
+      for (const channel of added) this._requested.add(channel);
+      const frame = { type: "subscribe", channels: added };
+      const since = this._since(added);
+      if (since) frame.since = since;
+      this._send(frame);
+    }
+  }
+
+  _since(channels) {
+    const since = {};
+    let isEmpty = true;
+    for (const channel of channels) {
+      const position = this._positions.get(channel);
+      if (!position) continue;
+      since[channel] = { offset: position.offset, epoch: position.epoch };
+      isEmpty = false;
+    }
+    return isEmpty ? null : since;
+  }
+
+  _send(frame) {
+    const ws = this._ws;
+    if (!ws || ws.readyState !== OPEN) return;
+    try {
+      ws.send(JSON.stringify(frame));
+    } catch (error) {
+      this._emitError(wrapError(error, "send failed"));
+    }
+  }
+
+  // -- token refresh ----------------------------------------------------------
+
+  _scheduleRefresh(expiresAt) {
+    this._clearRefreshTimer();
+    if (typeof expiresAt !== "number") return;
+    const remaining = expiresAt * 1000 - this._timers.now();
+    let delay = remaining - this._refreshBefore * 1000;
+    // Token shorter-lived than refreshBefore (or skewed clocks): refresh halfway, not in a loop.
+    if (delay < 0) delay = Math.max(remaining / 2, MIN_REFRESH_DELAY);
+    this._setRefreshTimer(delay);
+  }
+
+  _setRefreshTimer(delay) {
+    const generation = this._generation;
+    this._refreshTimer = this._timers.setTimeout(() => {
+      this._refreshTimer = null;
+      if (generation === this._generation) this._refresh().catch((error) => this._emitError(error));
+    }, delay);
+  }
+
+  async _refresh() {
+    const generation = this._generation;
+    let token;
+    try {
+      token = await this._getToken();
+    } catch (error) {
+      if (generation !== this._generation) return;
+      this._emitError(wrapError(error, "getToken failed (refresh)"));
+      this._refreshAttempt += 1;
+      this._setRefreshTimer(this._backoffDelay(this._refreshAttempt));
+      return;
+    }
+    if (generation !== this._generation) return;
+    this._send({ type: "refresh", token });
+  }
+
+  // -- events and timers ------------------------------------------------------
+
+  _setState(state) {
+    if (this._state === state) return;
+    this._state = state;
+    this._emit("state", state);
+  }
+
+  _emit(event, ...args) {
+    const listeners = this._listeners.get(event);
+    if (!listeners) return;
+    for (const listener of [...listeners]) {
+      try {
+        listener(...args);
+      } catch (error) {
+        if (event !== "error") this._emitError(error);
+      }
+    }
+  }
+
+  _emitError(error) {
+    this._emit("error", error);
+  }
+
+  _clearReconnectTimer() {
+    if (this._reconnectTimer !== null) this._timers.clearTimeout(this._reconnectTimer);
+    this._reconnectTimer = null;
+  }
+
+  _clearRefreshTimer() {
+    if (this._refreshTimer !== null) this._timers.clearTimeout(this._refreshTimer);
+    this._refreshTimer = null;
+  }
+}
+
+function isPosition(value) {
+  return value !== null && typeof value === "object" && typeof value.offset === "number";
+}
+
+function wrapError(error, message) {
+  if (error instanceof Error) return error;
+  const wrapped = new Error(`${message}: ${String(error)}`);
+  wrapped.cause = error;
+  return wrapped;
+}
+
+function closeError(code, reason) {
+  const error = new Error(`connection closed by server: ${code}${reason ? ` ${reason}` : ""}`);
+  error.code = code;
+  error.reason = reason;
+  return error;
+}
+
+/** Accepts ws(s)://, http(s):// (switched to ws(s)) and, in browsers, paths relative to the page. */
+function resolveUrl(url) {
+  const base = globalThis.location?.href;
+  const resolved = base ? new URL(url, base) : new URL(url);
+  if (resolved.protocol === "http:") resolved.protocol = "ws:";
+  else if (resolved.protocol === "https:") resolved.protocol = "wss:";
+  return resolved.href;
+}
