@@ -1,0 +1,208 @@
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { harness, settle } from "../test-support/fakes.js";
+
+function message(channel, offset, data, extra = {}) {
+  return { type: "message", channel, offset, epoch: "e1", data, ...extra };
+}
+
+test("subscribe while connected sends a subscribe frame for a new channel only", async () => {
+  const h = harness();
+  await h.connect();
+  h.bus.subscribe("b", () => {});
+  h.bus.subscribe("b", () => {});
+  h.bus.subscribe("a", () => {});
+  assert.deepEqual(h.socket.framesOfType("subscribe"), [{ type: "subscribe", channels: ["b"] }]);
+});
+
+test("unsubscribe while connected sends an unsubscribe frame and drops handlers", async () => {
+  const h = harness();
+  const seen = [];
+  h.bus.subscribe("a", (data) => seen.push(data));
+  await h.connect();
+  h.bus.unsubscribe("a");
+  assert.deepEqual(h.socket.framesOfType("unsubscribe"), [{ type: "unsubscribe", channels: ["a"] }]);
+  h.socket.receive(message("a", 1, "late"));
+  assert.deepEqual(seen, []);
+  assert.deepEqual(h.log.messages, [], "messages for a channel we left are dropped");
+});
+
+test("subscribe and unsubscribe while disconnected are queued into the connect frame", async () => {
+  const h = harness({ channels: ["a", "b"] });
+  h.bus.subscribe("c", () => {});
+  h.bus.unsubscribe("b");
+  const hello = await h.open();
+  assert.deepEqual(hello.channels, ["a", "c"]);
+  assert.equal(h.socket.sent.length, 1);
+});
+
+test("changes between the connect frame and the welcome are sent after the welcome", async () => {
+  const h = harness({ channels: ["a", "b"] });
+  await h.open();
+  h.bus.subscribe("c");
+  h.bus.unsubscribe("b");
+  assert.equal(h.socket.sent.length, 1, "nothing sent before the welcome");
+  h.welcome();
+  assert.deepEqual(h.socket.sent.slice(1), [
+    { type: "unsubscribe", channels: ["b"] },
+    { type: "subscribe", channels: ["c"] },
+  ]);
+});
+
+test("changes during a backoff wait are sent in the next connect frame", async () => {
+  const h = harness();
+  await h.connect();
+  h.socket.drop(1006);
+  h.bus.subscribe("b");
+  h.bus.unsubscribe("a");
+  assert.equal(h.socket.sent.length, 1, "nothing sent on a dead socket");
+  await h.clock.advance(1000);
+  const hello = await h.open();
+  assert.deepEqual(hello.channels, ["b"]);
+});
+
+test("after a reconnect the connect frame resubscribes everything", async () => {
+  const h = harness({ channels: ["a"] });
+  await h.connect();
+  h.bus.subscribe("b");
+  h.bus.subscribe("c");
+  h.socket.drop(1011);
+  await h.clock.advance(1000);
+  const hello = await h.connect();
+  assert.deepEqual(hello.channels, ["a", "b", "c"]);
+  assert.deepEqual(h.socket.sent.slice(1), [], "no separate subscribe frames");
+});
+
+test("messages go only to that channel's handlers; 'message' sees them all", async () => {
+  const h = harness({ channels: ["a", "b"] });
+  const seenA = [];
+  const seenB = [];
+  h.bus.subscribe("a", (data, meta) => seenA.push([data, meta]));
+  h.bus.subscribe("b", (data) => seenB.push(data));
+  await h.connect();
+  h.socket.receive(message("a", 1, { text: "hi" }));
+  h.socket.receive(message("b", 1, "for b"));
+  assert.deepEqual(seenA, [[{ text: "hi" }, { channel: "a", offset: 1, epoch: "e1", recovered: false }]]);
+  assert.deepEqual(seenB, ["for b"]);
+  assert.deepEqual(
+    h.log.messages.map(([channel, data]) => [channel, data]),
+    [["a", { text: "hi" }], ["b", "for b"]],
+  );
+});
+
+test("the function subscribe returns removes that handler only", async () => {
+  const h = harness();
+  const first = [];
+  const second = [];
+  const off = h.bus.subscribe("a", (data) => first.push(data));
+  h.bus.subscribe("a", (data) => second.push(data));
+  await h.connect();
+  off();
+  h.socket.receive(message("a", 1, "x"));
+  assert.deepEqual(first, []);
+  assert.deepEqual(second, ["x"]);
+  assert.deepEqual(h.socket.framesOfType("unsubscribe"), [], "the channel stays");
+});
+
+test("a throwing handler is reported and does not stop the others or the client", async () => {
+  const h = harness();
+  const seen = [];
+  h.bus.subscribe("a", () => {
+    throw new Error("app bug");
+  });
+  h.bus.subscribe("a", (data) => seen.push(data));
+  h.bus.on("message", () => {
+    throw new Error("listener bug");
+  });
+  await h.connect();
+  h.socket.receive(message("a", 1, "x"));
+  h.socket.receive(message("a", 2, "y"));
+  assert.deepEqual(seen, ["x", "y"]);
+  assert.deepEqual(
+    h.log.errors.map((error) => error.message),
+    ["app bug", "listener bug", "app bug", "listener bug"],
+  );
+});
+
+test("a throwing error or state listener does not break the client", async () => {
+  const h = harness();
+  h.bus.on("error", () => {
+    throw new Error("error listener bug");
+  });
+  h.bus.on("state", () => {
+    throw new Error("state listener bug");
+  });
+  await h.connect();
+  assert.equal(h.bus.state, "connected");
+  assert.ok(h.log.errors.some((error) => error.message === "state listener bug"));
+});
+
+test("on() returns a function that stops listening", async () => {
+  const h = harness();
+  const states = [];
+  const off = h.bus.on("state", (state) => states.push(state));
+  await h.open();
+  off();
+  h.welcome();
+  assert.deepEqual(states, ["connecting"]);
+});
+
+test("denied channels in the welcome are reported, dropped and never asked for again", async () => {
+  const h = harness({ channels: ["a", "b", "c"] });
+  const seen = [];
+  h.bus.subscribe("b", (data) => seen.push(data));
+  await h.connect({ subscribed: ["a"], denied: { b: "forbidden", c: "limit" } });
+  assert.deepEqual(h.log.denied, [["b", "forbidden"], ["c", "limit"]]);
+  assert.deepEqual(h.socket.sent.slice(1), [], "no unsubscribe for what the server never held");
+  h.socket.drop(1006);
+  await h.clock.advance(1000);
+  const hello = await h.open();
+  assert.deepEqual(hello.channels, ["a"]);
+});
+
+test("denied channels in a subscribed frame are reported and dropped", async () => {
+  const h = harness();
+  await h.connect();
+  h.bus.subscribe("bad channel", () => {});
+  h.socket.receive({ type: "subscribed", channels: [], denied: { "bad channel": "invalid" } });
+  assert.deepEqual(h.log.denied, [["bad channel", "invalid"]]);
+  h.bus.subscribe("x");
+  assert.deepEqual(h.socket.framesOfType("subscribe").at(-1).channels, ["x"]);
+});
+
+test("channels revoked on refresh are denied once and no longer requested", async () => {
+  const h = harness({ channels: ["a", "b"] });
+  await h.connect();
+  h.socket.receive({ type: "refreshed", expires_at: Math.floor(h.clock.now() / 1000) + 3600, revoked: ["b"] });
+  h.socket.receive({ type: "unsubscribed", channels: ["b"], reason: "revoked" });
+  assert.deepEqual(h.log.denied, [["b", "revoked"]]);
+  assert.deepEqual(h.socket.framesOfType("unsubscribe"), []);
+  h.socket.drop(1001);
+  await h.clock.advance(1000);
+  const hello = await h.open();
+  assert.deepEqual(hello.channels, ["a"]);
+});
+
+test("unsubscribed with reason revoked denies; reason client is only a confirmation", async () => {
+  const h = harness({ channels: ["a", "b"] });
+  await h.connect();
+  h.socket.receive({ type: "unsubscribed", channels: ["a"], reason: "revoked" });
+  h.socket.receive({ type: "unsubscribed", channels: ["b"], reason: "client" });
+  assert.deepEqual(h.log.denied, [["a", "revoked"]]);
+  const seen = [];
+  h.bus.subscribe("b", (data) => seen.push(data));
+  h.socket.receive(message("b", 1, "still here"));
+  assert.deepEqual(seen, ["still here"]);
+});
+
+test("an unreadable frame is reported; pong and unknown frame types are ignored", async () => {
+  const h = harness();
+  await h.connect();
+  h.socket.receive("not json{");
+  h.socket.receive({ type: "pong" });
+  h.socket.receive({ type: "something-new", x: 1 });
+  h.socket.receive("null");
+  assert.equal(h.log.errors.length, 1);
+  assert.equal(h.bus.state, "connected");
+  await settle();
+});
