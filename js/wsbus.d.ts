@@ -1,0 +1,122 @@
+// Types for wsbus.js, the aiohttp-wsbus client.
+
+/** The close codes the server uses. */
+export declare const CloseCodes: Readonly<{
+  NORMAL: 1000;
+  GOING_AWAY: 1001;
+  ABNORMAL: 1006;
+  MESSAGE_TOO_BIG: 1009;
+  INTERNAL_ERROR: 1011;
+  TRY_AGAIN_LATER: 1013;
+  TOKEN_EXPIRED: 4001;
+  SLOW_CONSUMER: 4002;
+  BAD_REQUEST: 4400;
+  UNAUTHORIZED: 4401;
+  FORBIDDEN: 4403;
+}>;
+
+export type WsBusState = "connecting" | "connected" | "disconnected" | "closed";
+
+/** Why the server refused or dropped a channel. */
+export type DenyReason = "forbidden" | "invalid" | "limit" | "revoked";
+
+/** Where a message sits in its channel's history. */
+export interface MessageMeta {
+  channel: string;
+  /** Per-channel position, counting from 1 within `epoch`. */
+  offset: number;
+  /** The id of the history `offset` counts in. */
+  epoch: string;
+  /** True for messages replayed after a reconnect. */
+  recovered: boolean;
+}
+
+export type MessageHandler<T = unknown> = (data: T, meta: MessageMeta) => void;
+
+/**
+ * The part of the WebSocket API the client uses. Handler parameters are `any` so that
+ * both the DOM WebSocket and Node implementations (e.g. `ws`) are accepted.
+ */
+export interface WebSocketLike {
+  readonly readyState: number;
+  onopen: ((event: any) => void) | null;
+  onmessage: ((event: any) => void) | null;
+  onclose: ((event: any) => void) | null;
+  onerror: ((event: any) => void) | null;
+  send(data: string): void;
+  close(code?: number, reason?: string): void;
+}
+
+export type WebSocketConstructor = new (url: string) => WebSocketLike;
+
+/** The clock the client schedules with; injectable for tests. */
+export interface Timers {
+  setTimeout(callback: () => void, ms: number): unknown;
+  clearTimeout(handle: unknown): void;
+  /** Milliseconds since the Unix epoch. */
+  now(): number;
+}
+
+export interface WsBusOptions {
+  /** Returns a JWT; called for every (re)connect and for every refresh. */
+  getToken: () => string | Promise<string>;
+  /** Channels to join from the start. Default: none. */
+  channels?: Iterable<string>;
+  /** Backoff floor in ms. Default 500. */
+  minReconnectDelay?: number;
+  /** Backoff ceiling in ms. Default 20000. */
+  maxReconnectDelay?: number;
+  /** Seconds before the token's expiry to send a refresh. Default 30. */
+  refreshBefore?: number;
+  /** Start connecting in the constructor. Default true. */
+  autoConnect?: boolean;
+  /** WebSocket implementation. Default globalThis.WebSocket. */
+  WebSocket?: WebSocketConstructor;
+  /** Source of randomness for the backoff jitter, in [0, 1). Default Math.random. */
+  random?: () => number;
+  /** Timer functions and clock. Default the global ones and Date.now. */
+  timers?: Partial<Timers>;
+}
+
+/** An Error for a close code that made the client stop; `code` and `reason` are the server's. */
+export interface WsBusCloseError extends Error {
+  code: number;
+  reason: string;
+}
+
+export interface WsBusEvents {
+  state: (state: WsBusState) => void;
+  denied: (channel: string, reason: DenyReason) => void;
+  /** Something went wrong; the client carries on (or, for a fatal close code, `code` is set and state becomes "closed"). */
+  error: (error: Error | WsBusCloseError | unknown) => void;
+  /** After a reconnect: `ok` true when missed messages follow, false when the app must reload this channel's state. */
+  recovered: (channel: string, ok: boolean) => void;
+  /** Every message, whatever the channel. */
+  message: (channel: string, data: unknown, meta: MessageMeta) => void;
+}
+
+/** A connection to an aiohttp-wsbus server. */
+export declare class WsBus {
+  /**
+   * @param url ws(s):// or http(s):// URL of the bus (in browsers, relative to the page).
+   * @throws TypeError when `getToken` is missing or no WebSocket implementation is available.
+   */
+  constructor(url: string | URL, options: WsBusOptions);
+
+  readonly state: WsBusState;
+
+  /** Starts connecting (needed only with autoConnect: false); reconnects at once while waiting to retry. Does nothing once closed. */
+  connect(): void;
+
+  /** Listens to an event; returns a function that stops listening. */
+  on<E extends keyof WsBusEvents>(event: E, listener: WsBusEvents[E]): () => void;
+
+  /** Joins `channel` (if new) and calls `handler` for its messages; returns a function that removes this handler (the channel stays joined). */
+  subscribe<T = unknown>(channel: string, handler?: MessageHandler<T>): () => void;
+
+  /** Leaves `channel` and drops its handlers. */
+  unsubscribe(channel: string): void;
+
+  /** Stops for good: closes the socket, cancels timers, removes browser listeners. */
+  close(): void;
+}
