@@ -276,3 +276,23 @@ test("CloseCodes lists the protocol's codes", () => {
   );
   assert.ok(Object.isFrozen(CloseCodes));
 });
+
+test("in a page, a relative URL resolves against location and becomes ws(s)", async () => {
+  const urls = [];
+  globalThis.location = { href: "https://app.test/rooms/1" };
+  try {
+    const bus = new WsBus("/ws", {
+      getToken: async () => "t",
+      WebSocket: class {
+        constructor(u) {
+          urls.push(u);
+        }
+      },
+    });
+    await settle();
+    bus.close();
+  } finally {
+    delete globalThis.location;
+  }
+  assert.deepEqual(urls, ["wss://app.test/ws"]);
+});
