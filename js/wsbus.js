@@ -155,6 +155,7 @@ export class WsBus {
   async _connectAttempt() {
     const generation = ++this._generation;
     this._setState("connecting");
+    if (generation !== this._generation) return; // a state listener called close()
     let token;
     try {
       token = await this._getToken();

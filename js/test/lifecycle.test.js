@@ -168,3 +168,14 @@ test("a long outage with failing tokens and drops leaves no unhandled rejection"
   h.bus.close();
   assert.deepEqual(h.clock.pendingDelays(), []);
 });
+
+test("close() from a 'connecting' listener means getToken is never called", async () => {
+  const h = harness();
+  h.bus.on("state", (state) => {
+    if (state === "connecting") h.bus.close();
+  });
+  h.bus.connect();
+  await settle();
+  assert.equal(h.tokenCalls, 0);
+  assert.equal(h.bus.state, "closed");
+});
