@@ -51,7 +51,7 @@ class JwksServer:
         return web.json_response({"keys": self.keys})
 
     # The timeout parameter is the agreed fixture interface; it feeds asyncio.timeout.
-    async def wait_for_requests(self, count: int, timeout: float = 5) -> None:  # noqa: ASYNC109
+    async def wait_for_requests(self, count: int, timeout: float = 5) -> None:
         """Wait until at least `count` requests have arrived."""
         async with asyncio.timeout(timeout), self._arrived:
             await self._arrived.wait_for(lambda: self.requests >= count)

@@ -1,0 +1,100 @@
+"""The broker contract: how a bus shares messages, offsets and history with its peers.
+
+A broker only translates this contract to its engine; it knows nothing of
+sockets, tokens or grants.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Final
+
+from ..protocol import Position
+
+__all__ = ["Broker", "History", "Message", "Published", "is_valid_message_id"]
+
+MAX_MESSAGE_ID_LENGTH: Final = 128
+_MESSAGE_ID_RE = re.compile(rf"[\x21-\x7e]{{1,{MAX_MESSAGE_ID_LENGTH}}}")
+
+
+def is_valid_message_id(message_id: str) -> bool:
+    """Idempotency ids are 1 to 128 printable ASCII characters."""
+    return _MESSAGE_ID_RE.fullmatch(message_id) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    """Where a published message landed: its channel, offset and epoch."""
+
+    channel: str
+    offset: int
+    epoch: str
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One message in a channel's stream; `data` is its JSON text, encoded once."""
+
+    channel: str
+    offset: int
+    epoch: str
+    data: str
+
+
+@dataclass(frozen=True, slots=True)
+class History:
+    """The answer to "what did I miss since this position?".
+
+    `recovered` is True when every message after the asked position is in
+    `messages`; otherwise `messages` is empty and the client continues from
+    `position`, the stream's current top.
+    """
+
+    messages: list[Message]
+    position: Position
+    recovered: bool
+
+
+Deliver = Callable[[Message], None]
+
+
+class Broker(ABC):
+    """Carries published messages to every node subscribed to their channel."""
+
+    @abstractmethod
+    async def start(self, deliver: Deliver, *, history_size: int, history_ttl: float) -> None:
+        """Connect; from now on call `deliver` for each message on a subscribed channel,
+        in offset order per channel."""
+
+    @abstractmethod
+    async def stop(self) -> None:
+        """Disconnect and release everything."""
+
+    @abstractmethod
+    async def subscribe(self, channel: str) -> None:
+        """Start delivering `channel` to this node (called on its first local subscriber)."""
+
+    @abstractmethod
+    async def unsubscribe(self, channel: str) -> None:
+        """Stop delivering `channel` to this node (called when its last subscriber leaves)."""
+
+    @abstractmethod
+    async def publish(self, channel: str, data: str, *, message_id: str | None = None) -> Published:
+        """Append `data` to the channel's stream and deliver it to every subscribed node.
+
+        A `message_id` already published on this channel within the history TTL
+        is not published again: the original offset is returned.
+        Raises BrokerUnavailable when the engine cannot be reached.
+        """
+
+    @abstractmethod
+    async def history(self, since: Mapping[str, Position | None]) -> dict[str, History]:
+        """For each channel, the messages after its position (None: just the top)."""
+
+    @property
+    @abstractmethod
+    def is_available(self) -> bool:
+        """Whether publishing would reach the engine right now."""

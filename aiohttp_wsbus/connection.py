@@ -1,0 +1,168 @@
+"""One client socket: its claims, its subscriptions, its send buffer, its expiry."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+from .brokers.base import Message
+from .protocol import CloseCode, encode, text_frame
+from .tokens import Claims
+
+__all__ = ["Connection", "WriteScheduler"]
+
+
+class WriteScheduler:
+    """Writes every connection's queued frames once per loop tick.
+
+    Frames queued for one socket within a tick leave in one transport write,
+    and publishing never waits on any socket.
+    """
+
+    __slots__ = ("_dirty", "_loop", "_scheduled")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._dirty: list[Connection] = []
+        self._scheduled = False
+
+    def mark(self, connection: Connection) -> None:
+        self._dirty.append(connection)
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        dirty, self._dirty = self._dirty, []
+        self._scheduled = False
+        for connection in dirty:
+            connection.flush()
+
+
+class Connection:
+    """A subscribed client socket, as the bus sees it."""
+
+    __slots__ = (
+        "__weakref__",
+        "_closer",
+        "_expiry",
+        "_on_close",
+        "_outbox",
+        "_scheduler",
+        "channels",
+        "claims",
+        "close_code",
+        "id",
+        "is_closing",
+        "pending",
+        "send_buffer_limit",
+        "socket",
+        "transport",
+    )
+
+    def __init__(
+        self,
+        connection_id: str,
+        socket: web.WebSocketResponse,
+        transport: asyncio.Transport,
+        claims: Claims,
+        *,
+        scheduler: WriteScheduler,
+        send_buffer_limit: int,
+        on_close: Callable[[Connection], None],
+        closer: Callable[[Connection, CloseCode], None],
+    ) -> None:
+        self.id = connection_id
+        self.socket = socket
+        self.transport = transport
+        self.claims = claims
+        self.channels: set[str] = set()
+        # Channels being recovered: live messages wait here until the replay is out.
+        self.pending: dict[str, list[Message]] = {}
+        self.is_closing = False
+        self.close_code: CloseCode | None = None
+        self.send_buffer_limit = send_buffer_limit
+        self._scheduler = scheduler
+        self._outbox: list[bytes] = []
+        self._on_close = on_close
+        self._closer = closer
+        self._expiry: asyncio.TimerHandle | None = None
+
+    def __repr__(self) -> str:
+        return f"<Connection {self.id} user={self.claims.subject!r}>"
+
+    # -- sending ---------------------------------------------------------
+
+    def send(self, frame: dict[str, Any]) -> None:
+        """Queue a control frame (welcome, subscribed, ...) for this socket."""
+        self.enqueue(text_frame(encode(frame)))
+
+    def enqueue(self, frame: bytes) -> None:
+        """Queue a ready-built WebSocket frame; it leaves at the end of this tick."""
+        if self.is_closing:
+            return
+        if not self._outbox:
+            self._scheduler.mark(self)
+        self._outbox.append(frame)
+
+    def deliver(self, message: Message, frame: bytes) -> None:
+        """Queue a published message, or hold it while its channel is being recovered."""
+        held = self.pending.get(message.channel) if self.pending else None
+        if held is not None:
+            held.append(message)
+        else:
+            self.enqueue(frame)
+
+    def flush(self) -> None:
+        """Write queued frames to the socket; close it if the peer is not keeping up."""
+        outbox = self._outbox
+        if not outbox:
+            return
+        self._outbox = []
+        if self.is_closing or self.transport.is_closing():
+            return
+        self.transport.write(outbox[0] if len(outbox) == 1 else b"".join(outbox))
+        if self.transport.get_write_buffer_size() > self.send_buffer_limit:
+            self.close(CloseCode.SLOW_CONSUMER)
+
+    # -- lifetime --------------------------------------------------------
+
+    def expire_at(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
+        """Close with 4001 at `deadline` (wall-clock seconds) unless refreshed first."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+        delay = max(0.0, deadline - time.time())
+        self._expiry = loop.call_later(delay, self.close, CloseCode.TOKEN_EXPIRED)
+
+    def close(self, code: CloseCode) -> None:
+        """Leave the registry now, then close the socket with `code` in the background."""
+        if self.is_closing:
+            return
+        if code != CloseCode.SLOW_CONSUMER:
+            self.flush()  # what was queued before the close still goes out
+            if self.is_closing:  # the flush found a slow consumer and closed it
+                return
+        self.is_closing = True
+        self.close_code = code
+        self._outbox = []
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        self._on_close(self)
+        self._closer(self, code)
+
+    async def send_close(self, code: CloseCode, timeout: float) -> None:
+        """Send the close frame and wait for the peer; abort the socket if it won't drain."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self.socket.close(code=code, drain=code != CloseCode.SLOW_CONSUMER)
+        except TimeoutError:
+            self.transport.abort()
+        except Exception:  # the peer went away mid-close: nothing left to tell it
+            with contextlib.suppress(Exception):
+                self.transport.abort()

@@ -1,0 +1,197 @@
+"""The wire protocol: client frame parsing, server frame encoding, close codes.
+
+docs/protocol.md is the contract; this module is its one implementation.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+__all__ = [
+    "BadFrame",
+    "ClientFrame",
+    "CloseCode",
+    "Connect",
+    "Ping",
+    "Position",
+    "Refresh",
+    "Subscribe",
+    "Unsubscribe",
+    "encode",
+    "encode_message",
+    "parse_client_frame",
+    "text_frame",
+]
+
+MAX_TOKEN_LENGTH: Final = 16384
+MAX_EPOCH_LENGTH: Final = 64
+
+
+class CloseCode(enum.IntEnum):
+    """WebSocket close codes the server sends, and what each asks of the client."""
+
+    NORMAL = 1000  # stop
+    GOING_AWAY = 1001  # server shutting down: reconnect with backoff
+    MESSAGE_TOO_BIG = 1009  # stop
+    INTERNAL_ERROR = 1011  # reconnect with backoff
+    TRY_AGAIN_LATER = 1013  # reconnect with backoff
+    TOKEN_EXPIRED = 4001  # fetch a fresh token, reconnect at once
+    SLOW_CONSUMER = 4002  # reconnect
+    BAD_REQUEST = 4400  # stop
+    UNAUTHORIZED = 4401  # fetch a fresh token, retry once, then stop
+    FORBIDDEN = 4403  # stop
+
+
+class BadFrame(Exception):
+    """A client frame that is malformed or unexpected (close code 4400)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """A place in a channel's stream: the last offset seen, in the history named by epoch."""
+
+    offset: int
+    epoch: str
+
+    def as_json(self) -> dict[str, Any]:
+        return {"offset": self.offset, "epoch": self.epoch}
+
+
+@dataclass(frozen=True, slots=True)
+class Connect:
+    token: str | None
+    channels: list[str]
+    since: dict[str, Position]
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribe:
+    channels: list[str]
+    since: dict[str, Position]
+
+
+@dataclass(frozen=True, slots=True)
+class Unsubscribe:
+    channels: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Refresh:
+    token: str
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    pass
+
+
+ClientFrame = Connect | Subscribe | Unsubscribe | Refresh | Ping
+
+
+def _token(frame: Mapping[str, Any]) -> str:
+    token = frame.get("token")
+    if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_LENGTH:
+        raise BadFrame("token must be a non-empty string")
+    return token
+
+
+def _channels(frame: Mapping[str, Any], *, required: bool) -> list[str]:
+    channels = frame.get("channels")
+    if channels is None and not required:
+        return []
+    # Names are checked against the naming rules later, per channel ("invalid"),
+    # but the shape must be right: a list of strings.
+    if not isinstance(channels, list) or not all(isinstance(c, str) for c in channels):
+        raise BadFrame("channels must be a list of strings")
+    return list(dict.fromkeys(channels))  # drop repeats, keep order
+
+
+def _since(frame: Mapping[str, Any]) -> dict[str, Position]:
+    since = frame.get("since")
+    if since is None:
+        return {}
+    if not isinstance(since, dict):
+        raise BadFrame("since must be an object")
+    positions: dict[str, Position] = {}
+    for channel, position in since.items():
+        if not isinstance(position, dict):
+            raise BadFrame("since entries must be objects")
+        offset, epoch = position.get("offset"), position.get("epoch")
+        if (
+            not isinstance(offset, int)
+            or isinstance(offset, bool)
+            or offset < 0
+            or not isinstance(epoch, str)
+            or len(epoch) > MAX_EPOCH_LENGTH
+        ):
+            raise BadFrame("since entries need an integer offset >= 0 and a string epoch")
+        positions[channel] = Position(offset, epoch)
+    return positions
+
+
+def parse_client_frame(text: str | bytes) -> ClientFrame:
+    """Parse one client text frame; raise BadFrame if it is not a valid frame."""
+    try:
+        frame = json.loads(text)
+    except ValueError:
+        raise BadFrame("frame is not JSON") from None
+    if not isinstance(frame, dict):
+        raise BadFrame("frame must be a JSON object")
+    kind = frame.get("type")
+    if kind == "connect":
+        token = frame.get("token")
+        return Connect(
+            None if token is None else _token(frame),
+            _channels(frame, required=False),
+            _since(frame),
+        )
+    if kind == "subscribe":
+        return Subscribe(_channels(frame, required=True), _since(frame))
+    if kind == "unsubscribe":
+        return Unsubscribe(_channels(frame, required=True))
+    if kind == "refresh":
+        return Refresh(_token(frame))
+    if kind == "ping":
+        return Ping()
+    raise BadFrame("unknown frame type")
+
+
+def encode(frame: Mapping[str, Any]) -> bytes:
+    """Encode a server frame as compact UTF-8 JSON."""
+    return json.dumps(frame, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def encode_message(
+    channel: str, offset: int, epoch: str, data: str, *, recovered: bool = False
+) -> bytes:
+    """Encode a message frame around `data`, JSON the publisher encoded once."""
+    # Channel names and epochs hold no characters JSON would escape, so plain
+    # quoting is exact; this runs once per published message, not per socket.
+    tail = ',"recovered":true}' if recovered else "}"
+    return (
+        f'{{"type":"message","channel":"{channel}","offset":{offset},'
+        f'"epoch":"{epoch}","data":{data}{tail}'
+    ).encode()
+
+
+_SHORT = struct.Struct("!BB")
+_MEDIUM = struct.Struct("!BBH")
+_LONG = struct.Struct("!BBQ")
+_FIN_TEXT = 0x81
+
+
+def text_frame(payload: bytes) -> bytes:
+    """Build one unmasked, uncompressed WebSocket text frame (server to client)."""
+    length = len(payload)
+    if length < 126:
+        header = _SHORT.pack(_FIN_TEXT, length)
+    elif length < 65536:
+        header = _MEDIUM.pack(_FIN_TEXT, 126, length)
+    else:
+        header = _LONG.pack(_FIN_TEXT, 127, length)
+    return header + payload

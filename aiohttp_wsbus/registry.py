@@ -1,0 +1,80 @@
+"""The subscription registry: channel -> connections. The only road to delivery."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from typing import TYPE_CHECKING, Final
+
+from .errors import Forbidden
+from .grants import may
+
+if TYPE_CHECKING:
+    from .connection import Connection
+
+__all__ = ["Registry"]
+
+_NOBODY: Final[Collection[Connection]] = ()
+
+
+class Registry:
+    """Which connections hear which channels.
+
+    A connection is in a channel's set only while its current grants cover the
+    channel: `add` refuses otherwise, and `regrant` drops what a new token no
+    longer grants. The bus delivers a channel's messages to this set and
+    nothing else.
+    """
+
+    def __init__(self) -> None:
+        self._subscribers: dict[str, dict[Connection, None]] = {}
+
+    def subscribers(self, channel: str) -> Collection[Connection]:
+        """The connections subscribed to `channel` (a live view: do not keep it)."""
+        return self._subscribers.get(channel, _NOBODY)
+
+    def add(self, connection: Connection, channel: str) -> bool:
+        """Subscribe; return True when this is the channel's first subscriber here."""
+        if not may(connection.claims.subscribe, channel):
+            raise Forbidden([channel])
+        subscribers = self._subscribers.get(channel)
+        is_first = subscribers is None
+        if subscribers is None:
+            subscribers = self._subscribers[channel] = {}
+        subscribers[connection] = None
+        connection.channels.add(channel)
+        return is_first
+
+    def remove(self, connection: Connection, channel: str) -> bool:
+        """Unsubscribe; return True when the channel has no subscriber here any more."""
+        connection.channels.discard(channel)
+        subscribers = self._subscribers.get(channel)
+        if subscribers is None or connection not in subscribers:
+            return False
+        del subscribers[connection]
+        if subscribers:
+            return False
+        del self._subscribers[channel]
+        return True
+
+    def remove_all(self, connection: Connection) -> list[str]:
+        """Unsubscribe from everything; return the channels left with no subscriber."""
+        emptied = [c for c in list(connection.channels) if self.remove(connection, c)]
+        connection.channels.clear()
+        return emptied
+
+    def regrant(self, connection: Connection) -> tuple[list[str], list[str]]:
+        """Drop the channels the connection's current claims no longer grant.
+
+        Returns (revoked channels, channels left with no subscriber).
+        """
+        revoked = [c for c in connection.channels if not may(connection.claims.subscribe, c)]
+        emptied = [c for c in revoked if self.remove(connection, c)]
+        return revoked, emptied
+
+    @property
+    def channel_count(self) -> int:
+        return len(self._subscribers)
+
+    @property
+    def subscription_count(self) -> int:
+        return sum(len(s) for s in self._subscribers.values())

@@ -1,0 +1,160 @@
+"""Helpers for talking to a bus over real sockets in tests."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import socket as stdlib_socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import ClientWebSocketResponse, WSMsgType, web
+from aiohttp.test_utils import TestClient
+from pytest_aiohttp import AiohttpClient
+
+import aiohttp_wsbus
+
+WAIT = 5.0  # seconds any single network wait in a test may take
+
+
+@dataclass
+class BusServer:
+    """A running app with the bus set up, and a client for it."""
+
+    app: web.Application
+    bus: aiohttp_wsbus.Bus
+    client: TestClient[web.Request, web.Application]
+
+    async def open(
+        self,
+        token: str,
+        channels: list[str],
+        *,
+        since: dict[str, Any] | None = None,
+        path: str = "/ws",
+        **frame: Any,
+    ) -> tuple[ClientWebSocketResponse, dict[str, Any]]:
+        """Connect, send the connect frame and return the socket and its welcome."""
+        socket = await self.client.ws_connect(path)
+        connect: dict[str, Any] = {"type": "connect", "token": token, "channels": channels}
+        if since is not None:
+            connect["since"] = since
+        connect.update(frame)
+        await socket.send_json(connect)
+        welcome = await next_frame(socket)
+        assert welcome["type"] == "welcome", welcome
+        return socket, welcome
+
+
+async def start_bus(aiohttp_client: AiohttpClient, jwks_url: str, **settings: Any) -> BusServer:
+    app = web.Application()
+    settings.setdefault("issuer", "https://idp.test/")
+    settings.setdefault("audience", "wsbus")
+    bus = aiohttp_wsbus.setup(app, jwks_url=jwks_url, **settings)
+    client = await aiohttp_client(app)
+    return BusServer(app, bus, client)
+
+
+async def next_frame(socket: ClientWebSocketResponse, timeout: float = WAIT) -> dict[str, Any]:
+    """The next text frame, parsed; fails on a close or after `timeout`."""
+    message = await socket.receive(timeout=timeout)
+    assert message.type == WSMsgType.TEXT, (message.type, message.data, message.extra)
+    frame: dict[str, Any] = json.loads(message.data)
+    return frame
+
+
+async def next_frames(socket: ClientWebSocketResponse, count: int) -> list[dict[str, Any]]:
+    return [await next_frame(socket) for _ in range(count)]
+
+
+async def close_code(socket: ClientWebSocketResponse, timeout: float = WAIT) -> int | None:
+    """Read until the server closes the socket; return its close code."""
+    async with asyncio.timeout(timeout):
+        while True:
+            message = await socket.receive()
+            if message.type == WSMsgType.CLOSE:
+                # The code the server sent, even if our reply then found the socket gone.
+                code: int = message.data
+                return code
+            if message.type in (WSMsgType.CLOSED, WSMsgType.CLOSING):
+                return socket.close_code
+            if message.type == WSMsgType.ERROR:
+                return socket.close_code
+
+
+async def eventually(condition: Callable[[], bool], timeout: float = WAIT) -> None:
+    """Wait until `condition()` holds, checking every 10 ms, at most `timeout` seconds.
+
+    For server-side state that has no event to wait on; the bound makes a
+    missing state change a failure, not a hang.
+    """
+    async with asyncio.timeout(timeout):
+        while not condition():  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+
+
+async def nothing_more(socket: ClientWebSocketResponse) -> None:
+    """Prove no frame is waiting: a ping round trip comes back first."""
+    await socket.send_json({"type": "ping"})
+    assert await next_frame(socket) == {"type": "pong"}
+
+
+class RawClient:
+    """A WebSocket client on a plain socket that reads only when told to."""
+
+    def __init__(self, sock: stdlib_socket.socket) -> None:
+        self.sock = sock
+
+    @classmethod
+    async def connect(cls, server: BusServer, token: str | None, channels: list[str]) -> RawClient:
+        """Open the socket; send a connect frame unless `token` is None."""
+        loop = asyncio.get_running_loop()
+        sock = stdlib_socket.socket(stdlib_socket.AF_INET, stdlib_socket.SOCK_STREAM)
+        sock.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        port = server.client.server.port
+        assert port is not None
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        key = base64.b64encode(os.urandom(16)).decode()
+        handshake = (
+            f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        await loop.sock_sendall(sock, handshake.encode())
+        response = b""
+        async with asyncio.timeout(WAIT):
+            while b"\r\n\r\n" not in response:
+                response += await loop.sock_recv(sock, 1)  # stop exactly at the headers
+        assert response.startswith(b"HTTP/1.1 101"), response
+        client = cls(sock)
+        if token is not None:
+            connect = {"type": "connect", "token": token, "channels": channels}
+            await loop.sock_sendall(sock, masked_text_frame(json.dumps(connect).encode()))
+        return client
+
+    async def read_until_closed(self) -> int:
+        """Drain whatever the server sent until it closes the socket; return bytes read."""
+        loop = asyncio.get_running_loop()
+        total = 0
+        async with asyncio.timeout(WAIT * 2):
+            while True:
+                try:
+                    chunk = await loop.sock_recv(self.sock, 1 << 16)
+                except ConnectionResetError:
+                    return total
+                if not chunk:
+                    return total
+                total += len(chunk)
+
+
+def masked_text_frame(payload: bytes) -> bytes:
+    assert len(payload) < 65536
+    mask = os.urandom(4)
+    if len(payload) < 126:
+        header = bytes([0x81, 0x80 | len(payload)])
+    else:
+        header = bytes([0x81, 0x80 | 126]) + len(payload).to_bytes(2, "big")
+    return header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))

@@ -1,0 +1,154 @@
+"""Delivery: grants decide it, it is encoded once, and no slow socket holds it up."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from aiohttp import ClientWebSocketResponse
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pytest_aiohttp import AiohttpClient
+
+import aiohttp_wsbus.bus
+from aiohttp_wsbus.grants import may
+from aiohttp_wsbus.protocol import CloseCode
+
+from .conftest import JwksServer, MakeToken
+from .support import WAIT, RawClient, close_code, eventually, next_frame, start_bus
+
+CHANNELS = ["chat:a", "chat:b", "user:x", "user:y", "news"]
+PATTERNS = ["chat:*", "chat:a", "user:x", "user:*", "news", "*"]
+
+
+async def frames_until_pong(socket: ClientWebSocketResponse) -> list[dict[str, Any]]:
+    """Everything queued for this socket before a ping sent now."""
+    await socket.send_json({"type": "ping"})
+    frames = []
+    while (frame := await next_frame(socket)) != {"type": "pong"}:
+        frames.append(frame)
+    return frames
+
+
+users = st.lists(
+    st.tuples(
+        st.sets(st.sampled_from(PATTERNS), max_size=3),  # grants at connect
+        st.sets(st.sampled_from(CHANNELS), max_size=5),  # channels asked for
+        st.none() | st.sets(st.sampled_from(PATTERNS), max_size=2),  # grants after a refresh
+    ),
+    min_size=1,
+    max_size=4,
+)
+
+
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(people=users, published=st.lists(st.sampled_from(CHANNELS), min_size=1, max_size=12))
+async def test_no_socket_ever_receives_a_channel_its_token_does_not_grant(
+    aiohttp_client: AiohttpClient,
+    jwks_server: JwksServer,
+    make_token: MakeToken,
+    people: list[tuple[set[str], set[str], set[str] | None]],
+    published: list[str],
+) -> None:
+    server = await start_bus(aiohttp_client, jwks_server.url)
+    sockets = []
+    for n, (grants, wanted, _) in enumerate(people):
+        token = make_token(sub=f"user{n}", channels=sorted(grants))
+        sockets.append((await server.open(token, sorted(wanted)))[0])
+    for n, (_, _, later) in enumerate(people):
+        if later is not None:
+            await sockets[n].send_json(
+                {"type": "refresh", "token": make_token(sub=f"user{n}", channels=sorted(later))}
+            )
+            while (await next_frame(sockets[n]))["type"] != "refreshed":
+                pass
+    for channel in published:
+        await server.bus.publish(channel, channel)
+    for n, (grants, wanted, later) in enumerate(people):
+        current = set(later) if later is not None else grants
+        received = [f["channel"] for f in await frames_until_pong(sockets[n])]
+        for channel in received:
+            assert may(current, channel) and may(grants, channel), (channel, grants, later)
+        expected = [c for c in published if c in wanted and may(grants, c) and may(current, c)]
+        assert received == expected
+
+
+async def test_a_message_is_encoded_once_for_all_subscribers(
+    aiohttp_client: AiohttpClient,
+    jwks_server: JwksServer,
+    make_token: MakeToken,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    server = await start_bus(aiohttp_client, jwks_server.url)
+    sockets = [
+        (await server.open(make_token(channels=["chat:*"]), ["chat:a"]))[0] for _ in range(5)
+    ]
+    calls = []
+    real = aiohttp_wsbus.bus.encode_message
+
+    def counting(*args: Any, **kwargs: Any) -> bytes:
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(aiohttp_wsbus.bus, "encode_message", counting)
+    await server.bus.publish("chat:a", {"big": "x" * 1000})
+    for socket in sockets:
+        assert (await next_frame(socket))["data"] == {"big": "x" * 1000}
+    assert len(calls) == 1
+
+
+async def test_frames_queued_in_one_tick_keep_their_order(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
+) -> None:
+    server = await start_bus(aiohttp_client, jwks_server.url)
+    socket, _ = await server.open(make_token(channels=["chat:*"]), ["chat:a", "chat:b"])
+    await asyncio.gather(
+        *(server.bus.publish("chat:a" if n % 2 else "chat:b", n) for n in range(200))
+    )
+    frames = await frames_until_pong(socket)
+    assert [f["data"] for f in frames] == list(range(200))
+
+
+async def test_slow_consumer_is_closed_4002_and_others_keep_receiving(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
+) -> None:
+    server = await start_bus(
+        aiohttp_client, jwks_server.url, send_buffer_limit=64 * 1024, close_timeout=0.5
+    )
+    token = make_token(channels=["chat:*"])
+    reader, _ = await server.open(token, ["chat:a"])
+    slow = await RawClient.connect(server, make_token(sub="slow", channels=["chat:*"]), ["chat:a"])
+    await eventually(lambda: any(c.claims.subject == "slow" for c in server.bus.connections))
+    slow_connection = next(c for c in server.bus.connections if c.claims.subject == "slow")
+    chunk = "x" * 60_000
+    count = 300  # 18 MB: more than any loopback socket buffers hold
+    for n in range(count):
+        # A healthy reader keeps up: it has each message before the next is published.
+        await server.bus.publish("chat:a", {"n": n, "pad": chunk})
+        assert (await next_frame(reader))["data"]["n"] == n
+    assert slow_connection.is_closing
+    assert slow_connection.close_code == CloseCode.SLOW_CONSUMER
+    assert slow_connection not in server.bus.registry.subscribers("chat:a")
+    await slow.read_until_closed()  # the server aborted it: this ends
+    slow.sock.close()
+
+
+async def test_shutdown_closes_every_socket_with_1001(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
+) -> None:
+    server = await start_bus(aiohttp_client, jwks_server.url, close_timeout=0.5)
+    sockets = [(await server.open(make_token(), []))[0] for _ in range(3)]
+    mute = await RawClient.connect(server, make_token(sub="mute"), [])
+    silent = await RawClient.connect(server, None, [])  # never authenticates
+    await eventually(lambda: len(server.bus.connections) == 4)
+    async with asyncio.timeout(WAIT):
+        await server.client.server.close()  # mute and silent must not hold this up
+    for socket in sockets:
+        assert await close_code(socket) == 1001
+    assert not server.bus.connections
+    for raw in (mute, silent):
+        await raw.read_until_closed()
+        raw.sock.close()

@@ -1,0 +1,79 @@
+"""setup() settings: validated by one schema, errors that name the setting."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+import aiohttp_wsbus
+from aiohttp_wsbus.settings import load_settings
+
+JWKS = "https://idp.example.com/.well-known/jwks.json"
+
+
+def test_defaults() -> None:
+    settings = load_settings({"jwks_url": JWKS})
+    assert settings.algorithms == ("RS256",)
+    assert settings.base_path == "/ws"
+    assert settings.max_channels == 128
+    assert settings.allow_query_token is False
+
+
+def test_secret_defaults_to_hs256() -> None:
+    assert load_settings({"jwt_secret": "s" * 32}).algorithms == ("HS256",)
+
+
+@pytest.mark.parametrize(
+    ("given", "named"),
+    [
+        ({"jwks_url": JWKS, "jwt_secret": "s" * 32}, "jwks_url"),
+        ({}, "jwks_url"),
+        ({"jwks_url": JWKS, "algorithms": ["HS256"]}, "algorithms"),
+        ({"jwt_secret": "s" * 32, "algorithms": ["RS256"]}, "algorithms"),
+        ({"jwks_url": JWKS, "algorithms": ["none"]}, "algorithms"),
+        ({"jwks_url": JWKS, "algorithms": []}, "algorithms"),
+        ({"jwks_url": JWKS, "algorithms": "RS256"}, "algorithms"),
+        ({"jwks_url": JWKS, "base_path": "ws"}, "base_path"),
+        ({"jwks_url": JWKS, "base_path": "/ws/"}, "base_path"),
+        ({"jwks_url": "ftp://idp/jwks"}, "jwks_url"),
+        ({"jwt_secret": "short"}, "jwt_secret"),
+        ({"jwks_url": JWKS, "api_keys": ["short"]}, "api_keys"),
+        ({"jwks_url": JWKS, "max_channels": 0}, "max_channels"),
+        ({"jwks_url": JWKS, "max_connections": 0}, "max_connections"),
+        ({"jwks_url": JWKS, "max_message_size": "big"}, "max_message_size"),
+        ({"jwks_url": JWKS, "heartbeat": -1}, "heartbeat"),
+        ({"jwks_url": JWKS, "leeway": 3600}, "leeway"),
+        ({"jwks_url": JWKS, "history_ttl": 0}, "history_ttl"),
+        ({"jwks_url": JWKS, "send_buffer_limit": 10}, "send_buffer_limit"),
+    ],
+)
+def test_bad_settings_raise_value_error_naming_them(given: dict[str, Any], named: str) -> None:
+    app = web.Application()
+    with pytest.raises(ValueError, match=named):
+        aiohttp_wsbus.setup(app, **given)
+    assert aiohttp_wsbus.BUS_KEY not in app
+
+
+def test_broker_must_be_a_broker() -> None:
+    with pytest.raises(ValueError, match="broker"):
+        aiohttp_wsbus.setup(web.Application(), jwks_url=JWKS, broker=object())  # type: ignore[arg-type]
+
+
+def test_setup_twice_is_refused() -> None:
+    app = web.Application()
+    aiohttp_wsbus.setup(app, jwks_url=JWKS)
+    with pytest.raises(ValueError, match="already"):
+        aiohttp_wsbus.setup(app, jwks_url=JWKS)
+
+
+def test_setup_returns_the_stored_bus() -> None:
+    app = web.Application()
+    bus = aiohttp_wsbus.setup(app, jwks_url=JWKS)
+    assert app[aiohttp_wsbus.BUS_KEY] is bus is aiohttp_wsbus.get_bus(app)
+
+
+def test_get_bus_names_the_forgotten_call() -> None:
+    with pytest.raises(RuntimeError, match=r"aiohttp_wsbus.setup\(app"):
+        aiohttp_wsbus.get_bus(web.Application())

@@ -1,0 +1,260 @@
+"""The WebSocket endpoint over real sockets: auth, grants, frames, close codes."""
+
+from __future__ import annotations
+
+import json
+
+import jwt
+from aiohttp import WSMsgType
+from pytest_aiohttp import AiohttpClient
+
+from .conftest import JwksServer, MakeToken
+from .support import close_code, next_frame, nothing_more, start_bus
+
+
+async def test_welcome_lists_subscribed_and_denied(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
+) -> None:
+    server = await start_bus(aiohttp_client, jwks_server.url, max_channels=3)
+    token = make_token(sub="alice", channels=["chat:*", "user:alice"])
+    _, welcome = await server.open(
+        token, ["chat:lobby", "user:alice", "user:bob", "bad name", "chat:a", "chat:b"]
+    )
+    assert welcome["user"] == "alice"
+    assert isinstance(welcome["client"], str)
+    assert welcome["client"]
+    assert isinstance(welcome["expires_at"], int)
+    assert welcome["subscribed"] == ["chat:lobby", "user:alice", "chat:a"]
+    assert welcome["denied"] == {"user:bob": "forbidden", "bad name": "invalid", "chat:b": "limit"}
+    assert welcome["positions"]["chat:lobby"]["offset"] == 0
+
+
+async def test_subscriber_receives_only_its_channels(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
+) -> None:
+    server = await start_bus(aiohttp_client, jwks_server.url)
+    lobby, _ = await server.open(make_token(channels=["chat:*"]), ["chat:lobby"])
+    other, _ = await server.open(make_token(channels=["chat:*"]), ["chat:other"])
+    published = await server.bus.publish("chat:lobby", {"text": "hi"})
+    frame = await next_frame(lobby)
+    assert frame == {
+        "type": "message",
+        "channel": "chat:lobby",
+        "offset": 1,
+        "epoch": published.epoch,
+        "data": {"text": "hi"},
+    }
+    await nothing_more(other)
+
+
+async def test_subscriber_without_grant_never_receives(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
+) -> None:
+    server = await start_bus(aiohttp_client, jwks_server.url)
+    bob, welcome = await server.open(make_token(sub="bob", channels=["chat:lobby"]), ["chat:staff"])
+    assert welcome["denied"] == {"chat:staff": "forbidden"}
+    await server.bus.publish("chat:staff", "secret")
+    await nothing_more(bob)
+
+
+async def test_subscribe_and_unsubscribe_frames(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
+) -> None:
+    server = await start_bus(aiohttp_client, jwks_server.url)
+    socket, _ = await server.open(make_token(channels=["chat:*"]), [])
+    await socket.send_json({"type": "subscribe", "channels": ["chat:a", "news"]})
+    subscribed = await next_frame(socket)
+    assert subscribed["type"] == "subscribed"
+    assert subscribed["subscribed"] == ["chat:a"]
+    assert subscribed["denied"] == {"news": "forbidden"}
+    await server.bus.publish("chat:a", 1)
+    assert (await next_frame(socket))["data"] == 1
+    await socket.send_json({"type": "unsubscribe", "channels": ["chat:a", "chat:never"]})
+    assert await next_frame(socket) == {
+        "type": "unsubscribed",
+        "channels": ["chat:a"],
+        "reason": "client",
+    }
+    await server.bus.publish("chat:a", 2)
+    await nothing_more(socket)
+    assert server.bus.registry.channel_count == 0
+
+
+async def test_no_connect_frame_in_time_closes_4401(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer
+) -> None:
+    server = await start_bus(aiohttp_client, jwks_server.url, auth_timeout=0.2)
+    socket = await server.client.ws_connect("/ws")
+    assert await close_code(socket) == 4401
+
+
+async def test_bad_tokens_close_4401(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
+) -> None:
+    server = await start_bus(aiohttp_client, jwks_server.url, leeway=0)
+    for token in ["garbage", make_token(exp_in=-10), make_token(aud="other")]:
+        socket = await server.client.ws_connect("/ws")
+        await socket.send_json({"type": "connect", "token": token, "channels": []})
+        assert await close_code(socket) == 4401
+    socket = await server.client.ws_connect("/ws")
+    await socket.send_json({"type": "connect", "channels": []})
+    assert await close_code(socket) == 4401
+
+
+async def test_token_in_query_only_when_allowed(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
+) -> None:
+    token = make_token(channels=["chat:*"])
+    strict = await start_bus(aiohttp_client, jwks_server.url, auth_timeout=0.2)
+    socket = await strict.client.ws_connect("/ws", params={"token": token, "channels": "chat:a"})
+    assert await close_code(socket) == 4401  # the query is ignored; no connect frame came
+    allowing = await start_bus(aiohttp_client, jwks_server.url, allow_query_token=True)
+    socket = await allowing.client.ws_connect("/ws", params={"token": token, "channels": "chat:a"})
+    welcome = await next_frame(socket)
+    assert welcome["type"] == "welcome"
+    assert welcome["subscribed"] == ["chat:a"]
+
+
+async def test_malformed_frames_close_4400(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
+) -> None:
+    server = await start_bus(aiohttp_client, jwks_server.url)
+    token = make_token()
+    for send in ("not json", f'{{"type":"connect","token":"{token}"}}', b"binary"):
+        socket, _ = await server.open(token, [])
+        if isinstance(send, bytes):
+            await socket.send_bytes(send)
+        else:
+            await socket.send_str(send)
+        assert await close_code(socket) == 4400
+    socket = await server.client.ws_connect("/ws")
+    await socket.send_json({"type": "subscribe", "channels": []})
+    assert await close_code(socket) == 4400
+
+
+async def test_oversized_frame_closes_1009(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
+) -> None:
+    server = await start_bus(aiohttp_client, jwks_server.url, max_message_size=1024)
+    socket, _ = await server.open(make_token(), [])
+    await socket.send_str(json.dumps({"type": "subscribe", "channels": ["x" * 2000]}))
+    assert await close_code(socket) == 1009
+
+
+async def test_expired_token_closes_4001_and_leaves_the_registry(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
+) -> None:
+    server = await start_bus(aiohttp_client, jwks_server.url, leeway=0)
+    socket, _ = await server.open(make_token(channels=["chat:*"], exp_in=1), ["chat:a"])
+    assert await close_code(socket, timeout=4) == 4001
+    assert server.bus.registry.subscribers("chat:a") == ()
+
+
+async def test_refresh_extends_and_revokes(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
+) -> None:
+    server = await start_bus(aiohttp_client, jwks_server.url)
+    socket, _ = await server.open(make_token(channels=["chat:*"]), ["chat:a", "chat:b"])
+    token = make_token(channels=["chat:a"], exp_in=600)
+    await socket.send_json({"type": "refresh", "token": token})
+    assert await next_frame(socket) == {
+        "type": "unsubscribed",
+        "channels": ["chat:b"],
+        "reason": "revoked",
+    }
+    refreshed = await next_frame(socket)
+    assert refreshed["type"] == "refreshed"
+    assert refreshed["revoked"] == ["chat:b"]
+    assert refreshed["expires_at"] == jwt.decode(token, options={"verify_signature": False})["exp"]
+    await server.bus.publish("chat:b", "gone")
+    await server.bus.publish("chat:a", "kept")
+    assert (await next_frame(socket))["data"] == "kept"
+    await nothing_more(socket)
+
+
+async def test_refresh_with_another_users_token_closes_4403(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
+) -> None:
+    server = await start_bus(aiohttp_client, jwks_server.url)
+    socket, _ = await server.open(make_token(sub="alice"), [])
+    await socket.send_json({"type": "refresh", "token": make_token(sub="mallory")})
+    assert await close_code(socket) == 4403
+
+
+async def test_refresh_with_invalid_token_closes_4401(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
+) -> None:
+    server = await start_bus(aiohttp_client, jwks_server.url)
+    socket, _ = await server.open(make_token(sub="alice"), [])
+    await socket.send_json({"type": "refresh", "token": "not.a.token"})
+    assert await close_code(socket) == 4401
+
+
+async def test_origin_outside_the_allow_list_gets_403_before_upgrade(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
+) -> None:
+    server = await start_bus(
+        aiohttp_client, jwks_server.url, allowed_origins=["https://app.example"]
+    )
+    refused = await server.client.get(
+        "/ws",
+        headers={
+            "Origin": "https://evil.example",
+            "Upgrade": "websocket",
+            "Connection": "Upgrade",
+            "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+        },
+    )
+    assert refused.status == 403
+    assert await refused.json() == {"error": "origin_not_allowed"}
+    socket = await server.client.ws_connect("/ws", origin="https://app.example")
+    await socket.send_json({"type": "connect", "token": make_token(), "channels": []})
+    assert (await next_frame(socket))["type"] == "welcome"
+
+
+async def test_connection_limit_closes_1013(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
+) -> None:
+    server = await start_bus(aiohttp_client, jwks_server.url, max_connections=1)
+    await server.open(make_token(), [])
+    extra = await server.client.ws_connect("/ws")
+    assert await close_code(extra) == 1013
+
+
+async def test_unreachable_jwks_closes_1013(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
+) -> None:
+    jwks_server.fail = True
+    server = await start_bus(aiohttp_client, jwks_server.url)
+    socket = await server.client.ws_connect("/ws")
+    await socket.send_json({"type": "connect", "token": make_token(), "channels": []})
+    assert await close_code(socket) == 1013
+
+
+async def test_plain_get_is_told_to_upgrade(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer
+) -> None:
+    server = await start_bus(aiohttp_client, jwks_server.url)
+    response = await server.client.get("/ws")
+    assert response.status == 426
+    assert (await response.json())["error"] == "websocket_upgrade_required"
+
+
+async def test_trailing_slash_path_also_serves_the_socket(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
+) -> None:
+    server = await start_bus(aiohttp_client, jwks_server.url)
+    _, welcome = await server.open(make_token(), [], path="/ws/")
+    assert welcome["user"] == "alice"
+
+
+async def test_ping_frame_gets_pong(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
+) -> None:
+    server = await start_bus(aiohttp_client, jwks_server.url)
+    socket, _ = await server.open(make_token(), [])
+    await socket.send_str('{"type":"ping"}')
+    message = await socket.receive(timeout=5)
+    assert message.type == WSMsgType.TEXT
+    assert json.loads(message.data) == {"type": "pong"}
