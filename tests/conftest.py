@@ -13,6 +13,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import Algorithm, RSAAlgorithm
 from pytest_aiohttp import AiohttpServer
 
+pytest_plugins = ["tests.browser"]  # the `browser` fixture (headless Chromium)
+
 ISSUER = "https://idp.test/"
 AUDIENCE = "wsbus"
 KEY_ID = "test-key"
