@@ -119,5 +119,3 @@ def make_token(rsa_private_key: rsa.RSAPrivateKey) -> MakeToken:
 
 def _listed(value: object) -> object:
     return list(value) if isinstance(value, tuple) else value
-
-
