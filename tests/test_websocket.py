@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import jwt
+import pytest
 from aiohttp import WSMsgType
 from pytest_aiohttp import AiohttpClient
 
@@ -258,3 +260,33 @@ async def test_ping_frame_gets_pong(
     message = await socket.receive(timeout=5)
     assert message.type == WSMsgType.TEXT
     assert json.loads(message.data) == {"type": "pong"}
+
+
+async def test_tokens_never_reach_the_logs(
+    aiohttp_client: AiohttpClient,
+    jwks_server: JwksServer,
+    make_token: MakeToken,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    server = await start_bus(aiohttp_client, jwks_server.url, leeway=0)
+    expired = make_token(exp_in=-60)
+    wrong_audience = make_token(aud="elsewhere")
+    valid = make_token(channels=["chat:*"], publish=[])
+    for token in (expired, wrong_audience):
+        socket = await server.client.ws_connect("/ws")
+        await socket.send_json({"type": "connect", "token": token, "channels": []})
+        assert await close_code(socket) == 4401
+    socket, _ = await server.open(valid, ["chat:a"])
+    await socket.send_json({"type": "refresh", "token": wrong_audience})
+    assert await close_code(socket) == 4401
+    refused = await server.client.post(
+        "/ws/emit",
+        json={"channel": "chat:a", "data": 1},
+        headers={"Authorization": f"Bearer {valid}"},
+    )
+    assert refused.status == 403
+    assert caplog.records  # the refusals were logged...
+    for token in (expired, wrong_audience, valid):
+        for part in token.split("."):
+            assert part not in caplog.text  # ...without any part of a token
