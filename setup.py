@@ -18,6 +18,7 @@ setup(
     # The served JS client is js/wsbus.js itself: one source, no copy that can drift.
     # static/wsbus.js is a symlink to js/wsbus.js: the build copies its bytes in.
     package_data={"aiohttp_wsbus": ["py.typed", "static/wsbus.js", "static/wsbus.d.ts"]},
+    entry_points={"console_scripts": ["wsbus = aiohttp_wsbus.cli:main"]},
     install_requires=[
         "aiohttp>=3.11",
         "PyJWT[crypto]>=2.13",

@@ -6,6 +6,7 @@ messages to clients whose JWT grants them, and an HTTP emit endpoint.
 
 from .brokers import Broker, MemoryBroker, Published
 from .bus import Bus
+from .client import EmitClient, EmitError, SyncEmitClient
 from .errors import (
     BrokerUnavailable,
     Forbidden,
@@ -28,6 +29,8 @@ __all__ = [
     "Bus",
     "Claims",
     "CloseCode",
+    "EmitClient",
+    "EmitError",
     "Forbidden",
     "InvalidChannel",
     "InvalidSettings",
@@ -35,6 +38,7 @@ __all__ = [
     "KeysUnavailable",
     "MemoryBroker",
     "Published",
+    "SyncEmitClient",
     "WsBusError",
     "get_bus",
     "setup",

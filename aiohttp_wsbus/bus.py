@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -63,6 +64,11 @@ class Bus:
         self.registry = Registry()
         self.connections: set[Connection] = set()
         self.open_sockets = 0  # upgraded sockets, authenticated or not
+        # Plain counters, read by the metrics collector at scrape time.
+        self.messages_published = 0
+        self.messages_delivered = 0  # one per subscriber a message was handed to
+        self.slow_consumer_closes = 0
+        self.auth_failures: collections.Counter[str] = collections.Counter()
         self._scheduler: WriteScheduler | None = None
         self._closing_tasks: set[asyncio.Task[None]] = set()
 
@@ -107,7 +113,9 @@ class Bus:
             raise InvalidChannel(f"invalid channel name: {channel!r}")
         if message_id is not None and not is_valid_message_id(message_id):
             raise ValueError("id must be 1 to 128 printable ASCII characters")
-        return await self.broker.publish(channel, data, message_id=message_id)
+        published = await self.broker.publish(channel, data, message_id=message_id)
+        self.messages_published += 1
+        return published
 
     def deliver(self, message: Message) -> None:
         """Hand one message to its channel's subscribers (called by the broker)."""
@@ -115,6 +123,7 @@ class Bus:
         if not subscribers:
             return
         frame = _frame(message)
+        self.messages_delivered += len(subscribers)
         for connection in subscribers:
             connection.deliver(message, frame)
 
@@ -139,6 +148,8 @@ class Bus:
 
     def _forget(self, connection: Connection) -> None:
         self.connections.discard(connection)
+        if connection.close_code == CloseCode.SLOW_CONSUMER:
+            self.slow_consumer_closes += 1
         connection.pending.clear()
         self._release(self.registry.remove_all(connection))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -61,6 +62,7 @@ class Settings:
     history_ttl: float = 300.0
     jwks_refetch_interval: float = 30.0
     jwks_refresh_interval: float = 300.0
+    metrics: bool = False
 
 
 def _positive(name: str) -> validate.Range:
@@ -109,12 +111,23 @@ class SettingsSchema(Schema):
     history_ttl = mf.Float(validate=_positive("history_ttl"))
     jwks_refetch_interval = mf.Float(validate=validate.Range(min=0))
     jwks_refresh_interval = mf.Float(validate=_positive("jwks_refresh_interval"))
+    metrics = mf.Boolean()
 
     @validates("algorithms")
     def _known_algorithms(self, value: list[str], **_: Any) -> None:
         unknown = sorted(set(value) - ASYMMETRIC_ALGORITHMS - HMAC_ALGORITHMS)
         if unknown:
             raise ValidationError(f"unsupported algorithms: {', '.join(unknown)}")
+
+    @validates("metrics")
+    def _metrics_can_be_served(self, value: bool, **_: Any) -> None:
+        if value and importlib.util.find_spec("prometheus_client") is None:
+            raise ValidationError("needs prometheus-client: pip install 'aiohttp-wsbus[metrics]'")
+
+    @validates_schema
+    def _metrics_are_protected(self, data: dict[str, Any], **_: Any) -> None:
+        if data.get("metrics") and not data.get("api_keys"):
+            raise ValidationError("metrics are served only to an api key: give api_keys", "metrics")
 
     @validates_schema
     def _one_key_source(self, data: dict[str, Any], **_: Any) -> None:

@@ -12,7 +12,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import aiohttp
 from aiohttp import WSMsgType, web
@@ -37,6 +37,9 @@ from .protocol import (
 )
 from .settings import Settings, load_settings
 from .tokens import Claims, JwksVerifier, SecretVerifier, TokenVerifier
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 __all__ = ["BUS_KEY", "get_bus", "setup"]
 
@@ -75,6 +78,7 @@ def setup(
     history_ttl: float = 300.0,
     jwks_refetch_interval: float = 30.0,
     jwks_refresh_interval: float = 300.0,
+    metrics: bool = False,
 ) -> Bus:
     """Add the bus's WebSocket, emit and JS routes to `app`; return the Bus.
 
@@ -98,6 +102,9 @@ def setup(
         app.router.add_get(base + "/", handlers.websocket)
     app.router.add_route("*", base + "/emit", handlers.emit)
     app.router.add_get(base + "/wsbus.js", handlers.javascript)
+    app.router.add_get(base + "/health", handlers.health)
+    if settings.metrics:
+        app.router.add_get(base + "/metrics", handlers.metrics)
     app.cleanup_ctx.append(handlers.lifetime)
     app.on_shutdown.append(handlers.shutdown)
     return bus
@@ -174,6 +181,11 @@ class _Handlers:
         self.bus = bus
         self.settings = bus.settings
         self._javascript: tuple[bytes, str] | None = None
+        self._metrics: CollectorRegistry | None = None
+        if self.settings.metrics:
+            from .metrics import registry_for  # prometheus-client is an optional extra
+
+            self._metrics = registry_for(bus)
         # Upgraded sockets that have not authenticated yet: the bus does not know them.
         self._unauthenticated: dict[web.WebSocketResponse, asyncio.Transport | None] = {}
 
@@ -239,6 +251,7 @@ class _Handlers:
             claims = await self.bus.verifier.verify(connect.token or "")
         except InvalidToken as error:
             logger.info("websocket refused: token %s", error.reason)
+            self.bus.auth_failures[error.reason] += 1
             await socket.close(code=CloseCode.UNAUTHORIZED, message=b"unauthorized")
             return
         except KeysUnavailable:
@@ -286,6 +299,7 @@ class _Handlers:
             await socket.close(code=CloseCode.BAD_REQUEST, message=str(error).encode())
             return None
         if frame.token is None:
+            self.bus.auth_failures["missing"] += 1
             await socket.close(code=CloseCode.UNAUTHORIZED, message=b"token required")
             return None
         return frame
@@ -325,6 +339,7 @@ class _Handlers:
             claims = await self.bus.verifier.verify(token)
         except InvalidToken as error:
             logger.info("refresh refused: token %s", error.reason)
+            self.bus.auth_failures[error.reason] += 1
             connection.close(CloseCode.UNAUTHORIZED)
             return
         except KeysUnavailable:
@@ -393,14 +408,17 @@ class _Handlers:
         if api_key is not None:
             if self._is_known_api_key(api_key):
                 return None
+            self.bus.auth_failures["api_key"] += 1
             return self._unauthorized()
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
+            self.bus.auth_failures["missing"] += 1
             return self._unauthorized()
         try:
             claims = await self.bus.verifier.verify(token.strip())
         except InvalidToken as error:
             logger.info("emit refused: token %s", error.reason)
+            self.bus.auth_failures[error.reason] += 1
             return self._unauthorized()
         except KeysUnavailable:
             return _json_error(503, "keys_unavailable")
@@ -421,6 +439,36 @@ class _Handlers:
     def _unauthorized() -> web.Response:
         return web.json_response(
             {"error": "unauthorized"}, status=401, headers={"WWW-Authenticate": "Bearer"}
+        )
+
+    # -- operations ------------------------------------------------------
+
+    async def health(self, request: web.Request) -> web.Response:
+        """For load balancers: 503 while this process cannot do its job."""
+        broker = "ok" if self.bus.broker.is_available else "down"
+        jwks = self.bus.verifier.key_status
+        # Stale keys still verify tokens: degraded, but worth keeping in rotation.
+        is_serving = broker == "ok" and jwks != "unavailable"
+        report = {
+            "status": "ok" if broker == "ok" and jwks == "fresh" else "degraded",
+            "connections": len(self.bus.connections),
+            "broker": broker,
+            "jwks": jwks,
+        }
+        return web.json_response(
+            report, status=200 if is_serving else 503, headers={"Cache-Control": "no-store"}
+        )
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        from .metrics import CONTENT_TYPE_LATEST, render
+
+        api_key = request.headers.get("X-API-Key")
+        if api_key is None or not self._is_known_api_key(api_key):
+            self.bus.auth_failures["api_key" if api_key is not None else "missing"] += 1
+            return _json_error(401, "unauthorized")
+        assert self._metrics is not None
+        return web.Response(
+            body=render(self._metrics), headers={"Content-Type": CONTENT_TYPE_LATEST}
         )
 
     # -- javascript ------------------------------------------------------

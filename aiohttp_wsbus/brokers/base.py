@@ -64,6 +64,10 @@ Deliver = Callable[[Message], None]
 class Broker(ABC):
     """Carries published messages to every node subscribed to their channel."""
 
+    # Times the broker re-established its engine connection after losing it;
+    # a broker that reconnects increments it (the metrics read it).
+    reconnects: int = 0
+
     @abstractmethod
     async def start(self, deliver: Deliver, *, history_size: int, history_ttl: float) -> None:
         """Connect; from now on call `deliver` for each message on a subscribed channel,

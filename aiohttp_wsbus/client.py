@@ -1,0 +1,235 @@
+"""Emit clients for back ends that publish over HTTP: async on aiohttp, sync on urllib.
+
+Both send `POST {base_url}{base_path}/emit`, retry a bounded number of times
+when the bus (or a proxy before it) answers 502/503/504 or cannot be reached,
+and raise EmitError for anything else. Every emit carries an idempotency id
+(a random one unless given), so a retry never publishes a message twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any, Final, Self
+
+import aiohttp
+
+from .brokers.base import Published
+from .errors import WsBusError
+
+__all__ = ["EmitClient", "EmitError", "SyncEmitClient"]
+
+RETRY_STATUSES: Final = frozenset({502, 503, 504})
+
+
+class EmitError(WsBusError):
+    """The bus refused an emit, or stayed unavailable through every retry.
+
+    `status` is the HTTP status (None when no answer came at all), `error` the
+    bus's error word (`unauthorized`, `forbidden`, `invalid_request`, ...) and
+    `body` its whole JSON answer.
+    """
+
+    def __init__(self, status: int | None, error: str, body: dict[str, Any]) -> None:
+        where = f"HTTP {status}" if status is not None else "no answer"
+        super().__init__(f"emit failed ({where}): {error}")
+        self.status = status
+        self.error = error
+        self.body = body
+
+
+class _Emitter:
+    """What both clients share: the request they send and how they read answers."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None,
+        token: str | None,
+        base_path: str,
+        retries: int,
+        backoff: float,
+        max_backoff: float,
+        timeout: float,
+    ) -> None:
+        if (api_key is None) == (token is None):
+            raise ValueError("give api_key or token (a JWT with a publish claim), exactly one")
+        if retries < 0 or backoff < 0 or max_backoff < 0 or timeout <= 0:
+            raise ValueError("retries, backoff and max_backoff must be >= 0, timeout > 0")
+        self.url = base_url.rstrip("/") + "/" + base_path.strip("/") + "/emit"
+        self.retries = retries
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.timeout = timeout
+        self.headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if api_key is not None:
+            self.headers["X-API-Key"] = api_key
+        else:
+            self.headers["Authorization"] = f"Bearer {token}"
+
+    def body(self, channels: str | Sequence[str], data: Any, message_id: str | None) -> bytes:
+        target: dict[str, Any] = (
+            {"channel": channels} if isinstance(channels, str) else {"channels": list(channels)}
+        )
+        # Every attempt of one emit carries the same id: the bus publishes it once.
+        message_id = message_id if message_id is not None else secrets.token_urlsafe(16)
+        return json.dumps({**target, "data": data, "id": message_id}).encode()
+
+    def delay(self, attempt: int) -> float:
+        return float(min(self.max_backoff, self.backoff * 2**attempt))
+
+    @staticmethod
+    def published(status: int, raw: bytes) -> list[Published]:
+        answer = _json(raw)
+        if status != 202 or not isinstance(answer.get("published"), list):
+            raise EmitError(status, str(answer.get("error", "unexpected_response")), answer)
+        return [Published(p["channel"], p["offset"], p["epoch"]) for p in answer["published"]]
+
+
+def _json(raw: bytes) -> dict[str, Any]:
+    try:
+        answer = json.loads(raw)
+    except ValueError:
+        return {"error": "not_json", "text": raw[:200].decode("utf-8", "replace")}
+    return answer if isinstance(answer, dict) else {"error": "not_json"}
+
+
+class EmitClient:
+    """Publishes to a bus over HTTP from async code.
+
+    `await client.emit("chat:lobby", {"text": "hi"})` returns where each
+    channel's message landed. Use as `async with EmitClient(...) as client:`
+    or call `close()`; pass `session` to share an aiohttp ClientSession.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        token: str | None = None,
+        base_path: str = "/ws",
+        retries: int = 3,
+        backoff: float = 0.2,
+        max_backoff: float = 2.0,
+        timeout: float = 10.0,
+        session: aiohttp.ClientSession | None = None,
+    ) -> None:
+        self._emitter = _Emitter(
+            base_url,
+            api_key=api_key,
+            token=token,
+            base_path=base_path,
+            retries=retries,
+            backoff=backoff,
+            max_backoff=max_backoff,
+            timeout=timeout,
+        )
+        self._session = session
+        self._owns_session = session is None
+
+    async def emit(
+        self, channels: str | Sequence[str], data: Any, *, id: str | None = None
+    ) -> list[Published]:
+        """Publish `data` (any JSON value) to one channel or several; raise EmitError."""
+        emitter = self._emitter
+        body = emitter.body(channels, data, id)
+        session = self._get_session()
+        timeout = aiohttp.ClientTimeout(total=emitter.timeout)
+        for attempt in range(emitter.retries + 1):
+            is_last = attempt == emitter.retries
+            try:
+                async with session.post(
+                    emitter.url, data=body, headers=emitter.headers, timeout=timeout
+                ) as response:
+                    raw = await response.read()
+                    status = response.status
+            except (aiohttp.ClientConnectionError, TimeoutError) as error:
+                if is_last:
+                    raise EmitError(None, "unreachable", {"detail": str(error)}) from error
+            else:
+                if status not in RETRY_STATUSES or is_last:
+                    return emitter.published(status, raw)
+            await asyncio.sleep(emitter.delay(attempt))
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        return self._session
+
+    async def close(self) -> None:
+        """Close the session this client made (not one it was given)."""
+        if self._owns_session and self._session is not None:
+            await self._session.close()
+        self._session = None
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+class SyncEmitClient:
+    """Publishes to a bus over HTTP from blocking code, on the standard library only."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        token: str | None = None,
+        base_path: str = "/ws",
+        retries: int = 3,
+        backoff: float = 0.2,
+        max_backoff: float = 2.0,
+        timeout: float = 10.0,
+    ) -> None:
+        self._emitter = _Emitter(
+            base_url,
+            api_key=api_key,
+            token=token,
+            base_path=base_path,
+            retries=retries,
+            backoff=backoff,
+            max_backoff=max_backoff,
+            timeout=timeout,
+        )
+        if not self._emitter.url.startswith(("http://", "https://")):
+            raise ValueError("base_url must be an http:// or https:// URL")
+
+    def emit(
+        self, channels: str | Sequence[str], data: Any, *, id: str | None = None
+    ) -> list[Published]:
+        """Publish `data` (any JSON value) to one channel or several; raise EmitError."""
+        emitter = self._emitter
+        request = urllib.request.Request(  # noqa: S310 (the scheme is checked above)
+            emitter.url, data=emitter.body(channels, data, id), headers=emitter.headers
+        )
+        for attempt in range(emitter.retries + 1):
+            is_last = attempt == emitter.retries
+            try:
+                with urllib.request.urlopen(request, timeout=emitter.timeout) as response:  # noqa: S310
+                    return emitter.published(response.status, response.read())
+            except urllib.error.HTTPError as error:
+                with error:
+                    if error.code not in RETRY_STATUSES or is_last:
+                        return emitter.published(error.code, error.read())
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
+                if is_last:
+                    raise EmitError(None, "unreachable", {"detail": str(error)}) from error
+            time.sleep(emitter.delay(attempt))
+        raise AssertionError("unreachable: the last attempt returns or raises")

@@ -1,0 +1,323 @@
+"""The standalone server, `python -m aiohttp_wsbus`, run as a real subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import ClientWebSocketResponse
+
+from aiohttp_wsbus import CloseCode
+from aiohttp_wsbus.cli import HELP, BadSetting, build_parser, resolve, setting_options
+from aiohttp_wsbus.settings import Settings
+
+from .conftest import AUDIENCE, ISSUER, JwksServer, MakeToken
+from .support import WAIT, close_code, next_frame
+
+ROOT = Path(__file__).parent.parent
+API_KEY = "c" * 32
+LISTENING = re.compile(r"listening on (\S+)")
+
+
+def clean_environ(**variables: str) -> dict[str, str]:
+    """This process's environment without WSBUS_* variables, plus `variables`."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("WSBUS_")}
+    environ["PYTHONPATH"] = str(ROOT)
+    environ.update(variables)
+    return environ
+
+
+@dataclass
+class CliServer:
+    """A running `python -m aiohttp_wsbus` and what it wrote to stderr."""
+
+    process: asyncio.subprocess.Process
+    address: str = ""
+    lines: list[str] = field(default_factory=list)
+    reader: asyncio.Task[None] | None = None
+    is_terminated: bool = False
+
+    @property
+    def url(self) -> str:
+        return self.address
+
+    def terminate(self) -> None:
+        # Once only: a second signal makes aiohttp give up on the graceful shutdown.
+        if not self.is_terminated:
+            self.is_terminated = True
+            self.process.send_signal(signal.SIGTERM)
+
+    async def stop(self) -> int:
+        """SIGTERM, then the exit status once stderr is drained."""
+        self.terminate()
+        async with asyncio.timeout(WAIT * 2):
+            status = await self.process.wait()
+            if self.reader is not None:
+                await self.reader
+        return status
+
+
+StartCli = Callable[..., Awaitable[CliServer]]
+
+
+@pytest.fixture
+async def start_cli() -> AsyncIterator[StartCli]:
+    started: list[CliServer] = []
+
+    async def start(*args: str, **variables: str) -> CliServer:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "aiohttp_wsbus",
+            *args,
+            env=clean_environ(**variables),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        server = CliServer(process)
+        started.append(server)
+        listening = asyncio.get_running_loop().create_future()
+
+        async def read_stderr() -> None:
+            assert process.stderr is not None
+            async for raw in process.stderr:
+                line = raw.decode().rstrip("\n")
+                server.lines.append(line)
+                found = LISTENING.search(line)
+                if found and not listening.done():
+                    listening.set_result(found.group(1))
+            if not listening.done():
+                listening.set_exception(AssertionError("\n".join(server.lines)))
+
+        server.reader = asyncio.create_task(read_stderr())
+        async with asyncio.timeout(WAIT * 2):
+            server.address = await listening
+        return server
+
+    yield start
+    for server in started:
+        if server.process.returncode is None:
+            server.process.kill()
+            await server.process.wait()
+        if server.reader is not None:
+            await server.reader
+
+
+def token_settings(jwks_server: JwksServer) -> dict[str, str]:
+    return {"WSBUS_JWKS_URL": jwks_server.url, "WSBUS_ISSUER": ISSUER, "WSBUS_AUDIENCE": AUDIENCE}
+
+
+async def connect(
+    session: aiohttp.ClientSession, url: str, token: str, channels: list[str]
+) -> ClientWebSocketResponse:
+    socket = await session.ws_connect(url)
+    await socket.send_json({"type": "connect", "token": token, "channels": channels})
+    return socket
+
+
+async def test_flags_and_environment_reach_the_settings(
+    start_cli: StartCli, jwks_server: JwksServer, make_token: MakeToken, tmp_path: Path
+) -> None:
+    key_file = tmp_path / "keys"
+    key_file.write_text(f"# emitters\n{API_KEY}\n\n")
+    server = await start_cli(
+        "--port",
+        "0",
+        "--base-path",
+        "/bus",  # wins over WSBUS_BASE_PATH
+        "--api-key-file",
+        str(key_file),
+        WSBUS_BASE_PATH="/from-env",
+        WSBUS_MAX_CONNECTIONS="1",
+        WSBUS_METRICS="true",
+        **token_settings(jwks_server),
+    )
+    assert server.url.startswith("http://127.0.0.1:")
+    async with aiohttp.ClientSession(server.url) as session:
+        health = await session.get("/bus/health")
+        assert (health.status, await health.json()) == (
+            200,
+            {"status": "ok", "connections": 0, "broker": "ok", "jwks": "fresh"},
+        )
+        assert (await session.get("/from-env/health")).status == 404
+        first = await connect(session, "/bus", make_token(), ["chat:a"])
+        assert (await next_frame(first))["type"] == "welcome"
+        second = await connect(session, "/bus", make_token(), ["chat:a"])
+        assert await close_code(second) == CloseCode.TRY_AGAIN_LATER  # max_connections=1
+        emitted = await session.post(
+            "/bus/emit", json={"channel": "chat:a", "data": "hi"}, headers={"X-API-Key": API_KEY}
+        )
+        assert emitted.status == 202
+        assert (await next_frame(first))["data"] == "hi"
+        metrics = await session.get("/bus/metrics", headers={"X-API-Key": API_KEY})
+        assert "wsbus_messages_published_total 1.0" in await metrics.text()
+        await first.close()
+    assert await server.stop() == 0
+
+
+async def test_sigterm_closes_connected_clients_with_1001(
+    start_cli: StartCli, jwks_server: JwksServer, make_token: MakeToken
+) -> None:
+    server = await start_cli("--port", "0", **token_settings(jwks_server))
+    async with aiohttp.ClientSession(server.url) as session:
+        socket = await connect(session, "/ws", make_token(), ["chat:a"])
+        assert (await next_frame(socket))["type"] == "welcome"
+        server.terminate()
+        assert await close_code(socket) == CloseCode.GOING_AWAY
+    assert await server.stop() == 0, server.lines
+    assert server.lines[-1].endswith("aiohttp_wsbus: stopped")
+
+
+async def test_unix_socket_and_an_access_log_without_query_strings(
+    start_cli: StartCli, jwks_server: JwksServer, make_token: MakeToken, tmp_path: Path
+) -> None:
+    path = tmp_path / "wsbus.sock"
+    server = await start_cli(
+        "--path", str(path), "--allow-query-token", **token_settings(jwks_server)
+    )
+    assert server.url == f"unix:{path}"
+    token = make_token()
+    connector = aiohttp.UnixConnector(path=str(path))
+    async with aiohttp.ClientSession("http://wsbus", connector=connector) as session:
+        socket = await session.ws_connect(f"/ws?token={token}&channels=chat:a")
+        assert (await next_frame(socket))["subscribed"] == ["chat:a"]
+        await socket.close()
+        assert (await session.get("/ws/health?token=" + token)).status == 200
+    assert await server.stop() == 0
+    log = "\n".join(server.lines)
+    assert '"GET /ws HTTP/1.1" 101' in log
+    assert '"GET /ws/health HTTP/1.1" 200' in log
+    assert token not in log
+    assert "token=" not in log
+    assert not path.exists()  # removed on the way out
+
+
+async def run_to_exit(*command: str, **variables: str) -> tuple[int, list[str]]:
+    process = await asyncio.create_subprocess_exec(
+        *command,
+        env=clean_environ(**variables),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(WAIT * 2):
+        _, stderr = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, stderr.decode().splitlines()
+
+
+SECRET = "s" * 32
+
+
+@pytest.mark.parametrize(
+    ("args", "variables", "named"),
+    [
+        (["--jwt-secret", SECRET, "--max-connections", "0"], {}, "--max-connections"),
+        ([], {"WSBUS_JWT_SECRET": SECRET, "WSBUS_HEARTBEAT": "soon"}, "WSBUS_HEARTBEAT"),
+        ([], {}, "jwks_url"),
+        (["--jwt-secret", SECRET, "--api-key", "short"], {}, "api_keys"),
+        (["--jwt-secret", SECRET, "--no-such-flag"], {}, "--no-such-flag"),
+    ],
+)
+async def test_a_bad_setting_exits_2_with_one_line_naming_it(
+    args: list[str], variables: dict[str, str], named: str
+) -> None:
+    status, lines = await run_to_exit(sys.executable, "-m", "aiohttp_wsbus", *args, **variables)
+    assert status == 2
+    assert len(lines) == 1, lines
+    assert named in lines[0]
+
+
+async def test_redis_url_without_the_redis_broker_exits_2() -> None:
+    hide_redis_broker = (
+        "import sys; sys.modules['aiohttp_wsbus.brokers.redis'] = None; "
+        "from aiohttp_wsbus.cli import main; raise SystemExit(main())"
+    )
+    status, lines = await run_to_exit(
+        sys.executable,
+        "-c",
+        hide_redis_broker,
+        "--jwt-secret",
+        SECRET,
+        "--redis-url",
+        "redis://127.0.0.1:1/0",
+    )
+    assert status == 2
+    assert len(lines) == 1, lines
+    assert "--redis-url / WSBUS_REDIS_URL: the Redis broker is not available" in lines[0]
+
+
+# -- in-process: how flags and variables become settings ----------------------
+
+
+def test_every_setting_has_a_flag_a_variable_and_help() -> None:
+    help_text = build_parser().format_help()
+    names = [f.name for f in fields(Settings)]
+    assert [o.name for o in setting_options()] == names
+    assert set(HELP) == set(names)
+    for option in setting_options():
+        assert option.flag in help_text
+        assert option.env in help_text
+
+
+def test_flags_win_over_variables() -> None:
+    args = build_parser().parse_args(["--leeway", "5", "--algorithms", "RS256,ES256"])
+    config = resolve(args, {"WSBUS_LEEWAY": "9", "WSBUS_ISSUER": "https://idp/", "WSBUS_PORT": ""})
+    assert config.settings == {
+        "leeway": 5.0,
+        "algorithms": ["RS256", "ES256"],
+        "issuer": "https://idp/",
+    }
+    assert (config.host, config.port, config.path) == ("127.0.0.1", 8080, None)
+
+
+def test_list_flags_repeat_and_split_on_commas() -> None:
+    args = build_parser().parse_args(
+        ["--api-key", "a" * 16, "--api-key", "b" * 16, "--allowed-origins", "https://a,https://b"]
+    )
+    config = resolve(args, {})
+    assert config.settings["api_keys"] == ["a" * 16, "b" * 16]
+    assert config.settings["allowed_origins"] == ["https://a", "https://b"]
+
+
+def test_none_turns_off_an_optional_number() -> None:
+    config = resolve(build_parser().parse_args([]), {"WSBUS_HEARTBEAT": "none"})
+    assert config.settings == {"heartbeat": None}
+
+
+@pytest.mark.parametrize(("raw", "expected"), [("1", True), ("off", False), ("Yes", True)])
+def test_boolean_variables(raw: str, expected: bool) -> None:
+    config = resolve(build_parser().parse_args([]), {"WSBUS_ALLOW_QUERY_TOKEN": raw})
+    assert config.settings == {"allow_query_token": expected}
+
+
+def test_a_boolean_flag_wins_over_its_variable() -> None:
+    args = build_parser().parse_args(["--no-metrics"])
+    assert resolve(args, {"WSBUS_METRICS": "true"}).settings == {"metrics": False}
+
+
+def test_bad_boolean_names_the_variable() -> None:
+    with pytest.raises(BadSetting, match="WSBUS_METRICS: 'maybe' is not a boolean"):
+        resolve(build_parser().parse_args([]), {"WSBUS_METRICS": "maybe"})
+
+
+def test_api_key_file_adds_to_the_flag(tmp_path: Path) -> None:
+    key_file = tmp_path / "keys"
+    key_file.write_text("# one per line\n  " + "f" * 16 + "  \n\n")
+    args = build_parser().parse_args(["--api-key", "a" * 16, "--api-key-file", str(key_file)])
+    assert resolve(args, {}).settings["api_keys"] == ["a" * 16, "f" * 16]
+
+
+def test_help_exits_0() -> None:
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["--help"])
+    assert exited.value.code == 0
