@@ -8,7 +8,8 @@ Listens on free loopback ports and prints one JSON line when ready:
 - `POST /test/token` `{"sub", "channels", "publish", "exp_in"}` (all optional):
   mints a token the bus accepts, answers `{"token": T, "expires_at": EXP}`;
 - `POST /test/kill`: aborts every bus socket's transport (a network drop, no
-  close frame), answers `{"killed": N}`.
+  close frame), answers `{"killed": N}`;
+- `GET /test/subscribers/{channel}`: `{"count": N}`, the sockets subscribed to it.
 
 The JWKS the bus verifies with is served on a second port. The process stops
 on SIGTERM or SIGINT, or when its standard input closes (so it never outlives
@@ -103,8 +104,13 @@ def bus_app(minter: TokenMinter, jwks_url: str, api_key: str) -> web.Application
             connection.transport.abort()
         return web.json_response({"killed": len(connections)})
 
+    async def subscribers(request: web.Request) -> web.Response:
+        count = len(bus.registry.subscribers(request.match_info["channel"]))
+        return web.json_response({"count": count})
+
     app.router.add_post("/test/token", token)
     app.router.add_post("/test/kill", kill)
+    app.router.add_get("/test/subscribers/{channel}", subscribers)
     return app
 
 

@@ -104,6 +104,22 @@ class Server {
   kill() {
     return this.post("/test/kill");
   }
+
+  async subscribers(channel) {
+    const response = await fetch(`${this.base}/test/subscribers/${channel}`, {
+      signal: AbortSignal.timeout(WAIT),
+    });
+    return (await response.json()).count;
+  }
+
+  /** Resolves once `count` sockets are subscribed to `channel` on the server. */
+  async untilSubscribers(channel, count) {
+    const deadline = Date.now() + WAIT;
+    while ((await this.subscribers(channel)) !== count) {
+      if (Date.now() > deadline) throw new Error(`timed out waiting for ${count} on ${channel}`);
+      await new Promise((resolve) => setTimeout(resolve, 10));
+    }
+  }
 }
 
 const server = new Server();
@@ -231,6 +247,51 @@ it("recovers after the server drops the socket: every message once, in order", a
     seen.states,
     ["connecting", "connected", "disconnected", "connecting", "connected"],
   );
+});
+
+it("recovers a channel it had seen nothing on yet, from the welcome's position", async (t) => {
+  let gate = null;
+  const { bus, seen } = connect(t, { hold: () => gate?.promise });
+  const received = record(bus, "chat:quiet");
+  await until(() => bus.state === "connected", "connected");
+
+  gate = deferred();
+  assert.equal((await server.kill()).killed, 1);
+  await until(() => seen.states.includes("disconnected"), "the drop to be noticed");
+  for (let n = 1; n <= 3; n++) await server.publish("chat:quiet", n);
+  gate.resolve();
+  await until(() => received.length === 3, "the three missed messages");
+
+  assert.deepEqual(
+    received.map(([data, meta]) => [data, meta.offset, meta.recovered]),
+    [[1, 1, true], [2, 2, true], [3, 3, true]],
+  );
+  assert.deepEqual(seen.recovered, [["chat:quiet", true]]);
+});
+
+it("subscribes and unsubscribes on a live connection", async (t) => {
+  const { bus, seen } = connect(t, { channels: ["chat:always"] });
+  const always = record(bus, "chat:always");
+  await until(() => bus.state === "connected", "connected");
+
+  const later = record(bus, "chat:later"); // a subscribe frame on the open socket
+  await server.untilSubscribers("chat:later", 1);
+  await server.publish("chat:later", "one");
+  await until(() => later.length === 1, "the first message on the new channel");
+
+  bus.unsubscribe("chat:later");
+  await server.untilSubscribers("chat:later", 0);
+  await server.publish("chat:later", "not delivered");
+  await server.publish("chat:always", "marker");
+  await until(() => always.length === 1, "a message on the channel still joined");
+  const again = record(bus, "chat:later");
+  await server.untilSubscribers("chat:later", 1);
+  await server.publish("chat:later", "two");
+  await until(() => again.length === 1, "a message after joining again");
+
+  assert.deepEqual(later.map(([data]) => data), ["one"]);
+  assert.deepEqual(again.map(([data]) => data), ["two"]);
+  assert.deepEqual(seen.states, ["connecting", "connected"]);
 });
 
 function deferred() {
