@@ -9,6 +9,8 @@ Listens on free loopback ports and prints one JSON line when ready:
   mints a token the bus accepts, answers `{"token": T, "expires_at": EXP}`;
 - `POST /test/kill`: aborts every bus socket's transport (a network drop, no
   close frame), answers `{"killed": N}`;
+- `POST /test/broker` `{"available": false}`: subscribing to a channel then
+  fails as `unavailable` (as with a Redis broker that is down), until `true`;
 - `GET /test/subscribers/{channel}`: `{"count": N}`, the sockets subscribed to it.
 
 The JWKS the bus verifies with is served on a second port. The process stops
@@ -37,6 +39,23 @@ HOST: Final = "127.0.0.1"
 ISSUER: Final = "https://idp.test/"
 AUDIENCE: Final = "wsbus"
 KEY_ID: Final = "js-test-key"
+
+
+class SwitchableBroker(aiohttp_wsbus.MemoryBroker):
+    """A MemoryBroker the tests can take down: subscribing then fails as unavailable."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.is_down = False
+
+    @property
+    def is_available(self) -> bool:
+        return not self.is_down
+
+    async def subscribe(self, channel: str) -> None:
+        if self.is_down:
+            raise aiohttp_wsbus.BrokerUnavailable("taken down by the test")
+        await super().subscribe(channel)
 
 
 class TokenMinter:
@@ -78,8 +97,10 @@ def jwks_app(minter: TokenMinter) -> web.Application:
 
 def bus_app(minter: TokenMinter, jwks_url: str, api_key: str) -> web.Application:
     app = web.Application()
+    broker = SwitchableBroker()
     bus = aiohttp_wsbus.setup(
         app,
+        broker=broker,
         jwks_url=jwks_url,
         issuer=ISSUER,
         audience=AUDIENCE,
@@ -108,7 +129,12 @@ def bus_app(minter: TokenMinter, jwks_url: str, api_key: str) -> web.Application
         count = len(bus.registry.subscribers(request.match_info["channel"]))
         return web.json_response({"count": count})
 
+    async def broker_state(request: web.Request) -> web.Response:
+        broker.is_down = not (await request.json())["available"]
+        return web.json_response({"available": broker.is_available})
+
     app.router.add_post("/test/token", token)
+    app.router.add_post("/test/broker", broker_state)
     app.router.add_post("/test/kill", kill)
     app.router.add_get("/test/subscribers/{channel}", subscribers)
     return app

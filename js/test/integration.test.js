@@ -105,6 +105,10 @@ class Server {
     return this.post("/test/kill");
   }
 
+  setBroker(available) {
+    return this.post("/test/broker", { available });
+  }
+
   async subscribers(channel) {
     const response = await fetch(`${this.base}/test/subscribers/${channel}`, {
       signal: AbortSignal.timeout(WAIT),
@@ -291,6 +295,23 @@ it("subscribes and unsubscribes on a live connection", async (t) => {
 
   assert.deepEqual(later.map(([data]) => data), ["one"]);
   assert.deepEqual(again.map(([data]) => data), ["two"]);
+  assert.deepEqual(seen.states, ["connecting", "connected"]);
+});
+
+it("retries a channel denied as unavailable while the broker is down, and keeps its handlers", async (t) => {
+  await server.setBroker(false);
+  t.after(() => server.setBroker(true));
+  const { bus, seen } = connect(t, { channels: ["chat:flaky"] });
+  const received = record(bus, "chat:flaky");
+  await until(() => seen.denied.length >= 2, "the denial, and a retry denied too");
+  assert.ok(seen.denied.every(([channel, reason]) => channel === "chat:flaky" && reason === "unavailable"));
+  assert.equal(bus.state, "connected");
+
+  await server.setBroker(true);
+  await server.untilSubscribers("chat:flaky", 1);
+  await server.publish("chat:flaky", "back");
+  await until(() => received.length === 1, "a message once the broker is back");
+  assert.deepEqual(received[0][0], "back");
   assert.deepEqual(seen.states, ["connecting", "connected"]);
 });
 
