@@ -38,6 +38,7 @@ setup(
             "redis>=5.2",
             "prometheus-client>=0.20",
             "playwright>=1.50",
+            "wheel",  # builds the wheel in tests/test_packaging.py (setuptools < 70.1)
         ],
     },
     classifiers=[

@@ -18,7 +18,8 @@ export declare const CloseCodes: Readonly<{
 export type WsBusState = "connecting" | "connected" | "disconnected" | "closed";
 
 /** Why the server refused or dropped a channel. */
-export type DenyReason = "forbidden" | "invalid" | "limit" | "revoked";
+/** Why a channel was refused; all but "unavailable" are final (the client drops the channel). */
+export type DenyReason = "forbidden" | "invalid" | "limit" | "revoked" | "unavailable";
 
 /** Where a message sits in its channel's history. */
 export interface MessageMeta {

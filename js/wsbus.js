@@ -58,6 +58,7 @@ export class WsBus {
     this._wanted = new Set(); // channels the app wants, whatever the connection does
     this._requested = new Set(); // channels asked of the current connection
     this._positions = new Map(); // channel -> {offset, epoch}: where to recover from
+    this._unavailable = new Set(); // channels the server could not subscribe yet: asked again on a timer
     for (const channel of options.channels ?? []) this._wanted.add(channel);
 
     this._ws = null;
@@ -65,9 +66,11 @@ export class WsBus {
     this._isWelcomed = false;
     this._attempt = 0; // backoff attempts since the last welcome
     this._refreshAttempt = 0;
+    this._resubscribeAttempt = 0; // retries of channels denied as "unavailable"
     this._hasRetriedUnauthorized = false;
     this._reconnectTimer = null;
     this._refreshTimer = null;
+    this._resubscribeTimer = null;
     this._isStarted = false;
     this._isClosed = false;
     this._onOnline = () => this._handleOnline();
@@ -250,6 +253,8 @@ export class WsBus {
     this._isWelcomed = false;
     this._requested = new Set();
     this._clearRefreshTimer();
+    this._unavailable.clear(); // the next connect frame asks for every wanted channel
+    this._clearResubscribeTimer();
     const ws = this._ws;
     this._ws = null;
     if (!ws) return;
@@ -322,6 +327,7 @@ export class WsBus {
     const denied = frame.denied ?? {};
     const positions = frame.positions ?? {};
     const recovered = frame.recovered ?? {};
+    if (!Object.values(denied).includes("unavailable")) this._resubscribeAttempt = 0; // the broker answers again
     for (const channel of Object.keys(denied)) this._deny(channel, denied[channel]);
     for (const channel of Object.keys(positions)) {
       if (!this._wanted.has(channel) || channel in recovered) continue;
@@ -371,16 +377,34 @@ export class WsBus {
     this._emit("message", channel, frame.data, meta);
   }
 
-  /** Stops asking for `channel` and tells the app why, once. */
+  /** Stops asking for `channel` and tells the app why, once; "unavailable" is retried instead. */
   _deny(channel, reason) {
     this._requested.delete(channel); // the server does not hold it; never unsubscribe it
     if (!this._wanted.has(channel)) return;
-    this._forget(channel);
+    if (reason === "unavailable") {
+      // The server's broker is down: keep the channel, its handlers and position, ask again later.
+      this._unavailable.add(channel);
+      this._scheduleResubscribe();
+    } else {
+      this._forget(channel);
+    }
     this._emit("denied", channel, reason);
+  }
+
+  /** Asks again, after the next backoff delay, for the channels the server could not subscribe. */
+  _scheduleResubscribe() {
+    if (this._resubscribeTimer !== null) return;
+    this._resubscribeAttempt += 1;
+    this._resubscribeTimer = this._timers.setTimeout(() => {
+      this._resubscribeTimer = null;
+      this._unavailable.clear();
+      this._sync(); // a subscribe frame for every wanted channel the server does not hold
+    }, this._backoffDelay(this._resubscribeAttempt));
   }
 
   _forget(channel) {
     this._wanted.delete(channel);
+    this._unavailable.delete(channel);
     this._handlers.delete(channel);
     this._positions.delete(channel);
   }
@@ -398,7 +422,9 @@ export class WsBus {
   /** Brings the server's subscriptions in line with what the app wants (only once welcomed). */
   _sync() {
     if (!this._isWelcomed) return; // the connect frame carries everything
-    const added = [...this._wanted].filter((channel) => !this._requested.has(channel));
+    const added = [...this._wanted].filter(
+      (channel) => !this._requested.has(channel) && !this._unavailable.has(channel),
+    );
     const removed = [...this._requested].filter((channel) => !this._wanted.has(channel));
     if (removed.length) {
       for (const channel of removed) this._requested.delete(channel);
@@ -498,6 +524,11 @@ export class WsBus {
   _clearReconnectTimer() {
     if (this._reconnectTimer !== null) this._timers.clearTimeout(this._reconnectTimer);
     this._reconnectTimer = null;
+  }
+
+  _clearResubscribeTimer() {
+    if (this._resubscribeTimer !== null) this._timers.clearTimeout(this._resubscribeTimer);
+    this._resubscribeTimer = null;
   }
 
   _clearRefreshTimer() {

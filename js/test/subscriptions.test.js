@@ -206,3 +206,63 @@ test("an unreadable frame is reported; pong and unknown frame types are ignored"
   assert.equal(h.bus.state, "connected");
   await settle();
 });
+
+test("a channel denied as unavailable keeps its handlers and position and is asked for again after backoff", async () => {
+  const h = harness({ channels: ["a", "b"] });
+  const seen = [];
+  h.bus.subscribe("b", (data) => seen.push(data));
+  await h.connect({ subscribed: ["a"], denied: { b: "unavailable" }, positions: { a: { offset: 0, epoch: "e1" } } });
+  assert.deepEqual(h.log.denied, [["b", "unavailable"]]);
+  assert.deepEqual(h.clock.pendingDelays().filter((delay) => delay === 750), [750]); // 500 + 0.5 * (1000 - 500)
+
+  await h.clock.advance(749);
+  assert.deepEqual(h.socket.framesOfType("subscribe"), []);
+  await h.clock.advance(1);
+  assert.deepEqual(h.socket.framesOfType("subscribe"), [{ type: "subscribe", channels: ["b"] }]);
+
+  h.socket.receive({ type: "subscribed", subscribed: ["b"], denied: {}, recovered: {}, positions: { b: { offset: 4, epoch: "e1" } } });
+  h.socket.receive(message("b", 5, "back"));
+  assert.deepEqual(seen, ["back"]);
+  assert.deepEqual(h.log.errors, []);
+});
+
+test("retries of an unavailable channel back off, send since, and reset once the server subscribes", async () => {
+  const h = harness({ channels: ["b"] });
+  await h.connect();
+  h.socket.receive(message("b", 8, "seen"));
+  h.socket.drop(1006);
+  await h.clock.advance(750);
+  await h.open();
+  h.welcome({ subscribed: [], denied: { b: "unavailable" }, recovered: {} });
+  const unavailable = { type: "subscribed", subscribed: [], denied: { b: "unavailable" }, recovered: {}, positions: {} };
+
+  await h.clock.advance(750); // attempt 1: 500 + 0.5 * (1000 - 500)
+  assert.deepEqual(h.socket.framesOfType("subscribe"), [
+    { type: "subscribe", channels: ["b"], since: { b: { offset: 8, epoch: "e1" } } },
+  ]);
+  h.socket.receive(unavailable);
+  await h.clock.advance(1249);
+  assert.equal(h.socket.framesOfType("subscribe").length, 1);
+  await h.clock.advance(1); // attempt 2: 500 + 0.5 * (2000 - 500)
+  assert.equal(h.socket.framesOfType("subscribe").length, 2);
+
+  h.socket.receive({ type: "subscribed", subscribed: ["b"], denied: {}, recovered: { b: true }, positions: {} });
+  h.socket.receive(unavailable); // down again: back to attempt 1
+  await h.clock.advance(750);
+  assert.equal(h.socket.framesOfType("subscribe").length, 3);
+  assert.deepEqual(h.log.denied, [["b", "unavailable"], ["b", "unavailable"], ["b", "unavailable"]]);
+});
+
+test("a reconnect asks for unavailable channels in its connect frame and cancels the pending retry", async () => {
+  const h = harness({ channels: ["a", "b"] });
+  await h.connect({ subscribed: ["a"], denied: { b: "unavailable" } });
+  h.socket.drop(1006);
+  await h.clock.advance(750); // the reconnect's backoff; the retry timer is gone
+  const hello = await h.open();
+  assert.deepEqual(hello.channels, ["a", "b"]);
+  h.welcome();
+  await h.clock.advance(60000);
+  assert.deepEqual(h.socket.framesOfType("subscribe"), []);
+  h.bus.close();
+  assert.deepEqual(h.clock.pendingDelays(), []);
+});

@@ -1,0 +1,322 @@
+// WsBus against a real aiohttp server with the plugin (tests/js_server.py, a Python
+// subprocess): real sockets, real tokens, real close codes, real recovery.
+//
+// Needs Python with aiohttp_wsbus installed (WSBUS_PYTHON, else ../.venv/bin/python)
+// and Node's WebSocket (`node --experimental-websocket` on Node 20; `npm test` passes
+// it). Without them the tests are skipped, unless WSBUS_PYTHON is set (as in CI),
+// where that is a failure.
+
+import { after, before, test } from "node:test";
+import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
+import { existsSync } from "node:fs";
+import { dirname, join } from "node:path";
+import { createInterface } from "node:readline";
+import { fileURLToPath } from "node:url";
+import { WsBus } from "../wsbus.js";
+
+const REPO = join(dirname(fileURLToPath(import.meta.url)), "..", "..");
+const WAIT = 5000; // ms any single wait may take
+const FAST = { minReconnectDelay: 20, maxReconnectDelay: 100 };
+
+function findPython() {
+  if (process.env.WSBUS_PYTHON) return process.env.WSBUS_PYTHON;
+  const venv = join(REPO, ".venv", "bin", "python");
+  return existsSync(venv) ? venv : null;
+}
+
+const python = findPython();
+const missing = !python
+  ? "no Python with aiohttp_wsbus (set WSBUS_PYTHON)"
+  : typeof globalThis.WebSocket !== "function"
+    ? "no global WebSocket: run with node --experimental-websocket (npm test does)"
+    : null;
+if (missing && process.env.WSBUS_PYTHON) {
+  throw new Error(`integration tests are required but ${missing}`);
+}
+const it = (name, fn) => test(name, { skip: missing ?? false, timeout: 30000 }, fn);
+
+/** Resolves when `condition()` holds (checked every 5 ms); rejects after `ms`. */
+async function until(condition, what, ms = WAIT) {
+  const deadline = Date.now() + ms;
+  while (!condition()) {
+    if (Date.now() > deadline) throw new Error(`timed out after ${ms} ms waiting for ${what}`);
+    await new Promise((resolve) => setTimeout(resolve, 5));
+  }
+}
+
+/** The Python server: started once for this file, killed in after(). */
+class Server {
+  async start() {
+    this.process = spawn(python, ["-m", "tests.js_server"], {
+      cwd: REPO,
+      stdio: ["pipe", "pipe", "inherit"], // its stdin closing stops it too
+    });
+    const exited = new Promise((_, reject) => {
+      this.process.once("exit", (code) => reject(new Error(`server exited early (${code})`)));
+    });
+    const lines = createInterface({ input: this.process.stdout });
+    const ready = new Promise((resolve) => lines.once("line", resolve));
+    let timer;
+    const timeout = new Promise((_, reject) => {
+      timer = setTimeout(() => reject(new Error("server did not start in time")), 15000);
+    });
+    try {
+      const { port, api_key: apiKey } = JSON.parse(await Promise.race([ready, exited, timeout]));
+      this.base = `http://127.0.0.1:${port}`;
+      this.apiKey = apiKey;
+    } finally {
+      clearTimeout(timer);
+      exited.catch(() => {}); // once started, an exit is stop()'s business
+    }
+  }
+
+  async stop() {
+    const child = this.process;
+    if (!child || child.exitCode !== null || child.signalCode !== null) return;
+    const gone = new Promise((resolve) => child.once("exit", resolve));
+    child.kill("SIGTERM");
+    const timer = setTimeout(() => child.kill("SIGKILL"), 5000);
+    await gone;
+    clearTimeout(timer);
+  }
+
+  async post(path, body, headers = {}) {
+    const response = await fetch(this.base + path, {
+      method: "POST",
+      headers: { "Content-Type": "application/json", ...headers },
+      body: JSON.stringify(body ?? {}),
+      signal: AbortSignal.timeout(WAIT),
+    });
+    const answer = await response.json();
+    assert.ok(response.ok, `${path} answered ${response.status}: ${JSON.stringify(answer)}`);
+    return answer;
+  }
+
+  token(claims = {}) {
+    return this.post("/test/token", claims);
+  }
+
+  publish(channel, data) {
+    return this.post("/ws/emit", { channel, data }, { "X-API-Key": this.apiKey });
+  }
+
+  kill() {
+    return this.post("/test/kill");
+  }
+
+  setBroker(available) {
+    return this.post("/test/broker", { available });
+  }
+
+  async subscribers(channel) {
+    const response = await fetch(`${this.base}/test/subscribers/${channel}`, {
+      signal: AbortSignal.timeout(WAIT),
+    });
+    return (await response.json()).count;
+  }
+
+  /** Resolves once `count` sockets are subscribed to `channel` on the server. */
+  async untilSubscribers(channel, count) {
+    const deadline = Date.now() + WAIT;
+    while ((await this.subscribers(channel)) !== count) {
+      if (Date.now() > deadline) throw new Error(`timed out waiting for ${count} on ${channel}`);
+      await new Promise((resolve) => setTimeout(resolve, 10));
+    }
+  }
+}
+
+const server = new Server();
+before(async () => {
+  if (!missing) await server.start();
+});
+after(() => server.stop());
+
+/** A WsBus on the server that records what it sees; closed when the test ends. */
+function connect(t, { claims = {}, hold = async () => {}, ...options } = {}) {
+  const seen = { states: [], denied: [], errors: [], recovered: [], tokens: [] };
+  const bus = new WsBus(server.base + "/ws", {
+    ...FAST,
+    getToken: async () => {
+      await hold(); // lets a test keep the client disconnected
+      const { token, expires_at: expiresAt } = await server.token(claims);
+      seen.tokens.push(expiresAt);
+      return token;
+    },
+    ...options,
+    autoConnect: false, // listen first, then connect
+  });
+  bus.on("state", (state) => seen.states.push(state));
+  bus.on("denied", (channel, reason) => seen.denied.push([channel, reason]));
+  bus.on("error", (error) => seen.errors.push(error));
+  bus.on("recovered", (channel, ok) => seen.recovered.push([channel, ok]));
+  t.after(() => bus.close());
+  bus.connect();
+  return { bus, seen };
+}
+
+/** Subscribes a handler that records [data, meta] pairs. */
+function record(bus, channel) {
+  const received = [];
+  bus.subscribe(channel, (data, meta) => received.push([data, meta]));
+  return received;
+}
+
+it("receives a published message on its channel, and nothing from other channels", async (t) => {
+  const { bus, seen } = connect(t);
+  const a = record(bus, "chat:a");
+  const b = record(bus, "chat:b");
+  await until(() => bus.state === "connected", "connected");
+
+  const published = await server.publish("chat:b", { text: "to b" });
+  await server.publish("chat:other", "granted but not subscribed");
+  await server.publish("chat:a", { text: "to a" });
+  await until(() => a.length === 1 && b.length === 1, "one message on each channel");
+
+  const [{ offset, epoch }] = published.published;
+  assert.deepEqual(b, [[{ text: "to b" }, { channel: "chat:b", offset, epoch, recovered: false }]]);
+  assert.deepEqual(a[0][0], { text: "to a" });
+  // A later message on chat:a arrives after anything else would have: nothing more came.
+  await server.publish("chat:a", "last");
+  await until(() => a.length === 2, "the last message");
+  assert.equal(b.length, 1);
+  assert.deepEqual(seen.errors, []);
+});
+
+it("reports a channel the token does not grant as denied, and still serves the others", async (t) => {
+  const { bus, seen } = connect(t, { channels: ["chat:ok", "secret:x"] });
+  const ok = record(bus, "chat:ok");
+  const secret = record(bus, "secret:x");
+  await until(() => seen.denied.length === 1, "the denial");
+
+  assert.deepEqual(seen.denied, [["secret:x", "forbidden"]]);
+  await server.publish("secret:x", "not for alice");
+  await server.publish("chat:ok", "for alice");
+  await until(() => ok.length === 1, "the granted channel's message");
+  assert.deepEqual(secret, []);
+  assert.equal(bus.state, "connected");
+});
+
+it("refreshes a short-lived token on the live socket before the server would close it", async (t) => {
+  // exp is 2 s away and the server allows no leeway: without a refresh it closes with 4001.
+  const { bus, seen } = connect(t, { claims: { exp_in: 2 }, refreshBefore: 1 });
+  const received = record(bus, "chat:refresh");
+  await until(() => bus.state === "connected", "connected");
+  const firstExpiry = seen.tokens[0];
+
+  await until(
+    () => Date.now() / 1000 > firstExpiry + 0.5 && seen.tokens.length >= 2,
+    "the first token's expiry to pass",
+  );
+  await server.publish("chat:refresh", "still here");
+  await until(() => received.length === 1, "a message after the first token expired");
+
+  assert.deepEqual(seen.states, ["connecting", "connected"]); // never dropped
+  assert.deepEqual(seen.errors, []);
+});
+
+it("recovers after the server drops the socket: every message once, in order", async (t) => {
+  let gate = null; // while set, getToken waits on it: the client stays disconnected
+  const { bus, seen } = connect(t, { hold: () => gate?.promise });
+  const received = record(bus, "chat:recover");
+  await until(() => bus.state === "connected", "connected");
+
+  for (let n = 1; n <= 3; n++) await server.publish("chat:recover", n);
+  await until(() => received.length === 3, "the live messages");
+
+  gate = deferred();
+  assert.equal((await server.kill()).killed, 1);
+  await until(() => seen.states.includes("disconnected"), "the drop to be noticed");
+  for (let n = 4; n <= 23; n++) await server.publish("chat:recover", n);
+  // A publisher keeps going through the reconnect.
+  const publisher = (async () => {
+    for (let n = 24; n <= 43; n++) await server.publish("chat:recover", n);
+  })();
+  gate.resolve();
+  await publisher;
+  await until(() => received.length >= 43, "all 43 messages");
+  await server.publish("chat:recover", 44);
+  await until(() => received.length >= 44, "the last live message");
+
+  const values = received.map(([data]) => data);
+  assert.deepEqual(values, Array.from({ length: 44 }, (_, i) => i + 1));
+  const offsets = received.map(([, meta]) => meta.offset);
+  assert.deepEqual(offsets, Array.from({ length: 44 }, (_, i) => offsets[0] + i));
+  assert.equal(new Set(received.map(([, meta]) => meta.epoch)).size, 1);
+  const recovered = received.filter(([, meta]) => meta.recovered).map(([data]) => data);
+  for (let n = 4; n <= 23; n++) assert.ok(recovered.includes(n), `message ${n} was replayed`);
+  assert.ok(!recovered.some((n) => n <= 3 || n === 44), `only missed messages replayed: ${recovered}`);
+  assert.deepEqual(seen.recovered, [["chat:recover", true]]);
+  assert.deepEqual(
+    seen.states,
+    ["connecting", "connected", "disconnected", "connecting", "connected"],
+  );
+});
+
+it("recovers a channel it had seen nothing on yet, from the welcome's position", async (t) => {
+  let gate = null;
+  const { bus, seen } = connect(t, { hold: () => gate?.promise });
+  const received = record(bus, "chat:quiet");
+  await until(() => bus.state === "connected", "connected");
+
+  gate = deferred();
+  assert.equal((await server.kill()).killed, 1);
+  await until(() => seen.states.includes("disconnected"), "the drop to be noticed");
+  for (let n = 1; n <= 3; n++) await server.publish("chat:quiet", n);
+  gate.resolve();
+  await until(() => received.length === 3, "the three missed messages");
+
+  assert.deepEqual(
+    received.map(([data, meta]) => [data, meta.offset, meta.recovered]),
+    [[1, 1, true], [2, 2, true], [3, 3, true]],
+  );
+  assert.deepEqual(seen.recovered, [["chat:quiet", true]]);
+});
+
+it("subscribes and unsubscribes on a live connection", async (t) => {
+  const { bus, seen } = connect(t, { channels: ["chat:always"] });
+  const always = record(bus, "chat:always");
+  await until(() => bus.state === "connected", "connected");
+
+  const later = record(bus, "chat:later"); // a subscribe frame on the open socket
+  await server.untilSubscribers("chat:later", 1);
+  await server.publish("chat:later", "one");
+  await until(() => later.length === 1, "the first message on the new channel");
+
+  bus.unsubscribe("chat:later");
+  await server.untilSubscribers("chat:later", 0);
+  await server.publish("chat:later", "not delivered");
+  await server.publish("chat:always", "marker");
+  await until(() => always.length === 1, "a message on the channel still joined");
+  const again = record(bus, "chat:later");
+  await server.untilSubscribers("chat:later", 1);
+  await server.publish("chat:later", "two");
+  await until(() => again.length === 1, "a message after joining again");
+
+  assert.deepEqual(later.map(([data]) => data), ["one"]);
+  assert.deepEqual(again.map(([data]) => data), ["two"]);
+  assert.deepEqual(seen.states, ["connecting", "connected"]);
+});
+
+it("retries a channel denied as unavailable while the broker is down, and keeps its handlers", async (t) => {
+  await server.setBroker(false);
+  t.after(() => server.setBroker(true));
+  const { bus, seen } = connect(t, { channels: ["chat:flaky"] });
+  const received = record(bus, "chat:flaky");
+  await until(() => seen.denied.length >= 2, "the denial, and a retry denied too");
+  assert.ok(seen.denied.every(([channel, reason]) => channel === "chat:flaky" && reason === "unavailable"));
+  assert.equal(bus.state, "connected");
+
+  await server.setBroker(true);
+  await server.untilSubscribers("chat:flaky", 1);
+  await server.publish("chat:flaky", "back");
+  await until(() => received.length === 1, "a message once the broker is back");
+  assert.deepEqual(received[0][0], "back");
+  assert.deepEqual(seen.states, ["connecting", "connected"]);
+});
+
+function deferred() {
+  let resolve;
+  const promise = new Promise((r) => (resolve = r));
+  return { promise, resolve };
+}

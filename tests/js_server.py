@@ -1,0 +1,183 @@
+"""A real bus for the JS client's Node integration tests: `python -m tests.js_server`.
+
+Listens on free loopback ports and prints one JSON line when ready:
+`{"port": P, "api_key": K}`. On port P:
+
+- `{base_path}` (`/ws`): the bus itself (MemoryBroker, `leeway=0` so short-lived
+  tokens really expire), with `api_key` accepted by `POST /ws/emit`;
+- `POST /test/token` `{"sub", "channels", "publish", "exp_in"}` (all optional):
+  mints a token the bus accepts, answers `{"token": T, "expires_at": EXP}`;
+- `POST /test/kill`: aborts every bus socket's transport (a network drop, no
+  close frame), answers `{"killed": N}`;
+- `POST /test/broker` `{"available": false}`: subscribing to a channel then
+  fails as `unavailable` (as with a Redis broker that is down), until `true`;
+- `GET /test/subscribers/{channel}`: `{"count": N}`, the sockets subscribed to it.
+
+The JWKS the bus verifies with is served on a second port. The process stops
+on SIGTERM or SIGINT, or when its standard input closes (so it never outlives
+the test run that started it). Test-only: it mints tokens for anyone who asks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import signal
+import sys
+import time
+from typing import Any, Final
+
+import jwt
+from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric import rsa
+from jwt.algorithms import RSAAlgorithm
+
+import aiohttp_wsbus
+
+HOST: Final = "127.0.0.1"
+ISSUER: Final = "https://idp.test/"
+AUDIENCE: Final = "wsbus"
+KEY_ID: Final = "js-test-key"
+
+
+class SwitchableBroker(aiohttp_wsbus.MemoryBroker):
+    """A MemoryBroker the tests can take down: subscribing then fails as unavailable."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.is_down = False
+
+    @property
+    def is_available(self) -> bool:
+        return not self.is_down
+
+    async def subscribe(self, channel: str) -> None:
+        if self.is_down:
+            raise aiohttp_wsbus.BrokerUnavailable("taken down by the test")
+        await super().subscribe(channel)
+
+
+class TokenMinter:
+    """Signs tokens for the bus with a key made at start."""
+
+    def __init__(self) -> None:
+        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+    def jwks(self) -> dict[str, Any]:
+        jwk: dict[str, Any] = RSAAlgorithm.to_jwk(self.key.public_key(), as_dict=True)
+        jwk["kid"] = KEY_ID
+        return {"keys": [jwk]}
+
+    def mint(
+        self, sub: str, channels: list[str], publish: list[str], exp_in: int
+    ) -> tuple[str, int]:
+        now = int(time.time())
+        claims = {
+            "sub": sub,
+            "iss": ISSUER,
+            "aud": AUDIENCE,
+            "iat": now,
+            "exp": now + exp_in,
+            "channels": channels,
+            "publish": publish,
+        }
+        token = jwt.encode(claims, self.key, algorithm="RS256", headers={"kid": KEY_ID})
+        return token, now + exp_in
+
+
+def jwks_app(minter: TokenMinter) -> web.Application:
+    async def jwks(request: web.Request) -> web.Response:
+        return web.json_response(minter.jwks())
+
+    app = web.Application()
+    app.router.add_get("/jwks.json", jwks)
+    return app
+
+
+def bus_app(minter: TokenMinter, jwks_url: str, api_key: str) -> web.Application:
+    app = web.Application()
+    broker = SwitchableBroker()
+    bus = aiohttp_wsbus.setup(
+        app,
+        broker=broker,
+        jwks_url=jwks_url,
+        issuer=ISSUER,
+        audience=AUDIENCE,
+        api_keys=[api_key],
+        leeway=0,
+        close_timeout=1.0,
+    )
+
+    async def token(request: web.Request) -> web.Response:
+        body: dict[str, Any] = await request.json() if request.can_read_body else {}
+        minted, expires_at = minter.mint(
+            str(body.get("sub", "alice")),
+            list(body.get("channels", ["chat:*"])),
+            list(body.get("publish", [])),
+            int(body.get("exp_in", 300)),
+        )
+        return web.json_response({"token": minted, "expires_at": expires_at})
+
+    async def kill(request: web.Request) -> web.Response:
+        connections = list(bus.connections)
+        for connection in connections:
+            connection.transport.abort()
+        return web.json_response({"killed": len(connections)})
+
+    async def subscribers(request: web.Request) -> web.Response:
+        count = len(bus.registry.subscribers(request.match_info["channel"]))
+        return web.json_response({"count": count})
+
+    async def broker_state(request: web.Request) -> web.Response:
+        broker.is_down = not (await request.json())["available"]
+        return web.json_response({"available": broker.is_available})
+
+    app.router.add_post("/test/token", token)
+    app.router.add_post("/test/broker", broker_state)
+    app.router.add_post("/test/kill", kill)
+    app.router.add_get("/test/subscribers/{channel}", subscribers)
+    return app
+
+
+async def start(app: web.Application) -> tuple[web.AppRunner, int]:
+    runner = web.AppRunner(app, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, HOST, 0)
+    await site.start()
+    port: int = runner.addresses[0][1]
+    return runner, port
+
+
+async def wait_for_stdin_eof() -> None:
+    reader = asyncio.StreamReader()
+    loop = asyncio.get_running_loop()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while await reader.read(4096):
+        pass
+
+
+async def main() -> None:
+    minter = TokenMinter()
+    api_key = secrets.token_urlsafe(24)
+    jwks_runner, jwks_port = await start(jwks_app(minter))
+    jwks_url = f"http://{HOST}:{jwks_port}/jwks.json"
+    bus_runner, port = await start(bus_app(minter, jwks_url, api_key))
+    print(json.dumps({"port": port, "api_key": api_key}), flush=True)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    stdin_closed = asyncio.create_task(wait_for_stdin_eof())
+    stdin_closed.add_done_callback(lambda _: stop.set())
+    try:
+        await stop.wait()
+    finally:
+        stdin_closed.cancel()
+        await bus_runner.cleanup()
+        await jwks_runner.cleanup()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
