@@ -1,0 +1,98 @@
+"""The demo identity provider: an RSA key made at start, its JWKS, and tokens for a user name.
+
+In a real deployment this is your identity provider (Keycloak, Auth0, ...): the bus only
+needs its JWKS URL, and your back end hands the browser a token whose `channels` claim
+lists what the user may subscribe to.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from collections.abc import Collection
+from dataclasses import dataclass
+from typing import Any, Final
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric import rsa
+from jwt.algorithms import RSAAlgorithm
+
+__all__ = ["AUDIENCE", "IdentityProvider", "IssuedToken", "check_user_name"]
+
+AUDIENCE: Final = "wsbus"
+LOBBY: Final = "chat:lobby"
+STAFF_ROOM: Final = "chat:staff"
+
+# User names become channel names (user:NAME), so they are kept to a safe alphabet.
+_USER_NAME_RE: Final = re.compile(r"[a-z0-9_-]{1,32}")
+
+
+def check_user_name(name: object) -> str:
+    """Return `name` if it is a valid user name; raise ValueError saying why not."""
+    if not isinstance(name, str) or _USER_NAME_RE.fullmatch(name) is None:
+        raise ValueError("user names are 1 to 32 characters from a-z, 0-9, _ and -")
+    return name
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedToken:
+    """A signed token and what it says, for the login response."""
+
+    token: str
+    user: str
+    expires_at: int
+    channels: list[str]
+    is_staff: bool
+
+
+class IdentityProvider:
+    """Signs RS256 tokens for any valid user name; staff also get the staff room."""
+
+    def __init__(
+        self, issuer: str, *, staff: Collection[str] = (), token_lifetime: int = 120
+    ) -> None:
+        for name in staff:
+            check_user_name(name)
+        if token_lifetime < 1:
+            raise ValueError("token_lifetime must be at least 1 second")
+        self.issuer = issuer
+        self.staff = frozenset(staff)
+        self.token_lifetime = token_lifetime
+        self.key_id = secrets.token_hex(8)
+        self._private_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+    def jwks(self) -> dict[str, Any]:
+        """The public key set, as served at /.well-known/jwks.json."""
+        jwk: dict[str, Any] = RSAAlgorithm.to_jwk(self._private_key.public_key(), as_dict=True)
+        jwk.update(kid=self.key_id, alg="RS256", use="sig")
+        return {"keys": [jwk]}
+
+    def channels_for(self, user: str) -> list[str]:
+        """The channels `user` may subscribe to: the grants the bus enforces."""
+        channels = [LOBBY, f"user:{user}"]
+        if user in self.staff:
+            channels.append(STAFF_ROOM)
+        return channels
+
+    def issue(self, user: str) -> IssuedToken:
+        """A fresh token for `user` (raises ValueError for a bad name)."""
+        check_user_name(user)
+        now = int(time.time())
+        expires_at = now + self.token_lifetime
+        channels = self.channels_for(user)
+        claims = {
+            "sub": user,
+            "iss": self.issuer,
+            "aud": AUDIENCE,
+            "iat": now,
+            "exp": expires_at,
+            "channels": channels,
+            # Browsers post through /send, which stamps the verified sender on each
+            # message, so their tokens grant no direct publishing on /ws/emit.
+            "publish": [],
+        }
+        token = jwt.encode(
+            claims, self._private_key, algorithm="RS256", headers={"kid": self.key_id}
+        )
+        return IssuedToken(token, user, expires_at, channels, user in self.staff)

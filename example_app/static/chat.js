@@ -1,0 +1,440 @@
+// The example chat page: signs in through the demo identity provider, joins rooms over
+// the bus with the token, and shows what the bus grants and refuses.
+import { WsBus } from "/ws/wsbus.js";
+
+const DIRECT = "direct"; // the view holding user:NAME, the signed-in user's own channel
+const NOTICE_TEXT = "Order #1042 shipped: emitted by a back end through POST /ws/emit";
+
+const DENIAL_EXPLANATIONS = {
+  forbidden: (channel) => `Your token's channels claim does not grant ${channel}.`,
+  revoked: (channel) => `Your renewed token no longer grants ${channel}.`,
+};
+
+const $ = (id) => document.getElementById(id);
+
+const session = {
+  user: null,
+  token: null,
+  rooms: [],
+  bus: null,
+  hasConnected: false, // distinguishes "connecting" from "reconnecting"
+  active: null,
+  views: new Map(), // view -> { list, unread, status, reason }
+  clockTimer: null,
+  expiresAt: 0,
+};
+
+// -- identity -----------------------------------------------------------------
+
+async function login(user) {
+  const response = await fetch("/login", {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ user }),
+  });
+  const body = await response.json().catch(() => ({}));
+  if (!response.ok) throw new Error(describeError(body, response.status));
+  return body;
+}
+
+/** Signs in again as the same user: after a server restart only a new token verifies. */
+async function getToken() {
+  const answer = await login(session.user);
+  showToken(answer);
+  return answer.token;
+}
+
+function describeError(body, status) {
+  const fields = body && body.fields;
+  if (fields) {
+    const first = Object.values(fields).flat()[0];
+    if (first) return String(first);
+  }
+  if (body && body.error) return `${body.error.replaceAll("_", " ")} (HTTP ${status})`;
+  return `request failed (HTTP ${status})`;
+}
+
+// -- signing in and out ---------------------------------------------------------
+
+async function signIn(event) {
+  event?.preventDefault();
+  const name = $("signin-name").value.trim().toLowerCase();
+  $("signin-error").textContent = "";
+  $("signin-button").disabled = true;
+  try {
+    const answer = await login(name);
+    sessionStorage.setItem("wsbus-example-user", answer.user);
+    startChat(answer);
+  } catch (error) {
+    $("signin-error").textContent = error.message;
+  } finally {
+    $("signin-button").disabled = false;
+  }
+}
+
+function signOut() {
+  session.bus?.close();
+  clearInterval(session.clockTimer);
+  sessionStorage.removeItem("wsbus-example-user");
+  location.reload();
+}
+
+function startChat(answer) {
+  session.user = answer.user;
+  session.rooms = answer.rooms;
+  showToken(answer);
+  $("signin").hidden = true;
+  $("chat").hidden = false;
+  $("me-name").textContent = answer.user;
+  $("me-role").textContent = answer.is_staff ? "Staff" : "Member";
+  paintAvatar($("me-avatar"), answer.user);
+  buildViews();
+  select(session.rooms[0].channel);
+  session.clockTimer = setInterval(showExpiry, 1000);
+  connect(answer.token);
+}
+
+// -- the bus ----------------------------------------------------------------
+
+function connect(firstToken) {
+  let pending = firstToken; // the sign-in token serves the first connect
+  const bus = new WsBus("/ws", {
+    autoConnect: false,
+    getToken: () => {
+      if (pending) {
+        const token = pending;
+        pending = null;
+        return token;
+      }
+      return getToken();
+    },
+  });
+  session.bus = bus;
+  bus.on("state", (state) => {
+    if (state === "connected") {
+      session.hasConnected = true;
+      // Until the bus says otherwise (a "denied" event right after this), we are in.
+      for (const room of session.rooms) {
+        if (view(room.channel).status === "joining") setStatus(room.channel, "joined");
+      }
+    }
+    showState(state);
+  });
+  bus.on("denied", (channel, reason) => setStatus(viewOf(channel), "denied", reason));
+  bus.on("recovered", (channel, ok) => {
+    if (!ok) addNote(viewOf(channel), "Reconnected. Messages sent while you were away could not be replayed.");
+  });
+  bus.on("error", (error) => console.warn("wsbus:", error.message));
+  // Ask for every room, granted or not: the bus decides, and the page shows its answer.
+  for (const room of session.rooms) {
+    bus.subscribe(room.channel, (data, meta) => addMessage(room.channel, data, meta));
+  }
+  bus.subscribe(`user:${session.user}`, (data, meta) => addMessage(DIRECT, data, meta));
+  bus.connect();
+}
+
+function viewOf(channel) {
+  return channel === `user:${session.user}` ? DIRECT : channel;
+}
+
+function showState(state) {
+  let shown = state;
+  if (state === "disconnected" || state === "connecting") {
+    shown = session.hasConnected ? "reconnecting" : "connecting";
+  } else if (state === "closed") {
+    shown = "offline";
+  }
+  const labels = {
+    connecting: "Connecting",
+    connected: "Connected",
+    reconnecting: "Reconnecting",
+    offline: "Offline",
+  };
+  $("badge").dataset.state = shown;
+  $("badge-text").textContent = labels[shown];
+}
+
+// -- views ------------------------------------------------------------------
+
+function buildViews() {
+  const nav = $("rooms");
+  for (const room of session.rooms) {
+    const item = document.createElement("li");
+    item.innerHTML = `
+      <button type="button" class="nav-item" data-view="">
+        <span class="nav-icon" aria-hidden="true">#</span>
+        <span class="nav-title"></span>
+        <span class="unread" hidden></span>
+        <span class="status" data-status="joining">joining</span>
+      </button>`;
+    const button = item.querySelector("button");
+    button.dataset.view = room.channel;
+    button.dataset.channel = room.channel;
+    item.querySelector(".nav-title").textContent = room.title;
+    nav.append(item);
+    createView(room.channel);
+  }
+  createView(DIRECT).status = "joined";
+  for (const button of document.querySelectorAll(".nav-item")) {
+    button.addEventListener("click", () => select(button.dataset.view));
+  }
+}
+
+function createView(name) {
+  const list = document.createElement("ol");
+  list.className = "messages";
+  list.dataset.view = name;
+  list.hidden = true;
+  const empty = document.createElement("li");
+  empty.className = "empty";
+  empty.textContent = name === DIRECT ? "No direct messages yet." : "No messages yet. Say hello!";
+  list.append(empty);
+  $("views").append(list);
+  const state = { list, unread: 0, status: "joining", reason: null };
+  session.views.set(name, state);
+  return state;
+}
+
+function view(name) {
+  return session.views.get(name);
+}
+
+function select(name) {
+  session.active = name;
+  const state = view(name);
+  state.unread = 0;
+  for (const [other, { list }] of session.views) list.hidden = other !== name;
+  for (const button of document.querySelectorAll(".nav-item")) {
+    button.classList.toggle("active", button.dataset.view === name);
+  }
+  const room = session.rooms.find((r) => r.channel === name);
+  $("view-title").textContent = room ? `# ${room.title}` : "Direct messages";
+  $("view-about").textContent = room
+    ? `${room.channel} · ${room.about}`
+    : `user:${session.user} · only you can read this channel`;
+  $("composer-to").hidden = name !== DIRECT;
+  $("composer-text").placeholder = room ? `Message # ${room.title}` : "Write a direct message";
+  $("composer-error").textContent = "";
+  refreshView(name);
+  scrollDown(state.list);
+}
+
+function setStatus(name, status, reason = null) {
+  const state = view(name);
+  if (!state) return;
+  state.status = status;
+  state.reason = reason;
+  refreshView(name);
+}
+
+/** Repaints a view's nav entry, and the main panel when it is the active one. */
+function refreshView(name) {
+  const state = view(name);
+  const button = document.querySelector(`.nav-item[data-view="${CSS.escape(name)}"]`);
+  const badge = button.querySelector(".status");
+  if (badge) {
+    badge.dataset.status = state.status;
+    badge.textContent = state.status === "denied" ? "denied" : state.status;
+    badge.title = state.reason ? `refused by the bus: ${state.reason}` : "";
+  }
+  button.classList.toggle("denied", state.status === "denied");
+  const unread = button.querySelector(".unread");
+  unread.hidden = state.unread === 0;
+  unread.textContent = String(state.unread);
+  if (name !== session.active) return;
+  const isDenied = state.status === "denied";
+  $("denied-panel").hidden = !isDenied;
+  state.list.hidden = isDenied;
+  $("composer").hidden = isDenied;
+  $("denied-reason").textContent = state.reason ?? "";
+  $("denied-explanation").textContent = DENIAL_EXPLANATIONS[state.reason]?.(name) ?? "";
+}
+
+// -- messages -----------------------------------------------------------------
+
+function addMessage(name, data, meta) {
+  const message = data && typeof data === "object" ? data : { text: String(data) };
+  if (message.kind === "notice") {
+    append(name, noticeItem(message));
+  } else {
+    append(name, messageItem(message, meta));
+  }
+}
+
+function messageItem(message, meta) {
+  const isMine = message.from === session.user;
+  const item = document.createElement("li");
+  item.className = isMine ? "message mine" : "message";
+  item.dataset.from = message.from ?? "";
+  if (meta?.recovered) item.classList.add("recovered");
+  const avatar = document.createElement("span");
+  avatar.className = "avatar";
+  paintAvatar(avatar, message.from ?? "?");
+  const body = document.createElement("div");
+  body.className = "bubble";
+  const header = document.createElement("div");
+  header.className = "meta";
+  const author = document.createElement("strong");
+  author.textContent = isMine ? "you" : message.from;
+  header.append(author);
+  if (message.to) {
+    const to = document.createElement("span");
+    to.className = "to";
+    to.textContent = isMine ? `to ${message.to}` : "to you";
+    header.append(to);
+  }
+  const time = document.createElement("time");
+  time.textContent = clock(message.sent_at);
+  header.append(time);
+  const text = document.createElement("p");
+  text.className = "text";
+  text.textContent = message.text;
+  body.append(header, text);
+  item.append(avatar, body);
+  return item;
+}
+
+function noticeItem(message) {
+  const item = document.createElement("li");
+  item.className = "notice";
+  const label = document.createElement("span");
+  label.className = "notice-label";
+  label.textContent = "Back end";
+  const text = document.createElement("span");
+  text.className = "text";
+  text.textContent = message.text;
+  const time = document.createElement("time");
+  time.textContent = clock(message.sent_at);
+  item.append(label, text, time);
+  return item;
+}
+
+function addNote(name, text) {
+  const item = document.createElement("li");
+  item.className = "note";
+  item.textContent = text;
+  append(name, item, { isQuiet: true });
+}
+
+function append(name, item, { isQuiet = false } = {}) {
+  const state = view(name);
+  if (!state) return;
+  state.list.querySelector(".empty")?.remove();
+  const isAtBottom = state.list.scrollHeight - state.list.scrollTop - state.list.clientHeight < 40;
+  state.list.append(item);
+  if (name !== session.active && !isQuiet) {
+    state.unread += 1;
+    refreshView(name);
+  } else if (isAtBottom) {
+    scrollDown(state.list);
+  }
+}
+
+function scrollDown(list) {
+  list.scrollTop = list.scrollHeight;
+}
+
+// -- sending ------------------------------------------------------------------
+
+async function send(event) {
+  event.preventDefault();
+  const input = $("composer-text");
+  const text = input.value.trim();
+  if (!text) return;
+  const isDirect = session.active === DIRECT;
+  const to = $("composer-to").value.trim().toLowerCase();
+  if (isDirect && !to) {
+    $("composer-error").textContent = "Who is it for? Type a user name.";
+    $("composer-to").focus();
+    return;
+  }
+  const room = isDirect ? `user:${to}` : session.active;
+  $("composer-error").textContent = "";
+  try {
+    const answer = await post("/send", { room, text }, { isSigned: true });
+    input.value = "";
+    // A direct message goes to the recipient's channel only: show our copy here.
+    if (isDirect && to !== session.user) addMessage(DIRECT, answer.message, null);
+  } catch (error) {
+    $("composer-error").textContent = error.message;
+  }
+}
+
+async function notifyFromBackEnd() {
+  const state = view(session.active);
+  const channel = session.active !== DIRECT && state.status === "joined" ? session.active : session.rooms[0].channel;
+  try {
+    await post("/api/notify", { channel, text: NOTICE_TEXT });
+  } catch (error) {
+    $("composer-error").textContent = error.message;
+  }
+}
+
+/** POSTs JSON; a signed request whose token the server no longer accepts signs in again, once. */
+async function post(path, body, { isSigned = false } = {}) {
+  for (let attempt = 0; ; attempt++) {
+    const headers = { "Content-Type": "application/json" };
+    if (isSigned) headers.Authorization = `Bearer ${session.token}`;
+    const response = await fetch(path, { method: "POST", headers, body: JSON.stringify(body) });
+    const answer = await response.json().catch(() => ({}));
+    if (response.ok) return answer;
+    if (response.status === 401 && isSigned && attempt === 0) {
+      await getToken();
+      continue;
+    }
+    throw new Error(describeError(answer, response.status));
+  }
+}
+
+// -- token card -------------------------------------------------------------
+
+function showToken(answer) {
+  session.token = answer.token;
+  session.expiresAt = answer.expires_at;
+  const grants = $("token-grants");
+  grants.replaceChildren(
+    ...answer.channels.map((channel) => {
+      const chip = document.createElement("code");
+      chip.className = "chip";
+      chip.textContent = channel;
+      return chip;
+    }),
+  );
+  $("token-issued").textContent = clock(Date.now());
+  showExpiry();
+}
+
+function showExpiry() {
+  const seconds = Math.max(0, Math.round(session.expiresAt - Date.now() / 1000));
+  const minutes = Math.floor(seconds / 60);
+  $("token-expires").textContent = `in ${minutes}:${String(seconds % 60).padStart(2, "0")}`;
+}
+
+// -- helpers ----------------------------------------------------------------
+
+function clock(milliseconds) {
+  const date = typeof milliseconds === "number" ? new Date(milliseconds) : new Date();
+  return date.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" });
+}
+
+function paintAvatar(element, name) {
+  let hash = 0;
+  for (const character of name) hash = (hash * 31 + character.codePointAt(0)) % 360;
+  element.style.setProperty("--hue", String(hash));
+  element.textContent = name.slice(0, 1).toUpperCase();
+}
+
+// -- wiring -------------------------------------------------------------------
+
+$("signin-form").addEventListener("submit", signIn);
+$("composer").addEventListener("submit", send);
+$("signout").addEventListener("click", signOut);
+$("notify").addEventListener("click", notifyFromBackEnd);
+
+const remembered = sessionStorage.getItem("wsbus-example-user");
+if (remembered) {
+  $("signin-name").value = remembered;
+  signIn();
+} else {
+  $("signin-name").focus();
+}

@@ -1,0 +1,54 @@
+"""Runs the example app in-process on a free loopback port, and stops and starts it again."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from aiohttp import web
+
+from example_app import ExampleSettings, make_app
+
+API_KEY = "example-test-key-" + "k" * 16
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+class ExampleServer:
+    """The example app on 127.0.0.1:port; stop() and start() keep the port."""
+
+    def __init__(self, port: int, *, token_lifetime: int = 120) -> None:
+        self.settings = ExampleSettings(port=port, api_key=API_KEY, token_lifetime=token_lifetime)
+        self.url = f"http://127.0.0.1:{port}"
+        self.app: web.Application | None = None
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        """Start a fresh app (a new identity provider, so new signing keys)."""
+        self.app = make_app(self.settings)
+        runner = web.AppRunner(self.app, access_log=None)
+        await runner.setup()
+        self._runner = runner
+        await web.TCPSite(runner, self.settings.host, self.settings.port).start()
+
+    async def stop(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+
+@asynccontextmanager
+async def running_example(*, token_lifetime: int = 120) -> AsyncIterator[ExampleServer]:
+    server = ExampleServer(free_port(), token_lifetime=token_lifetime)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()

@@ -1,0 +1,189 @@
+"""The example chat in headless Chromium: two people, alice (staff) and bob, in two contexts."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from playwright.async_api import Browser, Page, WebSocket, expect
+
+from .browser import ARTIFACTS
+from .example_server import ExampleServer, running_example
+from .support import eventually
+
+pytestmark = pytest.mark.browser
+
+WAIT_MS = 5000
+RECONNECT_WAIT_MS = 20000  # jittered backoff after a restart: a few seconds at most
+
+
+@dataclass
+class Person:
+    """One signed-in browser context, and every bus message its sockets received."""
+
+    name: str
+    page: Page
+    frames: list[dict[str, Any]] = field(default_factory=list)
+    sockets: list[WebSocket] = field(default_factory=list)
+
+    def record(self, socket: WebSocket) -> None:
+        self.sockets.append(socket)
+        socket.on("framereceived", lambda payload: self.frames.append(json.loads(payload)))
+
+    @property
+    def received(self) -> list[dict[str, Any]]:
+        """The message frames, from every socket the page opened."""
+        return [frame for frame in self.frames if frame["type"] == "message"]
+
+    def texts_on(self, channel: str) -> list[str]:
+        return [str(f["data"].get("text")) for f in self.received if f["channel"] == channel]
+
+    def channels_received(self) -> set[str]:
+        return {frame["channel"] for frame in self.received}
+
+    def view(self, name: str) -> Any:
+        return self.page.locator(f'ol.messages[data-view="{name}"]')
+
+    def room_status(self, channel: str) -> Any:
+        return self.page.locator(f'.nav-item[data-channel="{channel}"] .status')
+
+    @property
+    def badge(self) -> Any:
+        return self.page.locator("#badge")
+
+    async def open_view(self, name: str) -> None:
+        await self.page.locator(f'.nav-item[data-view="{name}"]').click()
+
+    async def say(self, text: str, *, to: str | None = None) -> None:
+        if to is not None:
+            await self.page.locator("#composer-to").fill(to)
+        await self.page.locator("#composer-text").fill(text)
+        await self.page.locator("#composer-text").press("Enter")
+        await expect(self.page.locator("#composer-text")).to_have_value("", timeout=WAIT_MS)
+
+
+@pytest.fixture
+async def example() -> AsyncIterator[ExampleServer]:
+    async with running_example() as server:
+        yield server
+
+
+async def sign_in(browser: Browser, example: ExampleServer, name: str) -> Person:
+    """A new browser context, signed in as `name` and connected."""
+    context = await browser.new_context(viewport={"width": 1200, "height": 760})
+    page = await context.new_page()
+    person = Person(name, page)
+    page.on("websocket", person.record)
+    await page.goto(example.url + "/")
+    await page.locator("#signin-name").fill(name)
+    await page.locator("#signin-button").click()
+    await expect(person.badge).to_have_attribute("data-state", "connected", timeout=WAIT_MS)
+    await expect(person.room_status("chat:lobby")).to_have_text("joined", timeout=WAIT_MS)
+    return person
+
+
+@pytest.fixture
+async def people(browser: Browser, example: ExampleServer) -> tuple[Person, Person]:
+    """alice (staff) and bob, each in a browser context of their own."""
+    return await sign_in(browser, example, "alice"), await sign_in(browser, example, "bob")
+
+
+async def test_alice_and_bob_see_each_others_lobby_messages(
+    people: tuple[Person, Person],
+) -> None:
+    alice, bob = people
+    await alice.say("Morning, bob!")
+    await expect(bob.view("chat:lobby")).to_contain_text("Morning, bob!", timeout=WAIT_MS)
+    await bob.say("Hi alice, shipping today?")
+    await expect(alice.view("chat:lobby")).to_contain_text("Hi alice, shipping", timeout=WAIT_MS)
+    await expect(alice.view("chat:lobby").locator(".message.mine")).to_contain_text("Morning")
+    ARTIFACTS.mkdir(exist_ok=True)
+    await alice.page.screenshot(path=ARTIFACTS / "example-app-alice.png")
+    await bob.page.screenshot(path=ARTIFACTS / "example-app-bob.png")
+
+
+async def test_bob_is_shown_the_staff_room_as_denied_and_never_gets_its_messages(
+    people: tuple[Person, Person],
+) -> None:
+    alice, bob = people
+    await expect(alice.room_status("chat:staff")).to_have_text("joined", timeout=WAIT_MS)
+    await expect(bob.room_status("chat:staff")).to_have_text("denied", timeout=WAIT_MS)
+    await bob.open_view("chat:staff")
+    await expect(bob.page.locator("#denied-panel")).to_be_visible()
+    await expect(bob.page.locator("#denied-reason")).to_have_text("forbidden")
+    await expect(bob.page.locator("#composer")).to_be_hidden()
+
+    await alice.open_view("chat:staff")
+    await alice.say("Staff only: the bonus list")
+    await alice.page.locator("#notify").click()  # a back end emits to chat:staff too
+    await expect(alice.view("chat:staff")).to_contain_text("bonus list", timeout=WAIT_MS)
+    await expect(alice.view("chat:staff").locator(".notice")).to_have_count(1, timeout=WAIT_MS)
+    # Published after the staff messages: once bob has it, he would have had those.
+    await alice.open_view("chat:lobby")
+    await alice.say("after the staff messages")
+    await expect(bob.view("chat:lobby")).to_contain_text("after the staff", timeout=WAIT_MS)
+    assert bob.channels_received() == {"chat:lobby"}
+    assert "chat:staff" in alice.channels_received()
+    await expect(bob.page.locator("body")).not_to_contain_text("bonus list")
+
+
+async def test_a_direct_message_to_alice_reaches_only_alice(
+    people: tuple[Person, Person],
+) -> None:
+    alice, bob = people
+    await bob.open_view("direct")
+    await bob.say("Just between us", to="alice")
+    await expect(alice.page.locator('.nav-item[data-view="direct"] .unread')).to_have_text(
+        "1", timeout=WAIT_MS
+    )
+    await expect(alice.view("direct")).to_contain_text("Just between us")
+    await expect(alice.view("direct")).to_contain_text("to you")
+    # Bob's page shows his own copy, but no socket of his carried it.
+    await expect(bob.view("direct").locator(".message.mine")).to_contain_text("to alice")
+    await alice.say("lobby marker after the direct message")
+    await expect(bob.view("chat:lobby")).to_contain_text("lobby marker", timeout=WAIT_MS)
+    assert alice.texts_on("user:alice") == ["Just between us"]
+    assert all(frame["data"]["text"] != "Just between us" for frame in bob.received)
+
+
+async def test_after_a_server_restart_the_page_reconnects_and_messages_flow_again(
+    example: ExampleServer, people: tuple[Person, Person]
+) -> None:
+    alice, bob = people
+    await alice.say("before the restart")
+    await expect(bob.view("chat:lobby")).to_contain_text("before the restart", timeout=WAIT_MS)
+
+    await example.stop()
+    for person in (alice, bob):
+        await expect(person.badge).to_have_attribute("data-state", "reconnecting", timeout=WAIT_MS)
+        await expect(person.badge).to_have_text("Reconnecting")
+    await example.start()  # same port, a new identity provider: new signing keys
+    for person in (alice, bob):
+        await expect(person.badge).to_have_attribute(
+            "data-state", "connected", timeout=RECONNECT_WAIT_MS
+        )
+        await expect(person.badge).to_have_text("Connected")
+
+    await bob.say("after the restart")
+    await expect(alice.view("chat:lobby")).to_contain_text("after the restart", timeout=WAIT_MS)
+    # The new server has no history from before: the page says so instead of hiding it.
+    await expect(alice.view("chat:lobby").locator(".note")).to_contain_text("could not be replayed")
+    await expect(bob.room_status("chat:staff")).to_have_text("denied")
+    ARTIFACTS.mkdir(exist_ok=True)
+    await alice.page.screenshot(path=ARTIFACTS / "example-app-after-restart.png")
+
+
+async def test_the_page_renews_its_short_lived_token_on_the_live_socket(browser: Browser) -> None:
+    async with running_example(token_lifetime=4) as example:
+        bob = await sign_in(browser, example, "bob")
+        issued = await bob.page.locator("#token-issued").text_content()
+        await eventually(lambda: any(f["type"] == "refreshed" for f in bob.frames), timeout=10)
+        assert len(bob.sockets) == 1  # renewed in place, not by reconnecting
+        refreshed = next(f for f in bob.frames if f["type"] == "refreshed")
+        assert refreshed["revoked"] == []
+        await expect(bob.page.locator("#token-issued")).not_to_have_text(issued or "")
+        await bob.say("still here after the renewal")
+        await expect(bob.view("chat:lobby")).to_contain_text("still here", timeout=WAIT_MS)
