@@ -310,9 +310,10 @@ async def test_redis_restart_with_its_data_loses_nothing(
 ) -> None:
     delivered, published, refused = await restart_while_publishing(durable_redis, make_redis_broker)
     assert refused > 0
-    assert_in_order_once(delivered)
-    assert [(m.epoch, m.offset) for m in delivered] == published
     assert len({m.epoch for m in delivered}) == 1
+    assert [m.offset for m in delivered] == list(range(1, len(delivered) + 1))
+    # A publish cut off by the kill may have landed though it raised: delivered, not listed.
+    assert set(published) <= {(m.epoch, m.offset) for m in delivered}
 
 
 async def test_broker_down_fails_fast_and_recovers(
