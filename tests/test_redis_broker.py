@@ -218,6 +218,12 @@ async def _at_most(value: Awaitable[int], limit: int) -> bool:
     return await value <= limit
 
 
+async def test_concurrent_publishes_wait_for_a_connection(make_redis_broker: RedisMaker) -> None:
+    broker, _ = await make_redis_broker(max_connections=2)
+    results = await asyncio.gather(*(broker.publish("a", str(n)) for n in range(300)))
+    assert sorted(r.offset for r in results) == list(range(1, 301))
+
+
 # -- Redis: lost connections and lost servers -------------------------------
 
 

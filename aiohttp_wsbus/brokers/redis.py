@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from redis.asyncio import Redis
-from redis.asyncio.connection import Connection
+from redis.asyncio.connection import BlockingConnectionPool, Connection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -225,6 +225,7 @@ class RedisBroker(Broker):
         socket_timeout: float = 2.0,
         ping_interval: float = 5.0,
         reconnect_delay: tuple[float, float] = (0.05, 5.0),
+        max_connections: int = 32,
     ) -> None:
         self.url = url
         self.prefix = check_prefix(prefix)
@@ -232,6 +233,7 @@ class RedisBroker(Broker):
         self._socket_timeout = socket_timeout
         self._ping_interval = ping_interval
         self._reconnect_delay = reconnect_delay
+        self._max_connections = max_connections
         self._deliver: Deliver | None = None
         self._history_size = 100
         self._history_ttl = 300.0
@@ -251,13 +253,17 @@ class RedisBroker(Broker):
         self._deliver = deliver
         self._history_size = history_size
         self._history_ttl = history_ttl
-        self._redis = Redis.from_url(
+        # Concurrent publishes wait for one of max_connections, never fail for want of one.
+        pool = BlockingConnectionPool.from_url(
             self.url,
+            max_connections=self._max_connections,
+            timeout=self._socket_timeout,
             socket_timeout=self._socket_timeout,
             socket_connect_timeout=self._socket_timeout,
             retry=Retry(NoBackoff(), 0),
             protocol=2,  # the listener reads pub/sub pushes as plain replies
         )
+        self._redis = Redis.from_pool(pool)
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._listen_forever()), loop.create_task(self._keep())]
         # Start up connected when Redis is there; a Redis that is down is not fatal.
