@@ -4,6 +4,8 @@
 messages to clients whose JWT grants them, and an HTTP emit endpoint.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from .brokers import Broker, MemoryBroker, Published
 from .bus import Bus
 from .client import EmitClient, EmitError, SyncEmitClient
@@ -20,7 +22,27 @@ from .protocol import CloseCode
 from .tokens import Claims
 from .web import BUS_KEY, get_bus, setup
 
+if TYPE_CHECKING:
+    from .brokers.redis import RedisBroker
+    from .publisher import RedisPublisher, SyncRedisPublisher
+
 __version__ = "0.1.0.dev0"
+
+# Imported on first use, so that redis stays an optional extra.
+_LAZY = {
+    "RedisBroker": "aiohttp_wsbus.brokers.redis",
+    "RedisPublisher": "aiohttp_wsbus.publisher",
+    "SyncRedisPublisher": "aiohttp_wsbus.publisher",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'aiohttp_wsbus' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(_LAZY[name]), name)
+
 
 __all__ = [
     "BUS_KEY",
@@ -38,7 +60,10 @@ __all__ = [
     "KeysUnavailable",
     "MemoryBroker",
     "Published",
+    "RedisBroker",
+    "RedisPublisher",
     "SyncEmitClient",
+    "SyncRedisPublisher",
     "WsBusError",
     "get_bus",
     "setup",

@@ -244,6 +244,9 @@ class _Handlers:
         if limit is not None and self.bus.open_sockets > limit:
             await socket.close(code=CloseCode.TRY_AGAIN_LATER, message=b"connection limit")
             return
+        if not self.bus.broker.is_available:
+            await socket.close(code=CloseCode.TRY_AGAIN_LATER, message=b"broker unavailable")
+            return
         connect = await self._receive_connect(request, socket)
         if connect is None:
             return

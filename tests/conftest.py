@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import Algorithm, RSAAlgorithm
 from pytest_aiohttp import AiohttpServer
 
-pytest_plugins = ["tests.browser"]  # the `browser` fixture (headless Chromium)
+pytest_plugins = ["tests.browser", "tests.redis_server"]  # `browser`; Redis servers
 
 ISSUER = "https://idp.test/"
 AUDIENCE = "wsbus"

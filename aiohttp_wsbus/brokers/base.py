@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
 from ..protocol import Position
 
-__all__ = ["Broker", "History", "Message", "Published", "is_valid_message_id"]
+__all__ = ["Broker", "History", "Message", "Published", "is_valid_message_id", "recover"]
 
 MAX_MESSAGE_ID_LENGTH: Final = 128
 _MESSAGE_ID_RE = re.compile(rf"[\x21-\x7e]{{1,{MAX_MESSAGE_ID_LENGTH}}}")
@@ -56,6 +56,25 @@ class History:
     messages: list[Message]
     position: Position
     recovered: bool
+
+
+def recover(
+    position: Position | None, top: Position, first: int, messages: Sequence[Message]
+) -> History:
+    """The answer to `history()` that every broker gives, by the same rules.
+
+    `first` is the first offset the channel's history still holds (top + 1
+    when it holds none); `messages` are the held ones after `position`.
+    """
+    if position is None:
+        return History([], top, recovered=False)
+    if position.epoch != top.epoch or position.offset > top.offset:
+        return History([], top, recovered=False)
+    if position.offset == top.offset:
+        return History([], top, recovered=True)
+    if position.offset + 1 < first:
+        return History([], top, recovered=False)  # fell out of the window
+    return History(list(messages), top, recovered=True)
 
 
 Deliver = Callable[[Message], None]

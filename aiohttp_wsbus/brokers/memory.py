@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from ..protocol import Position
-from .base import Broker, Deliver, History, Message, Published
+from .base import Broker, Deliver, History, Message, Published, recover
 
 __all__ = ["MemoryBroker"]
 
@@ -130,15 +130,8 @@ class MemoryBroker(Broker):
 
 
 def _recover(stream: _Stream, position: Position | None, top: Position) -> History:
-    if position is None:
-        return History([], top, recovered=False)
-    if position.epoch != top.epoch or position.offset > top.offset:
-        return History([], top, recovered=False)
-    if position.offset == top.offset:
-        return History([], top, recovered=True)
     messages = stream.messages
     first = messages[0].offset if messages else top.offset + 1
-    if position.offset + 1 < first:
-        return History([], top, recovered=False)  # fell out of the window
-    skip = position.offset + 1 - first
-    return History(list(messages)[skip:], top, recovered=True)
+    if position is None or not first <= position.offset + 1 <= top.offset:
+        return recover(position, top, first, [])
+    return recover(position, top, first, list(messages)[position.offset + 1 - first :])

@@ -1,0 +1,133 @@
+"""Publishing into a Redis-backed bus from a process that is not an aiohttp server.
+
+A Django or Flask app, a worker or a cron job publishes with the same Lua
+script as RedisBroker, so its messages get the same offsets, history and
+idempotency as those emitted on any node.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+import redis.asyncio
+import redis.retry
+from redis.backoff import NoBackoff
+
+from .brokers.base import Published, is_valid_message_id
+from .brokers.redis import (
+    PUBLISH_SCRIPT,
+    UNREACHABLE,
+    ChannelKeys,
+    check_prefix,
+    parse_published,
+    publish_arguments,
+)
+from .bus import encode_data
+from .errors import BrokerUnavailable, InvalidChannel
+from .grants import is_valid_channel
+
+__all__ = ["RedisPublisher", "SyncRedisPublisher"]
+
+
+class _Publishing:
+    """What both publishers share: settings, checks and the script's arguments.
+
+    `prefix`, `history_size`, `history_ttl` and `sharded` must match the
+    servers' RedisBroker and setup() settings.
+    """
+
+    def __init__(
+        self,
+        url: str = "redis://localhost:6379/0",
+        *,
+        prefix: str = "wsbus",
+        history_size: int = 100,
+        history_ttl: float = 300.0,
+        sharded: bool = False,
+        socket_timeout: float = 2.0,
+    ) -> None:
+        self.prefix = check_prefix(prefix)
+        if history_size < 1:
+            raise ValueError("history_size: must be at least 1")
+        if history_ttl <= 0:
+            raise ValueError("history_ttl: must be positive")
+        self.history_size = history_size
+        self.history_ttl = history_ttl
+        self.sharded = sharded
+        # Bounded timeouts and no retries: a Redis that is down fails fast.
+        self.client_options: dict[str, Any] = {
+            "socket_timeout": socket_timeout,
+            "socket_connect_timeout": socket_timeout,
+        }
+
+    def arguments(self, channel: str, data: Any, message_id: str | None) -> list[Any]:
+        if not is_valid_channel(channel):
+            raise InvalidChannel(f"invalid channel name: {channel!r}")
+        if message_id is not None and not is_valid_message_id(message_id):
+            raise ValueError("id must be 1 to 128 printable ASCII characters")
+        keys, args = publish_arguments(
+            ChannelKeys.of(self.prefix, channel),
+            encode_data(data),
+            message_id,
+            history_size=self.history_size,
+            history_ttl=self.history_ttl,
+            sharded=self.sharded,
+        )
+        return [PUBLISH_SCRIPT, len(keys), *keys, *args]
+
+
+class RedisPublisher(_Publishing):
+    """Publishes into the bus through Redis, from asyncio code."""
+
+    def __init__(self, url: str = "redis://localhost:6379/0", **options: Any) -> None:
+        super().__init__(url, **options)
+        self._redis = redis.asyncio.Redis.from_url(
+            url, retry=redis.asyncio.retry.Retry(NoBackoff(), 0), **self.client_options
+        )
+
+    async def publish(self, channel: str, data: Any, *, id: str | None = None) -> Published:
+        """Publish `data` (any JSON value) to `channel`; BrokerUnavailable if Redis is down."""
+        arguments = self.arguments(channel, data, id)
+        try:
+            answer = await self._redis.eval(*arguments)
+        except UNREACHABLE as error:
+            raise BrokerUnavailable(f"redis: {error}") from None
+        return parse_published(channel, answer)
+
+    async def aclose(self) -> None:
+        await self._redis.aclose()
+
+    async def __aenter__(self) -> RedisPublisher:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+class SyncRedisPublisher(_Publishing):
+    """RedisPublisher for blocking code (Django, Flask, Celery workers)."""
+
+    def __init__(self, url: str = "redis://localhost:6379/0", **options: Any) -> None:
+        super().__init__(url, **options)
+        self._redis = redis.Redis.from_url(
+            url, retry=redis.retry.Retry(NoBackoff(), 0), **self.client_options
+        )
+
+    def publish(self, channel: str, data: Any, *, id: str | None = None) -> Published:
+        """Publish `data` (any JSON value) to `channel`; BrokerUnavailable if Redis is down."""
+        arguments = self.arguments(channel, data, id)
+        try:
+            answer = self._redis.eval(*arguments)
+        except UNREACHABLE as error:
+            raise BrokerUnavailable(f"redis: {error}") from None
+        return parse_published(channel, answer)
+
+    def close(self) -> None:
+        self._redis.close()
+
+    def __enter__(self) -> SyncRedisPublisher:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -1,0 +1,150 @@
+"""Real Redis servers for the tests: WSBUS_TEST_REDIS_URL, or redis-server started here.
+
+Loaded by conftest.py as a pytest plugin. Without the redis-server binary and
+without WSBUS_TEST_REDIS_URL the Redis tests skip, unless WSBUS_REQUIRE_REDIS=1,
+which makes that a failure (CI).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+START_TIMEOUT = 10.0
+
+
+async def until(condition: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
+    """Wait until an asynchronous check of Redis holds, polling, at most `timeout` seconds."""
+    async with asyncio.timeout(timeout):
+        while not await condition():  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _binary() -> str:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        message = "redis-server is not installed and WSBUS_TEST_REDIS_URL is not set"
+        if os.environ.get("WSBUS_REQUIRE_REDIS") == "1":
+            pytest.fail(message + " (WSBUS_REQUIRE_REDIS=1)")
+        pytest.skip(message)
+    return binary
+
+
+class RedisServer:
+    """A redis-server process on a loopback port that the test may kill and restart."""
+
+    def __init__(self, directory: Path, *, durable: bool = False) -> None:
+        self.binary = _binary()
+        self.port = free_port()
+        self.directory = directory
+        self.durable = durable
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        """Start on the same port; wait until it answers PING (and has loaded its AOF)."""
+        persistence = (
+            ["--appendonly", "yes", "--appendfsync", "always"]
+            if self.durable
+            else ["--appendonly", "no"]
+        )
+        self.process = subprocess.Popen(  # noqa: S603
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--dir",
+                str(self.directory),
+                *persistence,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis.from_url(self.url, socket_timeout=1)
+        deadline = time.monotonic() + START_TIMEOUT
+        try:
+            while True:
+                try:
+                    if client.ping():
+                        return
+                except redis.ConnectionError:  # refused, or still loading its data
+                    if time.monotonic() > deadline or self.process.poll() is not None:
+                        raise
+                time.sleep(0.02)  # bounded by START_TIMEOUT
+        finally:
+            client.close()
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no save; what was not fsynced is lost."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(START_TIMEOUT)
+        self.process = None
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One Redis for the session; tests keep apart by prefix (see `redis_prefix`)."""
+    url = os.environ.get("WSBUS_TEST_REDIS_URL")
+    if url:
+        yield url
+        return
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.kill()
+
+
+@pytest.fixture
+def redis_prefix() -> str:
+    """A prefix of this test's own, so tests never see each other's keys."""
+    return "test-" + secrets.token_hex(4)
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis this test started and may kill (no persistence)."""
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+@pytest.fixture
+def durable_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis this test started and may kill, with AOF and appendfsync always."""
+    server = RedisServer(tmp_path, durable=True)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()

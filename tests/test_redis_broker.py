@@ -1,0 +1,359 @@
+"""RedisBroker against a real Redis: the broker contract (shared with MemoryBroker),
+nodes sharing offsets, expiry, and catching up after lost connections."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+import redis.asyncio
+
+from aiohttp_wsbus import BrokerUnavailable, RedisBroker, RedisPublisher
+from aiohttp_wsbus.brokers import Broker, MemoryBroker, Message
+from aiohttp_wsbus.brokers.redis import ChannelKeys
+from aiohttp_wsbus.protocol import Position
+
+from .redis_server import RedisServer, until
+from .support import eventually
+
+Started = tuple[Broker, list[Message]]
+MakeBroker = Callable[..., Awaitable[Started]]
+
+
+@pytest.fixture
+async def make_redis_broker(
+    redis_url: str, redis_prefix: str
+) -> AsyncIterator[Callable[..., Awaitable[tuple[RedisBroker, list[Message]]]]]:
+    brokers: list[RedisBroker] = []
+
+    async def make(
+        size: int = 100, ttl: float = 300.0, url: str = redis_url, **options: object
+    ) -> tuple[RedisBroker, list[Message]]:
+        broker = RedisBroker(url, prefix=redis_prefix, **options)  # type: ignore[arg-type]
+        delivered: list[Message] = []
+        await broker.start(delivered.append, history_size=size, history_ttl=ttl)
+        brokers.append(broker)
+        return broker, delivered
+
+    yield make
+    for broker in brokers:
+        await broker.stop()
+
+
+@pytest.fixture(params=["memory", "redis", "redis-sharded"])
+def make_broker(
+    request: pytest.FixtureRequest,
+) -> MakeBroker:
+    """Each kind of broker, started; the contract tests run on all of them."""
+    if request.param == "memory":
+
+        async def memory(size: int = 100, ttl: float = 300.0) -> Started:
+            broker = MemoryBroker()
+            delivered: list[Message] = []
+            await broker.start(delivered.append, history_size=size, history_ttl=ttl)
+            return broker, delivered
+
+        return memory
+    make_redis = request.getfixturevalue("make_redis_broker")
+
+    async def redis_broker(size: int = 100, ttl: float = 300.0) -> Started:
+        broker, delivered = await make_redis(size, ttl, sharded=request.param == "redis-sharded")
+        return broker, delivered
+
+    return redis_broker
+
+
+async def delivered_count(delivered: list[Message], count: int) -> None:
+    await eventually(lambda: len(delivered) >= count)
+
+
+# -- the broker contract ----------------------------------------------------
+
+
+async def test_offsets_count_from_one_per_channel(make_broker: MakeBroker) -> None:
+    broker, delivered = await make_broker()
+    await broker.subscribe("a")
+    await broker.subscribe("b")
+    a1 = await broker.publish("a", "1")
+    a2 = await broker.publish("a", "2")
+    b1 = await broker.publish("b", "3")
+    assert (a1.offset, a2.offset, b1.offset) == (1, 2, 1)
+    assert a1.epoch == a2.epoch
+    await delivered_count(delivered, 3)
+    assert sorted(m.data for m in delivered) == ["1", "2", "3"]
+    assert [m.data for m in delivered if m.channel == "a"] == ["1", "2"]
+    assert all(set(m.epoch) <= set("0123456789abcdef-") for m in delivered)
+
+
+async def test_history_after_a_position(make_broker: MakeBroker) -> None:
+    broker, _ = await make_broker()
+    first = await broker.publish("a", "1")
+    await broker.publish("a", "2")
+    await broker.publish("a", "3")
+    answer = (await broker.history({"a": Position(1, first.epoch)}))["a"]
+    assert answer.recovered
+    assert [m.data for m in answer.messages] == ["2", "3"]
+    assert [m.offset for m in answer.messages] == [2, 3]
+    assert answer.position == Position(3, first.epoch)
+
+
+async def test_history_beyond_the_window_is_not_recovered(make_broker: MakeBroker) -> None:
+    broker, _ = await make_broker(size=3)
+    first = await broker.publish("a", "1")
+    for n in range(2, 8):
+        await broker.publish("a", str(n))
+    answer = (await broker.history({"a": Position(1, first.epoch)}))["a"]
+    assert not answer.recovered
+    assert answer.messages == []
+    assert answer.position == Position(7, first.epoch)
+    edge = (await broker.history({"a": Position(4, first.epoch)}))["a"]
+    assert edge.recovered
+    assert [m.data for m in edge.messages] == ["5", "6", "7"]
+
+
+async def test_other_epoch_or_future_offset_is_not_recovered(make_broker: MakeBroker) -> None:
+    broker, _ = await make_broker()
+    first = await broker.publish("a", "1")
+    assert not (await broker.history({"a": Position(1, "other")}))["a"].recovered
+    assert not (await broker.history({"a": Position(9, first.epoch)}))["a"].recovered
+    at_top = await broker.history({"a": Position(1, first.epoch), "b": None})
+    assert at_top["a"].recovered
+    assert at_top["a"].messages == []
+    assert not at_top["b"].recovered
+
+
+async def test_a_new_channel_names_the_epoch_of_its_first_message(
+    make_broker: MakeBroker,
+) -> None:
+    broker, _ = await make_broker()
+    position = (await broker.history({"new": None}))["new"].position
+    assert position.offset == 0
+    published = await broker.publish("new", "1")
+    assert published.epoch == position.epoch
+    assert published.offset == 1
+
+
+async def test_same_id_is_published_once(make_broker: MakeBroker) -> None:
+    broker, delivered = await make_broker()
+    await broker.subscribe("a")
+    await broker.subscribe("b")
+    first = await broker.publish("a", "1", message_id="m-1")
+    again = await broker.publish("a", "1", message_id="m-1")
+    assert again == first
+    other_channel = await broker.publish("b", "1", message_id="m-1")
+    assert other_channel.offset == 1
+    await broker.publish("a", "2")
+    await delivered_count(delivered, 3)
+    assert [(m.channel, m.data) for m in delivered] == [("a", "1"), ("b", "1"), ("a", "2")]
+
+
+# -- Redis: shared by nodes, expiring ----------------------------------------
+
+RedisMaker = Callable[..., Awaitable[tuple[RedisBroker, list[Message]]]]
+
+
+async def test_nodes_share_offsets_epochs_and_ids(make_redis_broker: RedisMaker) -> None:
+    one, _ = await make_redis_broker()
+    two, on_two = await make_redis_broker()
+    await two.subscribe("a")
+    first = await one.publish("a", "1", message_id="x")
+    second = await two.publish("a", "2")
+    again = await two.publish("a", "1", message_id="x")
+    assert (first.offset, second.offset) == (1, 2)
+    assert first.epoch == second.epoch
+    assert again == first
+    await delivered_count(on_two, 2)
+    assert [(m.offset, m.data) for m in on_two] == [(1, "1"), (2, "2")]
+
+
+async def test_only_subscribed_channels_are_delivered(make_redis_broker: RedisMaker) -> None:
+    one, delivered = await make_redis_broker()
+    await one.subscribe("wanted")
+    await one.subscribe("dropped")
+    await one.unsubscribe("dropped")
+    await one.publish("dropped", "no")
+    await one.publish("other", "no")
+    await one.publish("wanted", "yes")
+    await delivered_count(delivered, 1)
+    await one.publish("wanted", "last")
+    await delivered_count(delivered, 2)
+    assert [m.data for m in delivered] == ["yes", "last"]
+
+
+async def test_idle_channels_expire_and_start_a_new_epoch(
+    make_redis_broker: RedisMaker, redis_url: str, redis_prefix: str
+) -> None:
+    broker, _ = await make_redis_broker(ttl=0.2)
+    first = await broker.publish("a", "1", message_id="once")
+    keys = ChannelKeys.of(redis_prefix, "a")
+    async with redis.asyncio.Redis.from_url(redis_url) as client:
+        await until(lambda: _gone(client.exists(keys.meta, keys.stream, keys.message_id("once"))))
+    later = await broker.publish("a", "1", message_id="once")
+    assert later.offset == 1
+    assert later.epoch != first.epoch
+    answer = (await broker.history({"a": Position(1, first.epoch)}))["a"]
+    assert not answer.recovered
+
+
+async def test_subscribed_channels_are_kept_alive(
+    make_redis_broker: RedisMaker, redis_url: str, redis_prefix: str
+) -> None:
+    broker, _ = await make_redis_broker(ttl=1.0)
+    await broker.subscribe("kept")
+    await broker.publish("kept", "1")
+    keys = ChannelKeys.of(redis_prefix, "kept")
+    async with redis.asyncio.Redis.from_url(redis_url) as client:
+        await client.pexpire(keys.meta, 600_000)
+        # Only the keep-alive sets it back to the TTL.
+        await until(lambda: _at_most(client.pttl(keys.meta), 1000))
+
+
+async def _gone(count: Awaitable[int]) -> bool:
+    return await count == 0
+
+
+async def _at_most(value: Awaitable[int], limit: int) -> bool:
+    return await value <= limit
+
+
+async def test_concurrent_publishes_wait_for_a_connection(make_redis_broker: RedisMaker) -> None:
+    broker, _ = await make_redis_broker(max_connections=2)
+    results = await asyncio.gather(*(broker.publish("a", str(n)) for n in range(300)))
+    assert sorted(r.offset for r in results) == list(range(1, 301))
+
+
+# -- Redis: lost connections and lost servers -------------------------------
+
+
+async def test_a_lost_connection_is_caught_up_from_the_stream(
+    make_redis_broker: RedisMaker, own_redis: RedisServer, redis_prefix: str
+) -> None:
+    broker, delivered = await make_redis_broker(url=own_redis.url, reconnect_delay=(0.3, 0.3))
+    await broker.subscribe("a")
+    async with RedisPublisher(own_redis.url, prefix=redis_prefix) as publisher:
+        await publisher.publish("a", 0)
+        await delivered_count(delivered, 1)
+        async with redis.asyncio.Redis.from_url(own_redis.url) as client:
+            await client.client_kill_filter(_type="pubsub")
+        await eventually(lambda: not broker.is_available)
+        for n in range(1, 21):  # while the node is not listening
+            await publisher.publish("a", n)
+        await eventually(lambda: broker.is_available)
+        await publisher.publish("a", 21)
+        await delivered_count(delivered, 22)
+    assert [m.data for m in delivered] == [str(n) for n in range(22)]
+    assert [m.offset for m in delivered] == list(range(1, 23))
+
+
+async def publish_steadily(
+    broker: RedisBroker, stop: asyncio.Event, published: list[tuple[str, int]]
+) -> int:
+    """Publish 0, 1, 2, ... until `stop`; record what landed; count the refusals."""
+    refused = 0
+    n = 0
+    while not stop.is_set():
+        try:
+            result = await broker.publish("a", str(n))
+            published.append((result.epoch, result.offset))
+        except BrokerUnavailable:
+            refused += 1
+            await asyncio.sleep(0.01)  # Redis is down: pace the retries
+        n += 1
+        await asyncio.sleep(0)
+    return refused
+
+
+async def restart_while_publishing(
+    server: RedisServer, make_redis_broker: RedisMaker
+) -> tuple[list[Message], list[tuple[str, int]], int]:
+    publisher, _ = await make_redis_broker(url=server.url)
+    subscriber, delivered = await make_redis_broker(url=server.url)
+    await subscriber.subscribe("a")
+    stop = asyncio.Event()
+    published: list[tuple[str, int]] = []
+    task = asyncio.create_task(publish_steadily(publisher, stop, published))
+    try:
+        await eventually(lambda: len(delivered) >= 50)
+        server.kill()
+        await eventually(lambda: not subscriber.is_available and not publisher.is_available)
+        await asyncio.to_thread(server.start)
+        await eventually(lambda: subscriber.is_available and publisher.is_available)
+        mark = len(published)
+        await eventually(lambda: len(published) >= mark + 50)
+    finally:
+        stop.set()
+        refused = await task
+    await eventually(lambda: {(m.epoch, m.offset) for m in delivered} >= set(published[-50:]))
+    return delivered, published, refused
+
+
+def assert_in_order_once(delivered: list[Message]) -> None:
+    seen = [(m.epoch, m.offset) for m in delivered]
+    assert len(seen) == len(set(seen)), "a message was delivered twice"
+    for before, after in itertools.pairwise(delivered):
+        if before.epoch == after.epoch:
+            assert after.offset == before.offset + 1, (before, after)
+
+
+async def test_redis_restart_without_its_data_starts_a_new_epoch(
+    make_redis_broker: RedisMaker, own_redis: RedisServer
+) -> None:
+    delivered, published, refused = await restart_while_publishing(own_redis, make_redis_broker)
+    assert refused > 0  # it really was down while publishing went on
+    epochs = list(dict.fromkeys(m.epoch for m in delivered))
+    assert len(epochs) == 2
+    assert_in_order_once(delivered)
+    new = [m for m in delivered if m.epoch == epochs[1]]
+    assert [m.offset for m in new] == list(range(1, len(new) + 1))
+    # Everything published into the new epoch arrived.
+    assert {(m.epoch, m.offset) for m in new} == {p for p in published if p[0] == epochs[1]}
+
+
+async def test_redis_restart_with_its_data_loses_nothing(
+    make_redis_broker: RedisMaker, durable_redis: RedisServer
+) -> None:
+    delivered, published, refused = await restart_while_publishing(durable_redis, make_redis_broker)
+    assert refused > 0
+    assert len({m.epoch for m in delivered}) == 1
+    assert [m.offset for m in delivered] == list(range(1, len(delivered) + 1))
+    # A publish cut off by the kill may have landed though it raised: delivered, not listed.
+    assert set(published) <= {(m.epoch, m.offset) for m in delivered}
+
+
+async def test_broker_down_fails_fast_and_recovers(
+    make_redis_broker: RedisMaker, own_redis: RedisServer
+) -> None:
+    broker, _ = await make_redis_broker(url=own_redis.url)
+    assert broker.is_available
+    own_redis.kill()
+    await eventually(lambda: not broker.is_available)
+    with pytest.raises(BrokerUnavailable):
+        await broker.publish("a", "1")
+    with pytest.raises(BrokerUnavailable):
+        await broker.subscribe("a")
+    with pytest.raises(BrokerUnavailable):
+        await broker.history({"a": None})
+    await asyncio.to_thread(own_redis.start)
+    await eventually(lambda: broker.is_available)
+    assert (await broker.publish("a", "1")).offset == 1
+
+
+async def test_a_broker_started_while_redis_is_down_connects_later(
+    make_redis_broker: RedisMaker, own_redis: RedisServer
+) -> None:
+    own_redis.kill()
+    broker, _ = await make_redis_broker(url=own_redis.url, socket_timeout=0.5)
+    assert not broker.is_available
+    await asyncio.to_thread(own_redis.start)
+    await eventually(lambda: broker.is_available)
+    await broker.subscribe("a")
+    assert (await broker.publish("a", "1")).offset == 1
+
+
+def test_prefix_is_checked() -> None:
+    with pytest.raises(ValueError, match="prefix"):
+        RedisBroker("redis://localhost", prefix="has space")
+    with pytest.raises(ValueError, match="prefix"):
+        RedisBroker("redis://localhost", prefix="{tag}")

@@ -1,0 +1,197 @@
+"""Several server processes on one Redis: one bus, whichever node a client is on."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import ClientWebSocketResponse
+from pytest_aiohttp import AiohttpClient
+
+from aiohttp_wsbus import BrokerUnavailable, RedisBroker, RedisPublisher, SyncRedisPublisher
+
+from .conftest import JwksServer, MakeToken
+from .redis_node import API_KEY
+from .redis_server import RedisServer
+from .support import WAIT, close_code, eventually, next_frame, nothing_more, start_bus
+
+SECRET = "a-secret-only-these-tests-know-0123456789"
+ROOT = Path(__file__).parent.parent
+
+
+@dataclass
+class Node:
+    """A server process started with `python -m tests.redis_node`."""
+
+    process: asyncio.subprocess.Process
+    url: str
+
+    async def emit(self, session: aiohttp.ClientSession, channel: str, data: Any) -> int:
+        async with session.post(
+            self.url + "/ws/emit",
+            json={"channel": channel, "data": data},
+            headers={"X-API-Key": API_KEY},
+        ) as response:
+            assert response.status == 202, await response.text()
+            offset: int = (await response.json())["published"][0]["offset"]
+            return offset
+
+    async def open(
+        self, session: aiohttp.ClientSession, token: str, channels: list[str]
+    ) -> tuple[ClientWebSocketResponse, dict[str, Any]]:
+        socket = await session.ws_connect(self.url + "/ws")
+        await socket.send_json({"type": "connect", "token": token, "channels": channels})
+        welcome = await next_frame(socket)
+        assert welcome["type"] == "welcome", welcome
+        return socket, welcome
+
+
+async def start_node(redis_url: str, prefix: str) -> Node:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tests.redis_node",
+        redis_url,
+        prefix,
+        SECRET,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        cwd=ROOT,
+    )
+    assert process.stdout is not None
+    try:
+        async with asyncio.timeout(WAIT * 2):
+            port = int(await process.stdout.readline())
+    except (TimeoutError, ValueError):
+        process.kill()
+        await process.wait()
+        raise
+    return Node(process, f"http://127.0.0.1:{port}")
+
+
+async def stop_node(node: Node) -> None:
+    assert node.process.stdin is not None
+    node.process.stdin.close()
+    try:
+        async with asyncio.timeout(WAIT):
+            await node.process.wait()
+    except TimeoutError:
+        node.process.kill()
+        await node.process.wait()
+
+
+@pytest.fixture
+async def nodes(redis_url: str, redis_prefix: str) -> AsyncIterator[list[Node]]:
+    started = await asyncio.gather(*(start_node(redis_url, redis_prefix) for _ in range(2)))
+    try:
+        yield list(started)
+    finally:
+        await asyncio.gather(*(stop_node(node) for node in started))
+
+
+def hs256(make_token: MakeToken, **claims: Any) -> str:
+    return make_token(alg="HS256", key=SECRET, kid=None, **claims)
+
+
+async def test_a_subscriber_on_one_node_gets_every_message_once_in_order(
+    nodes: list[Node], make_token: MakeToken, redis_url: str, redis_prefix: str
+) -> None:
+    node_a, node_b = nodes
+    async with aiohttp.ClientSession() as session:
+        socket, _ = await node_b.open(session, hs256(make_token), ["chat:lobby"])
+        for n in range(5):
+            await node_a.emit(session, "chat:lobby", n)
+        async with RedisPublisher(redis_url, prefix=redis_prefix) as publisher:
+            for n in range(5, 10):
+                await publisher.publish("chat:lobby", n)
+        with SyncRedisPublisher(redis_url, prefix=redis_prefix) as sync_publisher:
+            for n in range(10, 15):
+                await asyncio.to_thread(sync_publisher.publish, "chat:lobby", n)
+        for n in range(15, 20):
+            await node_b.emit(session, "chat:lobby", n)
+        frames = [await next_frame(socket) for _ in range(20)]
+        assert [f["data"] for f in frames] == list(range(20))
+        assert [f["offset"] for f in frames] == list(range(1, 21))
+        assert len({f["epoch"] for f in frames}) == 1
+        await nothing_more(socket)
+        await socket.close()
+
+
+async def test_grants_decide_delivery_on_every_node(
+    nodes: list[Node], make_token: MakeToken
+) -> None:
+    node_a, node_b = nodes
+    async with aiohttp.ClientSession() as session:
+        chat_only, welcome = await node_b.open(
+            session, hs256(make_token, channels=["chat:*"]), ["chat:lobby", "secret:plans"]
+        )
+        assert welcome["denied"] == {"secret:plans": "forbidden"}
+        insider, _ = await node_b.open(
+            session, hs256(make_token, sub="bob", channels=["secret:*"]), ["secret:plans"]
+        )
+        await node_a.emit(session, "secret:plans", "hidden")
+        await node_a.emit(session, "chat:lobby", "open")
+        assert (await next_frame(insider))["data"] == "hidden"
+        frame = await next_frame(chat_only)
+        assert (frame["channel"], frame["data"]) == ("chat:lobby", "open")
+        await nothing_more(chat_only)
+        await chat_only.close()
+        await insider.close()
+
+
+async def test_redis_down_refuses_clearly_and_all_recovers(
+    aiohttp_client: AiohttpClient,
+    jwks_server: JwksServer,
+    make_token: MakeToken,
+    own_redis: RedisServer,
+    redis_prefix: str,
+) -> None:
+    server = await start_bus(
+        aiohttp_client,
+        jwks_server.url,
+        api_keys=["key-for-tests-only"],
+        broker=RedisBroker(own_redis.url, prefix=redis_prefix, socket_timeout=0.5),
+    )
+    token = make_token()
+    before, _ = await server.open(token, ["chat:lobby"])
+    first = await server.bus.publish("chat:lobby", "before")
+    assert (await next_frame(before))["data"] == "before"
+
+    own_redis.kill()
+    await eventually(lambda: not server.bus.broker.is_available)
+    response = await server.client.post(
+        "/ws/emit",
+        json={"channel": "chat:lobby", "data": 1},
+        headers={"X-API-Key": "key-for-tests-only"},
+    )
+    assert response.status == 503
+    assert (await response.json())["error"] == "broker_unavailable"
+    with pytest.raises(BrokerUnavailable):
+        await server.bus.publish("chat:lobby", "lost")
+    refused = await server.client.ws_connect("/ws")
+    assert await close_code(refused) == 1013
+
+    await asyncio.to_thread(own_redis.start)  # without its data: a new epoch
+    await eventually(lambda: server.bus.broker.is_available)
+    response = await server.client.post(
+        "/ws/emit",
+        json={"channel": "chat:lobby", "data": "after"},
+        headers={"X-API-Key": "key-for-tests-only"},
+    )
+    assert response.status == 202
+    frame = await next_frame(before)  # the socket that stayed open hears it
+    assert (frame["data"], frame["offset"]) == ("after", 1)
+    assert frame["epoch"] != first.epoch
+    since = {"chat:lobby": {"offset": first.offset, "epoch": first.epoch}}
+    later, welcome = await server.open(token, ["chat:lobby"], since=since)
+    assert welcome["recovered"] == {"chat:lobby": False}
+    assert welcome["positions"]["chat:lobby"] == {"offset": 1, "epoch": frame["epoch"]}
+    await nothing_more(later)
+    await before.close()
+    await later.close()
