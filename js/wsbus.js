@@ -365,6 +365,11 @@ export class WsBus {
       const last = this._positions.get(channel);
       if (last && last.epoch === epoch && offset <= last.offset) return; // seen it already
       this._positions.set(channel, { offset, epoch });
+      // A new epoch or a hole in the offsets on a live socket (the broker lost its
+      // history, or a node fell too far behind): messages may be gone, so say so.
+      if (last && (last.epoch !== epoch || offset > last.offset + 1)) {
+        this._emit("recovered", channel, false);
+      }
     }
     const meta = { channel, offset, epoch, recovered: frame.recovered === true };
     for (const handler of [...(this._handlers.get(channel) ?? [])]) {

@@ -131,3 +131,26 @@ test("no since at all when nothing is known", async () => {
   const hello = await reconnect(h);
   assert.equal("since" in hello, false);
 });
+
+test("a new epoch on a live socket is reported as recovered false, then delivered", async () => {
+  const h = harness();
+  const seen = [];
+  h.bus.subscribe("a", (data, meta) => seen.push([data, meta.offset, meta.epoch]));
+  await h.connect();
+  h.socket.receive(message("a", 41, "before"));
+  h.socket.receive({ type: "message", channel: "a", offset: 1, epoch: "e2", data: "restarted" });
+  assert.deepEqual(h.log.recovered, [["a", false]]);
+  assert.deepEqual(seen, [["before", 41, "e1"], ["restarted", 1, "e2"]]);
+  const hello = await reconnect(h);
+  assert.deepEqual(hello.since, { a: { offset: 1, epoch: "e2" } });
+});
+
+test("a hole in the offsets on a live socket is reported as recovered false", async () => {
+  const h = harness();
+  await h.connect();
+  h.socket.receive(message("a", 5, "x"));
+  h.socket.receive(message("a", 6, "next"));
+  assert.deepEqual(h.log.recovered, []);
+  h.socket.receive(message("a", 9, "after a hole"));
+  assert.deepEqual(h.log.recovered, [["a", false]]);
+});
