@@ -12,6 +12,7 @@ from playwright.async_api import Browser, Page
 import aiohttp_wsbus
 
 from .conftest import AUDIENCE, ISSUER, JwksServer, MakeToken
+from .support import eventually
 
 WAIT_MS = 5000  # any single wait in the page
 
@@ -205,4 +206,26 @@ async def test_page_recovers_what_was_published_while_its_socket_was_down(
         "disconnected",
         "connecting",
         "connected",
+    ]
+
+
+async def test_offline_drops_the_socket_and_online_reconnects_and_recovers(
+    page: Page, page_server: PageServer
+) -> None:
+    await page_server.publish("online")
+    await wait_until(page, "window.received.length === 1")
+
+    await page.context.set_offline(True)  # fires the window's `offline` event
+    await wait_until(page, "window.states.at(-1) === 'disconnected'")
+    await eventually(lambda: page_server.bus is not None and not page_server.bus.connections)
+    await page_server.publish("missed while offline")
+
+    await page.context.set_offline(False)  # `online`: back without waiting for backoff
+    await wait_until(page, connected_count(2))
+    await page_server.publish("back")
+    await wait_until(page, "window.received.length === 3")
+    assert [message["data"] for message in await received(page)] == [
+        "online",
+        "missed while offline",
+        "back",
     ]
