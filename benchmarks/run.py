@@ -44,19 +44,46 @@ class Sizes:
     storm: int
     channels: int
     concurrent: int | None  # connections held through heartbeats (wsbus and bare only)
+    settle: float = 1.0  # seconds the server gets to settle before its RSS is read
     concurrent_seconds: float = 12.0
     concurrent_heartbeat: float = 5.0
 
 
 MODES = {
-    "quick": Sizes(fanout=[20], messages=5, latency=[20], latency_rate=5, latency_seconds=1,
-                   memory=[20], storm=20, channels=20, concurrent=None),
-    "default": Sizes(fanout=[2000], messages=None, latency=[2000], latency_rate=5,
-                     latency_seconds=6, memory=[1000], storm=3000, channels=2000,
-                     concurrent=None),
-    "full": Sizes(fanout=[1000, 2000, 5000, 10000], messages=None, latency=[2000, 10000],
-                  latency_rate=5, latency_seconds=6, memory=[1000, 10000], storm=3000,
-                  channels=10000, concurrent=15000),
+    "quick": Sizes(
+        fanout=[20],
+        messages=5,
+        latency=[20],
+        latency_rate=5,
+        latency_seconds=1,
+        memory=[20],
+        storm=20,
+        channels=20,
+        concurrent=None,
+        settle=0.1,
+    ),
+    "default": Sizes(
+        fanout=[2000],
+        messages=None,
+        latency=[2000],
+        latency_rate=5,
+        latency_seconds=6,
+        memory=[1000],
+        storm=3000,
+        channels=2000,
+        concurrent=None,
+    ),
+    "full": Sizes(
+        fanout=[1000, 2000, 5000, 10000],
+        messages=None,
+        latency=[2000, 10000],
+        latency_rate=5,
+        latency_seconds=6,
+        memory=[1000, 10000],
+        storm=3000,
+        channels=10000,
+        concurrent=15000,
+    ),
 }
 WORKLOADS = ("fanout", "memory", "storm", "channels", "concurrent")
 
@@ -74,8 +101,12 @@ def make_keys(directory: Path, storm_size: int) -> Keys:
     expires = int(time.time()) + 3600
 
     def sign(subject: str, audience: str | None) -> str:
-        claims: dict[str, Any] = {"sub": subject, "iss": ISSUER, "exp": expires,
-                                  "channels": ["bench:*", "own:*"]}
+        claims: dict[str, Any] = {
+            "sub": subject,
+            "iss": ISSUER,
+            "exp": expires,
+            "channels": ["bench:*", "own:*"],
+        }
         if audience is not None:
             claims["aud"] = audience
         return jwt.encode(claims, private_key, algorithm="RS256", headers={"kid": KEY_ID})
@@ -88,8 +119,9 @@ def make_keys(directory: Path, storm_size: int) -> Keys:
     return keys
 
 
-async def run_server(kind: str, sizes: Sizes, keys: Keys, chosen: set[str],
-                     log: Callable[[str], None]) -> list[Result]:
+async def run_server(
+    kind: str, sizes: Sizes, keys: Keys, chosen: set[str], log: Callable[[str], None]
+) -> list[Result]:
     results: list[Result] = []
 
     async def group(name: str, heartbeat: float, work: Any) -> None:
@@ -98,24 +130,47 @@ async def run_server(kind: str, sizes: Sizes, keys: Keys, chosen: set[str],
             results.extend(await work(server))
 
     if "memory" in chosen:
-        await group("memory", 25, lambda s: workloads.memory(s, sizes.memory))
+        await group("memory", 25, lambda s: workloads.memory(s, sizes.memory, sizes.settle))
     if "fanout" in chosen:
-        await group("fan-out and latency", 25, lambda s: workloads.fanout_and_latency(
-            s, sizes.fanout, sizes.latency, sizes.latency_rate, sizes.latency_seconds,
-            sizes.messages))
+        await group(
+            "fan-out and latency",
+            25,
+            lambda s: workloads.fanout_and_latency(
+                s,
+                sizes.settle,
+                sizes.fanout,
+                sizes.latency,
+                sizes.latency_rate,
+                sizes.latency_seconds,
+                sizes.messages,
+            ),
+        )
     if "storm" in chosen:
-        await group("connect storm", 25, lambda s: workloads.storm(s, sizes.storm))
+        await group("connect storm", 25, lambda s: workloads.storm(s, sizes.storm, sizes.settle))
     if "channels" in chosen and kind != "asgi_ws":  # asgi_ws has no channels
-        await group("many channels", 25, lambda s: workloads.many_channels(s, sizes.channels))
+        await group(
+            "many channels",
+            25,
+            lambda s: workloads.many_channels(s, sizes.channels, sizes.settle, sizes.messages),
+        )
     if "concurrent" in chosen and sizes.concurrent and kind in ("wsbus", "bare"):
-        await group(f"{sizes.concurrent} concurrent", sizes.concurrent_heartbeat,
-                    lambda s: workloads.hold(s, sizes.concurrent or 0, sizes.concurrent_seconds,
-                                             sizes.concurrent_heartbeat))
+        await group(
+            f"{sizes.concurrent} concurrent",
+            sizes.concurrent_heartbeat,
+            lambda s: workloads.hold(
+                s,
+                sizes.settle,
+                sizes.concurrent or 0,
+                sizes.concurrent_seconds,
+                sizes.concurrent_heartbeat,
+            ),
+        )
     return results
 
 
-async def run_all(kinds: list[str], sizes: Sizes, chosen: set[str],
-                  log: Callable[[str], None]) -> list[Result]:
+async def run_all(
+    kinds: list[str], sizes: Sizes, chosen: set[str], log: Callable[[str], None]
+) -> list[Result]:
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="wsbus-bench-") as directory:
         log("making keys and RS256 tokens")
@@ -125,8 +180,18 @@ async def run_all(kinds: list[str], sizes: Sizes, chosen: set[str],
                 results += await run_server(kind, sizes, keys, chosen, log)
             except Exception as error:  # one broken peer must not lose the others' figures
                 log(f"  {kind}: FAILED: {type(error).__name__}: {error}")
-                results.append(Result(kind, "error", 0, "failed", math.nan, "", "higher",
-                                      note=f"{type(error).__name__}: {error}"))
+                results.append(
+                    Result(
+                        kind,
+                        "error",
+                        0,
+                        "failed",
+                        math.nan,
+                        "",
+                        "higher",
+                        note=f"{type(error).__name__}: {error}",
+                    )
+                )
     return results
 
 
@@ -171,7 +236,8 @@ def table(results: list[Result], kinds: list[str]) -> str:
             load += " (saturated)"
         better = next(iter(by_server.values())).better
         lines.append(
-            "| " + " | ".join([workload, str(size), f"{metric} ({better} is better)", *cells, load])
+            "| "
+            + " | ".join([workload, str(size), f"{metric} ({better} is better)", *cells, load])
             + " |"
         )
     busy = [
@@ -217,14 +283,30 @@ def plot(results: list[Result], kinds: list[str], path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_const", const="quick", dest="mode",
-                      help="tiny sizes, seconds (the smoke test's mode)")
-    size.add_argument("--full", action="store_const", const="full", dest="mode",
-                      help="up to 10000 subscribers and 15000 concurrent connections")
-    parser.add_argument("--servers", default=",".join(KINDS),
-                        help=f"comma-separated, from {','.join(KINDS)} (default: all importable)")
-    parser.add_argument("--workloads", default=",".join(WORKLOADS),
-                        help=f"comma-separated, from {','.join(WORKLOADS)}")
+    size.add_argument(
+        "--quick",
+        action="store_const",
+        const="quick",
+        dest="mode",
+        help="tiny sizes, seconds (the smoke test's mode)",
+    )
+    size.add_argument(
+        "--full",
+        action="store_const",
+        const="full",
+        dest="mode",
+        help="up to 10000 subscribers and 15000 concurrent connections",
+    )
+    parser.add_argument(
+        "--servers",
+        default=",".join(KINDS),
+        help=f"comma-separated, from {','.join(KINDS)} (default: all importable)",
+    )
+    parser.add_argument(
+        "--workloads",
+        default=",".join(WORKLOADS),
+        help=f"comma-separated, from {','.join(WORKLOADS)}",
+    )
     parser.add_argument("--plot", type=Path, metavar="PNG", help="write a chart of the ratios")
     parser.add_argument("--json", type=Path, metavar="FILE", help="write every figure as JSON")
     args = parser.parse_args(argv)
@@ -249,15 +331,20 @@ def main(argv: list[str] | None = None) -> None:
     raise_fd_limit()
     pin_to_core(LOADER_CORE)
     cores = os.sched_getaffinity(0)
-    print(f"load generator on core(s) {sorted(cores)}, servers on core {SERVER_CORE}; "
-          f"load average {os.getloadavg()[0]:.2f}", flush=True)
+    print(
+        f"load generator on core(s) {sorted(cores)}, servers on core {SERVER_CORE}; "
+        f"load average {os.getloadavg()[0]:.2f}",
+        flush=True,
+    )
 
     def log(line: str) -> None:
         print(f"[{time.perf_counter() - started:6.1f} s] {line}", flush=True)
 
     results = asyncio.run(run_all(kinds, sizes, chosen, log))
-    print(f"\nmode {args.mode or 'default'}, {time.perf_counter() - started:.0f} s, "
-          f"load average after {os.getloadavg()[0]:.2f}\n")
+    print(
+        f"\nmode {args.mode or 'default'}, {time.perf_counter() - started:.0f} s, "
+        f"load average after {os.getloadavg()[0]:.2f}\n"
+    )
     print(table(results, kinds))
     if args.json:
         args.json.write_text(workloads.dump(results))

@@ -75,8 +75,15 @@ class Server:
         self.dialect = Dialect(kind)
         self.keys = keys
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.servers", kind, str(core), str(heartbeat),
-             str(keys.directory)],
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.servers",
+                kind,
+                str(core),
+                str(heartbeat),
+                str(keys.directory),
+            ],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             text=True,
@@ -175,10 +182,30 @@ def throughput(
     note = note or loader_note(loader)
     busy = server_cpu / wall
     return [
-        Result(server.kind, label, size, "deliveries/s", deliveries / wall, "/s", "higher",
-               loader, note, busy),
-        Result(server.kind, label, size, "server CPU per delivery",
-               server_cpu / max(deliveries, 1) * 1e6, "µs", "lower", loader, note, busy),
+        Result(
+            server.kind,
+            label,
+            size,
+            "deliveries/s",
+            deliveries / wall,
+            "/s",
+            "higher",
+            loader,
+            note,
+            busy,
+        ),
+        Result(
+            server.kind,
+            label,
+            size,
+            "server CPU per delivery",
+            server_cpu / max(deliveries, 1) * 1e6,
+            "µs",
+            "lower",
+            loader,
+            note,
+            busy,
+        ),
     ]
 
 
@@ -217,19 +244,19 @@ class Clients:
 # -- workloads ---------------------------------------------------------------
 
 
-async def warm_up(server: Server, clients: Clients) -> None:
+async def warm_up(server: Server, clients: Clients, settle: float) -> None:
     """Connect and drop a few clients, so lazy imports and caches are not counted."""
     token = server.keys.shared(server.kind)
     await clients.add([token] * 5, [[FANOUT_CHANNEL]] * 5)
     await server.emit(FANOUT_CHANNEL, payload())
     await clients.close()
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(settle)
 
 
-async def memory(server: Server, sizes: list[int], workload: str = "memory") -> list[Result]:
+async def memory(server: Server, sizes: list[int], settle: float) -> list[Result]:
     """RSS per idle subscribed connection, at each size (connected in ascending order)."""
     clients = Clients(server)
-    await warm_up(server, clients)
+    await warm_up(server, clients, settle)
     baseline = server.rss()
     results = []
     token = server.keys.shared(server.kind)
@@ -237,20 +264,29 @@ async def memory(server: Server, sizes: list[int], workload: str = "memory") -> 
         more = size - len(clients.open)
         await clients.add([token] * more, [[FANOUT_CHANNEL]] * more)
         await server.wait_for_connections(size)
-        await asyncio.sleep(1.0)  # let the server settle (handshake buffers freed)
+        await asyncio.sleep(settle)  # let the server settle (handshake buffers freed)
         per_connection = (server.rss() - baseline) / size
         results.append(
-            Result(server.kind, workload, size, "memory per idle connection", per_connection / 1024,
-                   "KB", "lower")
+            Result(
+                server.kind,
+                "memory",
+                size,
+                "memory per idle connection",
+                per_connection / 1024,
+                "KB",
+                "lower",
+            )
         )
     await clients.close()
     return results
 
 
-async def hold(server: Server, size: int, seconds: float, heartbeat: float) -> list[Result]:
+async def hold(
+    server: Server, settle: float, size: int, seconds: float, heartbeat: float
+) -> list[Result]:
     """`size` connections held through several heartbeats: all still open, and the RSS."""
     clients = Clients(server)
-    await warm_up(server, clients)
+    await warm_up(server, clients, settle)
     baseline = server.rss()
     token = server.keys.shared(server.kind)
     await clients.add([token] * size, [[FANOUT_CHANNEL]] * size)
@@ -259,11 +295,26 @@ async def hold(server: Server, size: int, seconds: float, heartbeat: float) -> l
     rss = server.rss()
     note = f"held {seconds:.0f} s with heartbeat {heartbeat:g} s; {clients.stats.closed} dropped"
     results = [
-        Result(server.kind, "concurrent", size, "connections still open", still_open, "", "higher",
-               note=note),
+        Result(
+            server.kind,
+            "concurrent",
+            size,
+            "connections still open",
+            still_open,
+            "",
+            "higher",
+            note=note,
+        ),
         Result(server.kind, "concurrent", size, "server RSS", rss / 2**20, "MB", "lower"),
-        Result(server.kind, "concurrent", size, "memory per connection",
-               (rss - baseline) / size / 1024, "KB", "lower"),
+        Result(
+            server.kind,
+            "concurrent",
+            size,
+            "memory per connection",
+            (rss - baseline) / size / 1024,
+            "KB",
+            "lower",
+        ),
     ]
     await clients.close()
     return results
@@ -281,8 +332,13 @@ async def _emit_all(server: Server, channel: str, count: int, concurrency: int =
 
 
 async def _fanout_once(
-    server: Server, clients: Clients, subscribers: int, messages: int, via: str,
-    workload: str, channel: str,
+    server: Server,
+    clients: Clients,
+    subscribers: int,
+    messages: int,
+    via: str,
+    workload: str,
+    channel: str,
 ) -> list[Result]:
     deliveries = subscribers * messages
     clients.stats.reset(deliveries)
@@ -290,8 +346,9 @@ async def _fanout_once(
     if via == "http":
         await _emit_all(server, channel, messages)
     else:
-        await server.control("/bench/publish",
-                             {"channel": channel, "count": messages, "data": payload()})
+        await server.control(
+            "/bench/publish", {"channel": channel, "count": messages, "data": payload()}
+        )
     note = ""
     try:
         await asyncio.wait_for(clients.stats.reached.wait(), timeout=120)
@@ -307,11 +364,16 @@ def messages_for(subscribers: int) -> int:
 
 
 async def fanout_and_latency(
-    server: Server, sizes: list[int], latency_sizes: list[int], rate: float, seconds: float,
+    server: Server,
+    settle: float,
+    sizes: list[int],
+    latency_sizes: list[int],
+    rate: float,
+    seconds: float,
     messages: int | None,
 ) -> list[Result]:
     clients = Clients(server)
-    await warm_up(server, clients)
+    await warm_up(server, clients, settle)
     token = server.keys.shared(server.kind)
     results: list[Result] = []
     for size in sorted(set(sizes) | set(latency_sizes)):
@@ -355,8 +417,19 @@ async def latency(
     note = note or loader_note(loader)
     label = f"latency at {rate:g} msg/s"
     if not samples:
-        return [Result(server.kind, label, subscribers, "p99", float("nan"), "ms", "lower",
-                       loader, "no samples")]
+        return [
+            Result(
+                server.kind,
+                label,
+                subscribers,
+                "p99",
+                float("nan"),
+                "ms",
+                "lower",
+                loader,
+                "no samples",
+            )
+        ]
     return [
         Result(server.kind, label, subscribers, name, value / 1e6, "ms", "lower", loader, note)
         for name, value in (
@@ -367,26 +440,39 @@ async def latency(
     ]
 
 
-async def storm(server: Server, size: int) -> list[Result]:
+async def storm(server: Server, size: int, settle: float) -> list[Result]:
     """`size` clients with distinct RS256 tokens connect at once; twice (cold, then again)."""
     clients = Clients(server)
-    await warm_up(server, clients)
+    await warm_up(server, clients, settle)
     tokens = server.keys.distinct(server.kind, size)
     results = []
     for label in ("connect storm, new tokens", "reconnect storm, same tokens"):
         meter = Meter(server)
         await clients.add(tokens, [[FANOUT_CHANNEL]] * size, in_flight=None)
         wall, _, loader = meter.stop()
-        results.append(Result(server.kind, label, size, "connections/s", size / wall, "/s",
-                              "higher", loader, loader_note(loader)))
+        results.append(
+            Result(
+                server.kind,
+                label,
+                size,
+                "connections/s",
+                size / wall,
+                "/s",
+                "higher",
+                loader,
+                loader_note(loader),
+            )
+        )
         await clients.close()
     return results
 
 
-async def many_channels(server: Server, size: int) -> list[Result]:
+async def many_channels(
+    server: Server, size: int, settle: float, messages: int | None
+) -> list[Result]:
     """`size` connections, each on its own channel plus one shared channel."""
     clients = Clients(server)
-    await warm_up(server, clients)
+    await warm_up(server, clients, settle)
     baseline = server.rss()
     token = server.keys.shared(server.kind)
     workload = "many channels"
@@ -394,21 +480,43 @@ async def many_channels(server: Server, size: int) -> list[Result]:
     await clients.add([token] * size, [[f"{OWN_PREFIX}{n}", SHARED_CHANNEL] for n in range(size)])
     wall, _, loader = meter.stop()
     await server.wait_for_connections(size)
-    await asyncio.sleep(1.0)
+    await asyncio.sleep(settle)
     results = [
-        Result(server.kind, workload, size, "connections/s", size / wall, "/s", "higher", loader,
-               loader_note(loader)),
-        Result(server.kind, workload, size, "memory per connection",
-               (server.rss() - baseline) / size / 1024, "KB", "lower"),
+        Result(
+            server.kind,
+            workload,
+            size,
+            "connections/s",
+            size / wall,
+            "/s",
+            "higher",
+            loader,
+            loader_note(loader),
+        ),
+        Result(
+            server.kind,
+            workload,
+            size,
+            "memory per connection",
+            (server.rss() - baseline) / size / 1024,
+            "KB",
+            "lower",
+        ),
     ]
     results += await _fanout_once(
-        server, clients, size, max(5, 100_000 // size), "http", workload + ", shared channel",
+        server,
+        clients,
+        size,
+        messages or max(5, 100_000 // size),
+        "http",
+        workload + ", shared channel",
         SHARED_CHANNEL,
     )
     clients.stats.reset(size)
     meter = Meter(server)
-    await server.control("/bench/publish_each",
-                         {"prefix": OWN_PREFIX, "count": size, "data": payload()})
+    await server.control(
+        "/bench/publish_each", {"prefix": OWN_PREFIX, "count": size, "data": payload()}
+    )
     await asyncio.wait_for(clients.stats.reached.wait(), timeout=120)
     results += throughput(server, workload + ", one message per own channel", size, size, meter)
     await clients.close()
