@@ -263,12 +263,13 @@ def plot(results: list[Result], kinds: list[str], path: Path) -> None:
     rows = {key: row for key, row in rows.items() if row.get(BASELINE)}
     others = [kind for kind in kinds if kind != BASELINE]
     labels = [f"{workload} N={size}\n{metric}" for workload, size, metric in rows]
-    figure, axes = pyplot.subplots(figsize=(12, max(4, 0.55 * len(rows) * max(1, len(others)))))
+    figure, axes = pyplot.subplots(figsize=(12, max(4, 0.3 * len(rows) * max(1, len(others)))))
     height = 0.8 / max(1, len(others))
     for index, kind in enumerate(others):
         ratios = [row.get(kind, math.nan) / row[BASELINE] for row in rows.values()]
         positions = [n + index * height for n in range(len(rows))]
         axes.barh(positions, ratios, height=height, label=kind)
+    axes.set_xscale("log")  # 0.5x and 2x sit equally far from the floor
     axes.axvline(1.0, color="black", linewidth=1)
     axes.set_yticks([n + 0.4 - height / 2 for n in range(len(rows))])
     axes.set_yticklabels(labels, fontsize=7)
@@ -277,7 +278,7 @@ def plot(results: list[Result], kinds: list[str], path: Path) -> None:
     axes.set_title("aiohttp-wsbus benchmarks: each figure / bare aiohttp loop")
     axes.legend()
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=110, bbox_inches="tight")
 
 
 def main(argv: list[str] | None = None) -> None:
