@@ -28,7 +28,15 @@ setup(
     extras_require={
         "redis": ["redis>=5.2"],
         "metrics": ["prometheus-client>=0.20"],
-        "bench": ["matplotlib"],
+        # The benchmark's peers and tools: python -m benchmarks (benchmarks/README.md).
+        "bench": [
+            "matplotlib",
+            "asgi-ws==1.0.0",
+            "fastapi",
+            "uvicorn",
+            "python-socketio>=5",
+            "py-spy",
+        ],
         "test": [
             "pytest>=8",
             "pytest-aiohttp>=1.1",

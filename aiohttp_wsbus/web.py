@@ -272,6 +272,7 @@ class _Handlers:
                 connect.since,
                 lambda result: _welcome(connection, claims, result),
             )
+            del connect  # it holds the token: not kept for the socket's whole life
             await self._receive_frames(socket, connection)
         finally:
             connection.close(CloseCode.NORMAL)

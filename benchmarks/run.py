@@ -1,0 +1,354 @@
+"""The command line: run every workload against every server, print the table, plot it."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from jwt.algorithms import RSAAlgorithm
+
+from . import workloads
+from .servers import AUDIENCE, ISSUER, KEY_ID, KINDS, is_available
+from .system import pin_to_core, raise_fd_limit
+from .workloads import Keys, Result
+
+BASELINE = "bare"
+TIMES = "\N{MULTIPLICATION SIGN}"
+SERVER_CORE = 0
+LOADER_CORE = 1
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How big each workload is in one mode (--quick, default, --full)."""
+
+    fanout: list[int]
+    messages: int | None  # per fan-out run; None: about 200k deliveries per run
+    latency: list[int]
+    latency_rate: float
+    latency_seconds: float
+    memory: list[int]
+    storm: int
+    channels: int
+    concurrent: int | None  # connections held through heartbeats (wsbus and bare only)
+    settle: float = 1.0  # seconds the server gets to settle before its RSS is read
+    concurrent_seconds: float = 12.0
+    concurrent_heartbeat: float = 5.0
+
+
+MODES = {
+    "quick": Sizes(
+        fanout=[20],
+        messages=5,
+        latency=[20],
+        latency_rate=5,
+        latency_seconds=1,
+        memory=[20],
+        storm=20,
+        channels=20,
+        concurrent=None,
+        settle=0.1,
+    ),
+    "default": Sizes(
+        fanout=[2000],
+        messages=None,
+        latency=[2000],
+        latency_rate=5,
+        latency_seconds=6,
+        memory=[1000],
+        storm=3000,
+        channels=2000,
+        concurrent=None,
+    ),
+    "full": Sizes(
+        fanout=[1000, 2000, 5000, 10000],
+        messages=None,
+        latency=[2000, 10000],
+        latency_rate=5,
+        latency_seconds=6,
+        memory=[1000, 10000],
+        storm=3000,
+        channels=10000,
+        concurrent=15000,
+    ),
+}
+WORKLOADS = ("fanout", "memory", "storm", "channels", "concurrent")
+
+
+def make_keys(directory: Path, storm_size: int) -> Keys:
+    """An RSA key, its JWKS and public PEM on disk, and the tokens the workloads use."""
+    private_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public_pem = private_key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    (directory / "public.pem").write_bytes(public_pem)
+    jwk = RSAAlgorithm.to_jwk(private_key.public_key(), as_dict=True)
+    jwk.update(kid=KEY_ID, alg="RS256", use="sig")
+    (directory / "jwks.json").write_text(json.dumps({"keys": [jwk]}))
+    expires = int(time.time()) + 3600
+
+    def sign(subject: str, audience: str | None) -> str:
+        claims: dict[str, Any] = {
+            "sub": subject,
+            "iss": ISSUER,
+            "exp": expires,
+            "channels": ["bench:*", "own:*"],
+        }
+        if audience is not None:
+            claims["aud"] = audience
+        return jwt.encode(claims, private_key, algorithm="RS256", headers={"kid": KEY_ID})
+
+    keys = Keys(directory)
+    # asgi_ws checks no audience, and PyJWT refuses a token with one it was not told of.
+    for audience in (AUDIENCE, None):
+        keys.shared_token[audience] = sign("shared", audience)
+        keys.storm_tokens[audience] = [sign(f"user{n}", audience) for n in range(storm_size)]
+    return keys
+
+
+async def run_server(
+    kind: str, sizes: Sizes, keys: Keys, chosen: set[str], log: Callable[[str], None]
+) -> list[Result]:
+    results: list[Result] = []
+
+    async def group(name: str, heartbeat: float, work: Any) -> None:
+        log(f"  {kind}: {name}")
+        async with workloads.running(kind, SERVER_CORE, heartbeat, keys) as server:
+            results.extend(await work(server))
+
+    if "memory" in chosen:
+        await group("memory", 25, lambda s: workloads.memory(s, sizes.memory, sizes.settle))
+    if "fanout" in chosen:
+        await group(
+            "fan-out and latency",
+            25,
+            lambda s: workloads.fanout_and_latency(
+                s,
+                sizes.settle,
+                sizes.fanout,
+                sizes.latency,
+                sizes.latency_rate,
+                sizes.latency_seconds,
+                sizes.messages,
+            ),
+        )
+    if "storm" in chosen:
+        await group("connect storm", 25, lambda s: workloads.storm(s, sizes.storm, sizes.settle))
+    if "channels" in chosen and kind != "asgi_ws":  # asgi_ws has no channels
+        await group(
+            "many channels",
+            25,
+            lambda s: workloads.many_channels(s, sizes.channels, sizes.settle, sizes.messages),
+        )
+    if "concurrent" in chosen and sizes.concurrent and kind in ("wsbus", "bare"):
+        await group(
+            f"{sizes.concurrent} concurrent",
+            sizes.concurrent_heartbeat,
+            lambda s: workloads.hold(
+                s,
+                sizes.settle,
+                sizes.concurrent or 0,
+                sizes.concurrent_seconds,
+                sizes.concurrent_heartbeat,
+            ),
+        )
+    return results
+
+
+async def run_all(
+    kinds: list[str], sizes: Sizes, chosen: set[str], log: Callable[[str], None]
+) -> list[Result]:
+    results: list[Result] = []
+    with tempfile.TemporaryDirectory(prefix="wsbus-bench-") as directory:
+        log("making keys and RS256 tokens")
+        keys = make_keys(Path(directory), sizes.storm if "storm" in chosen else 0)
+        for kind in kinds:
+            try:
+                results += await run_server(kind, sizes, keys, chosen, log)
+            except Exception as error:  # one broken peer must not lose the others' figures
+                log(f"  {kind}: FAILED: {type(error).__name__}: {error}")
+                results.append(
+                    Result(
+                        kind,
+                        "error",
+                        0,
+                        "failed",
+                        math.nan,
+                        "",
+                        "higher",
+                        note=f"{type(error).__name__}: {error}",
+                    )
+                )
+    return results
+
+
+# -- reporting ---------------------------------------------------------------
+
+
+def _format(value: float, unit: str) -> str:
+    if math.isnan(value):
+        return "n/a"
+    if unit == "/s" or (unit == "" and value >= 100):
+        return f"{value:,.0f}"
+    if abs(value) >= 100:
+        return f"{value:,.0f} {unit}".strip()
+    return f"{value:.2f} {unit}".strip() if abs(value) < 10 else f"{value:.1f} {unit}".strip()
+
+
+def table(results: list[Result], kinds: list[str]) -> str:
+    """A Markdown table: one row per figure, one column per server, ratios vs the bare loop."""
+    rows: dict[tuple[str, int, str], dict[str, Result]] = {}
+    for result in results:
+        if result.workload != "error":
+            rows.setdefault(result.key, {})[result.server] = result
+    header = ["workload", "N", "metric", *kinds, "load generator CPU"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for (workload, size, metric), by_server in rows.items():
+        base = by_server.get(BASELINE)
+        cells = []
+        for kind in kinds:
+            found = by_server.get(kind)
+            if found is None:
+                cells.append("")
+                continue
+            cell = _format(found.value, found.unit)
+            if base is not None and kind != BASELINE and base.value and not math.isnan(base.value):
+                cell += f" ({found.value / base.value:.2f}{TIMES})"
+            if "SATURATED" in found.note or "timed out" in found.note:
+                cell += " (!)"
+            cells.append(cell)
+        loads = [r.loader_cpu for r in by_server.values() if r.loader_cpu is not None]
+        load = f"{max(loads) * 100:.0f}% max" if loads else ""
+        if loads and max(loads) > workloads.SATURATED:
+            load += " (saturated)"
+        better = next(iter(by_server.values())).better
+        lines.append(
+            "| "
+            + " | ".join([workload, str(size), f"{metric} ({better} is better)", *cells, load])
+            + " |"
+        )
+    busy = [
+        f"- {r.server}, {r.workload} N={r.size}: server core only {r.server_busy * 100:.0f}% busy"
+        for r in results
+        if r.metric == "deliveries/s" and r.server_busy is not None and r.server_busy < 0.7
+    ]
+    notes = [f"- {r.server}, {r.workload} N={r.size}: {r.note}" for r in results if r.note]
+    if notes or busy:
+        lines += ["", "Notes:", *dict.fromkeys(notes), *busy]
+    return "\n".join(lines)
+
+
+def plot(results: list[Result], kinds: list[str], path: Path) -> None:
+    """A bar chart of every figure as a ratio to the bare aiohttp loop."""
+    matplotlib: Any = importlib.import_module("matplotlib")
+    matplotlib.use("Agg")
+    pyplot: Any = importlib.import_module("matplotlib.pyplot")
+    rows: dict[tuple[str, int, str], dict[str, float]] = {}
+    for result in results:
+        if result.workload != "error" and not math.isnan(result.value):
+            rows.setdefault(result.key, {})[result.server] = result.value
+    rows = {key: row for key, row in rows.items() if row.get(BASELINE)}
+    others = [kind for kind in kinds if kind != BASELINE]
+    labels = [f"{workload} N={size}\n{metric}" for workload, size, metric in rows]
+    figure, axes = pyplot.subplots(figsize=(12, max(4, 0.3 * len(rows) * max(1, len(others)))))
+    height = 0.8 / max(1, len(others))
+    for index, kind in enumerate(others):
+        ratios = [row.get(kind, math.nan) / row[BASELINE] for row in rows.values()]
+        positions = [n + index * height for n in range(len(rows))]
+        axes.barh(positions, ratios, height=height, label=kind)
+    axes.set_xscale("log")  # 0.5x and 2x sit equally far from the floor
+    axes.axvline(1.0, color="black", linewidth=1)
+    axes.set_yticks([n + 0.4 - height / 2 for n in range(len(rows))])
+    axes.set_yticklabels(labels, fontsize=7)
+    axes.invert_yaxis()
+    axes.set_xlabel("ratio to the bare aiohttp loop (same run)")
+    axes.set_title("aiohttp-wsbus benchmarks: each figure / bare aiohttp loop")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110, bbox_inches="tight")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument(
+        "--quick",
+        action="store_const",
+        const="quick",
+        dest="mode",
+        help="tiny sizes, seconds (the smoke test's mode)",
+    )
+    size.add_argument(
+        "--full",
+        action="store_const",
+        const="full",
+        dest="mode",
+        help="up to 10000 subscribers and 15000 concurrent connections",
+    )
+    parser.add_argument(
+        "--servers",
+        default=",".join(KINDS),
+        help=f"comma-separated, from {','.join(KINDS)} (default: all importable)",
+    )
+    parser.add_argument(
+        "--workloads",
+        default=",".join(WORKLOADS),
+        help=f"comma-separated, from {','.join(WORKLOADS)}",
+    )
+    parser.add_argument("--plot", type=Path, metavar="PNG", help="write a chart of the ratios")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="write every figure as JSON")
+    args = parser.parse_args(argv)
+    sizes = MODES[args.mode or "default"]
+    chosen = set(args.workloads.split(","))
+    unknown = chosen - set(WORKLOADS)
+    if unknown:
+        parser.error(f"unknown workloads: {sorted(unknown)}")
+    kinds = []
+    for kind in args.servers.split(","):
+        if kind not in KINDS:
+            parser.error(f"unknown server {kind!r}")
+        if is_available(kind):
+            kinds.append(kind)
+        else:
+            print(f"skipping {kind}: not installed (pip install -e '.[bench]')", flush=True)
+    if BASELINE in kinds:  # the baseline first, so its figures exist if a peer breaks later
+        kinds.remove(BASELINE)
+        kinds.insert(0, BASELINE)
+
+    started = time.perf_counter()
+    raise_fd_limit()
+    pin_to_core(LOADER_CORE)
+    cores = os.sched_getaffinity(0)
+    print(
+        f"load generator on core(s) {sorted(cores)}, servers on core {SERVER_CORE}; "
+        f"load average {os.getloadavg()[0]:.2f}",
+        flush=True,
+    )
+
+    def log(line: str) -> None:
+        print(f"[{time.perf_counter() - started:6.1f} s] {line}", flush=True)
+
+    results = asyncio.run(run_all(kinds, sizes, chosen, log))
+    print(
+        f"\nmode {args.mode or 'default'}, {time.perf_counter() - started:.0f} s, "
+        f"load average after {os.getloadavg()[0]:.2f}\n"
+    )
+    print(table(results, kinds))
+    if args.json:
+        args.json.write_text(workloads.dump(results))
+    if args.plot:
+        plot(results, kinds, args.plot)
+        print(f"\nchart written to {args.plot}")

@@ -1,0 +1,313 @@
+"""The servers under test, each run alone in a process pinned to one core.
+
+`python -m benchmarks.servers KIND CORE HEARTBEAT KEYDIR` binds a free loopback
+port, prints `READY <port>` and serves until SIGTERM. Every kind serves:
+
+- its WebSocket endpoint, in its own protocol (benchmarks/client.py speaks each);
+- its HTTP emit endpoint (see `EMIT_PATH`);
+- `GET /bench/stats` -> {"connections": n};
+- `POST /bench/publish` {"channel", "count", "data"}: publish in-process `count` times;
+- `POST /bench/publish_each` {"prefix", "count", "data"}: publish once to each of
+  the channels prefix0 .. prefix(count-1).
+
+KINDS: wsbus (this project), bare (the aiohttp floor), asgi_ws 1.0.0 (FastAPI +
+uvicorn), socketio (python-socketio on aiohttp).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import signal
+import socket
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, Final
+
+from aiohttp import WSMsgType, web
+
+from .system import pin_to_core, raise_fd_limit
+
+KINDS: Final = ("wsbus", "bare", "asgi_ws", "socketio")
+API_KEY: Final = "benchmark-api-key-0123456789"
+ISSUER: Final = "https://idp.bench/"
+AUDIENCE: Final = "wsbus"
+KEY_ID: Final = "bench"
+BACKLOG: Final = 4096
+EMIT_PATH: Final = {
+    "wsbus": "/ws/emit",
+    "bare": "/emit",
+    "asgi_ws": "/ws/emmit",
+    "socketio": "/emit",
+}
+
+Publish = Callable[[str, Any], Awaitable[object]]
+
+
+def is_available(kind: str) -> bool:
+    """Whether the packages a server kind needs are importable here."""
+    needs = {"asgi_ws": ["asgi_ws", "fastapi", "uvicorn"], "socketio": ["socketio"]}
+    for name in needs.get(kind, []):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            return False
+    return True
+
+
+def listening_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(BACKLOG)
+    sock.setblocking(False)
+    return sock
+
+
+# -- control routes shared by the aiohttp-based kinds -----------------------
+
+
+def add_control_routes(app: web.Application, publish: Publish, count: Callable[[], int]) -> None:
+    async def stats(request: web.Request) -> web.Response:
+        return web.json_response({"connections": count()})
+
+    async def publish_many(request: web.Request) -> web.Response:
+        body = await request.json()
+        for _ in range(body["count"]):
+            await publish(body["channel"], body["data"])
+        return web.json_response({"published": body["count"]})
+
+    async def publish_each(request: web.Request) -> web.Response:
+        body = await request.json()
+        prefix = body["prefix"]
+        for n in range(body["count"]):
+            await publish(f"{prefix}{n}", body["data"])
+        return web.json_response({"published": body["count"]})
+
+    app.router.add_get("/bench/stats", stats)
+    app.router.add_post("/bench/publish", publish_many)
+    app.router.add_post("/bench/publish_each", publish_each)
+
+
+# -- the kinds ---------------------------------------------------------------
+
+
+async def wsbus_app(heartbeat: float, keydir: Path, jwks_url: str) -> web.Application:
+    import aiohttp_wsbus
+
+    app = web.Application()
+    bus = aiohttp_wsbus.setup(
+        app,
+        jwks_url=jwks_url,
+        issuer=ISSUER,
+        audience=AUDIENCE,
+        api_keys=[API_KEY],
+        heartbeat=heartbeat,
+        max_channels=4,
+    )
+    add_control_routes(app, bus.publish, lambda: bus.open_sockets)
+    return app
+
+
+class BareLoop:
+    """The floor: aiohttp's own WebSocket, a dict of channels, `await ws.send_str` per socket.
+
+    No auth and no grants; the same WebSocket settings as the bus.
+    """
+
+    def __init__(self, heartbeat: float) -> None:
+        self.heartbeat = heartbeat
+        self.channels: dict[str, set[web.WebSocketResponse]] = {}
+        self.count = 0
+
+    async def websocket(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(heartbeat=self.heartbeat, max_msg_size=65536, compress=False)
+        await ws.prepare(request)
+        joined = [c for c in request.query.get("channels", "").split(",") if c]
+        self.count += 1
+        for channel in joined:
+            self.channels.setdefault(channel, set()).add(ws)
+        try:
+            async for message in ws:
+                if message.type == WSMsgType.ERROR:
+                    break
+        finally:
+            self.count -= 1
+            for channel in joined:
+                self.channels[channel].discard(ws)
+        return ws
+
+    async def publish(self, channel: str, data: Any) -> None:
+        text = json.dumps({"type": "message", "channel": channel, "data": data})
+        for ws in list(self.channels.get(channel, ())):
+            await ws.send_str(text)
+
+    async def emit(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        await self.publish(body["channel"], body["data"])
+        return web.json_response({"ok": True}, status=202)
+
+
+async def bare_app(heartbeat: float) -> web.Application:
+    bare = BareLoop(heartbeat)
+    app = web.Application()
+    app.router.add_get("/ws", bare.websocket)
+    app.router.add_post("/emit", bare.emit)
+    add_control_routes(app, bare.publish, lambda: bare.count)
+    return app
+
+
+async def socketio_app(heartbeat: float, keydir: Path) -> web.Application:
+    import jwt
+
+    socketio: Any = importlib.import_module("socketio")
+    public_key = (keydir / "public.pem").read_text()
+    sio = socketio.AsyncServer(
+        async_mode="aiohttp", ping_interval=heartbeat, ping_timeout=heartbeat / 2
+    )
+    app = web.Application()
+    sio.attach(app)
+    connected: set[str] = set()
+
+    async def connect(sid: str, environ: object, auth: Any) -> bool:
+        try:
+            jwt.decode(
+                auth["token"], public_key, algorithms=["RS256"], issuer=ISSUER, audience=AUDIENCE
+            )
+        except (jwt.InvalidTokenError, KeyError, TypeError):
+            return False
+        for channel in auth.get("channels", []):
+            await sio.enter_room(sid, channel)
+        connected.add(sid)
+        return True
+
+    async def disconnect(sid: str, *args: object) -> None:
+        connected.discard(sid)
+
+    sio.on("connect", connect)
+    sio.on("disconnect", disconnect)
+
+    async def publish(channel: str, data: Any) -> None:
+        await sio.emit("message", {"channel": channel, "data": data}, room=channel)
+
+    async def emit(request: web.Request) -> web.Response:
+        body = await request.json()
+        await publish(body["channel"], body["data"])
+        return web.json_response({"ok": True}, status=202)
+
+    app.router.add_post("/emit", emit)
+    add_control_routes(app, publish, lambda: len(connected))
+    return app
+
+
+async def serve_asgi_ws(heartbeat: float, keydir: Path, sock: socket.socket) -> None:
+    """asgi_ws 1.0.0 on FastAPI + uvicorn, verifying RS256 with the public key as its 'secret'."""
+    fastapi: Any = importlib.import_module("fastapi")
+    uvicorn: Any = importlib.import_module("uvicorn")
+    asgi_ws: Any = importlib.import_module("asgi_ws")
+    app = fastapi.FastAPI()
+    public_pem = (keydir / "public.pem").read_text()
+    asgi_ws.setup_app(app, jwt_secret_key=public_pem, jwt_algorithm="RS256")
+    manager = _asgi_ws_manager(app)
+
+    async def stats() -> dict[str, int]:
+        return {"connections": len(manager.active_connections)}
+
+    async def publish_many(body: dict[str, Any]) -> dict[str, int]:
+        for _ in range(body["count"]):
+            await manager.broadcast(body["channel"], body["data"])
+        return {"published": body["count"]}
+
+    async def publish_each(body: dict[str, Any]) -> dict[str, int]:
+        for n in range(body["count"]):
+            await manager.broadcast(f"{body['prefix']}{n}", body["data"])
+        return {"published": body["count"]}
+
+    app.add_api_route("/bench/stats", stats, methods=["GET"])
+    app.add_api_route("/bench/publish", publish_many, methods=["POST"])
+    app.add_api_route("/bench/publish_each", publish_each, methods=["POST"])
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        access_log=False,
+        ws_ping_interval=heartbeat,
+        ws_ping_timeout=heartbeat / 2,
+        backlog=BACKLOG,
+        lifespan="off",
+    )
+    server = uvicorn.Server(config)
+    ready(sock)
+    await server.serve(sockets=[sock])
+
+
+def _asgi_ws_manager(app: Any) -> Any:
+    """asgi_ws keeps its ConnectionManager in a closure: find it for in-process publishing."""
+    for route in app.routes:
+        for cell in getattr(getattr(route, "endpoint", None), "__closure__", None) or ():
+            if type(cell.cell_contents).__name__ == "ConnectionManager":
+                return cell.cell_contents
+    raise RuntimeError("asgi_ws ConnectionManager not found")
+
+
+# -- running ---------------------------------------------------------------
+
+
+def ready(sock: socket.socket) -> None:
+    print("READY", sock.getsockname()[1], flush=True)
+
+
+async def jwks_site(keydir: Path) -> tuple[web.AppRunner, str]:
+    """A JWKS endpoint in this process, started before the bus so its first fetch works."""
+    jwks = json.loads((keydir / "jwks.json").read_text())
+
+    async def handle(request: web.Request) -> web.Response:
+        return web.json_response(jwks)
+
+    app = web.Application()
+    app.router.add_get("/jwks.json", handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    sock = listening_socket()
+    await web.SockSite(runner, sock).start()
+    return runner, f"http://127.0.0.1:{sock.getsockname()[1]}/jwks.json"
+
+
+async def serve(kind: str, heartbeat: float, keydir: Path) -> None:
+    sock = listening_socket()
+    if kind == "asgi_ws":
+        await serve_asgi_ws(heartbeat, keydir, sock)
+        return
+    extra: list[web.AppRunner] = []
+    if kind == "wsbus":
+        jwks_runner, jwks_url = await jwks_site(keydir)
+        extra.append(jwks_runner)
+        app = await wsbus_app(heartbeat, keydir, jwks_url)
+    elif kind == "bare":
+        app = await bare_app(heartbeat)
+    elif kind == "socketio":
+        app = await socketio_app(heartbeat, keydir)
+    else:
+        raise SystemExit(f"unknown server kind {kind!r}; one of {', '.join(KINDS)}")
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    await web.SockSite(runner, sock, backlog=BACKLOG).start()
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    ready(sock)
+    await stop.wait()
+    await runner.cleanup()
+    for other in extra:
+        await other.cleanup()
+
+
+def main(argv: list[str]) -> None:
+    kind, core, heartbeat, keydir = argv
+    pin_to_core(int(core))
+    raise_fd_limit()
+    asyncio.run(serve(kind, float(heartbeat), Path(keydir)))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

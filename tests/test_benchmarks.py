@@ -1,0 +1,66 @@
+"""The benchmark suite runs end to end (--quick, tiny sizes) and reports well-formed figures.
+
+No timing is asserted: speed is the benchmark's business, not the tests'.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+EXPECTED_WORKLOADS = {
+    "memory",
+    "fan-out via HTTP emit",
+    "fan-out via in-process publish",
+    "latency at 5 msg/s",
+    "connect storm, new tokens",
+    "reconnect storm, same tokens",
+    "many channels",
+    "many channels, shared channel via HTTP emit",
+    "many channels, one message per own channel",
+}
+
+
+def test_quick_suite_reports_every_workload_for_the_bus_and_the_bare_loop(
+    tmp_path: Path,
+) -> None:
+    output = tmp_path / "results.json"
+    run = subprocess.run(  # noqa: S603 (a fixed command line)
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "--quick",
+            "--servers",
+            "wsbus,bare",
+            "--json",
+            str(output),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(output.read_text())
+    assert {r["server"] for r in results} == {"wsbus", "bare"}
+    assert not [r for r in results if r["workload"] == "error"], results
+    for server in ("wsbus", "bare"):
+        workloads = {r["workload"] for r in results if r["server"] == server}
+        assert workloads == EXPECTED_WORKLOADS, (server, workloads)
+    for result in results:
+        assert result["better"] in ("higher", "lower")
+        assert isinstance(result["value"], float | int) and math.isfinite(result["value"]), result
+        assert result["size"] > 0
+        assert "timed out" not in result["note"], result
+        if result["metric"] in ("deliveries/s", "connections/s"):
+            assert result["value"] > 0, result
+    table = run.stdout
+    assert "| workload | N | metric | bare | wsbus | load generator CPU |" in table
+    assert re.search(r"\(\d+\.\d\d\N{MULTIPLICATION SIGN}\)", table), table  # ratios vs bare

@@ -1,0 +1,115 @@
+"""The delivery fast path: its frames are aiohttp's own, and a socket keeps no connect frame."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import gc
+import json
+import os
+import socket as stdlib_socket
+
+import pytest
+from aiohttp import web
+from pytest_aiohttp import AiohttpClient
+
+from aiohttp_wsbus.bus import encode_data
+from aiohttp_wsbus.protocol import Connect, encode_message
+
+from .conftest import JwksServer, MakeToken
+from .support import WAIT, RawClient, eventually, start_bus
+
+
+async def open_raw(port: int) -> stdlib_socket.socket:
+    """A plain WebSocket upgrade on a raw socket, read exactly up to the headers' end."""
+    loop = asyncio.get_running_loop()
+    sock = stdlib_socket.socket(stdlib_socket.AF_INET, stdlib_socket.SOCK_STREAM)
+    sock.setblocking(False)
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    await loop.sock_sendall(
+        sock,
+        (
+            f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode(),
+    )
+    response = b""
+    async with asyncio.timeout(WAIT):
+        while b"\r\n\r\n" not in response:
+            response += await loop.sock_recv(sock, 1)
+    assert response.startswith(b"HTTP/1.1 101"), response
+    return sock
+
+
+async def read_exactly(sock: stdlib_socket.socket, size: int) -> bytes:
+    loop = asyncio.get_running_loop()
+    data = b""
+    async with asyncio.timeout(WAIT):
+        while len(data) < size:
+            chunk = await loop.sock_recv(sock, size - len(data))
+            assert chunk, "the server closed the socket"
+            data += chunk
+    return data
+
+
+async def read_raw_frame(sock: stdlib_socket.socket) -> bytes:
+    """One whole server frame, header included, exactly as it came off the wire."""
+    header = await read_exactly(sock, 2)
+    length = header[1] & 0x7F
+    if length == 126:
+        extended = await read_exactly(sock, 2)
+        header, length = header + extended, int.from_bytes(extended, "big")
+    elif length == 127:
+        extended = await read_exactly(sock, 8)
+        header, length = header + extended, int.from_bytes(extended, "big")
+    return header + await read_exactly(sock, length)
+
+
+@pytest.mark.parametrize("size", [10, 200, 70_000])  # 7-bit, 16-bit and 64-bit lengths
+async def test_published_frames_are_byte_identical_to_aiohttps_send_str(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken, size: int
+) -> None:
+    server = await start_bus(aiohttp_client, jwks_server.url)
+    raw = await RawClient.connect(server, make_token(channels=["chat:*"]), ["chat:a"])
+    welcome = await read_raw_frame(raw.sock)
+    assert b'"type":"welcome"' in welcome
+    published = await server.bus.publish("chat:a", {"text": "é" * size})
+    ours = await read_raw_frame(raw.sock)
+    raw.sock.close()
+
+    text = encode_message(
+        "chat:a", published.offset, published.epoch, encode_data({"text": "é" * size})
+    ).decode()
+    assert json.loads(text)["data"] == {"text": "é" * size}
+
+    async def send_it(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(compress=False)
+        await ws.prepare(request)
+        await ws.send_str(text)  # the normal path: aiohttp builds the frame itself
+        await ws.receive()
+        return ws
+
+    plain = web.Application()
+    plain.router.add_get("/ws", send_it)
+    plain_client = await aiohttp_client(plain)
+    assert plain_client.server.port is not None
+    sock = await open_raw(plain_client.server.port)
+    theirs = await read_raw_frame(sock)
+    sock.close()
+    assert ours == theirs
+
+
+async def test_connect_frame_is_not_kept_once_the_socket_is_welcomed(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
+) -> None:
+    # The connect frame holds the token (most of a KB): a socket lives for hours.
+    server = await start_bus(aiohttp_client, jwks_server.url)
+    sockets = [
+        (await server.open(make_token(sub=f"user{n}"), ["chat:a"]))[0] for n in range(3)
+    ]
+    await eventually(lambda: len(server.bus.connections) == 3)
+    gc.collect()
+    assert [o for o in gc.get_objects() if isinstance(o, Connect)] == []
+    for socket in sockets:
+        await socket.close()
