@@ -23,11 +23,14 @@ Rules worth knowing:
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import hashlib
 import json
 import logging
 import math
+import re
 import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
@@ -513,12 +516,23 @@ class ClaimsCache:
         self._entries.clear()
 
 
+MAX_HEADER_LENGTH: Final = 4096
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]+")
+
+
 def _read_header(token: str) -> tuple[str, str | None]:
     """The token's alg and kid; every other header (jku, x5u, jwk...) is ignored."""
+    # Only the header segment is read here (PyJWT checks the whole token when it
+    # verifies): reading all three twice doubled the cost of a new token.
+    segment, dot, _ = token.partition(".")
+    if not dot or len(segment) > MAX_HEADER_LENGTH or not _BASE64URL.fullmatch(segment):
+        raise InvalidToken("malformed")
     try:
-        header = jwt.get_unverified_header(token)
-    except jwt.InvalidTokenError:
+        header = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
+    except (ValueError, binascii.Error):
         raise InvalidToken("malformed") from None
+    if not isinstance(header, dict):
+        raise InvalidToken("malformed")
     algorithm = header.get("alg")
     key_id = header.get("kid")
     if not isinstance(algorithm, str):

@@ -320,6 +320,28 @@ async def test_malformed_and_tampered_tokens_are_rejected(
     assert await rejection(verifier, f"{header}.{forged_payload}.{signature}") == "signature"
 
 
+
+@pytest.mark.parametrize(
+    "header_segment",
+    [
+        "",  # nothing before the first dot
+        "eyJhbGciOiJSUzI1NiJ9!",  # not base64url
+        b64(b"not json"),
+        b64(b'["alg", "RS256"]'),  # JSON, but not an object
+        b64(b'{"alg": 256}'),
+        b64(b'{"alg": "RS256", "kid": 7}'),
+        "A" * 5000,  # absurdly long
+    ],
+)
+async def test_bad_headers_are_malformed_or_refused(
+    start_verifier: StartVerifier, make_token: MakeToken, header_segment: str
+) -> None:
+    verifier = await start_verifier()
+    _, payload, signature = make_token().split(".")
+    reason = await rejection(verifier, f"{header_segment}.{payload}.{signature}")
+    assert reason in {"malformed", "algorithm"}
+
+
 # Keys: rotation, refetch limits, failures
 
 
