@@ -150,8 +150,8 @@ class Bus:
         self.connections.discard(connection)
         if connection.close_code == CloseCode.SLOW_CONSUMER:
             self.slow_consumer_closes += 1
-        connection.pending.clear()
-        self._release(self.registry.remove_all(connection))
+        connection.pending = None
+        self._drop_interest(self.registry.remove_all(connection))
 
     def _start_closing(self, connection: Connection, code: CloseCode) -> None:
         task = asyncio.get_running_loop().create_task(
@@ -160,7 +160,7 @@ class Bus:
         self._closing_tasks.add(task)
         task.add_done_callback(self._closing_tasks.discard)
 
-    def _release(self, channels: Collection[str]) -> None:
+    def _drop_interest(self, channels: Collection[str]) -> None:
         """Tell the broker this node no longer needs `channels`."""
         for channel in channels:
             task = asyncio.get_running_loop().create_task(self._unsubscribe_broker(channel))
@@ -191,7 +191,7 @@ class Bus:
         accepted = self._admit(connection, channels, result)
         for channel in accepted:
             # Held from the moment it joins the registry until the replay is queued.
-            connection.pending[channel] = []
+            connection.hold(channel)
             if self.registry.add(connection, channel):
                 try:
                     await self.broker.subscribe(channel)
@@ -223,7 +223,7 @@ class Bus:
     def _go_live(
         self, connection: Connection, channel: str, history: History, since: Position | None
     ) -> None:
-        held = connection.pending.pop(channel, [])
+        held = connection.release(channel)
         epoch = history.position.epoch
         last = history.position.offset
         if since is not None and history.recovered:
@@ -258,8 +258,8 @@ class Bus:
 
     def _drop(self, connection: Connection, channels: list[str]) -> None:
         for channel in channels:
-            connection.pending.pop(channel, None)
-        self._release([c for c in channels if self.registry.remove(connection, c)])
+            connection.release(channel)
+        self._drop_interest([c for c in channels if self.registry.remove(connection, c)])
 
     def unsubscribe(self, connection: Connection, channels: list[str]) -> list[str]:
         """Unsubscribe from those of `channels` the connection has; return them."""
@@ -272,8 +272,8 @@ class Bus:
         connection.claims = claims
         revoked, emptied = self.registry.regrant(connection)
         for channel in revoked:
-            connection.pending.pop(channel, None)
-        self._release(emptied)
+            connection.release(channel)
+        self._drop_interest(emptied)
         connection.expire_at(asyncio.get_running_loop(), claims.expires_at + self.settings.leeway)
         return revoked
 

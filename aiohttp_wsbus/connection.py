@@ -83,12 +83,13 @@ class Connection:
         self.claims = claims
         self.channels: set[str] = set()
         # Channels being recovered: live messages wait here until the replay is out.
-        self.pending: dict[str, list[Message]] = {}
+        # Made only while a subscribe is in flight: idle sockets carry no dict.
+        self.pending: dict[str, list[Message]] | None = None
         self.is_closing = False
         self.close_code: CloseCode | None = None
         self.send_buffer_limit = send_buffer_limit
         self._scheduler = scheduler
-        self._outbox: list[bytes] = []
+        self._outbox: list[bytes] | None = None  # None while nothing waits: idle is cheap
         self._on_close = on_close
         self._closer = closer
         self._expiry: asyncio.TimerHandle | None = None
@@ -106,9 +107,26 @@ class Connection:
         """Queue a ready-built WebSocket frame; it leaves at the end of this tick."""
         if self.is_closing:
             return
-        if not self._outbox:
+        if self._outbox is None:
+            self._outbox = [frame]
             self._scheduler.mark(self)
-        self._outbox.append(frame)
+        else:
+            self._outbox.append(frame)
+
+    def hold(self, channel: str) -> None:
+        """Hold live messages for `channel` until `release` (its replay goes first)."""
+        if self.pending is None:
+            self.pending = {}
+        self.pending[channel] = []
+
+    def release(self, channel: str) -> list[Message]:
+        """Stop holding `channel`; return what was held, in order."""
+        if self.pending is None:
+            return []
+        held = self.pending.pop(channel, [])
+        if not self.pending:
+            self.pending = None
+        return held
 
     def deliver(self, message: Message, frame: bytes) -> None:
         """Queue a published message, or hold it while its channel is being recovered."""
@@ -121,9 +139,9 @@ class Connection:
     def flush(self) -> None:
         """Write queued frames to the socket; close it if the peer is not keeping up."""
         outbox = self._outbox
-        if not outbox:
+        if outbox is None:
             return
-        self._outbox = []
+        self._outbox = None
         if self.is_closing or self.transport.is_closing():
             return
         self.transport.write(outbox[0] if len(outbox) == 1 else b"".join(outbox))
@@ -149,7 +167,7 @@ class Connection:
                 return
         self.is_closing = True
         self.close_code = code
-        self._outbox = []
+        self._outbox = None
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None

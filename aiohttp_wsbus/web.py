@@ -233,37 +233,55 @@ class _Handlers:
             transport if isinstance(transport, asyncio.Transport) else None
         )
         try:
-            await self._serve(request, socket)
+            connection = await self._authenticate(request, socket)
+        finally:
+            self._unauthenticated.pop(socket, None)
+        # The receive loop lives in this frame on purpose: one coroutine per idle
+        # socket, not a stack of them, is memory every connection pays.
+        try:
+            if connection is not None:
+                async for message in socket:
+                    if connection.is_closing:
+                        break
+                    try:
+                        if message.type != WSMsgType.TEXT:
+                            raise BadFrame("frames must be text")
+                        await self._handle(connection, parse_client_frame(message.data))
+                    except BadFrame:
+                        connection.close(CloseCode.BAD_REQUEST)
         finally:
             self.bus.open_sockets -= 1
-            self._unauthenticated.pop(socket, None)
+            if connection is not None:
+                connection.close(CloseCode.NORMAL)
         return socket
 
-    async def _serve(self, request: web.Request, socket: web.WebSocketResponse) -> None:
+    async def _authenticate(
+        self, request: web.Request, socket: web.WebSocketResponse
+    ) -> Connection | None:
+        """Admit the socket: limits, connect frame, token, welcome; None if refused."""
         limit = self.settings.max_connections
         if limit is not None and self.bus.open_sockets > limit:
             await socket.close(code=CloseCode.TRY_AGAIN_LATER, message=b"connection limit")
-            return
+            return None
         if not self.bus.broker.is_available:
             await socket.close(code=CloseCode.TRY_AGAIN_LATER, message=b"broker unavailable")
-            return
+            return None
         connect = await self._receive_connect(request, socket)
         if connect is None:
-            return
+            return None
         try:
             claims = await self.bus.verifier.verify(connect.token or "")
         except InvalidToken as error:
             logger.info("websocket refused: token %s", error.reason)
             self.bus.auth_failures[error.reason] += 1
             await socket.close(code=CloseCode.UNAUTHORIZED, message=b"unauthorized")
-            return
+            return None
         except KeysUnavailable:
             await socket.close(code=CloseCode.TRY_AGAIN_LATER, message=b"keys unavailable")
-            return
+            return None
         transport = request.transport
         if transport is None or not isinstance(transport, asyncio.Transport):
-            return
-        del self._unauthenticated[socket]
+            return None
         connection = self.bus.connect(socket, transport, claims)
         try:
             await self.bus.subscribe(
@@ -272,10 +290,10 @@ class _Handlers:
                 connect.since,
                 lambda result: _welcome(connection, claims, result),
             )
-            del connect  # it holds the token: not kept for the socket's whole life
-            await self._receive_frames(socket, connection)
-        finally:
-            connection.close(CloseCode.NORMAL)
+        except BaseException:
+            connection.close(CloseCode.INTERNAL_ERROR)
+            raise
+        return connection
 
     async def _receive_connect(
         self, request: web.Request, socket: web.WebSocketResponse
@@ -307,17 +325,6 @@ class _Handlers:
             await socket.close(code=CloseCode.UNAUTHORIZED, message=b"token required")
             return None
         return frame
-
-    async def _receive_frames(self, socket: web.WebSocketResponse, connection: Connection) -> None:
-        async for message in socket:
-            if connection.is_closing:
-                break
-            try:
-                if message.type != WSMsgType.TEXT:
-                    raise BadFrame("frames must be text")
-                await self._handle(connection, parse_client_frame(message.data))
-            except BadFrame:
-                connection.close(CloseCode.BAD_REQUEST)
 
     async def _handle(self, connection: Connection, frame: object) -> None:
         bus = self.bus
