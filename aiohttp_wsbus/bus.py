@@ -70,7 +70,7 @@ class Bus:
         self.slow_consumer_closes = 0
         self.auth_failures: collections.Counter[str] = collections.Counter()
         self._scheduler: WriteScheduler | None = None
-        self._closing_tasks: set[asyncio.Task[None]] = set()
+        self._background_tasks: set[asyncio.Task[None]] = set()
 
     # -- lifetime --------------------------------------------------------
 
@@ -92,8 +92,8 @@ class Bus:
         """Close every socket with `code`, concurrently, each under close_timeout."""
         for connection in list(self.connections):
             connection.close(code)
-        if self._closing_tasks:
-            await asyncio.gather(*self._closing_tasks, return_exceptions=True)
+        if self._background_tasks:
+            await asyncio.gather(*self._background_tasks, return_exceptions=True)
 
     # -- publishing ------------------------------------------------------
 
@@ -157,15 +157,15 @@ class Bus:
         task = asyncio.get_running_loop().create_task(
             connection.send_close(code, self.settings.close_timeout)
         )
-        self._closing_tasks.add(task)
-        task.add_done_callback(self._closing_tasks.discard)
+        self._background_tasks.add(task)
+        task.add_done_callback(self._background_tasks.discard)
 
     def _drop_interest(self, channels: Collection[str]) -> None:
         """Tell the broker this node no longer needs `channels`."""
         for channel in channels:
             task = asyncio.get_running_loop().create_task(self._unsubscribe_broker(channel))
-            self._closing_tasks.add(task)
-            task.add_done_callback(self._closing_tasks.discard)
+            self._background_tasks.add(task)
+            task.add_done_callback(self._background_tasks.discard)
 
     async def _unsubscribe_broker(self, channel: str) -> None:
         # A subscriber may have come back while this was scheduled.
