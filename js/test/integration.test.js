@@ -299,9 +299,11 @@ it("subscribes and unsubscribes on a live connection", async (t) => {
 });
 
 it("retries a channel denied as unavailable while the broker is down, and keeps its handlers", async (t) => {
+  // Connected first: while the broker is down, new sockets are refused with 1013.
+  const { bus, seen } = connect(t, { channels: [] });
+  await until(() => bus.state === "connected", "connected");
   await server.setBroker(false);
   t.after(() => server.setBroker(true));
-  const { bus, seen } = connect(t, { channels: ["chat:flaky"] });
   const received = record(bus, "chat:flaky");
   await until(() => seen.denied.length >= 2, "the denial, and a retry denied too");
   assert.ok(seen.denied.every(([channel, reason]) => channel === "chat:flaky" && reason === "unavailable"));
