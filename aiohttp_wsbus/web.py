@@ -181,6 +181,10 @@ class _Handlers:
         self.bus = bus
         self.settings = bus.settings
         self._javascript: tuple[bytes, str] | None = None
+        # Digests compare in constant time whatever the keys' lengths.
+        self._api_key_digests = [
+            hashlib.sha256(k.encode()).digest() for k in self.settings.api_keys
+        ]
         self._metrics: CollectorRegistry | None = None
         if self.settings.metrics:
             from .metrics import registry_for  # prometheus-client is an optional extra
@@ -442,8 +446,8 @@ class _Handlers:
         # Compare against every key, always, so timing says nothing about which matched.
         given = hashlib.sha256(candidate.encode()).digest()
         found = False
-        for key in self.settings.api_keys:
-            found |= hmac.compare_digest(given, hashlib.sha256(key.encode()).digest())
+        for digest in self._api_key_digests:
+            found |= hmac.compare_digest(given, digest)
         return found
 
     @staticmethod
