@@ -33,8 +33,9 @@ __all__ = ["RedisPublisher", "SyncRedisPublisher"]
 class _Publishing:
     """What both publishers share: settings, checks and the script's arguments.
 
-    `prefix`, `history_size`, `history_ttl` and `sharded` must match the
-    servers' RedisBroker and setup() settings.
+    `prefix`, `history_size`, `history_ttl`, `sharded` and `cluster` must
+    match the servers' RedisBroker and setup() settings. `cluster=True` talks
+    to a Redis Cluster through `url`, any of its nodes, and implies `sharded`.
     """
 
     def __init__(
@@ -45,6 +46,7 @@ class _Publishing:
         history_size: int = 100,
         history_ttl: float = 300.0,
         sharded: bool = False,
+        cluster: bool = False,
         socket_timeout: float = 2.0,
     ) -> None:
         self.prefix = check_prefix(prefix)
@@ -54,7 +56,8 @@ class _Publishing:
             raise ValueError("history_ttl: must be positive")
         self.history_size = history_size
         self.history_ttl = history_ttl
-        self.sharded = sharded
+        self.cluster = cluster
+        self.sharded = sharded or cluster
         # Bounded timeouts and no retries: a Redis that is down fails fast.
         self.client_options: dict[str, Any] = {
             "socket_timeout": socket_timeout,
@@ -82,7 +85,8 @@ class RedisPublisher(_Publishing):
 
     def __init__(self, url: str = "redis://localhost:6379/0", **options: Any) -> None:
         super().__init__(url, **options)
-        self._redis = redis.asyncio.Redis.from_url(
+        client = redis.asyncio.RedisCluster if self.cluster else redis.asyncio.Redis
+        self._redis = client.from_url(
             url, retry=redis.asyncio.retry.Retry(NoBackoff(), 0), **self.client_options
         )
 
@@ -110,21 +114,29 @@ class SyncRedisPublisher(_Publishing):
 
     def __init__(self, url: str = "redis://localhost:6379/0", **options: Any) -> None:
         super().__init__(url, **options)
-        self._redis = redis.Redis.from_url(
-            url, retry=redis.retry.Retry(NoBackoff(), 0), **self.client_options
-        )
+        self.url = url
+        # Made on the first publish: a cluster client connects as it is made.
+        self._redis: redis.Redis | redis.RedisCluster | None = None
 
     def publish(self, channel: str, data: Any, *, id: str | None = None) -> Published:
         """Publish `data` (any JSON value) to `channel`; BrokerUnavailable if Redis is down."""
         arguments = self.arguments(channel, data, id)
         try:
-            answer = self._redis.eval(*arguments)
+            answer = self._client().eval(*arguments)
         except UNREACHABLE as error:
             raise BrokerUnavailable(f"redis: {error}") from None
         return parse_published(channel, answer)
 
+    def _client(self) -> redis.Redis | redis.RedisCluster:
+        if self._redis is None:
+            client = redis.RedisCluster if self.cluster else redis.Redis
+            retry = redis.retry.Retry(NoBackoff(), 0)
+            self._redis = client.from_url(self.url, retry=retry, **self.client_options)
+        return self._redis
+
     def close(self) -> None:
-        self._redis.close()
+        if self._redis is not None:
+            self._redis.close()
 
     def __enter__(self) -> SyncRedisPublisher:
         return self

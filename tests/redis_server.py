@@ -1,13 +1,15 @@
 """Real Redis servers for the tests: WSBUS_TEST_REDIS_URL, or redis-server started here.
 
 Loaded by conftest.py as a pytest plugin. Without the redis-server binary and
-without WSBUS_TEST_REDIS_URL the Redis tests skip, unless WSBUS_REQUIRE_REDIS=1,
+without WSBUS_TEST_REDIS_URL (WSBUS_TEST_REDIS_CLUSTER_URL for the cluster
+tests) the Redis tests skip, unless WSBUS_REQUIRE_REDIS=1,
 which makes that a failure (CI).
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import secrets
 import shutil
@@ -15,13 +17,18 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 
+from aiohttp_wsbus import RedisBroker
+from aiohttp_wsbus.brokers import Message
+
 START_TIMEOUT = 10.0
+SLOTS = 16384
 
 
 async def until(condition: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
@@ -51,11 +58,13 @@ def _binary() -> str:
 class RedisServer:
     """A redis-server process on a loopback port that the test may kill and restart."""
 
-    def __init__(self, directory: Path, *, durable: bool = False) -> None:
+    def __init__(self, directory: Path, *, durable: bool = False, cluster: bool = False) -> None:
         self.binary = _binary()
         self.port = free_port()
         self.directory = directory
         self.durable = durable
+        self.cluster = cluster
+        self.cluster_port = free_port() if cluster else 0  # the nodes' own bus
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -69,6 +78,15 @@ class RedisServer:
             if self.durable
             else ["--appendonly", "no"]
         )
+        if self.cluster:
+            persistence += [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                f"nodes-{self.port}.conf",
+                "--cluster-port",
+                str(self.cluster_port),
+            ]
         self.process = subprocess.Popen(  # noqa: S603
             [
                 self.binary,
@@ -105,6 +123,67 @@ class RedisServer:
             self.process.send_signal(signal.SIGKILL)
             self.process.wait(START_TIMEOUT)
         self.process = None
+
+
+class Cluster:
+    """Three redis-server masters (no replicas) on loopback ports, joined in one cluster."""
+
+    def __init__(self, directory: Path, size: int = 3) -> None:
+        self.servers = [RedisServer(directory, cluster=True) for _ in range(size)]
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.servers[0].port}"
+
+    def start(self) -> None:
+        """Start the servers, give each a third of the slots, join them; wait for state ok."""
+        for server in self.servers:
+            server.start()
+        clients = [redis.Redis.from_url(s.url, socket_timeout=1) for s in self.servers]
+        try:
+            step = math.ceil(SLOTS / len(clients))
+            for n, client in enumerate(clients):
+                first = n * step
+                command(client, "CLUSTER ADDSLOTSRANGE", first, min(first + step, SLOTS) - 1)
+            for server in self.servers[1:]:
+                command(clients[0], "CLUSTER MEET", "127.0.0.1", server.port, server.cluster_port)
+            deadline = time.monotonic() + START_TIMEOUT
+            while not all(_cluster_is_ok(client, len(clients)) for client in clients):
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the test cluster did not reach cluster_state:ok")
+                time.sleep(0.05)  # bounded by START_TIMEOUT
+        finally:
+            for client in clients:
+                client.close()
+
+    def kill(self) -> None:
+        for server in self.servers:
+            server.kill()
+
+
+def command(client: redis.Redis, *args: Any) -> Any:
+    """Any Redis command (redis-py leaves execute_command untyped)."""
+    return client.execute_command(*args)  # type: ignore[no-untyped-call]
+
+
+def _cluster_is_ok(client: redis.Redis, size: int) -> bool:
+    info = command(client, "CLUSTER INFO")  # parsed into a dict of str
+    return bool(info["cluster_state"] == "ok" and int(info["cluster_known_nodes"]) == size)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One Redis Cluster for the session (WSBUS_TEST_REDIS_CLUSTER_URL, or started here)."""
+    url = os.environ.get("WSBUS_TEST_REDIS_CLUSTER_URL")
+    if url:
+        yield url
+        return
+    cluster = Cluster(tmp_path_factory.mktemp("redis-cluster"))
+    try:
+        cluster.start()
+        yield cluster.url
+    finally:
+        cluster.kill()
 
 
 @pytest.fixture(scope="session")
@@ -148,3 +227,24 @@ def durable_redis(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.kill()
+
+
+@pytest.fixture
+async def make_redis_broker(
+    redis_url: str, redis_prefix: str
+) -> AsyncIterator[Callable[..., Awaitable[tuple[RedisBroker, list[Message]]]]]:
+    """Start RedisBrokers (on the session's Redis unless `url` says otherwise); stop them after."""
+    brokers: list[RedisBroker] = []
+
+    async def make(
+        size: int = 100, ttl: float = 300.0, url: str = redis_url, **options: object
+    ) -> tuple[RedisBroker, list[Message]]:
+        broker = RedisBroker(url, prefix=redis_prefix, **options)  # type: ignore[arg-type]
+        delivered: list[Message] = []
+        await broker.start(delivered.append, history_size=size, history_ttl=ttl)
+        brokers.append(broker)
+        return broker, delivered
+
+    yield make
+    for broker in brokers:
+        await broker.stop()

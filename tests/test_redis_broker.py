@@ -1,11 +1,12 @@
-"""RedisBroker against a real Redis: the broker contract (shared with MemoryBroker),
-nodes sharing offsets, expiry, and catching up after lost connections."""
+"""RedisBroker against a real Redis: the broker contract (shared with MemoryBroker,
+and run on a Redis Cluster too), nodes sharing offsets, expiry, and catching up
+after lost connections. Cluster specifics are in test_redis_cluster.py."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import pytest
 import redis.asyncio
@@ -22,27 +23,7 @@ Started = tuple[Broker, list[Message]]
 MakeBroker = Callable[..., Awaitable[Started]]
 
 
-@pytest.fixture
-async def make_redis_broker(
-    redis_url: str, redis_prefix: str
-) -> AsyncIterator[Callable[..., Awaitable[tuple[RedisBroker, list[Message]]]]]:
-    brokers: list[RedisBroker] = []
-
-    async def make(
-        size: int = 100, ttl: float = 300.0, url: str = redis_url, **options: object
-    ) -> tuple[RedisBroker, list[Message]]:
-        broker = RedisBroker(url, prefix=redis_prefix, **options)  # type: ignore[arg-type]
-        delivered: list[Message] = []
-        await broker.start(delivered.append, history_size=size, history_ttl=ttl)
-        brokers.append(broker)
-        return broker, delivered
-
-    yield make
-    for broker in brokers:
-        await broker.stop()
-
-
-@pytest.fixture(params=["memory", "redis", "redis-sharded"])
+@pytest.fixture(params=["memory", "redis", "redis-sharded", "redis-cluster"])
 def make_broker(
     request: pytest.FixtureRequest,
 ) -> MakeBroker:
@@ -58,8 +39,12 @@ def make_broker(
         return memory
     make_redis = request.getfixturevalue("make_redis_broker")
 
+    options: dict[str, object] = {"sharded": request.param == "redis-sharded"}
+    if request.param == "redis-cluster":
+        options = {"cluster": True, "url": request.getfixturevalue("redis_cluster_url")}
+
     async def redis_broker(size: int = 100, ttl: float = 300.0) -> Started:
-        broker, delivered = await make_redis(size, ttl, sharded=request.param == "redis-sharded")
+        broker, delivered = await make_redis(size, ttl, **options)
         return broker, delivered
 
     return redis_broker

@@ -4,25 +4,30 @@ Each channel's offset, epoch, history (a Stream) and idempotency ids live in
 Redis under one hash tag, `{prefix:channel}`, so they sit on one cluster slot
 and one Lua script publishes atomically. Each node subscribes (pub/sub) only
 to the channels it has local subscribers for, and after a lost connection
-fetches what it missed from the streams before going live again.
+fetches what it missed from the streams before going live again. On a Redis
+Cluster it keeps one sharded pub/sub connection per master and moves each
+subscription to the master that owns its slot.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import re
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.connection import BlockingConnectionPool, Connection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ClusterDownError, MovedError, RedisClusterException
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -35,7 +40,15 @@ __all__ = ["PUBLISH_SCRIPT", "ChannelKeys", "RedisBroker", "publish_arguments"]
 logger = logging.getLogger("aiohttp_wsbus")
 
 # Errors that mean "Redis cannot be reached right now"; anything else is a bug.
-UNREACHABLE: Final = (RedisConnectionError, RedisTimeoutError, OSError)
+# A cluster adds its own: down (no majority, a slot without a master), no node
+# reachable, a slot not covered.
+UNREACHABLE: Final = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    OSError,
+    ClusterDownError,
+    RedisClusterException,
+)
 _PREFIX_RE: Final = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 # Both scripts start here. KEYS[1] is the meta hash, KEYS[2] the stream, ARGV[1]
@@ -196,6 +209,7 @@ class _Subscription:
     keys: ChannelKeys
     ready: asyncio.Future[None]
     last: Position | None = None
+    listener: _Listener | None = None
 
 
 @dataclass(slots=True)
@@ -207,13 +221,139 @@ class _Top:
     messages: list[Message] = field(default_factory=list)
 
 
+class _Listener:
+    """One supervised pub/sub connection to one Redis node, and the channels it carries.
+
+    On a lost connection it reconnects with backoff and subscribes again; Redis
+    confirming each subscription makes the broker catch up from the stream first.
+    """
+
+    def __init__(
+        self, broker: RedisBroker, name: str, make_connection: Callable[[], Connection]
+    ) -> None:
+        self.name = name
+        self.subscriptions: dict[bytes, _Subscription] = {}
+        self.is_connected = False
+        self.first_attempt = asyncio.Event()
+        self._broker = broker
+        self._make_connection = make_connection
+        self._connection: Connection | None = None
+        self._was_connected = False
+        self._write_lock = asyncio.Lock()
+        self._task = asyncio.get_running_loop().create_task(self._listen_forever())
+
+    async def stop(self) -> None:
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+    async def add(self, subscription: _Subscription) -> None:
+        subscription.listener = self
+        async with self._write_lock:
+            self.subscriptions[subscription.keys.pubsub.encode()] = subscription
+            await self._send_quietly("SUBSCRIBE", subscription.keys.pubsub)
+
+    async def remove(self, subscription: _Subscription, *, unsubscribe: bool = True) -> None:
+        name = subscription.keys.pubsub.encode()
+        if self.subscriptions.get(name) is subscription:
+            del self.subscriptions[name]
+        if unsubscribe:
+            async with self._write_lock:
+                await self._send_quietly("UNSUBSCRIBE", subscription.keys.pubsub)
+
+    def _command(self, name: str) -> str:
+        return "S" + name if self._broker.sharded else name
+
+    async def _send_quietly(self, command: str, name: str) -> None:
+        # Losing the connection here is the supervisor's to notice: it resubscribes.
+        connection = self._connection
+        if connection is not None:
+            with contextlib.suppress(*UNREACHABLE):
+                await connection.send_command(self._command(command), name)
+
+    async def _listen_forever(self) -> None:
+        low, high = self._broker.reconnect_delay
+        delay = low
+        while True:
+            self._was_connected = False
+            try:
+                await self._listen()
+            except UNREACHABLE as error:
+                if self._was_connected:
+                    logger.warning("redis connection lost (%s); reconnecting", error)
+            except Exception:
+                logger.exception("redis broker listener failed; reconnecting")
+            self.first_attempt.set()
+            self._broker._check_topology()
+            if self._was_connected:
+                delay = low
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, high)
+
+    async def _listen(self) -> None:
+        connection = self._make_connection()
+        try:
+            await connection.connect()  # type: ignore[no-untyped-call]
+            async with self._write_lock:
+                self._connection = connection
+                for subscription in self.subscriptions.values():
+                    name = subscription.keys.pubsub
+                    await connection.send_command(self._command("SUBSCRIBE"), name)
+                if not self.subscriptions:
+                    await connection.send_command("PING")
+            self.is_connected = self._was_connected = True
+            self.first_attempt.set()
+            logger.info("redis broker connected to %s", self.name)
+            await self._read_messages(connection)
+        finally:
+            self._connection = None
+            self.is_connected = False
+            await connection.disconnect(nowait=True)
+
+    async def _read_messages(self, connection: Connection) -> None:
+        waiting_for_pong = False
+        while True:
+            try:
+                reply = await connection.read_response(timeout=self._broker.ping_interval)
+            except MovedError:
+                # The subscribed channel's slot is on another shard now.
+                self._broker._check_topology()
+                continue
+            if reply is None:
+                if waiting_for_pong:
+                    raise RedisTimeoutError("redis did not answer a ping")
+                async with self._write_lock:
+                    await connection.send_command("PING")
+                waiting_for_pong = True
+                continue
+            waiting_for_pong = False
+            if isinstance(reply, list) and len(reply) >= 3:
+                await self._on_push(reply[0], reply[1], reply[2])
+
+    async def _on_push(self, kind: bytes, name: bytes, payload: Any) -> None:
+        subscription = self.subscriptions.get(name)
+        if subscription is None:
+            return
+        if kind in (b"message", b"smessage"):
+            if subscription.ready.done():  # earlier ones belong to a past subscription
+                await self._broker._on_message(subscription, payload)
+        elif kind in (b"subscribe", b"ssubscribe"):
+            await self._broker._catch_up(subscription)
+            if not subscription.ready.done():
+                subscription.ready.set_result(None)
+        elif kind == b"sunsubscribe":
+            # Unasked: a cluster moved the channel's slot to another shard.
+            self._broker._check_topology()
+
+
 class RedisBroker(Broker):
     """Shares offsets, history and messages between every node on one Redis.
 
-    `sharded=True` uses SPUBLISH/SSUBSCRIBE (Redis 7), which a Redis Cluster
-    needs to keep pub/sub traffic on the channel's shard. Socket timeouts are
+    `sharded=True` uses SPUBLISH/SSUBSCRIBE (Redis 7). `cluster=True` talks to
+    a Redis Cluster (`url` names any of its nodes): commands go through a
+    cluster client, and each shard that owns subscribed channels gets its own
+    sharded pub/sub connection; it implies `sharded=True`. Socket timeouts are
     bounded so that a Redis that is down makes `publish` fail fast with
-    BrokerUnavailable; the listener reconnects with backoff by itself.
+    BrokerUnavailable; the listeners reconnect with backoff by themselves.
     """
 
     def __init__(
@@ -222,6 +362,7 @@ class RedisBroker(Broker):
         *,
         prefix: str = "wsbus",
         sharded: bool = False,
+        cluster: bool = False,
         socket_timeout: float = 2.0,
         ping_interval: float = 5.0,
         reconnect_delay: tuple[float, float] = (0.05, 5.0),
@@ -229,22 +370,21 @@ class RedisBroker(Broker):
     ) -> None:
         self.url = url
         self.prefix = check_prefix(prefix)
-        self.sharded = sharded
+        self.cluster = cluster
+        self.sharded = sharded or cluster
+        self.ping_interval = ping_interval
+        self.reconnect_delay = reconnect_delay
         self._socket_timeout = socket_timeout
-        self._ping_interval = ping_interval
-        self._reconnect_delay = reconnect_delay
         self._max_connections = max_connections
         self._deliver: Deliver | None = None
         self._history_size = 100
         self._history_ttl = 300.0
-        self._redis: Redis | None = None
+        self._redis: Redis | RedisCluster | None = None
         self._subscriptions: dict[str, _Subscription] = {}
-        self._by_name: dict[bytes, _Subscription] = {}
-        self._connection: Connection | None = None
-        self._write_lock = asyncio.Lock()
-        self._available = False
-        self._was_connected = False
-        self._first_attempt = asyncio.Event()
+        self._listeners: dict[str, _Listener] = {}
+        self._topology_read = asyncio.Event()
+        self._topology_stale = asyncio.Event()
+        self._connection_slots = asyncio.Semaphore(max_connections)
         self._tasks: list[asyncio.Task[None]] = []
 
     # -- lifetime --------------------------------------------------------
@@ -253,23 +393,38 @@ class RedisBroker(Broker):
         self._deliver = deliver
         self._history_size = history_size
         self._history_ttl = history_ttl
-        # Concurrent publishes wait for one of max_connections, never fail for want of one.
-        pool = BlockingConnectionPool.from_url(
-            self.url,
-            max_connections=self._max_connections,
-            timeout=self._socket_timeout,
-            socket_timeout=self._socket_timeout,
-            socket_connect_timeout=self._socket_timeout,
-            retry=Retry(NoBackoff(), 0),
-            protocol=2,  # the listener reads pub/sub pushes as plain replies
-        )
-        self._redis = Redis.from_pool(pool)
+        options: dict[str, Any] = {
+            "socket_timeout": self._socket_timeout,
+            "socket_connect_timeout": self._socket_timeout,
+            "retry": Retry(NoBackoff(), 0),
+            "protocol": 2,  # the listeners read pub/sub pushes as plain replies
+        }
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._listen_forever()), loop.create_task(self._keep())]
+        self._tasks = [loop.create_task(self._keep())]
+        if self.cluster:
+            # A cluster node refuses connections beyond max_connections instead of
+            # queueing them; _connection_slot keeps publishes within it.
+            self._redis = RedisCluster.from_url(
+                self.url, max_connections=self._max_connections + 2, **options
+            )
+            self._tasks.append(loop.create_task(self._follow_topology()))
+        else:
+            # Concurrent publishes wait for one of max_connections, never fail for want of one.
+            pool = BlockingConnectionPool.from_url(
+                self.url,
+                max_connections=self._max_connections,
+                timeout=self._socket_timeout,
+                **options,
+            )
+            self._redis = Redis.from_pool(pool)
+            self._listeners[""] = _Listener(self, "redis", pool.make_connection)
+            self._topology_read.set()
         # Start up connected when Redis is there; a Redis that is down is not fatal.
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self._socket_timeout * 2):
-                await self._first_attempt.wait()
+                await self._topology_read.wait()
+                listeners = list(self._listeners.values())
+                await asyncio.gather(*(listener.first_attempt.wait() for listener in listeners))
 
     async def stop(self) -> None:
         self._deliver = None
@@ -277,14 +432,16 @@ class RedisBroker(Broker):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        await asyncio.gather(*(listener.stop() for listener in self._listeners.values()))
+        self._listeners = {}
         if self._redis is not None:
             await self._redis.aclose()
             self._redis = None
-        self._available = False
 
     @property
     def is_available(self) -> bool:
-        return self._available
+        listeners = self._listeners.values()
+        return bool(listeners) and all(listener.is_connected for listener in listeners)
 
     # -- subscriptions ---------------------------------------------------
 
@@ -292,25 +449,26 @@ class RedisBroker(Broker):
         """Listen to `channel`; returns once Redis confirmed it, so nothing after is missed."""
         subscription = self._subscriptions.get(channel)
         if subscription is None:
-            if not self._available:
+            if not self.is_available:
                 raise BrokerUnavailable("redis is not reachable")
             keys = ChannelKeys.of(self.prefix, channel)
+            try:
+                listener = self._listener_for(keys)
+            except UNREACHABLE as error:
+                raise BrokerUnavailable(f"redis: {error}") from None
             loop = asyncio.get_running_loop()
             subscription = _Subscription(channel, keys, loop.create_future())
-            async with self._write_lock:
-                self._subscriptions[channel] = subscription
-                self._by_name[keys.pubsub.encode()] = subscription
-                await self._send_quietly(self._command("SUBSCRIBE"), keys.pubsub)
+            self._subscriptions[channel] = subscription
+            await listener.add(subscription)
         await self._ready(subscription)
 
     async def unsubscribe(self, channel: str) -> None:
         subscription = self._subscriptions.pop(channel, None)
         if subscription is None:
             return
-        self._by_name.pop(subscription.keys.pubsub.encode(), None)
         subscription.ready.cancel()
-        async with self._write_lock:
-            await self._send_quietly(self._command("UNSUBSCRIBE"), subscription.keys.pubsub)
+        if subscription.listener is not None:
+            await subscription.listener.remove(subscription)
 
     async def _ready(self, subscription: _Subscription) -> None:
         await asyncio.wait([subscription.ready], timeout=self._socket_timeout * 2)
@@ -319,20 +477,77 @@ class RedisBroker(Broker):
                 await self.unsubscribe(subscription.channel)
             raise BrokerUnavailable("redis did not confirm the subscription")
 
-    def _command(self, name: str) -> str:
-        return "S" + name if self.sharded else name
+    def _listener_for(self, keys: ChannelKeys) -> _Listener:
+        """The pub/sub connection a channel belongs on: the only one, or its shard's."""
+        if not isinstance(self._redis, RedisCluster):
+            return self._listeners[""]
+        node = self._redis.get_node_from_key(keys.pubsub)
+        assert node is not None  # None is only for replica=True
+        return self._listener_on(node)
 
-    async def _send_quietly(self, *args: str) -> None:
-        # Losing the connection here is the listener's to notice: it resubscribes.
-        connection = self._connection
-        if connection is not None:
-            with contextlib.suppress(*UNREACHABLE):
-                await connection.send_command(*args)
+    def _listener_on(self, node: ClusterNode) -> _Listener:
+        listener = self._listeners.get(node.name)
+        if listener is None:
+            options = {**node.connection_kwargs, "retry": Retry(NoBackoff(), 0)}
+            connect = functools.partial(node.connection_class, **options)
+            listener = self._listeners[node.name] = _Listener(self, node.name, connect)
+        return listener
+
+    # -- cluster topology ------------------------------------------------
+
+    def _check_topology(self) -> None:
+        """A listener lost its node or a slot moved: read the cluster's slots again.
+
+        Outside a cluster nothing waits on this.
+        """
+        self._topology_stale.set()
+
+    async def _follow_topology(self) -> None:
+        """Keep one listener per master and each subscription on its slot's owner."""
+        assert isinstance(self._redis, RedisCluster)
+        low, high = self.reconnect_delay
+        delay = low
+        while True:
+            self._topology_stale.clear()
+            try:
+                await self._redis.nodes_manager.initialize()
+                await self._place_subscriptions(self._redis)
+            except UNREACHABLE as error:
+                if delay == low:
+                    logger.warning("redis cluster: cannot read its slots (%s); retrying", error)
+                self._topology_read.set()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, high)
+                continue
+            delay = low
+            self._topology_read.set()
+            await self._topology_stale.wait()
+            await asyncio.sleep(low)  # one read for a burst of reports
+
+    async def _place_subscriptions(self, cluster: RedisCluster) -> None:
+        masters = {node.name: node for node in cluster.get_primaries()}
+        for node in masters.values():
+            self._listener_on(node)
+        for subscription in list(self._subscriptions.values()):
+            listener = self._listener_for(subscription.keys)
+            if subscription.listener is listener:
+                continue
+            # The old shard already dropped it (or is gone): no SUNSUBSCRIBE there.
+            if subscription.listener is not None:
+                await subscription.listener.remove(subscription, unsubscribe=False)
+            logger.info("redis cluster: %s moved to %s", subscription.channel, listener.name)
+            await listener.add(subscription)  # its confirmation catches up from the stream
+            if self._subscriptions.get(subscription.channel) is not subscription:
+                await listener.remove(subscription)  # unsubscribed meanwhile
+        for name, listener in list(self._listeners.items()):
+            if name not in masters and not listener.subscriptions:
+                del self._listeners[name]
+                await listener.stop()
 
     # -- publishing and history ------------------------------------------
 
     async def publish(self, channel: str, data: str, *, message_id: str | None = None) -> Published:
-        if not self._available or self._redis is None:
+        if not self.is_available or self._redis is None:
             raise BrokerUnavailable("redis is not reachable")
         keys, args = publish_arguments(
             ChannelKeys.of(self.prefix, channel),
@@ -343,7 +558,8 @@ class RedisBroker(Broker):
             sharded=self.sharded,
         )
         try:
-            answer = await self._redis.eval(PUBLISH_SCRIPT, len(keys), *keys, *args)
+            async with self._connection_slots:
+                answer = await self._redis.eval(PUBLISH_SCRIPT, len(keys), *keys, *args)
         except UNREACHABLE as error:
             raise BrokerUnavailable(f"redis: {error}") from None
         return parse_published(channel, answer)
@@ -372,7 +588,7 @@ class RedisBroker(Broker):
         if self._redis is None:
             raise BrokerUnavailable("the broker is not started")
         ttl = _milliseconds(self._history_ttl)
-        async with self._redis.pipeline(transaction=False) as pipe:
+        async with self._connection_slots, self._redis.pipeline(transaction=False) as pipe:
             for channel, (position, whole_new_epoch) in since.items():
                 keys = ChannelKeys.of(self.prefix, channel)
                 pipe.eval(
@@ -398,74 +614,6 @@ class RedisBroker(Broker):
             for start in range(0, len(channels), 500):
                 with contextlib.suppress(*UNREACHABLE):
                     await self._read(dict.fromkeys(channels[start : start + 500], (None, False)))
-
-    # -- the listener ----------------------------------------------------
-
-    async def _listen_forever(self) -> None:
-        low, high = self._reconnect_delay
-        delay = low
-        while True:
-            self._was_connected = False
-            try:
-                await self._listen()
-            except UNREACHABLE as error:
-                if self._was_connected:
-                    logger.warning("redis connection lost (%s); reconnecting", error)
-            except Exception:
-                logger.exception("redis broker listener failed; reconnecting")
-            self._first_attempt.set()
-            if self._was_connected:
-                delay = low
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, high)
-
-    async def _listen(self) -> None:
-        assert self._redis is not None
-        connection: Connection = self._redis.connection_pool.make_connection()  # type: ignore[no-untyped-call]
-        try:
-            await connection.connect()  # type: ignore[no-untyped-call]
-            async with self._write_lock:
-                self._connection = connection
-                for subscription in self._subscriptions.values():
-                    name = subscription.keys.pubsub
-                    await connection.send_command(self._command("SUBSCRIBE"), name)
-                if not self._subscriptions:
-                    await connection.send_command("PING")
-            self._available = self._was_connected = True
-            self._first_attempt.set()
-            logger.info("redis broker connected")
-            await self._read_messages(connection)
-        finally:
-            self._connection = None
-            self._available = False
-            await connection.disconnect(nowait=True)
-
-    async def _read_messages(self, connection: Connection) -> None:
-        waiting_for_pong = False
-        while True:
-            reply = await connection.read_response(timeout=self._ping_interval)
-            if reply is None:
-                if waiting_for_pong:
-                    raise RedisTimeoutError("redis did not answer a ping")
-                async with self._write_lock:
-                    await connection.send_command("PING")
-                waiting_for_pong = True
-                continue
-            waiting_for_pong = False
-            if isinstance(reply, list) and len(reply) >= 3:
-                await self._on_push(reply[0], reply[1], reply[2])
-
-    async def _on_push(self, kind: bytes, name: bytes, payload: Any) -> None:
-        subscription = self._by_name.get(name)
-        if subscription is None:
-            return
-        if kind in (b"message", b"smessage"):
-            if subscription.ready.done():  # earlier ones belong to a past subscription
-                await self._on_message(subscription, payload)
-        elif kind in (b"subscribe", b"ssubscribe"):
-            await self._catch_up(subscription)
-            if not subscription.ready.done():
-                subscription.ready.set_result(None)
 
     async def _on_message(self, subscription: _Subscription, payload: bytes) -> None:
         epoch_bytes, offset_bytes, data = payload.split(b" ", 2)
