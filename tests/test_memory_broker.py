@@ -5,7 +5,10 @@ The broker contract it shares with RedisBroker is tested in test_redis_broker.py
 
 from __future__ import annotations
 
+import pytest
+
 from aiohttp_wsbus.brokers import MemoryBroker, Message
+from aiohttp_wsbus.protocol import Position
 
 
 class Clock:
@@ -64,3 +67,26 @@ async def test_an_id_is_remembered_for_the_ttl_only() -> None:
     clock.now += 6
     later = await broker.publish("a", "1", message_id="m-1")
     assert later.offset == 3  # the id outlived its ttl
+
+
+async def test_a_flood_of_channels_is_capped_least_recently_used_first() -> None:
+    clock = Clock()
+    broker = MemoryBroker(max_channels=10, clock=clock)
+    await broker.start(lambda message: None, history_size=100, history_ttl=300)
+    await broker.subscribe("kept")
+    kept = await broker.publish("kept", "x")
+    for n in range(50):
+        clock.now += 1
+        await broker.publish(f"flood:{n}", "x")
+    assert broker.channel_count == 10
+    again = await broker.publish("kept", "y")
+    assert (again.epoch, again.offset) == (kept.epoch, 2)  # a subscribed stream survives
+    recent = await broker.publish("flood:49", "z")
+    assert recent.offset == 2  # the most recent ones survive too
+    forgotten = (await broker.history({"flood:0": Position(1, "any")}))["flood:0"]
+    assert forgotten.position.offset == 0  # the oldest was forgotten: a new stream
+
+
+def test_max_channels_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="max_channels"):
+        MemoryBroker(max_channels=0)

@@ -32,9 +32,18 @@ class MemoryBroker(Broker):
     MemoryBroker (a process restart), or a channel idle past the TTL with no
     subscriber here, starts a new epoch, so clients asking to recover across it
     are told they could not.
+
+    At most `max_channels` channels keep a stream: past that, the least recently
+    used one with no subscriber here is forgotten first, so a flood of distinct
+    channels cannot grow memory without bound.
     """
 
-    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, *, max_channels: int = 100_000, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        if max_channels < 1:
+            raise ValueError("max_channels must be at least 1")
+        self._max_channels = max_channels
         self._clock = clock
         self._subscribed: set[str] = set()
         self._deliver: Deliver | None = None
@@ -79,10 +88,24 @@ class MemoryBroker(Broker):
                 continue
             del self._streams[channel]
 
+    def _make_room(self, now: float) -> None:
+        # Subscribed streams are skipped (moved to the tail, as if just used);
+        # if every stream is subscribed the cap gives way rather than lose them.
+        for _ in range(len(self._streams)):
+            if len(self._streams) < self._max_channels:
+                return
+            channel, stream = next(iter(self._streams.items()))
+            if channel in self._subscribed:
+                stream.touched = now
+                self._streams.move_to_end(channel)
+            else:
+                del self._streams[channel]
+
     def _stream(self, channel: str, now: float) -> _Stream:
         self._expire(now)
         stream = self._streams.get(channel)
         if stream is None:
+            self._make_room(now)
             stream = self._streams[channel] = _Stream(secrets.token_hex(8))
         else:
             self._streams.move_to_end(channel)
