@@ -15,7 +15,7 @@ import redis.retry
 from redis.backoff import NoBackoff
 
 from .brokers.base import Published, is_valid_message_id
-from .brokers.redis import (
+from .brokers.redis_scripts import (
     PUBLISH_SCRIPT,
     UNREACHABLE,
     ChannelKeys,

@@ -13,7 +13,7 @@ import redis.asyncio
 
 from aiohttp_wsbus import BrokerUnavailable, RedisBroker, RedisPublisher
 from aiohttp_wsbus.brokers import Broker, MemoryBroker, Message
-from aiohttp_wsbus.brokers.redis import ChannelKeys
+from aiohttp_wsbus.brokers.redis_scripts import ChannelKeys
 from aiohttp_wsbus.protocol import Position
 
 from .redis_server import RedisServer, until

@@ -18,7 +18,7 @@ from redis.asyncio import RedisCluster
 
 from aiohttp_wsbus import RedisBroker, RedisPublisher, SyncRedisPublisher
 from aiohttp_wsbus.brokers import Message
-from aiohttp_wsbus.brokers.redis import ChannelKeys
+from aiohttp_wsbus.brokers.redis_scripts import ChannelKeys
 
 from .support import eventually
 

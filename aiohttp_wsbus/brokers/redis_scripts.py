@@ -1,0 +1,195 @@
+"""The Redis side of the bus: key names, Lua scripts and their arguments.
+
+Shared by RedisBroker and the publishers, so every process that writes to a
+channel counts its offsets and epochs the same way.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from redis.exceptions import ClusterDownError, RedisClusterException
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from .base import Published
+
+__all__ = [
+    "HISTORY_SCRIPT",
+    "PUBLISH_SCRIPT",
+    "UNREACHABLE",
+    "ChannelKeys",
+    "check_prefix",
+    "entry_offset",
+    "milliseconds",
+    "new_epoch",
+    "parse_published",
+    "publish_arguments",
+    "text",
+]
+
+# Errors that mean "Redis cannot be reached right now"; anything else is a bug.
+# A cluster adds its own: down (no majority, a slot without a master), no node
+# reachable, a slot not covered.
+UNREACHABLE: Final = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    OSError,
+    ClusterDownError,
+    RedisClusterException,
+)
+_PREFIX_RE: Final = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+
+# Both scripts start here. KEYS[1] is the meta hash, KEYS[2] the stream, ARGV[1]
+# an epoch to use if there is none: a missing meta hash (never published, idle
+# past the TTL, or a Redis that lost its data) is a new epoch, and the stream
+# that counted in the old one goes with it.
+_EPOCH: Final = """
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0)
+end
+"""
+
+# KEYS: meta hash, stream, id key. ARGV: new epoch, data, history size,
+# ttl ms, pub/sub channel, message id ('' for none), publish command.
+PUBLISH_SCRIPT: Final = (
+    _EPOCH
+    + """
+local ttl = tonumber(ARGV[4])
+if ARGV[6] ~= '' then
+  local seen = redis.call('GET', KEYS[3])
+  if seen then
+    local seen_epoch, seen_offset = string.match(seen, '^(%S+) (%d+)$')
+    if seen_epoch == epoch then
+      redis.call('PEXPIRE', KEYS[1], ttl)
+      redis.call('PEXPIRE', KEYS[2], ttl)
+      return {epoch, tonumber(seen_offset)}
+    end
+  end
+end
+local offset = redis.call('HINCRBY', KEYS[1], 'offset', 1)
+redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[3], offset .. '-0', 'd', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ttl)
+redis.call('PEXPIRE', KEYS[2], ttl)
+if ARGV[6] ~= '' then
+  redis.call('SET', KEYS[3], epoch .. ' ' .. offset, 'PX', ttl)
+end
+redis.call(ARGV[7], ARGV[5], epoch .. ' ' .. offset .. ' ' .. ARGV[2])
+return {epoch, offset}
+"""
+)
+
+# KEYS: meta hash, stream. ARGV: new epoch, ttl ms, since epoch, since offset,
+# '1' to read the whole stream when the epoch is not the one asked for.
+# Returns {epoch, top offset, first offset kept, entries after since...}.
+HISTORY_SCRIPT: Final = (
+    _EPOCH
+    + """
+local top = tonumber(redis.call('HGET', KEYS[1], 'offset'))
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+local after = -1
+if ARGV[3] == epoch then
+  after = tonumber(ARGV[4])
+elseif ARGV[5] == '1' then
+  after = 0
+end
+local first = top + 1
+local head = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
+if #head > 0 then
+  first = tonumber(string.match(head[1][1], '^(%d+)'))
+end
+local answer = {epoch, top, first}
+if after >= 0 and after < top then
+  local entries = redis.call('XRANGE', KEYS[2], (after + 1) .. '-0', '+')
+  for _, entry in ipairs(entries) do
+    table.insert(answer, entry)
+  end
+end
+return answer
+"""
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelKeys:
+    """A channel's Redis names, all under one hash tag so they share a cluster slot."""
+
+    tag: str
+
+    @classmethod
+    def of(cls, prefix: str, channel: str) -> ChannelKeys:
+        return cls(f"{{{prefix}:{channel}}}")
+
+    @property
+    def meta(self) -> str:
+        return self.tag + ":meta"
+
+    @property
+    def stream(self) -> str:
+        return self.tag + ":stream"
+
+    @property
+    def pubsub(self) -> str:
+        return self.tag
+
+    def message_id(self, message_id: str | None) -> str:
+        return f"{self.tag}:id:{message_id or ''}"
+
+
+def check_prefix(prefix: str) -> str:
+    if not _PREFIX_RE.fullmatch(prefix):
+        raise ValueError("prefix: 1 to 64 characters from A-Z a-z 0-9 _ . : -")
+    return prefix
+
+
+def publish_arguments(
+    keys: ChannelKeys,
+    data: str,
+    message_id: str | None,
+    *,
+    history_size: int,
+    history_ttl: float,
+    sharded: bool,
+) -> tuple[list[str], list[str | int]]:
+    """The KEYS and ARGV of PUBLISH_SCRIPT, shared by RedisBroker and RedisPublisher."""
+    return (
+        [keys.meta, keys.stream, keys.message_id(message_id)],
+        [
+            new_epoch(),
+            data,
+            history_size,
+            milliseconds(history_ttl),
+            keys.pubsub,
+            message_id or "",
+            "SPUBLISH" if sharded else "PUBLISH",
+        ],
+    )
+
+
+def parse_published(channel: str, answer: Sequence[Any]) -> Published:
+    return Published(channel, int(answer[1]), text(answer[0]))
+
+
+def new_epoch() -> str:
+    return secrets.token_hex(8)
+
+
+def milliseconds(seconds: float) -> int:
+    return max(1, math.ceil(seconds * 1000))
+
+
+def text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def entry_offset(entry_id: bytes) -> int:
+    return int(entry_id.split(b"-", 1)[0])
