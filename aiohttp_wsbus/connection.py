@@ -89,7 +89,11 @@ class Connection:
         self.close_code: CloseCode | None = None
         self.send_buffer_limit = send_buffer_limit
         self._scheduler = scheduler
-        self._outbox: list[bytes] | None = None  # None while nothing waits: idle is cheap
+        # None while nothing waits; one frame is kept as bytes, several as a list.
+        # Bytes are not tracked by the garbage collector: a message queued for
+        # 10000 sockets must not create 10000 containers, or the collections it
+        # triggers stall the loop (seen as a 3x p99 latency at 10000 subscribers).
+        self._outbox: bytes | list[bytes] | None = None
         self._on_close = on_close
         self._closer = closer
         self._expiry: asyncio.TimerHandle | None = None
@@ -107,11 +111,14 @@ class Connection:
         """Queue a ready-built WebSocket frame; it leaves at the end of this tick."""
         if self.is_closing:
             return
-        if self._outbox is None:
-            self._outbox = [frame]
+        outbox = self._outbox
+        if outbox is None:
+            self._outbox = frame
             self._scheduler.mark(self)
+        elif isinstance(outbox, bytes):
+            self._outbox = [outbox, frame]
         else:
-            self._outbox.append(frame)
+            outbox.append(frame)
 
     def hold(self, channel: str) -> None:
         """Hold live messages for `channel` until `release` (its replay goes first)."""
@@ -144,7 +151,7 @@ class Connection:
         self._outbox = None
         if self.is_closing or self.transport.is_closing():
             return
-        self.transport.write(outbox[0] if len(outbox) == 1 else b"".join(outbox))
+        self.transport.write(outbox if isinstance(outbox, bytes) else b"".join(outbox))
         if self.transport.get_write_buffer_size() > self.send_buffer_limit:
             self.close(CloseCode.SLOW_CONSUMER)
 
