@@ -228,9 +228,10 @@ class _Handlers:
             compress=False,  # frames are built once and written as they are
             timeout=settings.close_timeout,
         )
-        if not socket.can_prepare(request).ok:
+        try:
+            await socket.prepare(request)  # validates the handshake once
+        except web.HTTPException:
             return _json_error(426, "websocket_upgrade_required")
-        await socket.prepare(request)
         self.bus.open_sockets += 1
         transport = request.transport
         self._unauthenticated[socket] = (
