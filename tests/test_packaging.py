@@ -1,4 +1,5 @@
-"""The built package ships the JS client: the bytes of js/wsbus.js, not a symlink."""
+"""The built package ships the JS client (the bytes of js/wsbus.js, not a symlink),
+py.typed and the `wsbus` console script."""
 
 from __future__ import annotations
 
@@ -39,5 +40,8 @@ def test_wheel_ships_the_js_client_byte_for_byte(tmp_path: Path) -> None:
         shipped = archive.read("aiohttp_wsbus/static/wsbus.js")
         types = archive.read("aiohttp_wsbus/static/wsbus.d.ts")
         assert "aiohttp_wsbus/py.typed" in archive.namelist()
+        (entry_points,) = [n for n in archive.namelist() if n.endswith("entry_points.txt")]
+        # The standalone server's console script.
+        assert "wsbus = aiohttp_wsbus.cli:main" in archive.read(entry_points).decode()
     assert shipped == (ROOT / "js" / "wsbus.js").read_bytes()
     assert types == (ROOT / "js" / "wsbus.d.ts").read_bytes()
