@@ -221,6 +221,7 @@ class JwksVerifier(TokenVerifier):
         refetch_interval: float = 30.0,
         refresh_interval: float = 300.0,
         fetch_timeout: float = 5.0,
+        startup_retry: float = 1.0,
         cache_size: int = 10000,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -244,6 +245,7 @@ class JwksVerifier(TokenVerifier):
         self.refetch_interval = refetch_interval
         self.refresh_interval = refresh_interval
         self.fetch_timeout = fetch_timeout
+        self.startup_retry = startup_retry
         self._keys: list[JwksKey] | None = None
         self._last_fetch_ok = False
         # Set so the first on-demand fetch is never held back by the rate limit.
@@ -260,14 +262,22 @@ class JwksVerifier(TokenVerifier):
         return "fresh" if self._last_fetch_ok else "stale"
 
     async def start(self, session: aiohttp.ClientSession | None) -> None:
-        """Fetch the keys once (failure only logs) and start the periodic refresh."""
+        """Fetch the keys once (failure only logs) and start the periodic refresh.
+
+        A failed first fetch is retried after `startup_retry` seconds and only
+        logged as a warning if that fails too: the identity provider may be
+        this very app, which does not listen until its startup is over.
+        """
         if session is None:
             session = aiohttp.ClientSession()
             self._owns_session = True
         self._session = session
         async with self._fetch_lock:
-            await self._fetch()
-        self._refresh_task = asyncio.create_task(self._refresh_forever(), name="wsbus-jwks-refresh")
+            await self._fetch(is_startup=True)
+        first_delay = None if self._last_fetch_ok else self.startup_retry
+        self._refresh_task = asyncio.create_task(
+            self._refresh_forever(first_delay), name="wsbus-jwks-refresh"
+        )
 
     async def stop(self) -> None:
         if self._refresh_task is not None:
@@ -319,17 +329,19 @@ class JwksVerifier(TokenVerifier):
             self._last_on_demand_fetch = now
             await self._fetch()
 
-    async def _refresh_forever(self) -> None:
+    async def _refresh_forever(self, first_delay: float | None) -> None:
         while True:
             # Retry sooner while keys are missing or stale.
             delay = self.refresh_interval
             if self.key_status != "fresh":
                 delay = min(delay, self.refetch_interval)
+            if first_delay is not None:
+                delay, first_delay = first_delay, None
             await asyncio.sleep(delay)
             async with self._fetch_lock:
                 await self._fetch()
 
-    async def _fetch(self) -> None:
+    async def _fetch(self, *, is_startup: bool = False) -> None:
         """Fetch and install the key set; on any failure keep the last good keys."""
         if self._session is None:
             raise RuntimeError("JwksVerifier.start() must be awaited before verifying")
@@ -340,9 +352,16 @@ class JwksVerifier(TokenVerifier):
         except (aiohttp.ClientError, TimeoutError, ValueError) as error:
             self.fetch_failures += 1
             self._last_fetch_ok = False
-            logger.warning(
-                "JWKS fetch from %s failed: %s %s", self.jwks_url, type(error).__name__, error
-            )
+            if is_startup:
+                logger.info(
+                    "JWKS not reachable at startup (%s); retrying in %g s",
+                    type(error).__name__,
+                    self.startup_retry,
+                )
+            else:
+                logger.warning(
+                    "JWKS fetch from %s failed: %s %s", self.jwks_url, type(error).__name__, error
+                )
             return
         if self._keys is None or {k.jwk_json for k in keys} != {k.jwk_json for k in self._keys}:
             self._cache.clear()

@@ -85,11 +85,10 @@ def make_app(settings: ExampleSettings) -> web.Application:
     app = web.Application()
     app[SETTINGS_KEY] = settings
     app[IDENTITY_KEY] = identity
-    # Must start before the bus does: see _StartupKeyServer.
-    startup_keys = _StartupKeyServer(identity, settings.host, settings.port)
-    app.cleanup_ctx.append(startup_keys.lifetime)
     app.cleanup_ctx.append(_client_session)
     # This is where a real identity provider goes: Keycloak, Auth0, ... publish a JWKS URL.
+    # Here it is this app, which does not listen yet when the bus first fetches:
+    # the bus retries a second later (logged at INFO), by which time it does.
     aiohttp_wsbus.setup(
         app,
         jwks_url=base_url + JWKS_PATH,
@@ -97,7 +96,6 @@ def make_app(settings: ExampleSettings) -> web.Application:
         audience=AUDIENCE,
         api_keys=[settings.api_key],
     )
-    app.on_startup.append(startup_keys.stop)  # runs after every cleanup_ctx has started
     app.router.add_get("/", index)
     app.router.add_static("/static/", STATIC_DIR)
     app.router.add_get(JWKS_PATH, jwks)
@@ -105,44 +103,6 @@ def make_app(settings: ExampleSettings) -> web.Application:
     app.router.add_post("/send", send)
     app.router.add_post("/api/notify", notify)
     return app
-
-
-class _StartupKeyServer:
-    """Serves the JWKS on the app's own address while the app starts.
-
-    The bus fetches its keys when the app starts, which is before the app listens;
-    a real identity provider is already up by then. Without this stand-in the bus
-    would still cope (it fetches again for the first token it verifies), but it
-    would log a failed fetch at every start.
-    """
-
-    def __init__(self, identity: IdentityProvider, host: str, port: int) -> None:
-        self.identity = identity
-        self.host = host
-        self.port = port
-        self._runner: web.AppRunner | None = None
-
-    async def lifetime(self, app: web.Application) -> AsyncIterator[None]:
-        keys_app = web.Application()
-        keys_app.router.add_get(JWKS_PATH, self._jwks)
-        runner = web.AppRunner(keys_app, access_log=None)
-        await runner.setup()
-        self._runner = runner
-        try:
-            await web.TCPSite(runner, self.host, self.port).start()
-            yield
-        finally:
-            await self.stop(app)
-
-    async def stop(self, app: web.Application) -> None:
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
-
-    async def _jwks(self, request: web.Request) -> web.Response:
-        response = web.json_response(self.identity.jwks())
-        response.force_close()  # no idle connection left to the stand-in
-        return response
 
 
 async def _client_session(app: web.Application) -> AsyncIterator[None]:

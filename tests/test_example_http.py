@@ -17,7 +17,7 @@ import aiohttp_wsbus
 from example_app.__main__ import parse_arguments
 
 from .example_server import ExampleServer, free_port, running_example
-from .support import WAIT, next_frame
+from .support import WAIT, eventually, next_frame
 
 ROOT = Path(__file__).parent.parent
 
@@ -130,13 +130,13 @@ async def test_login_wants_a_json_body(example: ExampleServer, http: aiohttp.Cli
         assert (await response.json())["fields"] == {"_body": ["body is not valid JSON"]}
 
 
-async def test_bus_has_fetched_the_keys_by_the_time_the_app_listens(
+async def test_bus_gets_the_apps_own_keys_soon_after_it_listens(
     example: ExampleServer,
 ) -> None:
     assert example.app is not None
     verifier = aiohttp_wsbus.get_bus(example.app).verifier
-    assert verifier.key_status == "fresh"
-    assert (verifier.fetch_count, verifier.fetch_failures) == (1, 0)
+    # The first fetch ran before the app listened; the startup retry finds it.
+    await eventually(lambda: verifier.key_status == "fresh")
 
 
 # -- /send -------------------------------------------------------------------
@@ -304,8 +304,9 @@ async def test_python_dash_m_serves_the_page_and_the_client(http: aiohttp.Client
     try:
         assert process.stdout is not None
         async with asyncio.timeout(15):  # an interpreter start and an RSA key
-            banner = (await process.stdout.readline()).decode()
-        assert f"on http://127.0.0.1:{port}" in banner
+            # Log lines (the bus's first key fetch, made before the app listens) may come first.
+            while f"on http://127.0.0.1:{port}" not in (await process.stdout.readline()).decode():
+                assert not process.stdout.at_eof()
         base = f"http://127.0.0.1:{port}"
         async with http.get(base + "/") as response:
             assert response.status == 200

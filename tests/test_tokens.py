@@ -25,6 +25,7 @@ from aiohttp_wsbus.errors import InvalidSettings, InvalidToken, KeysUnavailable
 from aiohttp_wsbus.tokens import MAX_JWKS_BYTES, Claims, JwksVerifier, SecretVerifier
 
 from .conftest import AUDIENCE, ISSUER, KEY_ID, JwksServer, MakeToken, public_jwk
+from .support import eventually
 
 SECRET = "a-development-secret-that-is-long-enough-for-hs512-signatures-0123456789abcdef"
 
@@ -77,6 +78,7 @@ async def start_verifier(
             "audience": AUDIENCE,
             "leeway": 0,
             "clock": clock,
+            "startup_retry": 600,  # out of the way unless a test is about it
         }
         settings.update(overrides)
         jwks_url = settings.pop("jwks_url", jwks_server.url)
@@ -432,6 +434,37 @@ async def test_jwks_down_from_start_then_up(
     clock.advance(31)
     assert (await verifier.verify(token)).subject == "alice"
     assert verifier.key_status == "fresh"
+
+
+async def test_a_failed_first_fetch_is_retried_soon_and_logged_quietly(
+    jwks_server: JwksServer,
+    start_verifier: StartVerifier,
+    make_token: MakeToken,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="aiohttp_wsbus")
+    jwks_server.fail = True  # as when the identity provider is this app, still starting
+    verifier = await start_verifier(startup_retry=0.05)
+    jwks_server.fail = False
+    await jwks_server.wait_for_requests(2)
+    assert (await verifier.verify(make_token())).subject == "alice"
+    assert verifier.key_status == "fresh"
+    ours = [r for r in caplog.records if r.name.startswith("aiohttp_wsbus")]
+    assert [r.levelname for r in ours] == ["INFO"]
+    assert "retrying" in ours[0].getMessage()
+
+
+async def test_a_first_fetch_that_fails_again_is_a_warning(
+    jwks_server: JwksServer, start_verifier: StartVerifier, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="aiohttp_wsbus")
+    jwks_server.fail = True
+    verifier = await start_verifier(startup_retry=0.05)
+    await jwks_server.wait_for_requests(2)
+    await eventually(lambda: verifier.fetch_failures == 2)
+    ours = [r for r in caplog.records if r.name.startswith("aiohttp_wsbus")]
+    assert [r.levelname for r in ours] == ["INFO", "WARNING"]
+    assert verifier.key_status == "unavailable"
 
 
 async def test_key_set_is_refreshed_in_the_background(
