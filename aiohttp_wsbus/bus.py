@@ -20,7 +20,7 @@ from .errors import BrokerUnavailable, InvalidChannel
 from .grants import is_valid_channel, may
 from .protocol import CloseCode, Position, encode_message, text_frame
 
-__all__ = ["Bus", "SubscribeResult", "encode_data", "encode_message"]
+__all__ = ["Bus", "SubscribeResult", "check_publish", "encode_data", "encode_message"]
 from .registry import Registry
 from .settings import Settings
 from .tokens import Claims, TokenVerifier
@@ -34,6 +34,14 @@ def encode_data(data: Any) -> str:
         return json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as error:
         raise ValueError(f"data is not JSON-serialisable: {error}") from None
+
+
+def check_publish(channel: str, message_id: str | None) -> None:
+    """Refuse a bad channel name (InvalidChannel) or idempotency id (ValueError)."""
+    if not is_valid_channel(channel):
+        raise InvalidChannel(f"invalid channel name: {channel!r}")
+    if message_id is not None and not is_valid_message_id(message_id):
+        raise ValueError("id must be 1 to 128 printable ASCII characters")
 
 
 @dataclass(slots=True)
@@ -109,10 +117,7 @@ class Bus:
         self, channel: str, data: str, *, message_id: str | None = None
     ) -> Published:
         """Publish data that is already JSON text."""
-        if not is_valid_channel(channel):
-            raise InvalidChannel(f"invalid channel name: {channel!r}")
-        if message_id is not None and not is_valid_message_id(message_id):
-            raise ValueError("id must be 1 to 128 printable ASCII characters")
+        check_publish(channel, message_id)
         published = await self.broker.publish(channel, data, message_id=message_id)
         self.messages_published += 1
         return published

@@ -14,7 +14,7 @@ import redis.asyncio
 import redis.retry
 from redis.backoff import NoBackoff
 
-from .brokers.base import Published, is_valid_message_id
+from .brokers.base import Published
 from .brokers.redis_scripts import (
     PUBLISH_SCRIPT,
     UNREACHABLE,
@@ -23,9 +23,8 @@ from .brokers.redis_scripts import (
     parse_published,
     publish_arguments,
 )
-from .bus import encode_data
-from .errors import BrokerUnavailable, InvalidChannel
-from .grants import is_valid_channel
+from .bus import check_publish, encode_data
+from .errors import BrokerUnavailable
 
 __all__ = ["RedisPublisher", "SyncRedisPublisher"]
 
@@ -65,10 +64,7 @@ class _Publishing:
         }
 
     def arguments(self, channel: str, data: Any, message_id: str | None) -> list[Any]:
-        if not is_valid_channel(channel):
-            raise InvalidChannel(f"invalid channel name: {channel!r}")
-        if message_id is not None and not is_valid_message_id(message_id):
-            raise ValueError("id must be 1 to 128 printable ASCII characters")
+        check_publish(channel, message_id)
         keys, args = publish_arguments(
             ChannelKeys.of(self.prefix, channel),
             encode_data(data),
