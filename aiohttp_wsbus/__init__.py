@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from .brokers import Broker, MemoryBroker, Published
 from .bus import Bus
-from .client import EmitClient, EmitError, SyncEmitClient
+from .emit_client import EmitClient, EmitError, SyncEmitClient
 from .errors import (
     BrokerUnavailable,
     Forbidden,
@@ -24,15 +24,15 @@ from .web import BUS_KEY, get_bus, setup
 
 if TYPE_CHECKING:
     from .brokers.redis import RedisBroker
-    from .publisher import RedisPublisher, SyncRedisPublisher
+    from .brokers.redis_publisher import RedisPublisher, SyncRedisPublisher
 
 __version__ = "0.1.0.dev0"
 
 # Imported on first use, so that redis stays an optional extra.
 _LAZY = {
     "RedisBroker": "aiohttp_wsbus.brokers.redis",
-    "RedisPublisher": "aiohttp_wsbus.publisher",
-    "SyncRedisPublisher": "aiohttp_wsbus.publisher",
+    "RedisPublisher": "aiohttp_wsbus.brokers.redis_publisher",
+    "SyncRedisPublisher": "aiohttp_wsbus.brokers.redis_publisher",
 }
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import json
 import logging
 import secrets
 from collections.abc import Callable, Collection, Mapping
@@ -14,34 +13,18 @@ from typing import Any
 
 import aiohttp
 
-from .brokers.base import Broker, History, Message, Published, is_valid_message_id
+from .brokers.base import Broker, History, Message, Published, check_publish
 from .connection import Connection, WriteScheduler
-from .errors import BrokerUnavailable, InvalidChannel
+from .errors import BrokerUnavailable
 from .grants import is_valid_channel, may
-from .protocol import CloseCode, Position, encode_message, text_frame
-
-__all__ = ["Bus", "SubscribeResult", "check_publish", "encode_data", "encode_message"]
+from .protocol import CloseCode, Position, encode_data, encode_message, text_frame
 from .registry import Registry
 from .settings import Settings
 from .tokens import Claims, TokenVerifier
 
+__all__ = ["Bus", "SubscribeResult"]
+
 logger = logging.getLogger("aiohttp_wsbus")
-
-
-def encode_data(data: Any) -> str:
-    """Encode a message's data as JSON once, for every subscriber and the history."""
-    try:
-        return json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"data is not JSON-serialisable: {error}") from None
-
-
-def check_publish(channel: str, message_id: str | None) -> None:
-    """Refuse a bad channel name (InvalidChannel) or idempotency id (ValueError)."""
-    if not is_valid_channel(channel):
-        raise InvalidChannel(f"invalid channel name: {channel!r}")
-    if message_id is not None and not is_valid_message_id(message_id):
-        raise ValueError("id must be 1 to 128 printable ASCII characters")
 
 
 @dataclass(slots=True)

@@ -23,6 +23,7 @@ __all__ = [
     "Subscribe",
     "Unsubscribe",
     "encode",
+    "encode_data",
     "encode_message",
     "parse_client_frame",
     "text_frame",
@@ -164,6 +165,22 @@ def parse_client_frame(text: str | bytes) -> ClientFrame:
 def encode(frame: Mapping[str, Any]) -> bytes:
     """Encode a server frame as compact UTF-8 JSON."""
     return json.dumps(frame, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def encode_data(data: Any) -> str:
+    """Encode a message's data as JSON once, for every subscriber and the history.
+
+    Raises ValueError for anything a client could not decode: values JSON
+    cannot hold (NaN, Infinity, objects) and strings that are not valid
+    Unicode (a lone surrogate), so a refused message never takes an offset.
+    """
+    try:
+        text = json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        text.encode()
+    except (TypeError, ValueError, RecursionError) as error:
+        reason = "nested too deeply" if isinstance(error, RecursionError) else str(error)
+        raise ValueError(f"data is not JSON-serialisable: {reason}") from None
+    return text
 
 
 def encode_message(

@@ -21,7 +21,7 @@ from marshmallow import fields as mf
 
 from .brokers import Broker, MemoryBroker
 from .brokers.base import is_valid_message_id
-from .bus import Bus, SubscribeResult, encode_data
+from .bus import Bus, SubscribeResult
 from .connection import Connection
 from .errors import BrokerUnavailable, InvalidSettings, InvalidToken, KeysUnavailable
 from .grants import is_valid_channel, may
@@ -33,6 +33,7 @@ from .protocol import (
     Refresh,
     Subscribe,
     Unsubscribe,
+    encode_data,
     parse_client_frame,
 )
 from .settings import Settings, load_settings

@@ -87,7 +87,7 @@ async def test_a_message_is_encoded_once_for_all_subscribers(
         (await server.open(make_token(channels=["chat:*"]), ["chat:a"]))[0] for _ in range(5)
     ]
     calls = []
-    real = aiohttp_wsbus.bus.encode_message
+    real = aiohttp_wsbus.protocol.encode_message
 
     def counting(*args: Any, **kwargs: Any) -> bytes:
         calls.append(args)

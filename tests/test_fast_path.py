@@ -13,8 +13,7 @@ import pytest
 from aiohttp import web
 from pytest_aiohttp import AiohttpClient
 
-from aiohttp_wsbus.bus import encode_data
-from aiohttp_wsbus.protocol import Connect, encode_message
+from aiohttp_wsbus.protocol import Connect, encode_data, encode_message
 
 from .conftest import JwksServer, MakeToken
 from .support import WAIT, RawClient, eventually, start_bus

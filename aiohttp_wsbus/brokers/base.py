@@ -12,9 +12,20 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
+from ..errors import InvalidChannel
+from ..grants import is_valid_channel
 from ..protocol import Position
 
-__all__ = ["Broker", "History", "Message", "Published", "is_valid_message_id", "recover"]
+__all__ = [
+    "Broker",
+    "History",
+    "Message",
+    "Position",
+    "Published",
+    "check_publish",
+    "is_valid_message_id",
+    "recover",
+]
 
 MAX_MESSAGE_ID_LENGTH: Final = 128
 _MESSAGE_ID_RE = re.compile(rf"[\x21-\x7e]{{1,{MAX_MESSAGE_ID_LENGTH}}}")
@@ -23,6 +34,14 @@ _MESSAGE_ID_RE = re.compile(rf"[\x21-\x7e]{{1,{MAX_MESSAGE_ID_LENGTH}}}")
 def is_valid_message_id(message_id: str) -> bool:
     """Idempotency ids are 1 to 128 printable ASCII characters."""
     return _MESSAGE_ID_RE.fullmatch(message_id) is not None
+
+
+def check_publish(channel: str, message_id: str | None) -> None:
+    """Refuse a bad channel name (InvalidChannel) or idempotency id (ValueError)."""
+    if not is_valid_channel(channel):
+        raise InvalidChannel(f"invalid channel name: {channel!r}")
+    if message_id is not None and not is_valid_message_id(message_id):
+        raise ValueError("id must be 1 to 128 printable ASCII characters")
 
 
 @dataclass(frozen=True, slots=True)

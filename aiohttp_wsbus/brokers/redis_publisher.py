@@ -14,8 +14,10 @@ import redis.asyncio
 import redis.retry
 from redis.backoff import NoBackoff
 
-from .brokers.base import Published
-from .brokers.redis_scripts import (
+from ..errors import BrokerUnavailable
+from ..protocol import encode_data
+from .base import Published, check_publish
+from .redis_scripts import (
     PUBLISH_SCRIPT,
     UNREACHABLE,
     ChannelKeys,
@@ -23,8 +25,6 @@ from .brokers.redis_scripts import (
     parse_published,
     publish_arguments,
 )
-from .bus import check_publish, encode_data
-from .errors import BrokerUnavailable
 
 __all__ = ["RedisPublisher", "SyncRedisPublisher"]
 
