@@ -60,6 +60,7 @@ HELP: Final[Mapping[str, str]] = {
     "allowed_origins": "browser Origins allowed to connect, comma-separated (default: any)",
     "allow_query_token": "accept ?token= in the WebSocket URL",
     "emit_max_size": "largest emit body in bytes",
+    "emit_timeout": "seconds an emit request has to send its whole body",
     "history_size": "messages kept per channel for recovery",
     "history_ttl": "seconds a channel's history is kept",
     "jwks_refetch_interval": "least seconds between JWKS refetches for an unknown key id",

@@ -1,6 +1,11 @@
-"""The exceptions aiohttp_wsbus raises; web.py turns each into a status or close code."""
+"""The exceptions aiohttp_wsbus raises, and the one shape of its HTTP errors."""
 
 from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
 
 
 class WsBusError(Exception):
@@ -40,3 +45,11 @@ class BrokerUnavailable(WsBusError):
 
 class InvalidChannel(WsBusError, ValueError):
     """A channel name breaks the naming rules."""
+
+
+def http_error(status: type[web.HTTPException], error: str, **details: Any) -> web.HTTPException:
+    """An HTTP error with the JSON body every endpoint answers: {"error": ..., **details}.
+
+    Handlers raise it where they find the problem; aiohttp sends it.
+    """
+    return status(text=json.dumps({"error": error, **details}), content_type="application/json")

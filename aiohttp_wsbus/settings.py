@@ -58,6 +58,7 @@ class Settings:
     allowed_origins: tuple[str, ...] | None = None
     allow_query_token: bool = False
     emit_max_size: int = 1 << 20
+    emit_timeout: float = 10.0
     history_size: int = 100
     history_ttl: float = 300.0
     jwks_refetch_interval: float = 30.0
@@ -107,6 +108,7 @@ class SettingsSchema(Schema):
     allowed_origins = mf.List(mf.String(validate=validate.Length(min=1)), allow_none=True)
     allow_query_token = mf.Boolean()
     emit_max_size = mf.Integer(strict=True, validate=validate.Range(min=256))
+    emit_timeout = mf.Float(validate=_positive("emit_timeout"))
     history_size = mf.Integer(strict=True, validate=validate.Range(min=0, max=100_000))
     history_ttl = mf.Float(validate=_positive("history_ttl"))
     jwks_refetch_interval = mf.Float(validate=validate.Range(min=0))

@@ -69,6 +69,8 @@ KEY_TYPE_BY_ALGORITHM: Final[Mapping[str, str]] = {
     "EdDSA": "OKP",
 }
 SECRET_ALGORITHMS: Final = frozenset({"HS256", "HS384", "HS512"})
+# Longer tokens are refused unread (a token is verified and cached per socket).
+MAX_TOKEN_LENGTH: Final = 16384
 
 PublicKey = RSAPublicKey | EllipticCurvePublicKey | Ed25519PublicKey | Ed448PublicKey
 
@@ -130,6 +132,12 @@ class TokenVerifier(ABC):
 
     async def verify(self, token: str) -> Claims:
         """Return the token's Claims, or raise InvalidToken(reason) or KeysUnavailable."""
+        if not token:
+            raise InvalidToken("missing")
+        if len(token) > MAX_TOKEN_LENGTH:
+            raise InvalidToken("too_long")
+        if not token.isascii():  # a JWT is base64url and dots
+            raise InvalidToken("malformed")
         token_hash = hashlib.sha256(token.encode()).digest()
         now = self._clock()
         cached = self._cache.get(token_hash)
