@@ -13,7 +13,6 @@ from typing import Any, Final, NoReturn
 
 import aiohttp
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
 from marshmallow import Schema, ValidationError, validate, validates_schema
 from marshmallow import fields as mf
 
@@ -203,11 +202,9 @@ class EmitHandler:
                     web.HTTPRequestTimeout, "request_timeout", limit=self.settings.emit_timeout
                 )
             ) from None
-        except HttpProcessingError as error:  # a broken gzip or deflate body
-            raise _closing(_invalid("_body", f"body cannot be decoded: {error.message}")) from None
-        except (aiohttp.ClientPayloadError, ConnectionError):
-            # The client went away mid-body: nobody is left to answer.
-            raise _closing(_invalid("_body", "the body ended early")) from None
+        except (web.RequestPayloadError, aiohttp.ClientPayloadError, ConnectionError):
+            # A broken gzip or deflate body, or a client that left mid-body.
+            raise _closing(_invalid("_body", "the body cannot be decoded or ended early")) from None
         return _parse_json(bytes(raw))
 
     @staticmethod
