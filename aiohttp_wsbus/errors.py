@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -47,9 +48,12 @@ class InvalidChannel(WsBusError, ValueError):
     """A channel name breaks the naming rules."""
 
 
-def http_error(status: type[web.HTTPException], error: str, **details: Any) -> web.HTTPException:
+def http_error(
+    status: Callable[..., web.HTTPException], error: str, **details: Any
+) -> web.HTTPException:
     """An HTTP error with the JSON body every endpoint answers: {"error": ..., **details}.
 
-    Handlers raise it where they find the problem; aiohttp sends it.
+    `status` is an aiohttp HTTPException class, or a partial of one that needs
+    arguments. Handlers raise the result where they find the problem.
     """
     return status(text=json.dumps({"error": error, **details}), content_type="application/json")
