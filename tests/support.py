@@ -85,6 +85,16 @@ async def close_code(socket: ClientWebSocketResponse, timeout: float = WAIT) -> 
                 return socket.close_code
 
 
+async def close_frame(socket: ClientWebSocketResponse, timeout: float = WAIT) -> tuple[int, str]:
+    """Read until the server's close frame; return its code and reason."""
+    async with asyncio.timeout(timeout):
+        while True:
+            message = await socket.receive()
+            if message.type == WSMsgType.CLOSE:
+                return message.data, message.extra or ""
+            assert message.type in (WSMsgType.TEXT, WSMsgType.BINARY), message
+
+
 async def eventually(condition: Callable[[], bool], timeout: float = WAIT) -> None:
     """Wait until `condition()` holds, checking every 10 ms, at most `timeout` seconds.
 
