@@ -177,6 +177,32 @@ async def test_sigterm_closes_connected_clients_with_1001(
     assert server.lines[-1].endswith("aiohttp_wsbus: stopped")
 
 
+async def test_sigterm_with_an_emit_body_still_arriving_exits_within_close_timeout(
+    start_cli: StartCli, jwks_server: JwksServer
+) -> None:
+    server = await start_cli(
+        "--port", "0", "--api-key", API_KEY, "--close-timeout", "1", **token_settings(jwks_server)
+    )
+    host, port = server.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"POST /ws/emit HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"X-API-Key: {API_KEY}\r\nContent-Length: 100\r\nExpect: 100-continue\r\n\r\n".encode()
+    )
+    async with asyncio.timeout(WAIT):  # the request has reached its handler
+        assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+    writer.write(b'{"channel": "a", ')
+    await writer.drain()
+    server.terminate()
+    # aiohttp alone would wait 60 s for this request; the bus cuts it at close_timeout.
+    async with asyncio.timeout(1 + 3):
+        answer = await reader.read()
+        assert await server.process.wait() == 0
+    assert answer.startswith(b"HTTP/1.1 503"), answer
+    assert answer.endswith(b'{"error": "shutting_down"}'), answer
+    writer.close()
+
+
 async def test_unix_socket_and_an_access_log_without_query_strings(
     start_cli: StartCli, jwks_server: JwksServer, make_token: MakeToken, tmp_path: Path
 ) -> None:
