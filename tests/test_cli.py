@@ -16,8 +16,8 @@ import pytest
 from aiohttp import ClientWebSocketResponse
 
 from aiohttp_wsbus import CloseCode
-from aiohttp_wsbus.cli import HELP, BadSetting, build_parser, resolve, setting_options
-from aiohttp_wsbus.settings import Settings
+from aiohttp_wsbus.cli import BadSetting, build_parser, resolve, setting_options
+from aiohttp_wsbus.settings import Settings, setting_help
 
 from .conftest import AUDIENCE, ISSUER, JwksServer, MakeToken
 from .support import WAIT, close_code, next_frame
@@ -259,14 +259,15 @@ async def test_redis_url_without_the_redis_broker_exits_2() -> None:
 # -- in-process: how flags and variables become settings ----------------------
 
 
-def test_every_setting_has_a_flag_a_variable_and_help() -> None:
-    help_text = build_parser().format_help()
-    names = [f.name for f in fields(Settings)]
-    assert [o.name for o in setting_options()] == names
-    assert set(HELP) == set(names)
-    for option in setting_options():
-        assert option.flag in help_text
-        assert option.env in help_text
+def test_every_setting_has_a_flag_a_variable_and_its_meaning_from_settings() -> None:
+    parser = build_parser()
+    help_by_flag = {flag: a.help for a in parser._actions for flag in a.option_strings}
+    assert [o.name for o in setting_options()] == [f.name for f in fields(Settings)]
+    for declared, option in zip(fields(Settings), setting_options(), strict=True):
+        help_text = help_by_flag[option.flag]
+        assert help_text is not None
+        assert help_text.startswith(setting_help(declared))
+        assert f"[env {option.env}" in help_text
 
 
 def test_flags_win_over_variables() -> None:
