@@ -35,6 +35,7 @@ logger = logging.getLogger("aiohttp_wsbus")
 ENV_PREFIX: Final = "WSBUS_"
 EXIT_BAD_SETTING: Final = 2
 EXIT_CANNOT_LISTEN: Final = 1
+REDIS_URL_SCHEMES: Final = ("redis://", "rediss://", "unix://")
 
 # Plural settings whose flag names one item.
 _SINGULAR_FLAGS: Final = {"api_keys": "--api-key"}
@@ -296,21 +297,31 @@ def _read_key_file(path: str) -> list[str]:
 
 
 def make_broker(redis_url: str | None) -> Broker | None:
-    """A RedisBroker for `redis_url`, or None for setup()'s default MemoryBroker."""
+    """A RedisBroker for `redis_url`, or None for setup()'s default MemoryBroker.
+
+    The URL is checked here, before listening: the broker itself would only
+    read it when the app starts, and fail with a traceback.
+    """
     if redis_url is None:
         return None
+    where = "--redis-url / WSBUS_REDIS_URL"
+    # Never echo the URL: it may hold a password.
+    if not redis_url.lower().startswith(REDIS_URL_SCHEMES):
+        raise BadSetting(f"{where}: must start with redis://, rediss:// or unix://")
     try:
         # Imported only when asked for: the redis package is an optional extra.
         module = importlib.import_module("aiohttp_wsbus.brokers.redis")
+        from redis.connection import parse_url
     except ImportError as error:
         raise BadSetting(
-            "--redis-url / WSBUS_REDIS_URL: the Redis broker is not available "
+            f"{where}: the Redis broker is not available "
             f"({error}); install it with: pip install 'aiohttp-wsbus[redis]'"
         ) from None
     try:
+        parse_url(redis_url)  # type: ignore[no-untyped-call]  # redis leaves it unannotated
         broker: Broker = module.RedisBroker(redis_url)
     except ValueError as error:
-        raise BadSetting(f"--redis-url / WSBUS_REDIS_URL: {error}") from None
+        raise BadSetting(f"{where}: not a usable Redis URL: {error}") from None
     return broker
 
 
