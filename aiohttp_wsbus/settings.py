@@ -222,7 +222,10 @@ _LIST_SETTINGS: Final = tuple(
 
 
 class _SettingsRules(Schema):
-    """The checks that involve more than one setting's bounds; the fields come from Settings."""
+    """Checks beyond one field's bounds (known algorithms, extras, settings that go together).
+
+    The fields themselves come from Settings: see SettingsSchema below.
+    """
 
     class Meta:
         unknown = RAISE
