@@ -7,17 +7,33 @@ import collections
 import contextlib
 import logging
 import secrets
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 
-from .brokers.base import Broker, History, Message, Published, check_publish
+from .brokers.base import (
+    APPLICATION,
+    Broker,
+    History,
+    Message,
+    Published,
+    check_publish,
+    scoped_message_id,
+)
 from .connection import Connection, WriteScheduler
 from .errors import BrokerUnavailable
 from .grants import is_valid_channel, may
-from .protocol import CloseCode, Position, encode_data, encode_message, text_frame
+from .protocol import (
+    SHUTTING_DOWN,
+    SLOW_CONSUMER,
+    Close,
+    Position,
+    encode_data,
+    encode_message,
+    text_frame,
+)
 from .registry import Registry
 from .settings import Settings
 from .tokens import Claims, TokenVerifier
@@ -75,14 +91,14 @@ class Bus:
         )
 
     async def stop(self) -> None:
-        await self.close_all(CloseCode.GOING_AWAY)
+        await self.close_all(SHUTTING_DOWN)
         await self.broker.stop()
         await self.verifier.stop()
 
-    async def close_all(self, code: CloseCode) -> None:
-        """Close every socket with `code`, concurrently, each under close_timeout."""
+    async def close_all(self, close: Close) -> None:
+        """Close every socket, concurrently, each under close_timeout."""
         for connection in list(self.connections):
-            connection.close(code)
+            connection.close(close)
         if self._background_tasks:
             await asyncio.gather(*self._background_tasks, return_exceptions=True)
 
@@ -91,19 +107,34 @@ class Bus:
     async def publish(self, channel: str, data: Any, *, id: str | None = None) -> Published:
         """Publish `data` (any JSON value) to `channel`; return where it landed.
 
+        `id` makes the publish idempotent among the application's own
+        publishes (this method and the Redis publishers): the same id on the
+        same channel within `history_ttl` is published once.
+
         Raises InvalidChannel for a bad name, ValueError for data that is not
         JSON or a bad id, and BrokerUnavailable when the broker is down.
         """
-        return await self.publish_encoded(channel, encode_data(data), message_id=id)
+        check_publish(channel, id)
+        return await self.publish_checked(channel, encode_data(data), id, APPLICATION)
 
-    async def publish_encoded(
-        self, channel: str, data: str, *, message_id: str | None = None
+    async def publish_checked(
+        self, channel: str, data: str, message_id: str | None, publisher: str
     ) -> Published:
-        """Publish data that is already JSON text."""
-        check_publish(channel, message_id)
+        """Publish JSON text whose channel name and id the caller has checked.
+
+        For edges that validated their input already (the emit endpoint).
+        `publisher` scopes `message_id` (see `scoped_message_id`).
+        """
+        if message_id is not None:
+            message_id = scoped_message_id(publisher, message_id)
         published = await self.broker.publish(channel, data, message_id=message_id)
         self.messages_published += 1
         return published
+
+    def refused(self, what: str, reason: str) -> None:
+        """Count and log one refused credential (never the credential itself)."""
+        logger.info("%s refused: %s", what, reason)
+        self.auth_failures[reason] += 1
 
     def deliver(self, message: Message) -> None:
         """Hand one message to its channel's subscribers (called by the broker)."""
@@ -136,24 +167,24 @@ class Bus:
 
     def _forget(self, connection: Connection) -> None:
         self.connections.discard(connection)
-        if connection.close_code == CloseCode.SLOW_CONSUMER:
+        if connection.closed_with is SLOW_CONSUMER:
             self.slow_consumer_closes += 1
         connection.pending = None
         self._drop_interest(self.registry.remove_all(connection))
 
-    def _start_closing(self, connection: Connection, code: CloseCode) -> None:
-        task = asyncio.get_running_loop().create_task(
-            connection.send_close(code, self.settings.close_timeout)
-        )
+    def _start_closing(self, connection: Connection, close: Close) -> None:
+        self.track(connection.send_close(close, self.settings.close_timeout))
+
+    def track(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` in the background; `stop` and `close_all` wait for it."""
+        task = asyncio.get_running_loop().create_task(work)
         self._background_tasks.add(task)
         task.add_done_callback(self._background_tasks.discard)
 
     def _drop_interest(self, channels: Collection[str]) -> None:
         """Tell the broker this node no longer needs `channels`."""
         for channel in channels:
-            task = asyncio.get_running_loop().create_task(self._unsubscribe_broker(channel))
-            self._background_tasks.add(task)
-            task.add_done_callback(self._background_tasks.discard)
+            self.track(self._unsubscribe_broker(channel))
 
     async def _unsubscribe_broker(self, channel: str) -> None:
         # A subscriber may have come back while this was scheduled.
@@ -176,16 +207,30 @@ class Bus:
         messages, then the live ones that arrived meanwhile: no gap, no duplicate.
         """
         result = SubscribeResult()
-        accepted = self._admit(connection, channels, result)
+        accepted = self._admit(connection, channels, result, since)
+        firsts = []
         for channel in accepted:
             # Held from the moment it joins the registry until the replay is queued.
             connection.hold(channel)
             if self.registry.add(connection, channel):
-                try:
-                    await self.broker.subscribe(channel)
-                except BrokerUnavailable:
-                    self._drop(connection, [channel])
-                    result.denied[channel] = "unavailable"
+                firsts.append(channel)
+        if firsts:
+            outcomes = await asyncio.gather(
+                *(self.broker.subscribe(c) for c in firsts), return_exceptions=True
+            )
+            failed = []
+            for channel, outcome in zip(firsts, outcomes, strict=True):
+                if outcome is None:
+                    continue
+                failed.append(channel)
+                if not isinstance(outcome, BrokerUnavailable):
+                    logger.error("broker subscribe failed: %s", channel, exc_info=outcome)
+            self._drop(connection, failed)
+            result.denied.update(dict.fromkeys(failed, "unavailable"))
+            if connection.is_closing:
+                # Closed while the broker answered: the close emptied the registry
+                # first, so interest taken since then must be given back.
+                self._drop_interest(firsts)
         accepted = [c for c in accepted if c in connection.channels]
         histories: dict[str, History] = {}
         if accepted:
@@ -226,9 +271,16 @@ class Bus:
                 last = message.offset
 
     def _admit(
-        self, connection: Connection, channels: list[str], result: SubscribeResult
+        self,
+        connection: Connection,
+        channels: list[str],
+        result: SubscribeResult,
+        since: Mapping[str, Position],
     ) -> list[str]:
+        """The channels to subscribe to; the others are answered in `result`."""
         accepted: list[str] = []
+        if connection.is_closing:
+            return accepted
         room = self.settings.max_channels - len(connection.channels)
         for channel in channels:
             if not is_valid_channel(channel):
@@ -237,6 +289,8 @@ class Bus:
                 result.denied[channel] = "forbidden"
             elif channel in connection.channels:
                 result.subscribed.append(channel)
+                if channel in since:  # live on this socket all along: nothing missed
+                    result.recovered[channel] = True
             elif room <= 0:
                 result.denied[channel] = "limit"
             else:

@@ -45,6 +45,9 @@ from .jwks import PUBLIC_KEY_ALGORITHMS, SECRET_ALGORITHMS, JwksKey, JwksKeySet,
 
 __all__ = ["Claims", "ClaimsCache", "JwksVerifier", "SecretVerifier", "TokenVerifier"]
 
+# Longer tokens are refused unread (a token is verified and cached per socket).
+MAX_TOKEN_LENGTH: Final = 16384
+
 
 @dataclass(frozen=True, slots=True)
 class Claims:
@@ -118,6 +121,12 @@ class TokenVerifier(ABC):
 
     async def verify(self, token: str) -> Claims:
         """Return the token's Claims, or raise InvalidToken(reason) or KeysUnavailable."""
+        if not token:
+            raise InvalidToken("missing")
+        if len(token) > MAX_TOKEN_LENGTH:
+            raise InvalidToken("too_long")
+        if not token.isascii():  # a JWT is base64url and dots
+            raise InvalidToken("malformed")
         token_hash = hashlib.sha256(token.encode()).digest()
         now = self._clock()
         cached = self._cache.get(token_hash)

@@ -13,7 +13,7 @@ from pytest_aiohttp import AiohttpClient
 
 import aiohttp_wsbus.bus
 from aiohttp_wsbus.grants import may
-from aiohttp_wsbus.protocol import CloseCode
+from aiohttp_wsbus.protocol import SLOW_CONSUMER
 
 from .conftest import JwksServer, MakeToken
 from .support import WAIT, RawClient, close_code, eventually, next_frame, start_bus
@@ -130,7 +130,7 @@ async def test_slow_consumer_is_closed_4002_and_others_keep_receiving(
         await server.bus.publish("chat:a", {"n": n, "pad": chunk})
         assert (await next_frame(reader))["data"]["n"] == n
     assert slow_connection.is_closing
-    assert slow_connection.close_code == CloseCode.SLOW_CONSUMER
+    assert slow_connection.closed_with == SLOW_CONSUMER
     assert slow_connection not in server.bus.registry.subscribers("chat:a")
     await slow.read_until_closed()  # the server aborted it: this ends
     slow.sock.close()

@@ -17,6 +17,7 @@ from ..grants import is_valid_channel
 from ..protocol import Position
 
 __all__ = [
+    "APPLICATION",
     "Broker",
     "History",
     "Message",
@@ -25,6 +26,7 @@ __all__ = [
     "check_publish",
     "is_valid_message_id",
     "recover",
+    "scoped_message_id",
 ]
 
 MAX_MESSAGE_ID_LENGTH: Final = 128
@@ -34,6 +36,20 @@ _MESSAGE_ID_RE = re.compile(rf"[\x21-\x7e]{{1,{MAX_MESSAGE_ID_LENGTH}}}")
 def is_valid_message_id(message_id: str) -> bool:
     """Idempotency ids are 1 to 128 printable ASCII characters."""
     return _MESSAGE_ID_RE.fullmatch(message_id) is not None
+
+
+# The publisher scope of the application's own publishes: Bus.publish and the
+# Redis publishers share it, so a back end may retry through either.
+APPLICATION: Final = "app"
+
+
+def scoped_message_id(publisher: str, message_id: str) -> str:
+    """An idempotency id as the broker stores it: scoped by who published.
+
+    Two publishers never share ids, so a client with a publish grant cannot
+    claim an id the application will use and swallow its message.
+    """
+    return f"{publisher}/{message_id}"
 
 
 def check_publish(channel: str, message_id: str | None) -> None:

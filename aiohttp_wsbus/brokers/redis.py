@@ -48,6 +48,7 @@ __all__ = ["RedisBroker"]
 
 logger = logging.getLogger("aiohttp_wsbus")
 
+
 @dataclass(slots=True)
 class _Subscription:
     """One channel this node listens to, and the last offset it delivered."""
