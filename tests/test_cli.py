@@ -16,8 +16,8 @@ import pytest
 from aiohttp import ClientWebSocketResponse
 
 from aiohttp_wsbus import CloseCode
-from aiohttp_wsbus.cli import HELP, BadSetting, build_parser, resolve, setting_options
-from aiohttp_wsbus.settings import Settings
+from aiohttp_wsbus.cli import BadSetting, build_parser, make_broker, resolve, setting_options
+from aiohttp_wsbus.settings import Settings, setting_help
 
 from .conftest import AUDIENCE, ISSUER, JwksServer, MakeToken
 from .support import WAIT, close_code, next_frame
@@ -282,17 +282,51 @@ async def test_redis_url_without_the_redis_broker_exits_2() -> None:
     assert "--redis-url / WSBUS_REDIS_URL: the Redis broker is not available" in lines[0]
 
 
+@pytest.mark.parametrize(
+    ("args", "variables", "problem"),
+    [
+        (["--redis-url", "http://127.0.0.1:6379/0"], {}, "must start with redis://"),
+        ([], {"WSBUS_REDIS_URL": "redis://:hunter2-secret@127.0.0.1:port/0"}, "Port"),
+        (["--redis-url", "redis://127.0.0.1/0?socket_timeout=soon"], {}, "socket_timeout"),
+    ],
+)
+async def test_a_bad_redis_url_exits_2_with_one_line_before_listening(
+    args: list[str], variables: dict[str, str], problem: str
+) -> None:
+    status, lines = await run_to_exit(
+        sys.executable, "-m", "aiohttp_wsbus", "--jwt-secret", SECRET, *args, **variables
+    )
+    assert status == 2
+    assert len(lines) == 1, lines
+    assert "--redis-url / WSBUS_REDIS_URL: " in lines[0]
+    assert problem in lines[0]
+    assert "hunter2-secret" not in lines[0]
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["redis://localhost:6379/0", "rediss://:password@redis.example:6380/1", "unix:///run/r.sock"],
+)
+def test_redis_urls_of_every_scheme_make_a_redis_broker(url: str) -> None:
+    from aiohttp_wsbus import RedisBroker
+
+    broker = make_broker(url)
+    assert isinstance(broker, RedisBroker)
+    assert broker.url == url
+
+
 # -- in-process: how flags and variables become settings ----------------------
 
 
-def test_every_setting_has_a_flag_a_variable_and_help() -> None:
-    help_text = build_parser().format_help()
-    names = [f.name for f in fields(Settings)]
-    assert [o.name for o in setting_options()] == names
-    assert set(HELP) == set(names)
-    for option in setting_options():
-        assert option.flag in help_text
-        assert option.env in help_text
+def test_every_setting_has_a_flag_a_variable_and_its_meaning_from_settings() -> None:
+    parser = build_parser()
+    help_by_flag = {flag: a.help for a in parser._actions for flag in a.option_strings}
+    assert [o.name for o in setting_options()] == [f.name for f in fields(Settings)]
+    for declared, option in zip(fields(Settings), setting_options(), strict=True):
+        help_text = help_by_flag[option.flag]
+        assert help_text is not None
+        assert help_text.startswith(setting_help(declared))
+        assert f"[env {option.env}" in help_text
 
 
 def test_flags_win_over_variables() -> None:

@@ -1,14 +1,20 @@
-"""README's quickstart runs as written, and its curl emit is answered 202."""
+"""README's quickstart runs as written, its curl emit is answered 202, and its
+settings table says what aiohttp_wsbus.settings says."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import socket
 import sys
+from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import aiohttp
+
+from aiohttp_wsbus.settings import Settings, setting_help
 
 from .support import WAIT
 
@@ -65,3 +71,39 @@ async def test_quickstart_serves_emit_and_in_process_publish() -> None:
         process.terminate()
         async with asyncio.timeout(WAIT * 2):
             await process.wait()
+
+
+# setup() takes a broker too, though it is no Settings field.
+BROKER_ROW = (
+    "| `broker` | `MemoryBroker()` | how processes share messages "
+    "(`aiohttp_wsbus.RedisBroker` for several) |"
+)
+
+
+def python_literal(value: Any) -> str:
+    """A default as README shows it: `"/ws"`, `("RS256",)`, `1048576` (1 MiB)."""
+    if isinstance(value, str):
+        return f"`{json.dumps(value)}`"
+    if isinstance(value, tuple):
+        items = ", ".join(json.dumps(item) for item in value)
+        return f"`({items},)`" if len(value) == 1 else f"`({items})`"
+    if type(value) is int and value >= 1 << 20 and value % (1 << 20) == 0:
+        return f"`{value}` ({value >> 20} MiB)"
+    return f"`{value!r}`"
+
+
+def settings_table() -> list[str]:
+    """README's settings table, one row per Settings field, in its order."""
+    rows = ["| setting | default | meaning |", "|---|---|---|"]
+    for field in fields(Settings):
+        rows.append(f"| `{field.name}` | {python_literal(field.default)} | {setting_help(field)} |")
+    return [*rows, BROKER_ROW]
+
+
+def test_settings_table_lists_every_setting_with_its_default_and_meaning() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## Settings\n", 1)[1].split("\n## ", 1)[0]
+    table = [line for line in section.splitlines() if line.startswith("|")]
+    expected = settings_table()
+    # On failure, the message is the table to paste.
+    assert table == expected, "README's settings table should be:\n" + "\n".join(expected)
