@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import os
+import shutil
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -285,6 +289,27 @@ def test_command_line_refuses_bad_values(
         parse_arguments(arguments)
     assert exit_info.value.code == 2
     assert f"argument {arguments[0]}: '" in capsys.readouterr().err
+
+
+def test_ci_install_skips_pip_when_setup_py_is_unchanged() -> None:
+    """`bash .ci/example` starts at once: the install it runs first is a no-op the second time."""
+    stamp = ROOT / ".venv" / ".installed-test"
+    setup_hash = hashlib.sha256((ROOT / "setup.py").read_bytes()).hexdigest()
+    assert stamp.read_text().strip() == setup_hash, "run bash .ci/install first"
+    bash = shutil.which("bash")
+    assert bash is not None
+    for arguments in (["--runtime"], []):
+        traced = subprocess.run(  # noqa: S603 (a fixed command line)
+            [bash, "-x", ".ci/install", *arguments],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            check=True,
+            timeout=60,
+            env={**os.environ, "CI": "true"},
+        )
+        assert "-m pip" not in traced.stderr, traced.stderr
 
 
 async def test_python_dash_m_serves_the_page_and_the_client(http: aiohttp.ClientSession) -> None:
