@@ -28,6 +28,7 @@ class Person:
     page: Page
     frames: list[dict[str, Any]] = field(default_factory=list)
     sockets: list[WebSocket] = field(default_factory=list)
+    responses: list[tuple[int, str]] = field(default_factory=list)  # (status, URL), in order
 
     def record(self, socket: WebSocket) -> None:
         self.sockets.append(socket)
@@ -77,6 +78,7 @@ async def sign_in(browser: Browser, example: ExampleServer, name: str) -> Person
     page = await context.new_page()
     person = Person(name, page)
     page.on("websocket", person.record)
+    page.on("response", lambda response: person.responses.append((response.status, response.url)))
     await page.goto(example.url + "/")
     await page.locator("#signin-name").fill(name)
     await page.locator("#signin-button").click()
@@ -187,3 +189,24 @@ async def test_the_page_renews_its_short_lived_token_on_the_live_socket(browser:
         await expect(bob.page.locator("#token-issued")).not_to_have_text(issued or "")
         await bob.say("still here after the renewal")
         await expect(bob.view("chat:lobby")).to_contain_text("still here", timeout=WAIT_MS)
+
+
+# -- what the page asks the server ------------------------------------------------
+
+
+async def test_signing_in_and_chatting_meets_no_404_or_other_error(
+    browser: Browser, example: ExampleServer
+) -> None:
+    bob = await sign_in(browser, example, "bob")
+    await bob.say("everything loaded")
+    await expect(bob.view("chat:lobby")).to_contain_text("everything loaded", timeout=WAIT_MS)
+    await bob.page.close()  # the socket's line is logged when it closes
+    await eventually(lambda: any(" /ws " in line for line in example.access_log))
+    # Chromium asks for an icon on its own: the page names one that exists.
+    await eventually(lambda: any("favicon" in line for line in example.access_log))
+    answered = [line.rsplit(" ", 1) for line in example.access_log]
+    assert {status for _, status in answered} <= {"101", "200", "202"}, example.access_log
+    assert [(status, url) for status, url in bob.responses if status >= 400] == []
+
+
+# -- not connected --------
