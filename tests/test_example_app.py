@@ -55,6 +55,10 @@ class Person:
     def badge(self) -> Any:
         return self.page.locator("#badge")
 
+    @property
+    def send_button(self) -> Any:
+        return self.page.locator("#composer-send")
+
     async def open_view(self, name: str) -> None:
         await self.page.locator(f'.nav-item[data-view="{name}"]').click()
 
@@ -209,4 +213,35 @@ async def test_signing_in_and_chatting_meets_no_404_or_other_error(
     assert [(status, url) for status, url in bob.responses if status >= 400] == []
 
 
-# -- not connected --------
+# -- not connected ---------------------------------------------------------------
+
+
+async def test_send_is_disabled_while_disconnected_and_a_failed_send_is_cleared_on_reconnect(
+    example: ExampleServer, browser: Browser
+) -> None:
+    bob = await sign_in(browser, example, "bob")
+    sends: list[str] = []
+    bob.page.on(
+        "request", lambda request: sends.append(request.url) if "/send" in request.url else None
+    )
+    await expect(bob.send_button).to_be_enabled()
+    await bob.open_view("direct")
+    await bob.page.locator("#composer-to").fill("no body")
+    await bob.page.locator("#composer-text").fill("this one fails")
+    await bob.page.locator("#composer-text").press("Enter")
+    error = bob.page.locator("#composer-error")
+    await expect(error).to_contain_text("user names are", timeout=WAIT_MS)  # the server's 400
+
+    await example.stop()
+    await expect(bob.badge).to_have_attribute("data-state", "reconnecting", timeout=WAIT_MS)
+    await expect(bob.send_button).to_be_disabled()
+    await bob.page.locator("#composer-to").fill("alice")
+    await bob.page.locator("#composer-text").press("Enter")  # no send while disconnected
+    await example.start()
+    await expect(bob.badge).to_have_attribute("data-state", "connected", timeout=RECONNECT_WAIT_MS)
+    await expect(bob.send_button).to_be_enabled()
+    await expect(error).to_be_empty()
+    assert len(sends) == 1  # the failed one: Enter while disconnected sent nothing
+    await bob.say("this one arrives", to="alice")
+    await expect(bob.view("direct").locator(".message.mine")).to_contain_text("this one arrives")
+
