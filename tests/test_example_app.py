@@ -76,9 +76,11 @@ async def example() -> AsyncIterator[ExampleServer]:
         yield server
 
 
-async def sign_in(browser: Browser, example: ExampleServer, name: str) -> Person:
+async def sign_in(
+    browser: Browser, example: ExampleServer, name: str, *, width: int = 1200
+) -> Person:
     """A new browser context, signed in as `name` and connected."""
-    context = await browser.new_context(viewport={"width": 1200, "height": 760})
+    context = await browser.new_context(viewport={"width": width, "height": 760})
     page = await context.new_page()
     person = Person(name, page)
     page.on("websocket", person.record)
@@ -245,3 +247,58 @@ async def test_send_is_disabled_while_disconnected_and_a_failed_send_is_cleared_
     await bob.say("this one arrives", to="alice")
     await expect(bob.view("direct").locator(".message.mine")).to_contain_text("this one arrives")
 
+
+# -- a narrow window --------------------------------------------------------------
+
+# Every control a person uses: each must be fully on screen at 400 px.
+CONTROLS = "button:visible, input:visible"
+NARROW = 400
+
+
+async def assert_fits(page: Page, what: str) -> None:
+    """No sideways scrolling, and every visible control inside the viewport."""
+    overflow = await page.evaluate(
+        """() => {
+            const root = document.scrollingElement;
+            return [root.scrollWidth, root.clientWidth];
+        }"""
+    )
+    assert overflow[0] <= overflow[1], f"{what}: the page scrolls sideways ({overflow})"
+    viewport = page.viewport_size
+    assert viewport is not None
+    for control in await page.locator(CONTROLS).all():
+        box = await control.bounding_box()
+        assert box is not None
+        name = await control.evaluate("(e) => e.id || e.textContent.trim() || e.outerHTML")
+        assert box["x"] >= 0 and box["x"] + box["width"] <= viewport["width"], (what, name, box)
+        assert box["y"] >= 0 and box["y"] + box["height"] <= viewport["height"], (what, name, box)
+
+
+async def test_at_400_px_wide_nothing_scrolls_sideways_and_every_control_is_reachable(
+    browser: Browser, example: ExampleServer
+) -> None:
+    context = await browser.new_context(viewport={"width": NARROW, "height": 760})
+    page = await context.new_page()
+    await page.goto(example.url + "/")
+    await assert_fits(page, "sign-in")
+    await context.close()
+
+    alice = await sign_in(browser, example, "alice", width=NARROW)
+    bob = await sign_in(browser, example, "bob", width=NARROW)
+    await assert_fits(bob.page, "lobby")
+    await alice.say("A long line that a narrow window has to wrap: " + "wrap " * 40)
+    await alice.page.locator("#notify").click()
+    await expect(bob.view("chat:lobby").locator(".notice")).to_have_count(1, timeout=WAIT_MS)
+    await expect(bob.view("chat:lobby")).to_contain_text("narrow window", timeout=WAIT_MS)
+    await assert_fits(bob.page, "lobby with messages")
+
+    await bob.open_view("chat:staff")
+    await expect(bob.page.locator("#denied-panel")).to_be_visible()
+    await assert_fits(bob.page, "denied room")
+    await bob.open_view("direct")
+    await expect(bob.page.locator("#composer-to")).to_be_visible()
+    await assert_fits(bob.page, "direct messages")
+    await bob.say("Reached you from 400 px", to="alice")
+    await expect(alice.view("direct")).to_contain_text("Reached you from 400 px", timeout=WAIT_MS)
+    ARTIFACTS.mkdir(exist_ok=True)
+    await bob.page.screenshot(path=ARTIFACTS / "example-app-400px.png")
