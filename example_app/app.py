@@ -96,6 +96,7 @@ def make_app(settings: ExampleSettings) -> web.Application:
         audience=AUDIENCE,
         api_keys=[settings.api_key],
     )
+    app.on_startup.append(_explain_first_key_fetch)  # runs after the bus has started
     app.router.add_get("/", index)
     app.router.add_static("/static/", STATIC_DIR)
     app.router.add_get(JWKS_PATH, jwks)
@@ -103,6 +104,17 @@ def make_app(settings: ExampleSettings) -> web.Application:
     app.router.add_post("/send", send)
     app.router.add_post("/api/notify", notify)
     return app
+
+
+async def _explain_first_key_fetch(app: web.Application) -> None:
+    """Say why the bus's first key fetch failed, right after the bus logged it."""
+    if aiohttp_wsbus.get_bus(app).verifier.key_status == "fresh":
+        return
+    logger.info(
+        "the JWKS line above is expected here: the bus asked this app for its keys before "
+        "the app was listening; the retry a second later gets them (a real identity "
+        "provider would already be up)"
+    )
 
 
 async def _client_session(app: web.Application) -> AsyncIterator[None]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -21,6 +22,17 @@ def free_port() -> int:
         return port
 
 
+class _ListHandler(logging.Handler):
+    """Keeps each log line it is given in a list."""
+
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__()
+        self.lines = lines
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
 class ExampleServer:
     """The example app on 127.0.0.1:port; stop() and start() keep the port."""
 
@@ -28,12 +40,17 @@ class ExampleServer:
         self.settings = ExampleSettings(port=port, api_key=API_KEY, token_lifetime=token_lifetime)
         self.url = f"http://127.0.0.1:{port}"
         self.app: web.Application | None = None
+        self.access_log: list[str] = []
+        """One `METHOD PATH HTTP/1.1 STATUS` line per answered request, across restarts."""
+        # A logger of its own, outside logging's registry: nothing else writes to it.
+        self._access_logger = logging.Logger(f"example-server-{port}", logging.INFO)
+        self._access_logger.addHandler(_ListHandler(self.access_log))
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
         """Start a fresh app (a new identity provider, so new signing keys)."""
         self.app = make_app(self.settings)
-        runner = web.AppRunner(self.app, access_log=None)
+        runner = web.AppRunner(self.app, access_log=self._access_logger, access_log_format="%r %s")
         await runner.setup()
         self._runner = runner
         await web.TCPSite(runner, self.settings.host, self.settings.port).start()

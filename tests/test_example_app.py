@@ -28,6 +28,7 @@ class Person:
     page: Page
     frames: list[dict[str, Any]] = field(default_factory=list)
     sockets: list[WebSocket] = field(default_factory=list)
+    responses: list[tuple[int, str]] = field(default_factory=list)  # (status, URL), in order
 
     def record(self, socket: WebSocket) -> None:
         self.sockets.append(socket)
@@ -54,6 +55,10 @@ class Person:
     def badge(self) -> Any:
         return self.page.locator("#badge")
 
+    @property
+    def send_button(self) -> Any:
+        return self.page.locator("#composer-send")
+
     async def open_view(self, name: str) -> None:
         await self.page.locator(f'.nav-item[data-view="{name}"]').click()
 
@@ -71,12 +76,15 @@ async def example() -> AsyncIterator[ExampleServer]:
         yield server
 
 
-async def sign_in(browser: Browser, example: ExampleServer, name: str) -> Person:
+async def sign_in(
+    browser: Browser, example: ExampleServer, name: str, *, width: int = 1200
+) -> Person:
     """A new browser context, signed in as `name` and connected."""
-    context = await browser.new_context(viewport={"width": 1200, "height": 760})
+    context = await browser.new_context(viewport={"width": width, "height": 760})
     page = await context.new_page()
     person = Person(name, page)
     page.on("websocket", person.record)
+    page.on("response", lambda response: person.responses.append((response.status, response.url)))
     await page.goto(example.url + "/")
     await page.locator("#signin-name").fill(name)
     await page.locator("#signin-button").click()
@@ -187,3 +195,110 @@ async def test_the_page_renews_its_short_lived_token_on_the_live_socket(browser:
         await expect(bob.page.locator("#token-issued")).not_to_have_text(issued or "")
         await bob.say("still here after the renewal")
         await expect(bob.view("chat:lobby")).to_contain_text("still here", timeout=WAIT_MS)
+
+
+# -- what the page asks the server ------------------------------------------------
+
+
+async def test_signing_in_and_chatting_meets_no_404_or_other_error(
+    browser: Browser, example: ExampleServer
+) -> None:
+    bob = await sign_in(browser, example, "bob")
+    await bob.say("everything loaded")
+    await expect(bob.view("chat:lobby")).to_contain_text("everything loaded", timeout=WAIT_MS)
+    await bob.page.close()  # the socket's line is logged when it closes
+    await eventually(lambda: any(" /ws " in line for line in example.access_log))
+    # Chromium asks for an icon on its own: the page names one that exists.
+    await eventually(lambda: any("favicon" in line for line in example.access_log))
+    answered = [line.rsplit(" ", 1) for line in example.access_log]
+    assert {status for _, status in answered} <= {"101", "200", "202"}, example.access_log
+    assert [(status, url) for status, url in bob.responses if status >= 400] == []
+
+
+# -- not connected ---------------------------------------------------------------
+
+
+async def test_send_is_disabled_while_disconnected_and_a_failed_send_is_cleared_on_reconnect(
+    example: ExampleServer, browser: Browser
+) -> None:
+    bob = await sign_in(browser, example, "bob")
+    sends: list[str] = []
+    bob.page.on(
+        "request", lambda request: sends.append(request.url) if "/send" in request.url else None
+    )
+    await expect(bob.send_button).to_be_enabled()
+    await bob.open_view("direct")
+    await bob.page.locator("#composer-to").fill("no body")
+    await bob.page.locator("#composer-text").fill("this one fails")
+    await bob.page.locator("#composer-text").press("Enter")
+    error = bob.page.locator("#composer-error")
+    await expect(error).to_contain_text("user names are", timeout=WAIT_MS)  # the server's 400
+
+    await example.stop()
+    await expect(bob.badge).to_have_attribute("data-state", "reconnecting", timeout=WAIT_MS)
+    await expect(bob.send_button).to_be_disabled()
+    await bob.page.locator("#composer-to").fill("alice")
+    await bob.page.locator("#composer-text").press("Enter")  # no send while disconnected
+    await example.start()
+    await expect(bob.badge).to_have_attribute("data-state", "connected", timeout=RECONNECT_WAIT_MS)
+    await expect(bob.send_button).to_be_enabled()
+    await expect(error).to_be_empty()
+    assert len(sends) == 1  # the failed one: Enter while disconnected sent nothing
+    await bob.say("this one arrives", to="alice")
+    await expect(bob.view("direct").locator(".message.mine")).to_contain_text("this one arrives")
+
+
+# -- a narrow window --------------------------------------------------------------
+
+# Every control a person uses: each must be fully on screen at 400 px.
+CONTROLS = "button:visible, input:visible"
+NARROW = 400
+
+
+async def assert_fits(page: Page, what: str) -> None:
+    """No sideways scrolling, and every visible control inside the viewport."""
+    overflow = await page.evaluate(
+        """() => {
+            const root = document.scrollingElement;
+            return [root.scrollWidth, root.clientWidth];
+        }"""
+    )
+    assert overflow[0] <= overflow[1], f"{what}: the page scrolls sideways ({overflow})"
+    viewport = page.viewport_size
+    assert viewport is not None
+    for control in await page.locator(CONTROLS).all():
+        box = await control.bounding_box()
+        assert box is not None
+        name = await control.evaluate("(e) => e.id || e.textContent.trim() || e.outerHTML")
+        assert box["x"] >= 0 and box["x"] + box["width"] <= viewport["width"], (what, name, box)
+        assert box["y"] >= 0 and box["y"] + box["height"] <= viewport["height"], (what, name, box)
+
+
+async def test_at_400_px_wide_nothing_scrolls_sideways_and_every_control_is_reachable(
+    browser: Browser, example: ExampleServer
+) -> None:
+    context = await browser.new_context(viewport={"width": NARROW, "height": 760})
+    page = await context.new_page()
+    await page.goto(example.url + "/")
+    await assert_fits(page, "sign-in")
+    await context.close()
+
+    alice = await sign_in(browser, example, "alice", width=NARROW)
+    bob = await sign_in(browser, example, "bob", width=NARROW)
+    await assert_fits(bob.page, "lobby")
+    await alice.say("A long line that a narrow window has to wrap: " + "wrap " * 40)
+    await alice.page.locator("#notify").click()
+    await expect(bob.view("chat:lobby").locator(".notice")).to_have_count(1, timeout=WAIT_MS)
+    await expect(bob.view("chat:lobby")).to_contain_text("narrow window", timeout=WAIT_MS)
+    await assert_fits(bob.page, "lobby with messages")
+
+    await bob.open_view("chat:staff")
+    await expect(bob.page.locator("#denied-panel")).to_be_visible()
+    await assert_fits(bob.page, "denied room")
+    await bob.open_view("direct")
+    await expect(bob.page.locator("#composer-to")).to_be_visible()
+    await assert_fits(bob.page, "direct messages")
+    await bob.say("Reached you from 400 px", to="alice")
+    await expect(alice.view("direct")).to_contain_text("Reached you from 400 px", timeout=WAIT_MS)
+    ARTIFACTS.mkdir(exist_ok=True)
+    await bob.page.screenshot(path=ARTIFACTS / "example-app-400px.png")

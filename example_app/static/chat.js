@@ -117,7 +117,12 @@ function connect(firstToken) {
       for (const room of session.rooms) {
         if (view(room.channel).status === "joining") setStatus(room.channel, "joined");
       }
+      // Whatever failed before the reconnect is stale now; the draft stays in the input.
+      $("composer-error").textContent = "";
     }
+    const isConnected = state === "connected";
+    $("composer-send").disabled = !isConnected;
+    $("composer-send").title = isConnected ? "" : "Sending resumes once the page is connected";
     showState(state);
   });
   bus.on("denied", (channel, reason) => setStatus(viewOf(channel), "denied", reason));
@@ -338,6 +343,7 @@ function scrollDown(list) {
 
 async function send(event) {
   event.preventDefault();
+  if ($("composer-send").disabled) return; // not connected: Enter must not send either
   const input = $("composer-text");
   const text = input.value.trim();
   if (!text) return;
