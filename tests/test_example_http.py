@@ -351,7 +351,7 @@ async def test_python_dash_m_serves_the_page_and_the_client(http: aiohttp.Client
                 before_banner.append(line)
         # The bus's first key fetch comes before the app listens: the app says that is fine.
         fetch_line = next(at for at, line in enumerate(before_banner) if "JWKS" in line)
-        assert "aiohttp_wsbus.tokens: JWKS not reachable at startup" in before_banner[fetch_line]
+        assert "aiohttp_wsbus.jwks: JWKS not reachable at startup" in before_banner[fetch_line]
         assert "example_app: the JWKS line above is expected" in before_banner[fetch_line + 1]
         base = f"http://127.0.0.1:{port}"
         async with http.get(base + "/") as response:
