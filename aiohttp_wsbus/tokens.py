@@ -1,7 +1,7 @@
 """Token verification: a raw JWT -> Claims, with a key set from a JWKS URL or a secret.
 
 This module knows nothing of sockets. A verifier turns a raw JWT into `Claims` or
-raises `InvalidToken(reason)` / `KeysUnavailable`; `web.py` maps those to close codes.
+raises `InvalidToken(reason)` / `KeysUnavailable`; `websocket.py` and `emit.py` map those to close codes and statuses.
 Fetching and refreshing the key set is `jwks.py`'s work.
 
 Rules worth knowing:
