@@ -18,6 +18,7 @@ from .errors import (
     KeysUnavailable,
     WsBusError,
 )
+from .hooks import ConnectionInfo
 from .protocol import CloseCode
 from .tokens import Claims
 from .web import BUS_KEY, get_bus, setup
@@ -66,6 +67,7 @@ __all__ = [
     "Bus",
     "Claims",
     "CloseCode",
+    "ConnectionInfo",
     "EmitClient",
     "EmitError",
     "Forbidden",

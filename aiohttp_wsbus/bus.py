@@ -1,4 +1,5 @@
-"""The Bus: publish, deliver to the registry, and the glue to the broker."""
+"""The Bus: publish, deliver to the registry, the glue to the broker, and the
+application's hooks and authorizers it calls."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ import logging
 import secrets
 from collections.abc import Callable, Collection, Coroutine, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 
+from .authorizers import Action, Authorizers, BatchAuthorizer, Verdict
 from .brokers.base import (
     APPLICATION,
     Broker,
@@ -25,7 +27,9 @@ from .brokers.base import (
 from .connection import Connection, WriteScheduler
 from .errors import BrokerUnavailable
 from .grants import is_valid_channel, may
+from .hooks import ConnectionInfo, Hooks
 from .protocol import (
+    CLIENT_GONE,
     SHUTTING_DOWN,
     SLOW_CONSUMER,
     Close,
@@ -41,6 +45,8 @@ from .tokens import Claims, TokenVerifier
 __all__ = ["Bus", "SubscribeResult"]
 
 logger = logging.getLogger("aiohttp_wsbus")
+
+_Decorated = TypeVar("_Decorated", bound=Callable[..., Any])
 
 
 @dataclass(slots=True)
@@ -76,12 +82,61 @@ class Bus:
         self.messages_delivered = 0  # one per subscriber a message was handed to
         self.slow_consumer_closes = 0
         self.auth_failures: collections.Counter[str] = collections.Counter()
+        self.hook_errors: collections.Counter[str] = collections.Counter()
+        self.hooks = Hooks(self, self.hook_errors)
+        self.on_connect = self.hooks.on_connect
+        self.on_disconnect = self.hooks.on_disconnect
+        self.on_subscribe = self.hooks.on_subscribe
+        self.on_unsubscribe = self.hooks.on_unsubscribe
+        self.authorizers: dict[Action, Authorizers] = {
+            "subscribe": Authorizers("subscribe", self.hook_errors),
+            "publish": Authorizers("publish", self.hook_errors),
+        }
         self._scheduler: WriteScheduler | None = None
         self._background_tasks: set[asyncio.Task[None]] = set()
 
     # -- lifetime --------------------------------------------------------
 
+    def authorizer(
+        self, pattern: str, *, action: Action = "subscribe"
+    ) -> Callable[[_Decorated], _Decorated]:
+        """Register `async def f(claims, **parameters) -> bool` for channels matching `pattern`.
+
+        It decides the channels matching `pattern` that the token's grants do not
+        cover (`{name}` is one segment, passed as a keyword argument). Raises
+        InvalidSettings for a bad pattern, RuntimeError once the app has started.
+        """
+
+        def register(authorizer: _Decorated) -> _Decorated:
+            self.authorizers[action].add(pattern, authorizer)
+            return authorizer
+
+        if action not in self.authorizers:
+            raise ValueError(f"action must be 'subscribe' or 'publish', not {action!r}")
+        return register
+
+    def batch_authorizer(
+        self, authorizer: BatchAuthorizer, *, action: Action = "subscribe"
+    ) -> None:
+        """Decide, in one call per request, the channels no pattern authorizer matches.
+
+        `await authorizer(claims, channels)` returns the allowed ones (the
+        standalone server's `--authorize-url` is one).
+        """
+        self.authorizers[action].set_batch(authorizer)
+
+    async def authorize(
+        self, claims: Claims, channels: Collection[str], action: Action
+    ) -> dict[str, Verdict]:
+        """What the application's authorizers say about channels the token does not grant."""
+        return await self.authorizers[action].decide(
+            claims, channels, self.settings.authorize_timeout
+        )
+
     async def start(self, session: aiohttp.ClientSession | None) -> None:
+        self.hooks.freeze()
+        for authorizers in self.authorizers.values():
+            authorizers.freeze()
         self._scheduler = WriteScheduler(asyncio.get_running_loop())
         await self.verifier.start(session)
         await self.broker.start(
@@ -96,11 +151,21 @@ class Bus:
         await self.verifier.stop()
 
     async def close_all(self, close: Close) -> None:
-        """Close every socket, concurrently, each under close_timeout."""
+        """Close every socket, concurrently, each under close_timeout.
+
+        Background work (closes, broker unsubscribes, on_disconnect hooks) gets
+        close_timeout to finish; what is left then is cancelled.
+        """
         for connection in list(self.connections):
             connection.close(close)
         if self._background_tasks:
-            await asyncio.gather(*self._background_tasks, return_exceptions=True)
+            _, left = await asyncio.wait(
+                set(self._background_tasks), timeout=self.settings.close_timeout + 0.5
+            )
+            for task in left:
+                task.cancel()
+            if left:
+                await asyncio.wait(left)
 
     # -- publishing ------------------------------------------------------
 
@@ -165,11 +230,29 @@ class Bus:
         connection.expire_at(asyncio.get_running_loop(), claims.expires_at + self.settings.leeway)
         return connection
 
+    async def announce(self, connection: Connection) -> None:
+        """Run on_connect for a new connection; Forbidden or any error refuses it."""
+        if self.on_connect:
+            try:
+                async with asyncio.timeout(self.settings.authorize_timeout):
+                    await self.hooks.connect(ConnectionInfo.of(connection))
+            except TimeoutError:
+                self.hook_errors["on_connect"] += 1
+                logger.warning("on_connect hook timed out for user %r", connection.claims.subject)
+                raise
+        connection.is_announced = True
+
     def _forget(self, connection: Connection) -> None:
         self.connections.discard(connection)
         if connection.closed_with is SLOW_CONSUMER:
             self.slow_consumer_closes += 1
         connection.pending = None
+        if connection.is_announced and self.on_disconnect:
+            # Taken before the registry forgets the channels it was on.
+            info = ConnectionInfo.of(connection)
+            self.track(
+                self.hooks.send("on_disconnect", self.on_disconnect, info, _code(connection))
+            )
         self._drop_interest(self.registry.remove_all(connection))
 
     def _start_closing(self, connection: Connection, close: Close) -> None:
@@ -207,7 +290,7 @@ class Bus:
         messages, then the live ones that arrived meanwhile: no gap, no duplicate.
         """
         result = SubscribeResult()
-        accepted = self._admit(connection, channels, result, since)
+        accepted = await self._admit(connection, channels, result, since)
         firsts = []
         for channel in accepted:
             # Held from the moment it joins the registry until the replay is queued.
@@ -251,6 +334,9 @@ class Bus:
         connection.send(reply(result))
         for channel in accepted:
             self._go_live(connection, channel, histories[channel], since.get(channel))
+        if accepted and self.on_subscribe and connection.is_announced:
+            info = ConnectionInfo.of(connection)
+            self.track(self.hooks.send("on_subscribe", self.on_subscribe, info, accepted))
         return result
 
     def _go_live(
@@ -270,54 +356,113 @@ class Bus:
                 connection.enqueue(_frame(message))
                 last = message.offset
 
-    def _admit(
+    async def _admit(
         self,
         connection: Connection,
         channels: list[str],
         result: SubscribeResult,
         since: Mapping[str, Position],
     ) -> list[str]:
-        """The channels to subscribe to; the others are answered in `result`."""
-        accepted: list[str] = []
+        """The channels to subscribe to; the others are answered in `result`.
+
+        Channels the token does not grant go to the application's authorizers;
+        those they allow are allowed for this connection only.
+        """
         if connection.is_closing:
-            return accepted
-        room = self.settings.max_channels - len(connection.channels)
+            return []
+        candidates: list[str] = []
+        undecided: list[str] = []
+        authorizers = self.authorizers["subscribe"]
         for channel in channels:
             if not is_valid_channel(channel):
                 result.denied[channel] = "invalid"
-            elif not may(connection.claims.subscribe, channel):
-                result.denied[channel] = "forbidden"
             elif channel in connection.channels:
                 result.subscribed.append(channel)
                 if channel in since:  # live on this socket all along: nothing missed
                     result.recovered[channel] = True
-            elif room <= 0:
-                result.denied[channel] = "limit"
+            elif may(connection.claims.subscribe, channel):
+                candidates.append(channel)
+            elif authorizers:
+                candidates.append(channel)
+                undecided.append(channel)
             else:
-                accepted.append(channel)
-                room -= 1
+                result.denied[channel] = "forbidden"
+        allowed: set[str] = set()
+        if undecided:
+            verdicts = await self.authorize(connection.claims, undecided, "subscribe")
+            if connection.is_closing:
+                return []
+            for channel, verdict in verdicts.items():
+                if verdict == "allowed":
+                    allowed.add(channel)
+                else:
+                    result.denied[channel] = verdict
+        accepted: list[str] = []
+        room = self.settings.max_channels - len(connection.channels)
+        for channel in candidates:
+            if channel in result.denied:
+                continue
+            if room <= 0:
+                result.denied[channel] = "limit"
+                continue
+            accepted.append(channel)
+            room -= 1
+            if channel in allowed:
+                if connection.allowed is None:
+                    connection.allowed = set()
+                connection.allowed.add(channel)
         return accepted
 
     def _drop(self, connection: Connection, channels: list[str]) -> None:
         for channel in channels:
             connection.release(channel)
+            if connection.allowed is not None:
+                connection.allowed.discard(channel)
+        if connection.allowed is not None and not connection.allowed:
+            connection.allowed = None
         self._drop_interest([c for c in channels if self.registry.remove(connection, c)])
 
     def unsubscribe(self, connection: Connection, channels: list[str]) -> list[str]:
         """Unsubscribe from those of `channels` the connection has; return them."""
         left = [c for c in channels if c in connection.channels]
         self._drop(connection, left)
+        self._unsubscribed(connection, left, "client")
         return left
 
+    async def refresh(self, connection: Connection, claims: Claims) -> list[str]:
+        """Switch to a refreshed token; return the channels it no longer grants.
+
+        Subscribed channels the new token does not cover are put to the
+        application's authorizers again; those they refuse (or cannot answer
+        for) are dropped with the ones no longer granted.
+        """
+        authorizers = self.authorizers["subscribe"]
+        uncovered = [c for c in connection.channels if not may(claims.subscribe, c)]
+        if authorizers and uncovered:
+            verdicts = await self.authorize(claims, uncovered, "subscribe")
+            allowed = {c for c, verdict in verdicts.items() if verdict == "allowed"}
+            connection.allowed = allowed or None
+        else:
+            connection.allowed = None
+        return self.regrant(connection, claims)
+
     def regrant(self, connection: Connection, claims: Claims) -> list[str]:
-        """Switch to a refreshed token's claims; return the channels it no longer grants."""
+        """Switch to claims whose grants and allowances are already decided."""
         connection.claims = claims
         revoked, emptied = self.registry.regrant(connection)
         for channel in revoked:
             connection.release(channel)
         self._drop_interest(emptied)
         connection.expire_at(asyncio.get_running_loop(), claims.expires_at + self.settings.leeway)
+        self._unsubscribed(connection, revoked, "revoked")
         return revoked
+
+    def _unsubscribed(self, connection: Connection, channels: list[str], reason: str) -> None:
+        if channels and self.on_unsubscribe and connection.is_announced:
+            info = ConnectionInfo.of(connection)
+            self.track(
+                self.hooks.send("on_unsubscribe", self.on_unsubscribe, info, channels, reason)
+            )
 
 
 def _frame(message: Message, *, recovered: bool = False) -> bytes:
@@ -326,3 +471,12 @@ def _frame(message: Message, *, recovered: bool = False) -> bytes:
             message.channel, message.offset, message.epoch, message.data, recovered=recovered
         )
     )
+
+
+def _code(connection: Connection) -> int:
+    """The close code that ended a connection: the server's, or the peer's."""
+    close = connection.closed_with
+    if close is not CLIENT_GONE and close is not None:
+        return int(close.code)
+    code = connection.socket.close_code
+    return 1006 if code is None else code  # 1006: gone without a close frame (heartbeat)

@@ -11,6 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from .brokers.base import Message
+from .grants import may
 from .protocol import SLOW_CONSUMER, TOKEN_EXPIRED, Close, encode, text_frame
 from .tokens import Claims
 
@@ -54,10 +55,12 @@ class Connection:
         "_on_close",
         "_outbox",
         "_scheduler",
+        "allowed",
         "channels",
         "claims",
         "closed_with",
         "id",
+        "is_announced",
         "is_closing",
         "pending",
         "send_buffer_limit",
@@ -82,6 +85,9 @@ class Connection:
         self.transport = transport
         self.claims = claims
         self.channels: set[str] = set()
+        # Channels an authorizer allowed this socket (None: none; most sockets).
+        self.allowed: set[str] | None = None
+        self.is_announced = False  # on_connect accepted it: on_disconnect will follow
         # Channels being recovered: live messages wait here until the replay is out.
         # Made only while a subscribe is in flight: idle sockets carry no dict.
         self.pending: dict[str, list[Message]] | None = None
@@ -100,6 +106,11 @@ class Connection:
 
     def __repr__(self) -> str:
         return f"<Connection {self.id} user={self.claims.subject!r}>"
+
+    def may_subscribe(self, channel: str) -> bool:
+        """Whether the token's grants cover `channel`, or an authorizer allowed it here."""
+        allowed = self.allowed
+        return (allowed is not None and channel in allowed) or may(self.claims.subscribe, channel)
 
     # -- sending ---------------------------------------------------------
 

@@ -136,9 +136,7 @@ class EmitHandler:
         loaded = self._validate(await self._read_json(request))
         channels: list[str] = list(dict.fromkeys(loaded.get("channels") or [loaded["channel"]]))
         if claims is not None:
-            refused = [c for c in channels if not may(claims.publish, c)]
-            if refused:
-                raise http_error(web.HTTPForbidden, "forbidden", channels=refused)
+            await self._authorize(claims, channels)
         try:
             data = encode_data(loaded["data"] if "data" in loaded else loaded["payload"])
         except ValueError as error:
@@ -178,6 +176,21 @@ class EmitHandler:
             raise http_error(web.HTTPServiceUnavailable, "keys_unavailable") from None
         subject = hashlib.sha256(claims.subject.encode("utf-8", "surrogatepass")).digest()
         return "user:" + subject[:8].hex(), claims
+
+    async def _authorize(self, claims: Claims, channels: list[str]) -> None:
+        """Refuse channels that neither the token's publish grants nor an authorizer allow."""
+        ungranted = [c for c in channels if not may(claims.publish, c)]
+        if not ungranted:
+            return
+        verdicts = await self.bus.authorize(claims, ungranted, "publish")
+        forbidden = [c for c in ungranted if verdicts[c] == "forbidden"]
+        if forbidden:
+            raise http_error(web.HTTPForbidden, "forbidden", channels=forbidden)
+        unavailable = [c for c in ungranted if verdicts[c] == "unavailable"]
+        if unavailable:
+            raise http_error(
+                web.HTTPServiceUnavailable, "authorizer_unavailable", channels=unavailable
+            )
 
     async def _read_json(self, request: web.Request) -> Any:
         limit = self.settings.emit_max_size

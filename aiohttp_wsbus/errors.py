@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -33,11 +33,14 @@ class KeysUnavailable(WsBusError):
 
 
 class Forbidden(WsBusError):
-    """The token is valid but does not grant what was asked."""
+    """The token is valid but does not grant what was asked.
 
-    def __init__(self, channels: list[str]) -> None:
+    The application raises it from an on_connect hook to refuse a socket (4403).
+    """
+
+    def __init__(self, channels: Sequence[str] = ()) -> None:
         super().__init__(", ".join(channels))
-        self.channels = channels
+        self.channels = list(channels)
 
 
 class BrokerUnavailable(WsBusError):

@@ -21,6 +21,7 @@ __all__ = [
     "INTERNAL_ERROR",
     "KEYS_UNAVAILABLE",
     "NO_CONNECT_FRAME",
+    "REFUSED",
     "SHUTTING_DOWN",
     "SLOW_CONSUMER",
     "TOKEN_EXPIRED",
@@ -88,6 +89,7 @@ TOKEN_EXPIRED: Final = Close(CloseCode.TOKEN_EXPIRED, "token expired")
 SLOW_CONSUMER: Final = Close(CloseCode.SLOW_CONSUMER, "slow consumer")
 NO_CONNECT_FRAME: Final = Close(CloseCode.UNAUTHORIZED, "no connect frame")
 ANOTHER_USER: Final = Close(CloseCode.FORBIDDEN, "refresh token is for another user")
+REFUSED: Final = Close(CloseCode.FORBIDDEN, "refused by the application")
 
 
 def unauthorized(reason: str) -> Close:

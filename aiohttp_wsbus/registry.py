@@ -6,7 +6,6 @@ from collections.abc import Collection
 from typing import TYPE_CHECKING, Final
 
 from .errors import Forbidden
-from .grants import may
 
 if TYPE_CHECKING:
     from .connection import Connection
@@ -20,9 +19,9 @@ class Registry:
     """Which connections hear which channels.
 
     A connection is in a channel's set only while its current grants cover the
-    channel: `add` refuses otherwise, and `regrant` drops what a new token no
-    longer grants. The bus delivers a channel's messages to this set and
-    nothing else.
+    channel or an authorizer allowed it for this connection: `add` refuses
+    otherwise, and `regrant` drops what is no longer granted or allowed. The
+    bus delivers a channel's messages to this set and nothing else.
     """
 
     def __init__(self) -> None:
@@ -34,7 +33,7 @@ class Registry:
 
     def add(self, connection: Connection, channel: str) -> bool:
         """Subscribe; return True when this is the channel's first subscriber here."""
-        if not may(connection.claims.subscribe, channel):
+        if not connection.may_subscribe(channel):
             raise Forbidden([channel])
         subscribers = self._subscribers.get(channel)
         is_first = subscribers is None
@@ -63,11 +62,11 @@ class Registry:
         return emptied
 
     def regrant(self, connection: Connection) -> tuple[list[str], list[str]]:
-        """Drop the channels the connection's current claims no longer grant.
+        """Drop the channels the connection's claims and allowances no longer cover.
 
         Returns (revoked channels, channels left with no subscriber).
         """
-        revoked = [c for c in connection.channels if not may(connection.claims.subscribe, c)]
+        revoked = [c for c in connection.channels if not connection.may_subscribe(c)]
         emptied = [c for c in revoked if self.remove(connection, c)]
         return revoked, emptied
 

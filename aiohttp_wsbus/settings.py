@@ -137,6 +137,12 @@ class Settings:
         mf.Float(validate=_positive("auth_timeout")),
         help="seconds a new socket has to send its connect frame",
     )
+    authorize_timeout: float = setting(
+        2.0,
+        mf.Float(validate=_positive("authorize_timeout")),
+        help="seconds the application's authorizers and on_connect hooks have to answer "
+        "(a channel is then denied `unavailable`)",
+    )
     close_timeout: float = setting(
         5.0,
         mf.Float(validate=_positive("close_timeout")),

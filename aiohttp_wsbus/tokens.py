@@ -1,7 +1,8 @@
 """Token verification: a raw JWT -> Claims, with a key set from a JWKS URL or a secret.
 
 This module knows nothing of sockets. A verifier turns a raw JWT into `Claims` or
-raises `InvalidToken(reason)` / `KeysUnavailable`; `websocket.py` and `emit.py` map those to close codes and statuses.
+raises `InvalidToken(reason)` / `KeysUnavailable`; `websocket.py` and `emit.py`
+map those to close codes and statuses.
 Fetching and refreshing the key set is `jwks.py`'s work.
 
 Rules worth knowing:
@@ -33,7 +34,8 @@ import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, ClassVar, Final
 
 import aiohttp
@@ -51,13 +53,17 @@ MAX_TOKEN_LENGTH: Final = 16384
 
 @dataclass(frozen=True, slots=True)
 class Claims:
-    """What a verified token says about its holder."""
+    """What a verified token says about its holder (never the token itself)."""
 
     subject: str
     expires_at: int
     subscribe: tuple[str, ...]
     publish: tuple[str, ...]
     token_hash: bytes
+    token_id: str | None = None  # `jti`
+    issued_at: float | None = None  # `iat`
+    # Every verified claim, read-only (kept out of repr: it may hold personal data).
+    extra: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), repr=False)
 
 
 class TokenVerifier(ABC):
@@ -195,12 +201,16 @@ class TokenVerifier(ABC):
         subject = payload.get("sub")
         if not isinstance(subject, str) or not subject:
             raise InvalidToken("claims")
+        token_id = payload.get("jti")
         return Claims(
             subject=subject,
             expires_at=int(expires_at),
             subscribe=_grant_patterns(payload.get(self.channels_claim)),
             publish=_grant_patterns(payload.get(self.publish_claim)),
             token_hash=token_hash,
+            token_id=token_id if isinstance(token_id, str) else None,
+            issued_at=_numeric_date(payload, "iat"),
+            extra=MappingProxyType(payload),
         )
 
 

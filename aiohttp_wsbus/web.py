@@ -52,6 +52,7 @@ def setup(
     leeway: float = 30,
     heartbeat: float | None = 25.0,
     auth_timeout: float = 10.0,
+    authorize_timeout: float = 2.0,
     close_timeout: float = 5.0,
     max_message_size: int = 65536,
     max_channels: int = 128,

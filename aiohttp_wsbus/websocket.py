@@ -9,7 +9,7 @@ from aiohttp import WSMsgType, web
 
 from .bus import Bus, SubscribeResult
 from .connection import Connection
-from .errors import InvalidToken, KeysUnavailable, http_error
+from .errors import Forbidden, InvalidToken, KeysUnavailable, http_error
 from .protocol import (
     ANOTHER_USER,
     BROKER_UNAVAILABLE,
@@ -18,6 +18,7 @@ from .protocol import (
     INTERNAL_ERROR,
     KEYS_UNAVAILABLE,
     NO_CONNECT_FRAME,
+    REFUSED,
     SHUTTING_DOWN,
     BadFrame,
     Close,
@@ -135,6 +136,14 @@ class WebSocketHandler:
             return None
         connection = self.bus.connect(socket, transport, claims)
         try:
+            await self.bus.announce(connection)
+        except Forbidden:
+            connection.close(REFUSED)
+            return None
+        except Exception:  # logged and counted where it happened
+            connection.close(INTERNAL_ERROR)
+            return None
+        try:
             await self.bus.subscribe(
                 connection,
                 connect.channels,
@@ -212,7 +221,7 @@ class WebSocketHandler:
         if claims.subject != connection.claims.subject:
             connection.close(ANOTHER_USER)
             return
-        revoked = self.bus.regrant(connection, claims)
+        revoked = await self.bus.refresh(connection, claims)
         if revoked:
             connection.send({"type": "unsubscribed", "channels": revoked, "reason": "revoked"})
         connection.send({"type": "refreshed", "expires_at": claims.expires_at, "revoked": revoked})
