@@ -49,11 +49,20 @@ class BusServer:
         return socket, welcome
 
 
-async def start_bus(aiohttp_client: AiohttpClient, jwks_url: str, **settings: Any) -> BusServer:
+async def start_bus(
+    aiohttp_client: AiohttpClient,
+    jwks_url: str,
+    *,
+    prepare: Callable[[aiohttp_wsbus.Bus], None] | None = None,
+    **settings: Any,
+) -> BusServer:
+    """Set up a bus on a new app and start it; `prepare` registers hooks first."""
     app = web.Application()
     settings.setdefault("issuer", "https://idp.test/")
     settings.setdefault("audience", "wsbus")
     bus = aiohttp_wsbus.setup(app, jwks_url=jwks_url, **settings)
+    if prepare is not None:
+        prepare(bus)
     client = await aiohttp_client(app)
     return BusServer(app, bus, client)
 
