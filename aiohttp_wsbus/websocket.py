@@ -137,11 +137,11 @@ class WebSocketHandler:
         connection = self.bus.connect(socket, transport, claims)
         try:
             await self.bus.announce(connection)
-        except Forbidden:
-            connection.close(REFUSED)
-            return None
-        except Exception:  # logged and counted where it happened
-            connection.close(INTERNAL_ERROR)
+        except Exception as error:  # a failure is logged and counted where it happened
+            refusal = REFUSED if isinstance(error, Forbidden) else INTERNAL_ERROR
+            connection.close(refusal)
+            # Closed here, not in the background: this handler is about to return.
+            await self._refuse(socket, transport, refusal)
             return None
         try:
             await self.bus.subscribe(
