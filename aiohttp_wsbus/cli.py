@@ -23,7 +23,9 @@ from typing import Any, Final, NoReturn, get_args, get_type_hints
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
+from .authorize_url import UrlAuthorizer
 from .brokers import Broker
+from .bus import Bus
 from .errors import InvalidSettings
 from .settings import Settings, setting_help
 from .web import setup
@@ -140,6 +142,11 @@ def build_parser(prog: str = "wsbus") -> argparse.ArgumentParser:
         "[env WSBUS_REDIS_URL, default: in-process memory broker]",
     )
     server.add_argument(
+        "--authorize-url",
+        help="ask this URL (POST, with the first API key) about channels a token does not "
+        "grant; see docs/authorization.md [env WSBUS_AUTHORIZE_URL]",
+    )
+    server.add_argument(
         "--api-key-file",
         help="file of API keys, one per line ('#' comments allowed); added to --api-key "
         "[env WSBUS_API_KEY_FILE]",
@@ -213,6 +220,7 @@ class ServerConfig:
     port: int
     path: str | None
     redis_url: str | None
+    authorize_url: str | None
     log_level: str
     access_log: bool
 
@@ -249,6 +257,7 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str]) -> ServerConfi
         port=port_number,
         path=given("path"),
         redis_url=given("redis_url"),
+        authorize_url=given("authorize_url"),
         log_level=(given("log_level") or "info").upper(),
         access_log=True
         if access_log is None
@@ -330,10 +339,24 @@ def build_app(config: ServerConfig) -> web.Application:
     broker = make_broker(config.redis_url)
     app = web.Application()
     try:
-        setup(app, broker=broker, **config.settings)
+        bus = setup(app, broker=broker, **config.settings)
     except InvalidSettings as error:
         raise BadSetting(_name_flags(str(error))) from None
+    if config.authorize_url is not None:
+        _authorize_through(app, bus, config.authorize_url)
     return app
+
+
+def _authorize_through(app: web.Application, bus: Bus, url: str) -> None:
+    where = "--authorize-url / WSBUS_AUTHORIZE_URL"
+    if not url.lower().startswith(("http://", "https://")):
+        raise BadSetting(f"{where}: must be an http:// or https:// URL")
+    if not bus.settings.api_keys:
+        raise BadSetting(f"{where}: needs an API key (--api-key or --api-key-file) to send")
+    authorizer = UrlAuthorizer(url, bus.settings.api_keys[0], bus.settings.authorize_timeout)
+    for action in ("subscribe", "publish"):
+        bus.batch_authorizer(authorizer.for_action(action), action=action)
+    app.cleanup_ctx.append(authorizer.lifetime)
 
 
 def _name_flags(message: str) -> str:

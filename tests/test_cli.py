@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -10,10 +11,12 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import ClientWebSocketResponse
+from aiohttp import ClientWebSocketResponse, web
+from pytest_aiohttp import AiohttpServer
 
 from aiohttp_wsbus import CloseCode
 from aiohttp_wsbus.cli import BadSetting, build_parser, make_broker, resolve, setting_options
@@ -201,6 +204,78 @@ async def test_sigterm_with_an_emit_body_still_arriving_exits_within_close_timeo
     assert answer.startswith(b"HTTP/1.1 503"), answer
     assert answer.endswith(b'{"error": "shutting_down"}'), answer
     writer.close()
+
+
+class ApplicationAuthorizer:
+    """The application behind --authorize-url: a small aiohttp app on loopback."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str | None, dict[str, Any]]] = []
+        self.status = 200
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.requests.append((request.headers.get("X-API-Key"), body))
+        if self.status != 200:
+            return web.json_response({"error": "nope"}, status=self.status)
+        owned = {f"order:{n}" for n in range(1, 4)} if body["user"] == "alice" else set()
+        return web.json_response({"allow": [c for c in body["channels"] if c in owned]})
+
+
+async def test_authorize_url_decides_channels_the_token_does_not_grant(
+    start_cli: StartCli,
+    jwks_server: JwksServer,
+    make_token: MakeToken,
+    aiohttp_server: AiohttpServer,
+) -> None:
+    application = ApplicationAuthorizer()
+    app = web.Application()
+    app.router.add_post("/authorize", application.handle)
+    authorize = await aiohttp_server(app)
+    server = await start_cli(
+        "--port",
+        "0",
+        "--api-key",
+        API_KEY,
+        "--authorize-timeout",
+        "1",
+        WSBUS_AUTHORIZE_URL=str(authorize.make_url("/authorize")),
+        **token_settings(jwks_server),
+    )
+    token = make_token(sub="alice", channels=["chat:*"], plan="pro")
+    async with aiohttp.ClientSession(server.url) as session:
+        socket = await connect(session, "/ws", token, ["chat:a", "order:1", "order:9"])
+        welcome = await next_frame(socket)
+        assert welcome["subscribed"] == ["chat:a", "order:1"]
+        assert welcome["denied"] == {"order:9": "forbidden"}
+        # One request per frame, for the ungranted channels only, with the claims, no token.
+        assert len(application.requests) == 1
+        api_key, body = application.requests[0]
+        assert api_key == API_KEY
+        assert body["action"] == "subscribe"
+        assert (body["user"], body["channels"]) == ("alice", ["order:1", "order:9"])
+        assert body["claims"]["plan"] == "pro"
+        assert token not in json.dumps(body)
+        for status, verdict in ((403, "forbidden"), (500, "unavailable")):
+            application.status = status
+            await socket.send_json({"type": "subscribe", "channels": ["order:2", "order:3"]})
+            answer = await next_frame(socket)
+            assert answer["denied"] == {"order:2": verdict, "order:3": verdict}
+        await socket.close()
+    assert await server.stop() == 0
+
+
+async def test_authorize_url_needs_an_http_url_and_an_api_key(jwks_server: JwksServer) -> None:
+    settings = token_settings(jwks_server)
+    cli = (sys.executable, "-m", "aiohttp_wsbus")
+    status, lines = await run_to_exit(
+        *cli, "--api-key", API_KEY, "--authorize-url", "ftp://x", **settings
+    )
+    assert (status, len(lines)) == (2, 1)
+    assert "--authorize-url / WSBUS_AUTHORIZE_URL: must be an http" in lines[0]
+    status, lines = await run_to_exit(*cli, "--authorize-url", "http://127.0.0.1:1/a", **settings)
+    assert (status, len(lines)) == (2, 1)
+    assert "needs an API key" in lines[0]
 
 
 async def test_unix_socket_and_an_access_log_without_query_strings(
