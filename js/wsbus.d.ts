@@ -69,6 +69,11 @@ export interface WsBusOptions {
   maxReconnectDelay?: number;
   /** Seconds before the token's expiry to send a refresh. Default 30. */
   refreshBefore?: number;
+  /**
+   * Ms from opening a socket until the server's `welcome`; past it the attempt has
+   * failed: the socket is closed, an `error` reported, and the client backs off. Default 10000.
+   */
+  connectTimeout?: number;
   /** Start connecting in the constructor. Default true. */
   autoConnect?: boolean;
   /** WebSocket implementation. Default globalThis.WebSocket. */

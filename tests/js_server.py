@@ -1,7 +1,9 @@
 """A real bus for the JS client's Node integration tests: `python -m tests.js_server`.
 
-Listens on free loopback ports and prints one JSON line when ready:
-`{"port": P, "api_key": K}`. On port P:
+Listens on loopback ports and prints one JSON line when ready:
+`{"port": P, "api_key": K}`. P is free unless given as `--port P`; tokens are
+signed with a key made at start, or the PEM RSA key in `--key-file F` (so a
+restarted server on the same port accepts the tokens of the one before). On P:
 
 - `{base_path}` (`/ws`): the bus itself (MemoryBroker, `leeway=0` so short-lived
   tokens really expire), with `api_key` accepted by `POST /ws/emit`;
@@ -20,6 +22,7 @@ the test run that started it). Test-only: it mints tokens for anyone who asks.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import secrets
@@ -31,6 +34,7 @@ from typing import Any, Final
 import jwt
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from jwt.algorithms import RSAAlgorithm
 
 import aiohttp_wsbus
@@ -59,10 +63,10 @@ class SwitchableBroker(aiohttp_wsbus.MemoryBroker):
 
 
 class TokenMinter:
-    """Signs tokens for the bus with a key made at start."""
+    """Signs tokens for the bus with the given key, or one made at start."""
 
-    def __init__(self) -> None:
-        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    def __init__(self, key: rsa.RSAPrivateKey | None = None) -> None:
+        self.key = key or rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
     def jwks(self) -> dict[str, Any]:
         jwk: dict[str, Any] = RSAAlgorithm.to_jwk(self.key.public_key(), as_dict=True)
@@ -140,13 +144,13 @@ def bus_app(minter: TokenMinter, jwks_url: str, api_key: str) -> web.Application
     return app
 
 
-async def start(app: web.Application) -> tuple[web.AppRunner, int]:
+async def start(app: web.Application, port: int = 0) -> tuple[web.AppRunner, int]:
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, HOST, 0)
+    site = web.TCPSite(runner, HOST, port)
     await site.start()
-    port: int = runner.addresses[0][1]
-    return runner, port
+    bound: int = runner.addresses[0][1]
+    return runner, bound
 
 
 async def wait_for_stdin_eof() -> None:
@@ -157,12 +161,24 @@ async def wait_for_stdin_eof() -> None:
         pass
 
 
+def load_key(path: str) -> rsa.RSAPrivateKey:
+    with open(path, "rb") as pem:
+        key = load_pem_private_key(pem.read(), password=None)
+    if not isinstance(key, rsa.RSAPrivateKey):
+        raise SystemExit(f"{path}: not an RSA private key")
+    return key
+
+
 async def main() -> None:
-    minter = TokenMinter()
+    parser = argparse.ArgumentParser(prog="python -m tests.js_server")
+    parser.add_argument("--port", type=int, default=0, help="the bus's port (default: a free one)")
+    parser.add_argument("--key-file", help="PEM RSA private key to sign tokens with")
+    arguments = parser.parse_args()
+    minter = TokenMinter(load_key(arguments.key_file) if arguments.key_file else None)
     api_key = secrets.token_urlsafe(24)
     jwks_runner, jwks_port = await start(jwks_app(minter))
     jwks_url = f"http://{HOST}:{jwks_port}/jwks.json"
-    bus_runner, port = await start(bus_app(minter, jwks_url, api_key))
+    bus_runner, port = await start(bus_app(minter, jwks_url, api_key), arguments.port)
     print(json.dumps({"port": port, "api_key": api_key}), flush=True)
 
     stop = asyncio.Event()

@@ -9,7 +9,9 @@
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
-import { existsSync } from "node:fs";
+import { generateKeyPairSync } from "node:crypto";
+import { existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { createInterface } from "node:readline";
 import { fileURLToPath } from "node:url";
@@ -45,10 +47,10 @@ async function until(condition, what, ms = WAIT) {
   }
 }
 
-/** The Python server: started once for this file, killed in after(). */
+/** The Python server (tests/js_server.py; `args` are its options): started once for this file, killed in after(). */
 class Server {
-  async start() {
-    this.process = spawn(python, ["-m", "tests.js_server"], {
+  async start(args = []) {
+    this.process = spawn(python, ["-m", "tests.js_server", ...args], {
       cwd: REPO,
       stdio: ["pipe", "pipe", "inherit"], // its stdin closing stops it too
     });
@@ -63,6 +65,7 @@ class Server {
     });
     try {
       const { port, api_key: apiKey } = JSON.parse(await Promise.race([ready, exited, timeout]));
+      this.port = port;
       this.base = `http://127.0.0.1:${port}`;
       this.apiKey = apiKey;
     } finally {
@@ -71,11 +74,11 @@ class Server {
     }
   }
 
-  async stop() {
+  async stop(signal = "SIGTERM") {
     const child = this.process;
     if (!child || child.exitCode !== null || child.signalCode !== null) return;
     const gone = new Promise((resolve) => child.once("exit", resolve));
-    child.kill("SIGTERM");
+    child.kill(signal);
     const timer = setTimeout(() => child.kill("SIGKILL"), 5000);
     await gone;
     clearTimeout(timer);
@@ -315,6 +318,61 @@ it("retries a channel denied as unavailable while the broker is down, and keeps 
   await until(() => received.length === 1, "a message once the broker is back");
   assert.deepEqual(received[0][0], "back");
   assert.deepEqual(seen.states, ["connecting", "connected"]);
+});
+
+it("reconnects after the server is killed and restarted on the same port", async (t) => {
+  // Node 20's WebSocket fires `error` and no `close` when the connection is refused;
+  // a client that waits for `close` stays "connecting" forever once the server is gone.
+  const keyDir = mkdtempSync(join(tmpdir(), "wsbus-restart-"));
+  t.after(() => rmSync(keyDir, { recursive: true, force: true }));
+  const keyFile = join(keyDir, "key.pem");
+  const { privateKey } = generateKeyPairSync("rsa", { modulusLength: 2048 });
+  writeFileSync(keyFile, privateKey.export({ type: "pkcs8", format: "pem" }));
+  const restarting = new Server();
+  await restarting.start(["--key-file", keyFile]);
+  t.after(() => restarting.stop());
+
+  // One token, minted before the kill: both servers sign with the same key, and the
+  // token endpoint is down while the server is, so only the WebSocket can fail.
+  let token = null;
+  let attempts = 0;
+  let backoffs = 0;
+  const seen = { states: [], errors: [] };
+  const bus = new WsBus(restarting.base + "/ws", {
+    ...FAST,
+    getToken: async () => {
+      attempts += 1;
+      token ??= (await restarting.token()).token;
+      return token;
+    },
+    random: () => {
+      backoffs += 1;
+      return Math.random();
+    },
+    autoConnect: false,
+  });
+  t.after(() => bus.close());
+  bus.on("state", (state) => seen.states.push(state));
+  bus.on("error", (error) => seen.errors.push(error));
+  const received = record(bus, "chat:restart");
+  bus.connect();
+  await until(() => bus.state === "connected", "connected");
+
+  await restarting.stop("SIGKILL");
+  const attemptsBefore = attempts;
+  await until(() => attempts >= attemptsBefore + 3, "connect attempts against the dead server");
+  await restarting.start(["--key-file", keyFile, "--port", String(restarting.port)]);
+  await until(() => seen.states.filter((state) => state === "connected").length === 2, "a welcome again");
+  await restarting.publish("chat:restart", "after the restart");
+  await until(() => received.length === 1, "a message from the restarted server");
+
+  assert.deepEqual(received[0][0], "after the restart");
+  // Every failed attempt is one connecting -> disconnected step, never two of either.
+  const steps = seen.states.slice(2, -1);
+  assert.ok(steps.length >= 6, `attempts while down: ${steps}`);
+  steps.forEach((state, i) => assert.equal(state, i % 2 ? "connecting" : "disconnected", `${steps}`));
+  assert.equal(backoffs, steps.length / 2, "one backoff delay per failed attempt");
+  assert.deepEqual(seen.errors, []);
 });
 
 function deferred() {
