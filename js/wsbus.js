@@ -390,7 +390,10 @@ export class WsBus {
       this._positions.set(channel, { offset, epoch });
       // A new epoch or a hole in the offsets on a live socket (the broker lost its
       // history, or a node fell too far behind): messages may be gone, so say so.
-      if (last && (last.epoch !== epoch || offset > last.offset + 1)) {
+      // But a channel never published to is at offset 0 in an epoch of its own (the
+      // server keeps no state for it): its first message, offset 1, continues it in any epoch.
+      const isFirstMessage = last?.offset === 0 && offset === 1;
+      if (last && !isFirstMessage && (last.epoch !== epoch || offset > last.offset + 1)) {
         this._emit("recovered", channel, false);
       }
     }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -358,3 +359,34 @@ async def test_page_gives_up_on_a_socket_that_is_never_welcomed(
         assert states[:3] == ["connecting", "disconnected", "connecting"]
         errors = await page.evaluate("window.errors")
         assert errors[0] == "Error: WsBus: no welcome from the server within 300 ms"
+
+
+async def test_page_continues_a_channel_at_offset_0_with_offset_1_in_another_epoch(
+    browser: Browser, page_server: PageServer
+) -> None:
+    # A channel never published to is at offset 0 in an epoch of its own: its first
+    # message continues it whatever its epoch. A hole after that is still a gap.
+    page_server.scripted.script = [
+        {
+            "type": "welcome",
+            "client": "c1",
+            "user": "alice",
+            "expires_at": int(time.time()) + 3600,
+            "subscribed": ["chat:lobby"],
+            "denied": {},
+            "recovered": {},
+            "positions": {"chat:lobby": {"offset": 0, "epoch": "unpublished"}},
+        },
+        {"type": "message", "channel": "chat:lobby", "offset": 1, "epoch": "e1", "data": "first"},
+        {"type": "message", "channel": "chat:lobby", "offset": 3, "epoch": "e1", "data": "hole"},
+    ]
+    async with load_page(browser, page_server.scripted_url()) as page:
+        await wait_until(page, "window.received.length === 2")
+
+        messages = await received(page)
+        assert [(m["data"], m["offset"], m["epoch"]) for m in messages] == [
+            ("first", 1, "e1"),
+            ("hole", 3, "e1"),
+        ]
+        assert await page.evaluate("window.recovered") == [["chat:lobby", False]]  # the hole only
+        assert await page.evaluate("window.errors") == []
