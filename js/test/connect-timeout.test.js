@@ -9,19 +9,10 @@ import { createHash } from "node:crypto";
 import { once } from "node:events";
 import { createServer } from "node:net";
 import { WsBus } from "../wsbus.js";
+import { until, WAIT } from "../test-support/waiting.js";
 
-const WAIT = 5000; // ms any single wait may take
 const missing = typeof globalThis.WebSocket !== "function" ? "no global WebSocket: run with node --experimental-websocket" : null;
 if (missing && process.env.WSBUS_PYTHON) throw new Error(`these tests are required but ${missing}`);
-
-/** Resolves when `condition()` holds (checked every 5 ms); rejects after `ms`. */
-async function until(condition, what, ms = WAIT) {
-  const deadline = Date.now() + ms;
-  while (!condition()) {
-    if (Date.now() > deadline) throw new Error(`timed out after ${ms} ms waiting for ${what}`);
-    await new Promise((resolve) => setTimeout(resolve, 5));
-  }
-}
 
 /**
  * Accepts every WebSocket upgrade and never sends a frame. Records, per connection,

@@ -16,9 +16,9 @@ import { dirname, join } from "node:path";
 import { createInterface } from "node:readline";
 import { fileURLToPath } from "node:url";
 import { WsBus } from "../wsbus.js";
+import { until, WAIT } from "../test-support/waiting.js";
 
 const REPO = join(dirname(fileURLToPath(import.meta.url)), "..", "..");
-const WAIT = 5000; // ms any single wait may take
 const FAST = { minReconnectDelay: 20, maxReconnectDelay: 100 };
 
 function findPython() {
@@ -37,15 +37,6 @@ if (missing && process.env.WSBUS_PYTHON) {
   throw new Error(`integration tests are required but ${missing}`);
 }
 const it = (name, fn) => test(name, { skip: missing ?? false, timeout: 30000 }, fn);
-
-/** Resolves when `condition()` holds (checked every 5 ms); rejects after `ms`. */
-async function until(condition, what, ms = WAIT) {
-  const deadline = Date.now() + ms;
-  while (!condition()) {
-    if (Date.now() > deadline) throw new Error(`timed out after ${ms} ms waiting for ${what}`);
-    await new Promise((resolve) => setTimeout(resolve, 5));
-  }
-}
 
 /** The Python server (tests/js_server.py; `args` are its options): started once for this file, killed in after(). */
 class Server {
