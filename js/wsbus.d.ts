@@ -17,7 +17,6 @@ export declare const CloseCodes: Readonly<{
 
 export type WsBusState = "connecting" | "connected" | "disconnected" | "closed";
 
-/** Why the server refused or dropped a channel. */
 /** Why a channel was refused; all but "unavailable" are final (the client drops the channel). */
 export type DenyReason = "forbidden" | "invalid" | "limit" | "revoked" | "unavailable";
 
