@@ -8,7 +8,8 @@ restarted server on the same port accepts the tokens of the one before). On P:
 - `{base_path}` (`/ws`): the bus itself (MemoryBroker, `leeway=0` so short-lived
   tokens really expire), with `api_key` accepted by `POST /ws/emit`;
 - `POST /test/token` `{"sub", "channels", "publish", "exp_in"}` (all optional):
-  mints a token the bus accepts, answers `{"token": T, "expires_at": EXP}`;
+  mints a token the bus accepts for at least `exp_in` seconds (at most one
+  more: `exp` is whole seconds), answers `{"token": T, "expires_at": EXP}`;
 - `POST /test/kill`: aborts every bus socket's transport (a network drop, no
   close frame), answers `{"killed": N}`;
 - `POST /test/broker` `{"available": false}`: subscribing to a channel then
@@ -77,17 +78,19 @@ class TokenMinter:
         self, sub: str, channels: list[str], publish: list[str], exp_in: int
     ) -> tuple[str, int]:
         now = int(time.time())
+        # Rounded up: int() alone could leave a 2 s token barely 1 s to live.
+        exp = now + 1 + exp_in
         claims = {
             "sub": sub,
             "iss": ISSUER,
             "aud": AUDIENCE,
             "iat": now,
-            "exp": now + exp_in,
+            "exp": exp,
             "channels": channels,
             "publish": publish,
         }
         token = jwt.encode(claims, self.key, algorithm="RS256", headers={"kid": KEY_ID})
-        return token, now + exp_in
+        return token, exp
 
 
 def jwks_app(minter: TokenMinter) -> web.Application:

@@ -347,18 +347,19 @@ async def test_page_gives_up_on_a_socket_that_is_never_welcomed(
     browser: Browser, page_server: PageServer
 ) -> None:
     scripted = page_server.scripted  # answers nothing
-    async with load_page(browser, page_server.scripted_url(connectTimeout="300")) as page:
+    async with load_page(browser, page_server.scripted_url(connectTimeout="500")) as page:
         await scripted.wait_for(lambda: len(scripted.connections) >= 2)
         first = scripted.connections[0]
         await scripted.wait_for(lambda: first.closed_at is not None)
 
         assert first.connect is not None and first.connect["type"] == "connect"
         assert first.close_code == 1000
-        assert first.closed_at is not None and first.closed_at - first.opened_at >= 0.25
+        # The client's timer starts before the upgrade this server sees: leave room for it.
+        assert first.closed_at is not None and first.closed_at - first.opened_at >= 0.2
         states = await page.evaluate("window.states")
         assert states[:3] == ["connecting", "disconnected", "connecting"]
         errors = await page.evaluate("window.errors")
-        assert errors[0] == "Error: WsBus: no welcome from the server within 300 ms"
+        assert errors[0] == "Error: WsBus: no welcome from the server within 500 ms"
 
 
 async def test_page_continues_a_channel_at_offset_0_with_offset_1_in_another_epoch(

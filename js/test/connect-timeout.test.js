@@ -84,7 +84,7 @@ test("a server that upgrades and never welcomes is given up after connectTimeout
   const seen = { states: [], errors: [] };
   const bus = new WsBus(silent.url, {
     getToken: async () => "a token nobody checks",
-    connectTimeout: 300,
+    connectTimeout: 500,
     minReconnectDelay: 20,
     maxReconnectDelay: 100,
     autoConnect: false,
@@ -103,7 +103,8 @@ test("a server that upgrades and never welcomes is given up after connectTimeout
 
   assert.deepEqual(first.opcodes, [1, 8], "the connect frame, then the client's close");
   const waited = first.closeFrameAt - first.upgradedAt;
-  assert.ok(waited >= 250 && waited < WAIT, `closed ${waited} ms after the upgrade`);
+  // The client's timer starts before the upgrade this server sees: leave room for it.
+  assert.ok(waited >= 200 && waited < WAIT, `closed ${waited} ms after the upgrade`);
   assert.deepEqual(seen.states.slice(0, 3), ["connecting", "disconnected", "connecting"]);
-  assert.match(seen.errors[0].message, /no welcome from the server within 300 ms/);
+  assert.match(seen.errors[0].message, /no welcome from the server within 500 ms/);
 });

@@ -192,7 +192,7 @@ it("reports a channel the token does not grant as denied, and still serves the o
 });
 
 it("refreshes a short-lived token on the live socket before the server would close it", async (t) => {
-  // exp is 2 s away and the server allows no leeway: without a refresh it closes with 4001.
+  // exp is 2 to 3 s away and the server allows no leeway: without a refresh it closes with 4001.
   const { bus, seen } = connect(t, { claims: { exp_in: 2 }, refreshBefore: 1 });
   const received = record(bus, "chat:refresh");
   await until(() => bus.state === "connected", "connected");
