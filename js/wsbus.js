@@ -295,8 +295,7 @@ export class WsBus {
 
   _handleOffline() {
     if (this._isClosed || this._state === "disconnected") return;
-    this._abandonSocket();
-    this._disconnected(); // "online" will cut the wait short
+    this._failAttempt(); // "online" will cut the wait short
   }
 
   // -- receiving --------------------------------------------------------------
