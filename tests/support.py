@@ -1,4 +1,4 @@
-"""Helpers for talking to a bus over real sockets in tests."""
+"""Helpers for talking to a bus over real sockets in tests, and the tests' one set of fakes."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
 import aiohttp_wsbus
+from aiohttp_wsbus.brokers.base import Published
+from aiohttp_wsbus.errors import BrokerUnavailable
 
 WAIT = 5.0  # seconds any single network wait in a test may take
 
@@ -158,3 +160,32 @@ def masked_text_frame(payload: bytes) -> bytes:
     else:
         header = bytes([0x81, 0x80 | 126]) + len(payload).to_bytes(2, "big")
     return header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+# -- broker fakes: MemoryBrokers with one engine behaviour a test needs ---------
+
+
+class SwitchableBroker(aiohttp_wsbus.MemoryBroker):
+    """A memory broker whose engine the test can take down and bring back.
+
+    While down it says so (`is_available`), and publishing and subscribing
+    fail as unavailable, as with a Redis broker that lost its server.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.is_up = True
+
+    @property
+    def is_available(self) -> bool:
+        return self.is_up
+
+    async def subscribe(self, channel: str) -> None:
+        if not self.is_up:
+            raise BrokerUnavailable("taken down by the test")
+        await super().subscribe(channel)
+
+    async def publish(self, channel: str, data: str, *, message_id: str | None = None) -> Published:
+        if not self.is_up:
+            raise BrokerUnavailable("taken down by the test")
+        return await super().publish(channel, data, message_id=message_id)
