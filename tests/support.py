@@ -253,7 +253,8 @@ async def loopback_transport(
         try:
             yield transport, peer
         finally:
-            transport.abort()
+            if not transport.is_closing():  # a closing one finishes by itself
+                transport.abort()
 
 
 class WriteRecorder(asyncio.Transport):
@@ -297,6 +298,9 @@ class CloseLog:
         self.forgotten.append(connection)
 
     def closer(self, connection: Connection, close: Close) -> None:
+        # As aiohttp would, the close frame goes out on the same transport.
+        if not connection.transport.is_closing():
+            connection.transport.write(close_frame(close))
         self.closes.append(close)
         self.closed.set()
 
@@ -305,6 +309,12 @@ class CloseLog:
         async with asyncio.timeout(WAIT):
             await self.closed.wait()
         return self.closes[0]
+
+
+def close_frame(close: Close) -> bytes:
+    """The unmasked close frame a server sends for `close`."""
+    payload = close.code.to_bytes(2, "big") + close.reason.encode()
+    return bytes([0x88, len(payload)]) + payload
 
 
 def make_claims(
@@ -324,7 +334,7 @@ def standalone_connection(
     log = CloseLog()
     connection = Connection(
         secrets.token_urlsafe(6),
-        web.WebSocketResponse(),  # never used: the CloseLog stands in for the close frame
+        web.WebSocketResponse(),  # never used: the CloseLog sends the close frame
         transport,
         claims if claims is not None else make_claims(),
         scheduler=scheduler or WriteScheduler(asyncio.get_running_loop()),
