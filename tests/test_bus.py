@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 from typing import Any
 
+import pytest
 from aiohttp import ClientWebSocketResponse
 from pytest_aiohttp import AiohttpClient
 
 from aiohttp_wsbus.bus import SubscribeResult
 from aiohttp_wsbus.connection import Connection
-from aiohttp_wsbus.protocol import TOKEN_EXPIRED, Position
+from aiohttp_wsbus.protocol import SLOW_CONSUMER, TOKEN_EXPIRED, Position
 
 from .conftest import JwksServer, MakeToken
 from .support import (
     BusServer,
     GatedBroker,
+    RawClient,
     SwitchableBroker,
     close_code,
     eventually,
     make_claims,
+    masked_text_frame,
     next_frame,
     nothing_more,
     start_bus,
@@ -208,3 +213,69 @@ async def test_regrant_drops_what_the_new_claims_do_not_grant_and_moves_the_expi
     # The expiry follows the new claims: these are already past it.
     assert server.bus.regrant(connection, make_claims(grants=("chat:*",), expires_in=-1)) == []
     assert await close_code(socket) == 4001
+
+
+# -- a socket closed while the broker is slow to subscribe (defect 5) ----------
+
+
+async def wait_until_held(broker: GatedBroker, channels: list[str]) -> None:
+    await eventually(lambda: broker.waiting == set(channels))
+
+
+async def wait_until_settled(server: BusServer, broker: GatedBroker, subscribes: int) -> None:
+    """Until every subscribe the broker was asked for is done, and given back."""
+    await eventually(lambda: broker.subscribes == subscribes and not broker.subscribed)
+    assert server.bus.registry.channel_count == 0
+    assert server.bus.registry.subscription_count == 0
+    assert not server.bus.connections
+
+
+@pytest.mark.parametrize("frame", ["connect", "subscribe"])
+async def test_a_socket_closed_during_a_slow_subscribe_leaves_nothing_behind(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken, frame: str
+) -> None:
+    broker = GatedBroker()
+    server = await start_bus(aiohttp_client, jwks_server.url, broker=broker)
+    broker.gate.clear()
+    socket = await server.client.ws_connect("/ws")
+    token = make_token(channels=["chat:*"])
+    if frame == "connect":
+        await socket.send_json({"type": "connect", "token": token, "channels": THREE})
+    else:
+        await socket.send_json({"type": "connect", "token": token, "channels": []})
+        assert (await next_frame(socket))["type"] == "welcome"
+        await socket.send_json({"type": "subscribe", "channels": THREE})
+    await wait_until_held(broker, THREE)
+    (connection,) = server.bus.connections
+    connection.close(TOKEN_EXPIRED)  # what its expiry timer does
+    broker.gate.set()
+    assert await close_code(socket) == 4001
+    await wait_until_settled(server, broker, subscribes=3)
+    assert connection.channels == set()
+
+
+async def test_a_slow_consumer_closed_during_a_slow_subscribe_leaves_nothing_behind(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
+) -> None:
+    broker = GatedBroker()
+    server = await start_bus(
+        aiohttp_client, jwks_server.url, broker=broker, send_buffer_limit=64 * 1024
+    )
+    raw = await RawClient.connect(server, make_token(channels=["chat:*"]), ["chat:flood"])
+    try:
+        await eventually(lambda: broker.subscribed == {"chat:flood"})
+        (connection,) = server.bus.connections
+        broker.gate.clear()
+        subscribe_frame = json.dumps({"type": "subscribe", "channels": THREE}).encode()
+        await asyncio.get_running_loop().sock_sendall(raw.sock, masked_text_frame(subscribe_frame))
+        await wait_until_held(broker, THREE)
+        for n in range(300):  # 18 MB at most: more than any loopback socket holds
+            await server.bus.publish("chat:flood", {"n": n, "pad": "x" * 60_000})
+            await asyncio.sleep(0)  # one tick: the write scheduler flushes
+            if connection.is_closing:
+                break
+        assert connection.closed_with == SLOW_CONSUMER
+        broker.gate.set()
+        await wait_until_settled(server, broker, subscribes=4)
+    finally:
+        raw.sock.close()
