@@ -49,6 +49,15 @@ class FuzzedBus:
         assert port is not None
         return port
 
+    async def open(self, *, welcomed: bool) -> ClientWebSocketResponse:
+        """A new socket: welcomed (the fuzzer's good token, on fuzz:a) or not yet."""
+        socket = await self.server.client.ws_connect("/ws")
+        if welcomed:
+            connect = {"type": "connect", "token": self.tokens["<valid>"], "channels": ["fuzz:a"]}
+            await socket.send_json(connect)
+            assert (await next_frame(socket))["type"] == "welcome"
+        return socket
+
     async def watcher_still_hears(self) -> None:
         """A message published now reaches the watcher, and nothing else came first."""
         self.probes += 1
@@ -442,13 +451,8 @@ async def answer(socket: ClientWebSocketResponse, welcomed: bool) -> str | None:
 
 
 async def fuzz_frames(fuzzed: FuzzedBus, sent: list[tuple[str, Any]], *, welcomed: bool) -> None:
-    socket = await fuzzed.server.client.ws_connect("/ws")
+    socket = await fuzzed.open(welcomed=welcomed)
     try:
-        if welcomed:
-            await socket.send_json(
-                {"type": "connect", "token": fuzzed.tokens["<valid>"], "channels": ["fuzz:a"]}
-            )
-            assert (await next_frame(socket))["type"] == "welcome"
         for frame in sent:
             await send(socket, frame, fuzzed.tokens)
             answered = await answer(socket, welcomed)
@@ -493,7 +497,7 @@ async def test_every_frame_after_welcome_is_answered_or_closed_with_a_documented
 async def test_a_connect_token_that_cannot_be_a_jwt_closes_4401(
     fuzzed: FuzzedBus, token: str
 ) -> None:
-    socket = await fuzzed.server.client.ws_connect("/ws")
+    socket = await fuzzed.open(welcomed=False)
     await socket.send_str(json.dumps({"type": "connect", "token": token, "channels": []}))
     message = await socket.receive(timeout=WAIT)
     assert (message.type, message.data) == (WSMsgType.CLOSE, CloseCode.UNAUTHORIZED)
@@ -504,7 +508,7 @@ async def test_a_connect_token_that_cannot_be_a_jwt_closes_4401(
 async def test_lone_surrogates_in_names_and_epochs_are_answered_not_crashed_on(
     fuzzed: FuzzedBus,
 ) -> None:
-    socket = await fuzzed.server.client.ws_connect("/ws")
+    socket = await fuzzed.open(welcomed=False)
     connect = {
         "type": "connect",
         "token": fuzzed.tokens["<valid>"],
@@ -521,10 +525,7 @@ async def test_lone_surrogates_in_names_and_epochs_are_answered_not_crashed_on(
 
 @pytest.mark.parametrize("welcomed", [False, True], ids=["first frame", "after welcome"])
 async def test_json_nested_30000_deep_closes_4400(fuzzed: FuzzedBus, welcomed: bool) -> None:
-    socket = await fuzzed.server.client.ws_connect("/ws")
-    if welcomed:
-        await socket.send_json({"type": "connect", "token": fuzzed.tokens["<valid>"]})
-        assert (await next_frame(socket))["type"] == "welcome"
+    socket = await fuzzed.open(welcomed=welcomed)
     await socket.send_str(nested(30_000))
     message = await socket.receive(timeout=WAIT)
     assert (message.type, message.data) == (WSMsgType.CLOSE, CloseCode.BAD_REQUEST)
@@ -577,9 +578,7 @@ async def test_a_body_that_does_not_decompress_gets_400(
 async def test_a_bad_frame_followed_at_once_by_another_still_gets_its_close_code(
     fuzzed: FuzzedBus, bad: str | bytes, code: CloseCode
 ) -> None:
-    socket = await fuzzed.server.client.ws_connect("/ws")
-    await socket.send_json({"type": "connect", "token": fuzzed.tokens["<valid>"]})
-    assert (await next_frame(socket))["type"] == "welcome"
+    socket = await fuzzed.open(welcomed=True)
     if isinstance(bad, bytes):
         await socket.send_bytes(bad)
     elif bad in fuzzed.tokens:
@@ -609,10 +608,7 @@ async def test_a_bad_frame_followed_at_once_by_another_still_gets_its_close_code
 async def test_frames_aiohttp_refuses_close_with_a_documented_code(
     fuzzed: FuzzedBus, payload: bytes, opcode: WSMsgType, welcomed: bool
 ) -> None:
-    socket = await fuzzed.server.client.ws_connect("/ws")
-    if welcomed:
-        await socket.send_json({"type": "connect", "token": fuzzed.tokens["<valid>"]})
-        assert (await next_frame(socket))["type"] == "welcome"
+    socket = await fuzzed.open(welcomed=welcomed)
     await socket.send_frame(payload, opcode)
     message = await socket.receive(timeout=WAIT)
     assert message.type == WSMsgType.CLOSE
