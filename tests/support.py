@@ -10,7 +10,7 @@ import os
 import secrets
 import socket as stdlib_socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,10 +19,10 @@ from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
 import aiohttp_wsbus
-from aiohttp_wsbus.brokers.base import Published
+from aiohttp_wsbus.brokers.base import History, Published
 from aiohttp_wsbus.connection import Connection, WriteScheduler
 from aiohttp_wsbus.errors import BrokerUnavailable
-from aiohttp_wsbus.protocol import Close
+from aiohttp_wsbus.protocol import Close, Position
 from aiohttp_wsbus.tokens import Claims
 
 WAIT = 5.0  # seconds any single network wait in a test may take
@@ -220,6 +220,47 @@ class SwitchableBroker(aiohttp_wsbus.MemoryBroker):
         if not self.is_up:
             raise BrokerUnavailable("taken down by the test")
         return await super().publish(channel, data, message_id=message_id)
+
+
+class FlakyBroker(aiohttp_wsbus.MemoryBroker):
+    """A memory broker whose engine is down for the next `down_for` publishes to `channel`."""
+
+    def __init__(self, channel: str, down_for: int) -> None:
+        super().__init__()
+        self.channel = channel
+        self.down_for = down_for
+        self.attempts = 0
+
+    async def publish(self, channel: str, data: str, *, message_id: str | None = None) -> Published:
+        if channel == self.channel:
+            self.attempts += 1
+            if self.down_for > 0:
+                self.down_for -= 1
+                raise BrokerUnavailable("down for now")
+        return await super().publish(channel, data, message_id=message_id)
+
+
+class PublishingDuringHistory(aiohttp_wsbus.MemoryBroker):
+    """A memory broker whose history read lets other publishers in, before and after it reads.
+
+    Stands in for a networked broker, where other nodes publish to `channel`
+    while the read is in flight.
+    """
+
+    def __init__(self, channel: str) -> None:
+        super().__init__()
+        self.channel = channel
+        self.before_read: list[str] = []
+        self.after_read: list[str] = []
+
+    async def history(self, since: Mapping[str, Position | None]) -> dict[str, History]:
+        for data in self.before_read:
+            await self.publish(self.channel, f'"{data}"')
+        answer = await super().history(since)
+        for data in self.after_read:
+            await self.publish(self.channel, f'"{data}"')
+        self.before_read, self.after_read = [], []
+        return answer
 
 
 # -- one Connection on a real loopback socket, outside any server ---------------
