@@ -263,6 +263,36 @@ class PublishingDuringHistory(aiohttp_wsbus.MemoryBroker):
         return answer
 
 
+class GatedBroker(aiohttp_wsbus.MemoryBroker):
+    """A memory broker whose subscribe() waits while its gate is shut (a frozen engine).
+
+    `subscribed` is what the engine holds once the calls are done, as a Redis
+    server would: a subscribe counts when it completes, an unsubscribe at once.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.waiting: set[str] = set()  # subscribes held at the gate
+        self.subscribed: set[str] = set()
+        self.subscribes = 0  # completed subscribe calls
+
+    async def subscribe(self, channel: str) -> None:
+        self.waiting.add(channel)
+        try:
+            await self.gate.wait()
+        finally:
+            self.waiting.discard(channel)
+        await super().subscribe(channel)
+        self.subscribed.add(channel)
+        self.subscribes += 1
+
+    async def unsubscribe(self, channel: str) -> None:
+        await super().unsubscribe(channel)
+        self.subscribed.discard(channel)
+
+
 # -- one Connection on a real loopback socket, outside any server ---------------
 
 
@@ -384,33 +414,3 @@ def standalone_connection(
         closer=log.closer,
     )
     return connection, log
-
-
-class GatedBroker(aiohttp_wsbus.MemoryBroker):
-    """A memory broker whose subscribe() waits while its gate is shut (a frozen engine).
-
-    `subscribed` is what the engine holds once the calls are done, as a Redis
-    server would: a subscribe counts when it completes, an unsubscribe at once.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.gate = asyncio.Event()
-        self.gate.set()
-        self.waiting: set[str] = set()  # subscribes held at the gate
-        self.subscribed: set[str] = set()
-        self.subscribes = 0  # completed subscribe calls
-
-    async def subscribe(self, channel: str) -> None:
-        self.waiting.add(channel)
-        try:
-            await self.gate.wait()
-        finally:
-            self.waiting.discard(channel)
-        await super().subscribe(channel)
-        self.subscribed.add(channel)
-        self.subscribes += 1
-
-    async def unsubscribe(self, channel: str) -> None:
-        await super().unsubscribe(channel)
-        self.subscribed.discard(channel)
