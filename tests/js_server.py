@@ -40,27 +40,12 @@ from jwt.algorithms import RSAAlgorithm
 
 import aiohttp_wsbus
 
+from .support import SwitchableBroker
+
 HOST: Final = "127.0.0.1"
 ISSUER: Final = "https://idp.test/"
 AUDIENCE: Final = "wsbus"
 KEY_ID: Final = "js-test-key"
-
-
-class SwitchableBroker(aiohttp_wsbus.MemoryBroker):
-    """A MemoryBroker the tests can take down: subscribing then fails as unavailable."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.is_down = False
-
-    @property
-    def is_available(self) -> bool:
-        return not self.is_down
-
-    async def subscribe(self, channel: str) -> None:
-        if self.is_down:
-            raise aiohttp_wsbus.BrokerUnavailable("taken down by the test")
-        await super().subscribe(channel)
 
 
 class TokenMinter:
@@ -137,7 +122,7 @@ def bus_app(minter: TokenMinter, jwks_url: str, api_key: str) -> web.Application
         return web.json_response({"count": count})
 
     async def broker_state(request: web.Request) -> web.Response:
-        broker.is_down = not (await request.json())["available"]
+        broker.is_up = bool((await request.json())["available"])
         return web.json_response({"available": broker.is_available})
 
     app.router.add_post("/test/token", token)

@@ -9,31 +9,12 @@ from typing import Any
 import pytest
 from pytest_aiohttp import AiohttpClient
 
-from aiohttp_wsbus import EmitClient, EmitError, MemoryBroker, Published, SyncEmitClient
-from aiohttp_wsbus.errors import BrokerUnavailable
+from aiohttp_wsbus import EmitClient, EmitError, Published, SyncEmitClient
 
 from .conftest import JwksServer, MakeToken
-from .support import BusServer, next_frame, nothing_more, start_bus
+from .support import BusServer, FlakyBroker, next_frame, nothing_more, start_bus
 
 API_KEY = "e" * 32
-
-
-class FlakyBroker(MemoryBroker):
-    """A memory broker whose engine is down for the next `down_for` publishes to `channel`."""
-
-    def __init__(self, channel: str, down_for: int) -> None:
-        super().__init__()
-        self.channel = channel
-        self.down_for = down_for
-        self.attempts = 0
-
-    async def publish(self, channel: str, data: str, *, message_id: str | None = None) -> Any:
-        if channel == self.channel:
-            self.attempts += 1
-            if self.down_for > 0:
-                self.down_for -= 1
-                raise BrokerUnavailable("down for now")
-        return await super().publish(channel, data, message_id=message_id)
 
 
 async def emit_server(
