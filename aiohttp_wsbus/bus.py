@@ -256,13 +256,14 @@ class Bus:
         self._drop_interest(self.registry.remove_all(connection))
 
     def _start_closing(self, connection: Connection, close: Close) -> None:
-        self.track(connection.send_close(close, self.settings.close_timeout))
+        connection.closing = self.track(connection.send_close(close, self.settings.close_timeout))
 
-    def track(self, work: Coroutine[Any, Any, None]) -> None:
+    def track(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run `work` in the background; `stop` and `close_all` wait for it."""
         task = asyncio.get_running_loop().create_task(work)
         self._background_tasks.add(task)
         task.add_done_callback(self._background_tasks.discard)
+        return task
 
     def _drop_interest(self, channels: Collection[str]) -> None:
         """Tell the broker this node no longer needs `channels`."""

@@ -59,6 +59,7 @@ class Connection:
         "channels",
         "claims",
         "closed_with",
+        "closing",
         "id",
         "is_announced",
         "is_closing",
@@ -93,6 +94,7 @@ class Connection:
         self.pending: dict[str, list[Message]] | None = None
         self.is_closing = False
         self.closed_with: Close | None = None
+        self.closing: asyncio.Task[None] | None = None  # the close being sent
         self.send_buffer_limit = send_buffer_limit
         self._scheduler = scheduler
         # None while nothing waits; one frame is kept as bytes, several as a list.

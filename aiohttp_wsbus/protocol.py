@@ -55,6 +55,8 @@ class CloseCode(enum.IntEnum):
 
     NORMAL = 1000  # stop
     GOING_AWAY = 1001  # server shutting down: reconnect with backoff
+    PROTOCOL_ERROR = 1002  # aiohttp: a frame that breaks RFC 6455: stop
+    INVALID_PAYLOAD = 1007  # aiohttp: a text frame that is not UTF-8: stop
     MESSAGE_TOO_BIG = 1009  # stop
     INTERNAL_ERROR = 1011  # reconnect with backoff
     TRY_AGAIN_LATER = 1013  # reconnect with backoff

@@ -104,6 +104,10 @@ class WebSocketHandler:
             self.bus.open_sockets -= 1
             if connection is not None:
                 connection.close(CLIENT_GONE)
+                # The close the bus decided (4400, 4401, ...) must leave before this
+                # handler returns, or aiohttp closes the socket with 1000 first.
+                if connection.closing is not None:
+                    await asyncio.wait({connection.closing})
         return socket
 
     async def _admit(

@@ -390,7 +390,7 @@ class CloseLog:
     def closer(self, connection: Connection, close: Close) -> None:
         # As aiohttp would, the close frame goes out on the same transport.
         if not connection.transport.is_closing():
-            connection.transport.write(close_frame(close))
+            connection.transport.write(server_close_frame(close))
         self.closes.append(close)
         self.closed.set()
 
@@ -401,7 +401,7 @@ class CloseLog:
         return self.closes[0]
 
 
-def close_frame(close: Close) -> bytes:
+def server_close_frame(close: Close) -> bytes:
     """The unmasked close frame a server sends for `close`."""
     payload = close.code.to_bytes(2, "big") + close.reason.encode()
     return bytes([0x88, len(payload)]) + payload

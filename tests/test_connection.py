@@ -19,9 +19,9 @@ from aiohttp_wsbus.protocol import (
 from .support import (
     WAIT,
     WriteRecorder,
-    close_frame,
     loopback_transport,
     read_exactly,
+    server_close_frame,
     standalone_connection,
 )
 
@@ -87,7 +87,7 @@ async def test_what_was_queued_before_a_close_still_goes_out_first() -> None:
         assert log.closes == [TOKEN_EXPIRED]
         assert log.forgotten == [connection]
         assert connection.closed_with == TOKEN_EXPIRED
-        assert await everything_else(transport, peer) == b"".join(queued) + close_frame(
+        assert await everything_else(transport, peer) == b"".join(queued) + server_close_frame(
             TOKEN_EXPIRED
         )
 
@@ -99,7 +99,7 @@ async def test_a_slow_consumer_close_drops_what_was_queued() -> None:
             connection.enqueue(frame)
         connection.close(SLOW_CONSUMER)
         assert log.closes == [SLOW_CONSUMER]
-        assert await everything_else(transport, peer) == close_frame(SLOW_CONSUMER)
+        assert await everything_else(transport, peer) == server_close_frame(SLOW_CONSUMER)
 
 
 async def test_a_second_close_changes_nothing() -> None:
@@ -110,7 +110,7 @@ async def test_a_second_close_changes_nothing() -> None:
         assert log.closes == [CLIENT_GONE]
         assert log.forgotten == [connection]
         assert connection.closed_with == CLIENT_GONE
-        assert await everything_else(transport, peer) == close_frame(CLIENT_GONE)
+        assert await everything_else(transport, peer) == server_close_frame(CLIENT_GONE)
 
 
 async def test_a_peer_that_stops_reading_is_closed_4002_and_sent_nothing_more() -> None:
@@ -126,8 +126,8 @@ async def test_a_peer_that_stops_reading_is_closed_4002_and_sent_nothing_more() 
             connection.enqueue(frame)
         connection.send({"type": "pong"})
         connection.close(TOKEN_EXPIRED)  # already closing: ignored
-        assert await everything_else(transport, peer) == big + close_frame(SLOW_CONSUMER)
-        assert recorder.writes == [big, close_frame(SLOW_CONSUMER)]
+        assert await everything_else(transport, peer) == big + server_close_frame(SLOW_CONSUMER)
+        assert recorder.writes == [big, server_close_frame(SLOW_CONSUMER)]
         assert log.closes == [SLOW_CONSUMER]
 
 

@@ -532,14 +532,9 @@ async def test_json_nested_30000_deep_closes_4400(fuzzed: FuzzedBus, welcomed: b
     await fuzzed.watcher_still_hears()
 
 
-# -- found by the fuzzing above: defects, expected to fail until fixed ------------------
+# -- found by the fuzzing above, and fixed ------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="emit answers a body that fails to decompress with a 500: aiohttp 3.14 raises "
-    "web.RequestPayloadError from request.content, which emit._read_json does not catch",
-)
 @pytest.mark.parametrize(
     ("encoding", "body"),
     [(b"gzip", b'{"channel":"fuzz:a","data":1}'), (b"deflate", b"\x00not deflate")],
@@ -558,12 +553,6 @@ async def test_a_body_that_does_not_decompress_gets_400(
     assert json.loads(answer.body)["error"] == "invalid_request"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a frame that closes the socket, followed at once by another frame, closes 1000: "
-    "the frame loop reads the next frame without yielding, returns, and aiohttp closes with "
-    "1000 before the scheduled send_close sends the intended code",
-)
 @pytest.mark.parametrize(
     ("bad", "code"),
     [
@@ -591,11 +580,6 @@ async def test_a_bad_frame_followed_at_once_by_another_still_gets_its_close_code
     await fuzzed.watcher_still_hears()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="aiohttp closes a text frame that is not UTF-8 with 1007, and a stray continuation "
-    "frame with 1002: neither is in CloseCode nor in docs/protocol.md's table",
-)
 @pytest.mark.parametrize(
     ("payload", "opcode", "welcomed"),
     [
