@@ -10,7 +10,8 @@ import logging
 import secrets
 from collections.abc import Callable, Collection, Coroutine, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from datetime import datetime
+from typing import Any, Final, TypeVar
 
 import aiohttp
 
@@ -25,20 +26,25 @@ from .brokers.base import (
     scoped_message_id,
 )
 from .connection import Connection, WriteScheduler
-from .errors import BrokerUnavailable
+from .errors import BrokerUnavailable, InvalidToken
 from .grants import is_valid_channel, may
 from .hooks import ConnectionInfo, Hooks
 from .protocol import (
     CLIENT_GONE,
     SHUTTING_DOWN,
     SLOW_CONSUMER,
+    TOKEN_REVOKED,
     Close,
+    CloseCode,
     Position,
     encode_data,
     encode_message,
+    ended,
     text_frame,
 )
-from .registry import Registry
+from .protocol import reconnect as protocol_reconnect
+from .registry import Connections, Registry
+from .revocations import Revocation, Revocations, check_user
 from .settings import Settings
 from .tokens import Claims, TokenVerifier
 
@@ -47,6 +53,18 @@ __all__ = ["Bus", "SubscribeResult"]
 logger = logging.getLogger("aiohttp_wsbus")
 
 _Decorated = TypeVar("_Decorated", bound=Callable[..., Any])
+MAX_CONTROL_CHANNELS: Final = 100
+MAX_REASON_BYTES: Final = 123  # what a close frame has room for
+
+
+def _check_reason(reason: object) -> str:
+    if not isinstance(reason, str) or len(reason.encode("utf-8", "surrogatepass")) > 123:
+        raise ValueError(f"reason: at most {MAX_REASON_BYTES} bytes of UTF-8")
+    try:
+        reason.encode()
+    except UnicodeEncodeError:
+        raise ValueError("reason: not valid Unicode") from None
+    return reason
 
 
 @dataclass(slots=True)
@@ -75,7 +93,7 @@ class Bus:
         self.broker = broker
         self.verifier = verifier
         self.registry = Registry()
-        self.connections: set[Connection] = set()
+        self.connections = Connections()  # every authenticated socket, by user
         self.open_sockets = 0  # upgraded sockets, authenticated or not
         # Plain counters, read by the metrics collector at scrape time.
         self.messages_published = 0
@@ -83,6 +101,7 @@ class Bus:
         self.slow_consumer_closes = 0
         self.auth_failures: collections.Counter[str] = collections.Counter()
         self.hook_errors: collections.Counter[str] = collections.Counter()
+        self.revocations = Revocations()
         self.hooks = Hooks(self, self.hook_errors)
         self.on_connect = self.hooks.on_connect
         self.on_disconnect = self.hooks.on_disconnect
@@ -195,6 +214,94 @@ class Bus:
         published = await self.broker.publish(channel, data, message_id=message_id)
         self.messages_published += 1
         return published
+
+    async def verify(self, token: str) -> Claims:
+        """The token's Claims; InvalidToken also for a revoked token, cached or not."""
+        claims = await self.verifier.verify(token)
+        if self.revocations.covers(claims):
+            raise InvalidToken("revoked")
+        return claims
+
+    # -- the application ends sessions -------------------------------------
+
+    async def disconnect(self, user: str, *, reconnect: bool = False, reason: str = "") -> None:
+        """Close every socket of `user`, on every node: 4410 (stop), or 4012 with
+        `reconnect=True` (fetch a fresh token and reconnect: permissions changed).
+
+        Raises ValueError for a bad user or reason, BrokerUnavailable if the
+        broker cannot carry it.
+        """
+        check_user(user)
+        close = (protocol_reconnect if reconnect else ended)(_check_reason(reason))
+        await self.broker.control(
+            {"type": "disconnect", "user": user, "code": int(close.code), "reason": close.reason}
+        )
+
+    async def unsubscribe_user(self, user: str, channels: Collection[str]) -> None:
+        """Unsubscribe every socket of `user`, on every node, from `channels`.
+
+        Each socket gets `unsubscribed` with reason `server` for those it had.
+        """
+        check_user(user)
+        names = list(dict.fromkeys(channels)) if not isinstance(channels, str) else [channels]
+        if not 0 < len(names) <= MAX_CONTROL_CHANNELS or not all(map(is_valid_channel, names)):
+            raise ValueError(f"channels: 1 to {MAX_CONTROL_CHANNELS} valid channel names")
+        await self.broker.control({"type": "unsubscribe", "user": user, "channels": names})
+
+    async def revoke(
+        self,
+        *,
+        until: float | datetime,
+        user: str | None = None,
+        token_id: str | None = None,
+        issued_before: float | datetime | None = None,
+    ) -> Revocation:
+        """Refuse tokens from now until `until` (at most 30 days ahead), on every node.
+
+        `user` revokes that user's tokens (those issued before `issued_before`,
+        if given); `token_id` one token (its `jti`). Refused on connect, refresh
+        and Bearer emit, cached or not; live sockets holding one are closed 4410.
+        Kept across restarts by a broker that persists (Redis).
+        """
+        revocation = Revocation.make(
+            until=until, user=user, token_id=token_id, issued_before=issued_before
+        )
+        await self.broker.revoke(revocation)
+        return revocation
+
+    def apply_control(self, message: Mapping[str, Any]) -> None:
+        """Act on a control message from the broker (from this node or another)."""
+        kind = message.get("type")
+        if kind == "disconnect":
+            close = Close(CloseCode(message["code"]), message["reason"])
+            for connection in self.connections.of(message["user"]):
+                connection.close(close)
+        elif kind == "unsubscribe":
+            for connection in self.connections.of(message["user"]):
+                left = [c for c in message["channels"] if c in connection.channels]
+                if left:
+                    self._drop(connection, left)
+                    connection.send({"type": "unsubscribed", "channels": left, "reason": "server"})
+                    self._unsubscribed(connection, left, "server")
+        elif kind == "revoke":
+            revocation = Revocation.from_json(message["revocation"])
+            self.revocations.add(revocation)
+            self._close_revoked([revocation])
+        elif kind == "revocations":  # the broker (re)loaded every revocation in force
+            revocations = [Revocation.from_json(r) for r in message["revocations"]]
+            self.revocations.replace(revocations)
+            self._close_revoked(revocations)
+
+    def _close_revoked(self, revocations: list[Revocation]) -> None:
+        for revocation in revocations:
+            holders = (
+                self.connections.of(revocation.user)
+                if revocation.user is not None
+                else list(self.connections)
+            )
+            for connection in holders:
+                if revocation.covers(connection.claims):
+                    connection.close(TOKEN_REVOKED)
 
     def refused(self, what: str, reason: str) -> None:
         """Count and log one refused credential (never the credential itself)."""

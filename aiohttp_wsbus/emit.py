@@ -1,4 +1,5 @@
-"""The HTTP emit endpoint: who is asking (API key or Bearer token), the body, the publish."""
+"""The HTTP emit and control endpoints: who is asking (API key or Bearer token), the
+body, then the publish or the control (disconnect, unsubscribe, revoke)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import hashlib
 import hmac
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any, Final, NoReturn
 
 import aiohttp
@@ -23,7 +24,7 @@ from .grants import is_valid_channel, may
 from .protocol import encode_data
 from .tokens import Claims
 
-__all__ = ["ApiKeys", "EmitHandler"]
+__all__ = ["ApiKeys", "Endpoints"]
 
 MAX_EMIT_CHANNELS: Final = 100
 
@@ -99,8 +100,8 @@ def _invalid(field: str, message: str) -> web.HTTPException:
     return http_error(web.HTTPBadRequest, "invalid_request", fields={field: [message]})
 
 
-class EmitHandler:
-    """POST {base_path}/emit."""
+class Endpoints:
+    """POST {base_path}/emit and the control endpoints (API key only)."""
 
     def __init__(self, bus: Bus, api_keys: ApiKeys) -> None:
         self.bus = bus
@@ -118,19 +119,9 @@ class EmitHandler:
             if when is None or when > deadline:
                 timeout.reschedule(deadline)
 
-    async def handle(self, request: web.Request) -> web.Response:
+    async def emit(self, request: web.Request) -> web.Response:
         """POST {base_path}/emit."""
-        if request.method != "POST":
-            raise web.HTTPMethodNotAllowed(
-                request.method,
-                ["POST"],
-                text=json.dumps({"error": "method_not_allowed"}),
-                content_type="application/json",
-            )
-        if request.content_type != "application/json":
-            raise http_error(
-                web.HTTPUnsupportedMediaType, "unsupported_media_type", expected="application/json"
-            )
+        _check_post_json(request)
         # Credentials first, from the headers: a stranger's body is never read.
         publisher, claims = await self._authenticate(request)
         loaded = self._validate(await self._read_json(request))
@@ -154,6 +145,52 @@ class EmitHandler:
             ) from None
         return web.json_response({"published": published}, status=202)
 
+    async def disconnect(self, request: web.Request) -> web.Response:
+        """POST {base_path}/users/{user}/disconnect {"reconnect": false, "reason": ""}."""
+        body = await self._control_body(request, _DISCONNECT_SCHEMA)
+        user = request.match_info["user"]
+        return await self._control(
+            self.bus.disconnect(user, reconnect=body["reconnect"], reason=body["reason"])
+        )
+
+    async def unsubscribe(self, request: web.Request) -> web.Response:
+        """POST {base_path}/users/{user}/unsubscribe {"channels": [...]}."""
+        body = await self._control_body(request, _UNSUBSCRIBE_SCHEMA)
+        user = request.match_info["user"]
+        return await self._control(self.bus.unsubscribe_user(user, body["channels"]))
+
+    async def revoke(self, request: web.Request) -> web.Response:
+        """POST {base_path}/revocations {"user"|"token_id", "issued_before"?, "until"}."""
+        body = await self._control_body(request, _REVOCATION_SCHEMA)
+        return await self._control(self.bus.revoke(**body))
+
+    async def _control_body(self, request: web.Request, schema: Schema) -> dict[str, Any]:
+        """The control request's body, after its API key (a user's token never will do)."""
+        _check_post_json(request)
+        api_key = request.headers.get("X-API-Key")
+        if api_key is None or self.api_keys.publisher(api_key) is None:
+            self.bus.refused("control", "missing" if api_key is None else "api_key")
+            raise _unauthorized()
+        raw = await self._read_json(request)
+        try:
+            loaded: dict[str, Any] = schema.load({} if raw is None else raw)
+        except ValidationError as error:
+            raise http_error(
+                web.HTTPBadRequest, "invalid_request", fields=error.messages_dict
+            ) from None
+        return loaded
+
+    @staticmethod
+    async def _control(action: Awaitable[object]) -> web.Response:
+        try:
+            await action
+        except ValueError as error:  # the bus names the field: "user: must be ..."
+            field, _, message = str(error).partition(": ")
+            raise _invalid(field, message) from None
+        except BrokerUnavailable:
+            raise http_error(web.HTTPServiceUnavailable, "broker_unavailable") from None
+        return web.json_response({"accepted": True}, status=202)
+
     async def _authenticate(self, request: web.Request) -> tuple[str, Claims | None]:
         """The publisher's idempotency scope, and the claims of a Bearer token."""
         api_key = request.headers.get("X-API-Key")
@@ -168,7 +205,7 @@ class EmitHandler:
             self.bus.refused("emit", "missing")
             raise _unauthorized()
         try:
-            claims = await self.bus.verifier.verify(token.strip())
+            claims = await self.bus.verify(token.strip())
         except InvalidToken as error:
             self.bus.refused("emit", error.reason)
             raise _unauthorized() from None
@@ -229,6 +266,41 @@ class EmitHandler:
                 web.HTTPBadRequest, "invalid_request", fields=error.messages_dict
             ) from None
         return loaded
+
+
+class _DisconnectSchema(Schema):
+    reconnect = mf.Boolean(load_default=False)
+    reason = mf.String(load_default="")
+
+
+class _UnsubscribeSchema(Schema):
+    channels = mf.List(mf.String(), required=True)
+
+
+class _RevocationSchema(Schema):
+    user = mf.String()
+    token_id = mf.String()
+    issued_before = mf.Float(allow_nan=False)
+    until = mf.Float(required=True, allow_nan=False)
+
+
+_DISCONNECT_SCHEMA: Final = _DisconnectSchema()
+_UNSUBSCRIBE_SCHEMA: Final = _UnsubscribeSchema()
+_REVOCATION_SCHEMA: Final = _RevocationSchema()
+
+
+def _check_post_json(request: web.Request) -> None:
+    if request.method != "POST":
+        raise web.HTTPMethodNotAllowed(
+            request.method,
+            ["POST"],
+            text=json.dumps({"error": "method_not_allowed"}),
+            content_type="application/json",
+        )
+    if request.content_type != "application/json":
+        raise http_error(
+            web.HTTPUnsupportedMediaType, "unsupported_media_type", expected="application/json"
+        )
 
 
 def _unauthorized() -> web.HTTPException:

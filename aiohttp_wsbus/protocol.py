@@ -25,6 +25,7 @@ __all__ = [
     "SHUTTING_DOWN",
     "SLOW_CONSUMER",
     "TOKEN_EXPIRED",
+    "TOKEN_REVOKED",
     "BadFrame",
     "ClientFrame",
     "Close",
@@ -39,7 +40,9 @@ __all__ = [
     "encode",
     "encode_data",
     "encode_message",
+    "ended",
     "parse_client_frame",
+    "reconnect",
     "text_frame",
     "unauthorized",
 ]
@@ -61,10 +64,12 @@ class CloseCode(enum.IntEnum):
     INTERNAL_ERROR = 1011  # reconnect with backoff
     TRY_AGAIN_LATER = 1013  # reconnect with backoff
     TOKEN_EXPIRED = 4001  # fetch a fresh token, reconnect at once
+    RECONNECT = 4012  # the application changed permissions: fresh token, reconnect at once
     SLOW_CONSUMER = 4002  # reconnect
     BAD_REQUEST = 4400  # stop
     UNAUTHORIZED = 4401  # fetch a fresh token, retry once, then stop
     FORBIDDEN = 4403  # stop
+    SESSION_ENDED = 4410  # the application ended this session (logout, ban, revoke): stop
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +97,19 @@ SLOW_CONSUMER: Final = Close(CloseCode.SLOW_CONSUMER, "slow consumer")
 NO_CONNECT_FRAME: Final = Close(CloseCode.UNAUTHORIZED, "no connect frame")
 ANOTHER_USER: Final = Close(CloseCode.FORBIDDEN, "refresh token is for another user")
 REFUSED: Final = Close(CloseCode.FORBIDDEN, "refused by the application")
+
+
+TOKEN_REVOKED: Final = Close(CloseCode.SESSION_ENDED, "token revoked")
+
+
+def ended(reason: str) -> Close:
+    """4410: the application ended the session (its reason, or a default one)."""
+    return Close(CloseCode.SESSION_ENDED, reason or "session ended")
+
+
+def reconnect(reason: str) -> Close:
+    """4012: reconnect at once with a fresh token (permissions changed)."""
+    return Close(CloseCode.RECONNECT, reason or "reconnect with a fresh token")
 
 
 def unauthorized(reason: str) -> Close:

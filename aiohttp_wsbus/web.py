@@ -13,7 +13,7 @@ from aiohttp import web
 
 from .brokers import Broker, MemoryBroker
 from .bus import Bus
-from .emit import ApiKeys, EmitHandler
+from .emit import ApiKeys, Endpoints
 from .errors import InvalidSettings, http_error
 from .protocol import SHUTTING_DOWN
 from .settings import Settings, load_settings
@@ -88,7 +88,10 @@ def setup(
     app.router.add_get(base or "/", routes.websocket.handle)
     if base:
         app.router.add_get(base + "/", routes.websocket.handle)
-    app.router.add_route("*", base + "/emit", routes.emit.handle)
+    app.router.add_route("*", base + "/emit", routes.http.emit)
+    app.router.add_route("*", base + "/users/{user}/disconnect", routes.http.disconnect)
+    app.router.add_route("*", base + "/users/{user}/unsubscribe", routes.http.unsubscribe)
+    app.router.add_route("*", base + "/revocations", routes.http.revoke)
     for name in STATIC_FILES:
         app.router.add_get(f"{base}/{name}", routes.static)
     app.router.add_get(base + "/health", routes.health)
@@ -137,7 +140,7 @@ class _Routes:
         self.settings = bus.settings
         self.api_keys = ApiKeys(self.settings.api_keys)
         self.websocket = WebSocketHandler(bus)
-        self.emit = EmitHandler(bus, self.api_keys)
+        self.http = Endpoints(bus, self.api_keys)
         self._metrics: CollectorRegistry | None = None
         if self.settings.metrics:
             from .metrics import registry_for  # prometheus-client is an optional extra
@@ -155,7 +158,7 @@ class _Routes:
 
     async def shutdown(self, app: web.Application) -> None:
         """Close every socket and cut short bodies still arriving, within close_timeout."""
-        await self.emit.shutdown()
+        await self.http.shutdown()
         await asyncio.gather(self.bus.close_all(SHUTTING_DOWN), self.websocket.shutdown())
 
     async def health(self, request: web.Request) -> web.Response:

@@ -128,7 +128,7 @@ class WebSocketHandler:
         if connect is None:
             return None  # the peer left
         try:
-            claims = await self.bus.verifier.verify(connect.token or "")
+            claims = await self.bus.verify(connect.token or "")
         except InvalidToken as error:
             self.bus.refused("websocket", error.reason)
             await self._refuse(socket, transport, unauthorized(error.reason))
@@ -215,7 +215,7 @@ class WebSocketHandler:
 
     async def _refresh(self, connection: Connection, token: str) -> None:
         try:
-            claims = await self.bus.verifier.verify(token)
+            claims = await self.bus.verify(token)
         except InvalidToken as error:
             self.bus.refused("refresh", error.reason)
             connection.close(unauthorized(error.reason))

@@ -10,11 +10,12 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from ..errors import InvalidChannel
 from ..grants import is_valid_channel
 from ..protocol import Position
+from ..revocations import Revocation
 
 __all__ = [
     "APPLICATION",
@@ -151,6 +152,18 @@ class Broker(ABC):
     @abstractmethod
     async def history(self, since: Mapping[str, Position | None]) -> dict[str, History]:
         """For each channel, the messages after its position (None: just the top)."""
+
+    async def control(self, message: Mapping[str, Any]) -> None:
+        """Hand a control message (JSON-able) to every node's bus, this one's included.
+
+        Raises BrokerUnavailable when it cannot reach every node.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot carry control messages")
+
+    async def revoke(self, revocation: Revocation) -> None:
+        """Keep `revocation` until it ends (across restarts, if the engine persists) and
+        hand it to every node's bus as {"type": "revoke", "revocation": {...}}."""
+        raise NotImplementedError(f"{type(self).__name__} cannot keep revocations")
 
     @property
     @abstractmethod
