@@ -162,6 +162,7 @@ class Bus:
             self.deliver,
             history_size=self.settings.history_size,
             history_ttl=self.settings.history_ttl,
+            on_control=self.apply_control,
         )
 
     async def stop(self) -> None:

@@ -23,6 +23,7 @@ from aiohttp_wsbus.brokers.base import History, Published
 from aiohttp_wsbus.connection import Connection, WriteScheduler
 from aiohttp_wsbus.errors import BrokerUnavailable
 from aiohttp_wsbus.protocol import Close, Position
+from aiohttp_wsbus.revocations import Revocation
 from aiohttp_wsbus.tokens import Claims
 
 WAIT = 5.0  # seconds any single network wait in a test may take
@@ -239,6 +240,16 @@ class SwitchableBroker(aiohttp_wsbus.MemoryBroker):
         if not self.is_up:
             raise BrokerUnavailable("taken down by the test")
         return await super().publish(channel, data, message_id=message_id)
+
+    async def control(self, message: Mapping[str, Any]) -> None:
+        if not self.is_up:
+            raise BrokerUnavailable("taken down by the test")
+        await super().control(message)
+
+    async def revoke(self, revocation: Revocation) -> None:
+        if not self.is_up:
+            raise BrokerUnavailable("taken down by the test")
+        await super().revoke(revocation)
 
 
 class FlakyBroker(aiohttp_wsbus.MemoryBroker):

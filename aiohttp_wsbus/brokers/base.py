@@ -114,6 +114,7 @@ def recover(
 
 
 Deliver = Callable[[Message], None]
+OnControl = Callable[[Mapping[str, Any]], None]
 
 
 class Broker(ABC):
@@ -124,9 +125,16 @@ class Broker(ABC):
     reconnects: int = 0
 
     @abstractmethod
-    async def start(self, deliver: Deliver, *, history_size: int, history_ttl: float) -> None:
+    async def start(
+        self,
+        deliver: Deliver,
+        *,
+        history_size: int,
+        history_ttl: float,
+        on_control: OnControl | None = None,
+    ) -> None:
         """Connect; from now on call `deliver` for each message on a subscribed channel,
-        in offset order per channel."""
+        in offset order per channel, and `on_control` for each control message."""
 
     @abstractmethod
     async def stop(self) -> None:

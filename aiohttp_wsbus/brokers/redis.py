@@ -29,7 +29,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..errors import BrokerUnavailable
 from ..protocol import Position
-from .base import Broker, Deliver, History, Message, Published, recover
+from .base import Broker, Deliver, History, Message, OnControl, Published, recover
 from .redis_scripts import (
     HISTORY_SCRIPT,
     PUBLISH_SCRIPT,
@@ -237,7 +237,14 @@ class RedisBroker(Broker):
 
     # -- lifetime --------------------------------------------------------
 
-    async def start(self, deliver: Deliver, *, history_size: int, history_ttl: float) -> None:
+    async def start(
+        self,
+        deliver: Deliver,
+        *,
+        history_size: int,
+        history_ttl: float,
+        on_control: OnControl | None = None,
+    ) -> None:
         self._deliver = deliver
         self._history_size = history_size
         self._history_ttl = history_ttl
