@@ -20,7 +20,7 @@ from jwt.algorithms import RSAAlgorithm
 import aiohttp_wsbus
 from example_app.__main__ import parse_arguments
 
-from .example_server import ExampleServer, free_port, running_example
+from .example_server import ExampleServer, free_port, login, open_socket, post, running_example
 from .support import WAIT, eventually, next_frame
 
 ROOT = Path(__file__).parent.parent
@@ -36,33 +36,6 @@ async def example() -> AsyncIterator[ExampleServer]:
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WAIT)) as session:
         yield session
-
-
-async def login(http: aiohttp.ClientSession, example: ExampleServer, user: str) -> dict[str, Any]:
-    async with http.post(example.url + "/login", json={"user": user}) as response:
-        assert response.status == 200, await response.text()
-        body: dict[str, Any] = await response.json()
-        return body
-
-
-async def post(
-    http: aiohttp.ClientSession, url: str, body: object, token: str | None = None
-) -> tuple[int, dict[str, Any]]:
-    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
-    async with http.post(url, json=body, headers=headers) as response:
-        answer: dict[str, Any] = await response.json()
-        return response.status, answer
-
-
-async def open_socket(
-    http: aiohttp.ClientSession, example: ExampleServer, token: str, channels: list[str]
-) -> aiohttp.ClientWebSocketResponse:
-    socket = await http.ws_connect(example.url.replace("http", "ws") + "/ws")
-    await socket.send_json({"type": "connect", "token": token, "channels": channels})
-    welcome = await next_frame(socket)
-    assert welcome["type"] == "welcome", welcome
-    assert welcome["subscribed"] == channels, welcome
-    return socket
 
 
 # -- the identity provider ---------------------------------------------------
@@ -152,7 +125,8 @@ async def test_send_publishes_the_verified_sender_to_the_room_or_user(
 ) -> None:
     alice = await login(http, example, "alice")
     bob = await login(http, example, "bob")
-    socket = await open_socket(http, example, alice["token"], [room])
+    socket, welcome = await open_socket(http, example, alice["token"], [room])
+    assert welcome["subscribed"] == [room]
     status, answer = await post(
         http, example.url + "/send", {"room": room, "text": "hi"}, bob["token"]
     )
@@ -221,7 +195,8 @@ async def test_notify_emits_through_the_emit_endpoint(
     example: ExampleServer, http: aiohttp.ClientSession
 ) -> None:
     alice = await login(http, example, "alice")
-    socket = await open_socket(http, example, alice["token"], ["chat:staff"])
+    socket, welcome = await open_socket(http, example, alice["token"], ["chat:staff"])
+    assert welcome["subscribed"] == ["chat:staff"]
     status, answer = await post(
         http, example.url + "/api/notify", {"channel": "chat:staff", "text": "deployed"}
     )
