@@ -370,7 +370,13 @@ async def invite(request: web.Request) -> web.Response:
         await _publish(
             request,
             room.channel,
-            {**news, "kind": "member", "member": invitee, "text": f"{inviter} invited {invitee}"},
+            {
+                **news,
+                "kind": "member",
+                "member": invitee,
+                "members": list(room.members),
+                "text": f"{inviter} invited {invitee}",
+            },
         )
         await _publish(
             request,

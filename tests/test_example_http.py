@@ -305,6 +305,7 @@ async def test_an_invited_user_joins_on_the_same_socket_and_token(
         "kind": "member",
         "from": "alice",
         "member": "bob",
+        "members": ["alice", "bob"],
         "room": "room:plans",
         "text": "alice invited bob",
         "sent_at": 0,
