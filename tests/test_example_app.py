@@ -291,6 +291,32 @@ async def test_a_private_room_admits_whom_alice_invites_and_the_bus_denies_carol
         shutil.copyfile(ARTIFACTS / "example-app-rooms.png", README_SCREENSHOT)
 
 
+async def test_a_renewed_token_keeps_the_private_room_the_authorizer_allowed(
+    browser: Browser,
+) -> None:
+    async with running_example(token_lifetime=4) as example:
+        bob = await sign_in(browser, example, "bob")
+        await bob.create_room("mine")
+        await expect(bob.room_status("room:mine")).to_have_text("joined", timeout=WAIT_MS)
+
+        def since_join() -> list[dict[str, Any]]:
+            """bob's frames from the one that subscribed him to room:mine on."""
+            for at, frame in enumerate(bob.frames):
+                if frame["type"] == "subscribed" and "room:mine" in frame["subscribed"]:
+                    return bob.frames[at:]
+            return []
+
+        await eventually(lambda: bool(since_join()))
+        # A refresh after the join: the bus asks the authorizer again, which still says yes.
+        await eventually(lambda: any(f["type"] == "refreshed" for f in since_join()), timeout=10)
+        refreshed = next(f for f in since_join() if f["type"] == "refreshed")
+        assert refreshed["revoked"] == []
+        assert len(bob.sockets) == 1
+        await bob.say("still in my room after the renewal")
+        await expect(bob.view("room:mine")).to_contain_text("still in my room", timeout=WAIT_MS)
+        await expect(bob.room_status("room:mine")).to_have_text("joined")
+
+
 # -- what the page asks the server ------------------------------------------------
 
 
