@@ -41,7 +41,10 @@ def _lifetime(value: str) -> int:
 def parse_arguments(argv: list[str] | None = None) -> ExampleSettings:
     parser = argparse.ArgumentParser(
         prog="python -m example_app",
-        description="The aiohttp-wsbus example chat: rooms granted by JWT claims.",
+        description=(
+            "The aiohttp-wsbus example chat: rooms granted by JWT claims, and private "
+            "rooms the app's authorizer opens to their members."
+        ),
         epilog=(
             "Run it from the repository root: example_app is a folder of the clone, "
             "not part of the installed package. `bash .ci/example` does that for you "

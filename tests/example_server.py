@@ -1,4 +1,5 @@
-"""Runs the example app in-process on a free loopback port, and stops and starts it again."""
+"""Runs the example app in-process on a free loopback port, and stops and starts it again;
+and talks to it over HTTP and raw bus sockets."""
 
 from __future__ import annotations
 
@@ -6,10 +7,14 @@ import logging
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 from example_app import ExampleSettings, make_app
+
+from .support import next_frame
 
 API_KEY = "example-test-key-" + "k" * 16
 
@@ -69,3 +74,31 @@ async def running_example(*, token_lifetime: int = 120) -> AsyncIterator[Example
         yield server
     finally:
         await server.stop()
+
+
+async def login(http: aiohttp.ClientSession, example: ExampleServer, user: str) -> dict[str, Any]:
+    """The demo identity provider's answer for `user`: a token and what it grants."""
+    async with http.post(example.url + "/login", json={"user": user}) as response:
+        assert response.status == 200, await response.text()
+        body: dict[str, Any] = await response.json()
+        return body
+
+
+async def post(
+    http: aiohttp.ClientSession, url: str, body: object, token: str | None = None
+) -> tuple[int, dict[str, Any]]:
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    async with http.post(url, json=body, headers=headers) as response:
+        answer: dict[str, Any] = await response.json()
+        return response.status, answer
+
+
+async def open_socket(
+    http: aiohttp.ClientSession, example: ExampleServer, token: str, channels: list[str]
+) -> tuple[aiohttp.ClientWebSocketResponse, dict[str, Any]]:
+    """A raw bus socket with `token` asking for `channels`; returns it and its welcome."""
+    socket = await http.ws_connect(example.url.replace("http", "ws") + "/ws")
+    await socket.send_json({"type": "connect", "token": token, "channels": channels})
+    welcome = await next_frame(socket)
+    assert welcome["type"] == "welcome", welcome
+    return socket, welcome
