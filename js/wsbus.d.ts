@@ -4,21 +4,33 @@
 export declare const CloseCodes: Readonly<{
   NORMAL: 1000;
   GOING_AWAY: 1001;
+  /** aiohttp: a frame that breaks RFC 6455; the client stops. */
+  PROTOCOL_ERROR: 1002;
   ABNORMAL: 1006;
+  /** aiohttp: a text frame that is not UTF-8; the client stops. */
+  INVALID_PAYLOAD: 1007;
   MESSAGE_TOO_BIG: 1009;
   INTERNAL_ERROR: 1011;
   TRY_AGAIN_LATER: 1013;
   TOKEN_EXPIRED: 4001;
   SLOW_CONSUMER: 4002;
+  /** The application changed this user's permissions: the client reconnects at once with a fresh token. */
+  RECONNECT: 4012;
   BAD_REQUEST: 4400;
   UNAUTHORIZED: 4401;
   FORBIDDEN: 4403;
+  /** The application ended this session (sign-out, ban, revoked token): the client stops. */
+  SESSION_ENDED: 4410;
 }>;
 
 export type WsBusState = "connecting" | "connected" | "disconnected" | "closed";
 
-/** Why a channel was refused; all but "unavailable" are final (the client drops the channel). */
-export type DenyReason = "forbidden" | "invalid" | "limit" | "revoked" | "unavailable";
+/**
+ * Why a channel was refused or taken away; all but "unavailable" are final (the client
+ * drops the channel). "revoked": a refreshed token no longer grants it; "server": the
+ * application unsubscribed this user from it.
+ */
+export type DenyReason = "forbidden" | "invalid" | "limit" | "revoked" | "server" | "unavailable";
 
 /** Where a message sits in its channel's history. */
 export interface MessageMeta {
@@ -92,7 +104,15 @@ export interface WsBusCloseError extends Error {
 export interface WsBusEvents {
   state: (state: WsBusState) => void;
   denied: (channel: string, reason: DenyReason) => void;
-  /** Something went wrong; the client carries on (or, for a fatal close code, `code` is set and state becomes "closed"). */
+  /**
+   * The application ended this session (close code 4410: sign-out, ban, revoked token);
+   * `reason` is the server's close reason. The client is already "closed" and will not reconnect.
+   */
+  disconnected: (reason: string) => void;
+  /**
+   * Something went wrong; the client carries on (or, for a close code that stops it, `code`
+   * is set and state becomes "closed"; 1000 and 4410 are no error: 4410 is `disconnected`).
+   */
   error: (error: Error | WsBusCloseError | unknown) => void;
   /** After a reconnect: `ok` true when missed messages follow, false when the app must reload this channel's state. */
   recovered: (channel: string, ok: boolean) => void;

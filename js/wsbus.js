@@ -6,24 +6,34 @@
 export const CloseCodes = Object.freeze({
   NORMAL: 1000,
   GOING_AWAY: 1001,
+  PROTOCOL_ERROR: 1002,
   ABNORMAL: 1006,
+  INVALID_PAYLOAD: 1007,
   MESSAGE_TOO_BIG: 1009,
   INTERNAL_ERROR: 1011,
   TRY_AGAIN_LATER: 1013,
   TOKEN_EXPIRED: 4001,
   SLOW_CONSUMER: 4002,
+  RECONNECT: 4012,
   BAD_REQUEST: 4400,
   UNAUTHORIZED: 4401,
   FORBIDDEN: 4403,
+  SESSION_ENDED: 4410,
 });
 
 // Codes after which reconnecting cannot help: the client goes to "closed".
 const FATAL_CODES = new Set([
   CloseCodes.NORMAL,
+  CloseCodes.PROTOCOL_ERROR,
+  CloseCodes.INVALID_PAYLOAD,
   CloseCodes.MESSAGE_TOO_BIG,
   CloseCodes.BAD_REQUEST,
   CloseCodes.FORBIDDEN,
+  CloseCodes.SESSION_ENDED,
 ]);
+
+// Closes that are the application's decision, not a failure: no "error" event.
+const INTENDED_CODES = new Set([CloseCodes.NORMAL, CloseCodes.SESSION_ENDED]);
 
 const OPEN = 1; // WebSocket.OPEN, without relying on the implementation's statics
 const MIN_REFRESH_DELAY = 1000; // never refresh in a tight loop, whatever the clocks say
@@ -100,7 +110,7 @@ export class WsBus {
     this._open();
   }
 
-  /** Listens to "state", "denied", "error", "recovered" or "message"; returns a function that stops listening. */
+  /** Listens to "state", "denied", "disconnected", "error", "recovered" or "message"; returns a function that stops listening. */
   on(event, listener) {
     let listeners = this._listeners.get(event);
     if (!listeners) this._listeners.set(event, (listeners = new Set()));
@@ -226,8 +236,10 @@ export class WsBus {
     const wasWelcomed = this._isWelcomed;
     this._abandonSocket();
     if (FATAL_CODES.has(code)) {
-      if (code !== CloseCodes.NORMAL) this._emitError(closeError(code, reason));
+      if (!INTENDED_CODES.has(code)) this._emitError(closeError(code, reason));
       this.close();
+      // After close(): listeners see state "closed", the reason is the application's.
+      if (code === CloseCodes.SESSION_ENDED) this._emit("disconnected", reason);
       return;
     }
     if (code === CloseCodes.UNAUTHORIZED) {
@@ -240,10 +252,11 @@ export class WsBus {
       this._disconnected({ isImmediate: true }); // getToken() runs again on every connect: that is the fresh token
       return;
     }
-    // 4001 after a good session: the token ran out, a new one fixes it at once.
-    // Without a welcome first, an immediate retry could spin, so back off instead.
-    const isExpiry = code === CloseCodes.TOKEN_EXPIRED && wasWelcomed;
-    this._disconnected({ isImmediate: isExpiry });
+    // 4001 after a good session: the token ran out; 4012: the application changed this
+    // user's permissions. A new token fixes either at once, once per welcome: without a
+    // welcome first, an immediate retry could spin, so back off instead.
+    const wantsFreshToken = code === CloseCodes.TOKEN_EXPIRED || code === CloseCodes.RECONNECT;
+    this._disconnected({ isImmediate: wantsFreshToken && wasWelcomed });
   }
 
   /** Goes to "disconnected", then reconnects at once or after the next backoff delay. */
@@ -369,8 +382,10 @@ export class WsBus {
   }
 
   _handleUnsubscribed(frame) {
-    if (frame.reason !== "revoked") return; // "client" confirms what we asked
-    for (const channel of frame.channels ?? []) this._deny(channel, "revoked");
+    // "client" confirms what we asked; "revoked" (a refresh) and "server" (the
+    // application) took channels away: dropped here too, and the app is told.
+    if (frame.reason !== "revoked" && frame.reason !== "server") return;
+    for (const channel of frame.channels ?? []) this._deny(channel, frame.reason);
   }
 
   _handleRefreshed(frame) {

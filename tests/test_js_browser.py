@@ -1,4 +1,5 @@
-"""The served JS client in headless Chromium: delivery, a server restart, recovery."""
+"""The served JS client in headless Chromium: delivery, a server restart, recovery,
+and sessions the application ends, renews or narrows."""
 
 from __future__ import annotations
 
@@ -20,11 +21,14 @@ from .conftest import AUDIENCE, ISSUER, JwksServer, MakeToken
 from .support import eventually
 
 WAIT_MS = 5000  # any single wait in the page
+# The page's states from its first welcome through one reconnect to the second.
+RECONNECTED_ONCE = ["connecting", "connected", "disconnected", "connecting", "connected"]
 
 # The page imports the client the bus serves, and records everything it sees.
 # While the test holds tokens, getToken waits: the client stays disconnected.
 # With `reuseToken` set, getToken answers the last token without asking the server.
-# `sockets` counts the WebSockets made, `backoffs` the backoff delays drawn.
+# `sockets` counts the WebSockets made, `backoffs` the backoff delays drawn; `window.bus`
+# is the client itself, for tests that subscribe more.
 # `?bus=PATH&connectTimeout=MS` points it elsewhere (the scripted socket).
 PAGE = """<!doctype html>
 <meta charset="utf-8">
@@ -35,7 +39,8 @@ PAGE = """<!doctype html>
   let gate = null;
   let token = null;
   Object.assign(window, {
-    received: [], states: [], recovered: [], errors: [], sockets: 0, backoffs: 0, reuseToken: false,
+    received: [], states: [], recovered: [], errors: [], denied: [], disconnected: [],
+    sockets: 0, backoffs: 0, reuseToken: false,
   });
   window.holdTokens = () => {
     let release;
@@ -73,9 +78,11 @@ PAGE = """<!doctype html>
     },
   };
   if (params.has("connectTimeout")) options.connectTimeout = Number(params.get("connectTimeout"));
-  const bus = new WsBus(params.get("bus") ?? "/ws", options);
+  const bus = (window.bus = new WsBus(params.get("bus") ?? "/ws", options));
   bus.on("state", (state) => window.states.push(state));
   bus.on("recovered", (channel, ok) => window.recovered.push([channel, ok]));
+  bus.on("denied", (channel, reason) => window.denied.push([channel, reason]));
+  bus.on("disconnected", (reason) => window.disconnected.push([reason, bus.state]));
   bus.on("error", (error) => window.errors.push(String(error)));
   bus.subscribe("chat:lobby", (data, meta) => window.received.push({ data, ...meta }));
   bus.connect();
@@ -136,6 +143,8 @@ class PageServer:
     """The test's own app on one loopback port: the page, a token endpoint, the bus,
     and a scripted stand-in for the bus at `/scripted`.
 
+    Each token it hands out has `jti` "page-N", N counting from 1 (`tokens_issued`).
+
     `restart()` stops it and starts a new app (a new MemoryBroker, as after a
     process restart) on the same port; the JWKS server lives on.
     """
@@ -146,6 +155,7 @@ class PageServer:
         self.port = 0
         self.bus: aiohttp_wsbus.Bus | None = None
         self.scripted = ScriptedSockets()
+        self.tokens_issued = 0
         self._runner: web.AppRunner | None = None
 
     @property
@@ -196,7 +206,9 @@ class PageServer:
         return web.Response(text=PAGE, content_type="text/html")
 
     async def _token(self, request: web.Request) -> web.Response:
-        return web.Response(text=self.make_token(channels=["chat:*"]))
+        self.tokens_issued += 1
+        token = self.make_token(channels=["chat:*"], jti=f"page-{self.tokens_issued}")
+        return web.Response(text=token)
 
 
 @pytest.fixture
@@ -291,13 +303,7 @@ async def test_page_recovers_what_was_published_while_its_socket_was_down(
     assert [message["data"] for message in messages if message["recovered"]] == list(range(2, 22))
     assert await page.evaluate("window.recovered") == [["chat:lobby", True]]
     assert await page.evaluate("window.errors") == []
-    assert await page.evaluate("window.states") == [
-        "connecting",
-        "connected",
-        "disconnected",
-        "connecting",
-        "connected",
-    ]
+    assert await page.evaluate("window.states") == RECONNECTED_ONCE
 
 
 async def test_offline_drops_the_socket_and_online_reconnects_and_recovers(
@@ -391,3 +397,67 @@ async def test_page_continues_a_channel_at_offset_0_with_offset_1_in_another_epo
         ]
         assert await page.evaluate("window.recovered") == [["chat:lobby", False]]  # the hole only
         assert await page.evaluate("window.errors") == []
+
+
+async def test_page_stops_when_the_application_ends_the_session(
+    page: Page, page_server: PageServer
+) -> None:
+    assert page_server.bus is not None
+    await page_server.bus.disconnect("alice", reason="signed out everywhere")
+    await wait_until(page, "window.states.at(-1) === 'closed'")
+
+    assert await page.evaluate("window.disconnected") == [["signed out everywhere", "closed"]]
+    assert await page.evaluate("window.states") == ["connecting", "connected", "closed"]
+    assert await page.evaluate("window.errors") == []
+    await page.evaluate("window.bus.connect()")  # closed is final
+    assert await page.evaluate("[window.bus.state, window.sockets, window.backoffs]") == [
+        "closed",
+        1,
+        0,
+    ]
+    assert page_server.tokens_issued == 1
+    assert not page_server.bus.connections
+
+
+async def test_page_reconnects_at_once_with_a_fresh_token_when_asked(
+    page: Page, page_server: PageServer
+) -> None:
+    bus = page_server.bus
+    assert bus is not None
+    await page_server.publish("before")
+    await wait_until(page, "window.received.length === 1")
+
+    await bus.disconnect("alice", reconnect=True)
+    await wait_until(page, connected_count(2))
+    await page_server.publish("after")
+    await wait_until(page, "window.received.length === 2")
+
+    assert [connection.claims.token_id for connection in bus.connections] == ["page-2"]
+    assert [message["data"] for message in await received(page)] == ["before", "after"]
+    assert await page.evaluate("[window.sockets, window.backoffs]") == [2, 0]  # no backoff delay
+    assert await page.evaluate("window.states") == RECONNECTED_ONCE
+    assert await page.evaluate("window.disconnected") == []
+    assert await page.evaluate("window.errors") == []
+
+
+async def test_page_drops_a_channel_the_application_unsubscribed_it_from(
+    page: Page, page_server: PageServer
+) -> None:
+    bus = page_server.bus
+    assert bus is not None
+    await page.evaluate(
+        "() => { window.markers = [];"
+        " window.bus.subscribe('chat:marker', (data) => window.markers.push(data)); }"
+    )
+    await eventually(lambda: len(bus.registry.subscribers("chat:marker")) == 1)
+
+    await bus.unsubscribe_user("alice", ["chat:lobby"])
+    await wait_until(page, "window.denied.length === 1")
+    await page_server.publish("never delivered")
+    await bus.publish("chat:marker", "after it")
+    await wait_until(page, "window.markers.length === 1")
+
+    assert await page.evaluate("window.denied") == [["chat:lobby", "server"]]
+    assert await received(page) == []
+    assert await page.evaluate("window.bus.state") == "connected"
+    assert await page.evaluate("window.errors") == []

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,6 +14,7 @@ from hypothesis import strategies as st
 
 from aiohttp_wsbus.protocol import (
     BadFrame,
+    CloseCode,
     Connect,
     Ping,
     Position,
@@ -114,3 +117,11 @@ def test_text_frame_header_lengths(size: int) -> None:
         assert frame[1] == 127
         assert int.from_bytes(frame[2:10], "big") == size
         assert frame[10:] == payload
+
+
+def test_the_served_js_client_names_every_close_code_the_server_sends() -> None:
+    source = (Path(__file__).parent.parent / "aiohttp_wsbus" / "static" / "wsbus.js").read_text()
+    block = re.search(r"export const CloseCodes = Object\.freeze\(\{(.*?)\}\);", source, re.S)
+    assert block is not None
+    named = {name: int(code) for name, code in re.findall(r"(\w+): (\d+),", block.group(1))}
+    assert {code.name: code.value for code in CloseCode}.items() <= named.items()

@@ -118,7 +118,7 @@ afterEach(async () => {
 export function harness(options = {}) {
   const clock = new FakeClock();
   const { FakeWebSocket, sockets } = fakeWebSocketClass();
-  const log = { states: [], errors: [], denied: [], recovered: [], messages: [] };
+  const log = { states: [], errors: [], denied: [], recovered: [], messages: [], disconnected: [] };
   let tokenCalls = 0;
   const tokens = options.tokens;
   const getToken =
@@ -145,6 +145,7 @@ export function harness(options = {}) {
   bus.on("state", (state) => log.states.push(state));
   bus.on("error", (error) => log.errors.push(error));
   bus.on("denied", (channel, reason) => log.denied.push([channel, reason]));
+  bus.on("disconnected", (reason) => log.disconnected.push([reason, bus.state]));
   bus.on("recovered", (channel, ok) => log.recovered.push([channel, ok]));
   bus.on("message", (channel, data, meta) => log.messages.push([channel, data, meta]));
 

@@ -211,7 +211,7 @@ test("close code 1000 stops without an error", async () => {
   assert.equal(h.sockets.length, 1);
 });
 
-for (const code of [1009, 4400, 4403]) {
+for (const code of [1002, 1007, 1009, 4400, 4403]) {
   test(`close code ${code} goes to closed and reports the code`, async () => {
     const h = harness();
     await h.connect();
@@ -237,13 +237,90 @@ test("4001 fetches a fresh token and reconnects at once", async () => {
   assert.deepEqual(h.log.states, ["connecting", "connected", "disconnected", "connecting"]);
 });
 
-test("4001 before any welcome backs off instead of spinning", async () => {
+for (const code of [CloseCodes.TOKEN_EXPIRED, CloseCodes.RECONNECT]) {
+  test(`${code} before any welcome backs off instead of spinning`, async () => {
+    const h = harness();
+    await h.open();
+    h.socket.drop(code);
+    await settle();
+    assert.equal(h.sockets.length, 1);
+    assert.equal(h.clock.pendingDelays().length, 1);
+  });
+}
+
+test("4410 (session ended) stops: closed, disconnected(reason), no error, never reconnects", async () => {
   const h = harness();
-  await h.open();
-  h.socket.drop(CloseCodes.TOKEN_EXPIRED);
+  await h.connect();
+  h.socket.drop(CloseCodes.SESSION_ENDED, "signed out everywhere");
+  assert.equal(h.bus.state, "closed");
+  assert.deepEqual(h.log.disconnected, [["signed out everywhere", "closed"]], "told once, already closed");
+  assert.deepEqual(h.log.states, ["connecting", "connected", "closed"]);
+  assert.deepEqual(h.log.errors, [], "the application's decision, not a failure");
+  assert.deepEqual(h.clock.pendingDelays(), [], "no reconnect, refresh or welcome timer left");
+  await h.clock.advance(3600 * 1000);
+  h.bus.connect(); // closed is final
   await settle();
   assert.equal(h.sockets.length, 1);
-  assert.equal(h.clock.pendingDelays().length, 1);
+  assert.equal(h.tokenCalls, 1);
+});
+
+test("4410 before a welcome stops too", async () => {
+  const h = harness();
+  await h.open();
+  h.socket.drop(CloseCodes.SESSION_ENDED, "token revoked");
+  assert.equal(h.bus.state, "closed");
+  assert.deepEqual(h.log.disconnected, [["token revoked", "closed"]]);
+  assert.deepEqual(h.clock.pendingDelays(), []);
+});
+
+test("other closes that stop the client emit no disconnected event", async () => {
+  for (const code of [1000, 4403]) {
+    const h = harness();
+    await h.connect();
+    h.socket.drop(code, "bye");
+    assert.equal(h.bus.state, "closed");
+    assert.deepEqual(h.log.disconnected, []);
+  }
+});
+
+test("4012 fetches a fresh token and reconnects at once, recovering from where it was", async () => {
+  const h = harness();
+  await h.connect();
+  h.socket.receive({ type: "message", channel: "a", offset: 7, epoch: "e", data: "seen" });
+  h.socket.drop(CloseCodes.RECONNECT, "reconnect with a fresh token");
+  await settle();
+  assert.equal(h.sockets.length, 2, "no backoff delay");
+  assert.equal(h.tokenCalls, 2);
+  assert.deepEqual(h.clock.pendingDelays(), [10000], "only the new socket's welcome timeout");
+  const hello = await h.open();
+  assert.equal(hello.token, "token-2");
+  assert.deepEqual(hello.since, { a: { offset: 7, epoch: "e" } });
+  h.welcome();
+  assert.deepEqual(h.log.states, ["connecting", "connected", "disconnected", "connecting", "connected"]);
+  assert.deepEqual(h.log.errors, []);
+  assert.deepEqual(h.log.disconnected, []);
+});
+
+test("a second 4012 before a welcome backs off instead of spinning", async () => {
+  const h = harness({ random: () => 1 });
+  await h.connect();
+  h.socket.drop(CloseCodes.RECONNECT);
+  await settle();
+  assert.equal(h.sockets.length, 2);
+  await h.open();
+  h.socket.drop(CloseCodes.RECONNECT); // no welcome on this one
+  await settle();
+  assert.equal(h.sockets.length, 2, "not at once");
+  assert.deepEqual(h.clock.pendingDelays(), [1000], "backoff attempt 1");
+  await h.clock.advance(999);
+  assert.equal(h.sockets.length, 2);
+  await h.clock.advance(1);
+  assert.equal(h.sockets.length, 3);
+  assert.equal(h.tokenCalls, 3, "still a fresh token");
+  await h.connect();
+  h.socket.drop(CloseCodes.RECONNECT); // a welcome earns one immediate reconnect again
+  await settle();
+  assert.equal(h.sockets.length, 4);
 });
 
 test("4401 retries once at once with a fresh token, a second 4401 closes", async () => {
@@ -358,9 +435,13 @@ test("the constructor refuses a missing getToken or WebSocket", () => {
 test("CloseCodes lists the protocol's codes", () => {
   assert.deepEqual(
     Object.values(CloseCodes).sort(),
-    [1000, 1001, 1006, 1009, 1011, 1013, 4001, 4002, 4400, 4401, 4403].sort(),
+    [1000, 1001, 1002, 1006, 1007, 1009, 1011, 1013, 4001, 4002, 4012, 4400, 4401, 4403, 4410].sort(),
   );
   assert.ok(Object.isFrozen(CloseCodes));
+  assert.equal(CloseCodes.SESSION_ENDED, 4410);
+  assert.equal(CloseCodes.RECONNECT, 4012);
+  assert.equal(CloseCodes.PROTOCOL_ERROR, 1002);
+  assert.equal(CloseCodes.INVALID_PAYLOAD, 1007);
 });
 
 test("in a page, a relative URL resolves against location and becomes ws(s)", async () => {

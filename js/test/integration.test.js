@@ -99,6 +99,11 @@ class Server {
     return this.post("/test/kill");
   }
 
+  /** The bus's own control API (API key only): POST {base}/users/{user}/{action}, answered 202. */
+  control(user, action, body = {}) {
+    return this.post(`/ws/users/${encodeURIComponent(user)}/${action}`, body, { "X-API-Key": this.apiKey });
+  }
+
   setBroker(available) {
     return this.post("/test/broker", { available });
   }
@@ -128,7 +133,7 @@ after(() => server.stop());
 
 /** A WsBus on the server that records what it sees; closed when the test ends. */
 function connect(t, { claims = {}, hold = async () => {}, ...options } = {}) {
-  const seen = { states: [], denied: [], errors: [], recovered: [], tokens: [] };
+  const seen = { states: [], denied: [], errors: [], recovered: [], tokens: [], disconnected: [], backoffs: 0 };
   const bus = new WsBus(server.base + "/ws", {
     ...FAST,
     getToken: async () => {
@@ -137,6 +142,10 @@ function connect(t, { claims = {}, hold = async () => {}, ...options } = {}) {
       seen.tokens.push(expiresAt);
       return token;
     },
+    random: () => {
+      seen.backoffs += 1; // drawn once per backoff delay
+      return Math.random();
+    },
     ...options,
     autoConnect: false, // listen first, then connect
   });
@@ -144,6 +153,7 @@ function connect(t, { claims = {}, hold = async () => {}, ...options } = {}) {
   bus.on("denied", (channel, reason) => seen.denied.push([channel, reason]));
   bus.on("error", (error) => seen.errors.push(error));
   bus.on("recovered", (channel, ok) => seen.recovered.push([channel, ok]));
+  bus.on("disconnected", (reason) => seen.disconnected.push([reason, bus.state]));
   t.after(() => bus.close());
   bus.connect();
   return { bus, seen };
@@ -309,6 +319,81 @@ it("retries a channel denied as unavailable while the broker is down, and keeps 
   await until(() => received.length === 1, "a message once the broker is back");
   assert.deepEqual(received[0][0], "back");
   assert.deepEqual(seen.states, ["connecting", "connected"]);
+});
+
+it("stops for good when the application ends the session (4410), with the application's reason", async (t) => {
+  const { bus, seen } = connect(t, { claims: { sub: "ended" }, channels: ["chat:ended"] });
+  await until(() => bus.state === "connected", "connected");
+  const other = connect(t, { claims: { sub: "bystander" }, channels: ["chat:ended"] });
+  await until(() => other.bus.state === "connected", "the other user connected");
+
+  assert.deepEqual(await server.control("ended", "disconnect", { reason: "signed out everywhere" }), {
+    accepted: true,
+  });
+  await until(() => bus.state === "closed", "closed");
+  assert.deepEqual(seen.disconnected, [["signed out everywhere", "closed"]]);
+  assert.deepEqual(seen.states, ["connecting", "connected", "closed"]);
+  assert.deepEqual(seen.errors, []);
+  await server.untilSubscribers("chat:ended", 1); // only the bystander's socket is left
+  bus.connect(); // closed is final: no socket, no token
+  assert.equal(bus.state, "closed");
+  assert.equal(seen.tokens.length, 1);
+  assert.equal(seen.backoffs, 0);
+  assert.equal(other.bus.state, "connected");
+  assert.deepEqual(other.seen.disconnected, []);
+});
+
+it("a revoked token ends the session as 4410 with reason token revoked, and the client stops", async (t) => {
+  const { bus, seen } = connect(t, { claims: { sub: "revoked-user" } });
+  await until(() => bus.state === "connected", "connected");
+  const revokedUntil = Math.floor(Date.now() / 1000) + 60;
+  await server.post("/ws/revocations", { user: "revoked-user", until: revokedUntil }, { "X-API-Key": server.apiKey });
+  await until(() => bus.state === "closed", "closed");
+  assert.deepEqual(seen.disconnected, [["token revoked", "closed"]]);
+  assert.deepEqual(seen.errors, []);
+  assert.equal(seen.tokens.length, 1, "no reconnect attempt");
+});
+
+it("reconnects at once with a fresh token when asked to (4012), and the new token rules", async (t) => {
+  const claims = { sub: "regranted", channels: ["chat:*", "secret:*"] };
+  const { bus, seen } = connect(t, { claims, channels: ["chat:kept", "secret:plans"] });
+  const kept = record(bus, "chat:kept");
+  await until(() => bus.state === "connected", "connected");
+  await server.publish("chat:kept", "before");
+  await until(() => kept.length === 1, "a message before");
+
+  claims.channels = ["chat:*"]; // the application takes secret:* away, then asks for a new token
+  await server.control("regranted", "disconnect", { reconnect: true });
+  await until(() => seen.states.filter((state) => state === "connected").length === 2, "a welcome again");
+  await until(() => seen.denied.length === 1, "the channel the fresh token no longer grants");
+
+  assert.deepEqual(seen.denied, [["secret:plans", "forbidden"]]);
+  assert.equal(seen.tokens.length, 2, "getToken asked again");
+  assert.equal(seen.backoffs, 0, "no backoff delay");
+  assert.deepEqual(seen.states, ["connecting", "connected", "disconnected", "connecting", "connected"]);
+  assert.deepEqual(seen.disconnected, []);
+  assert.deepEqual(seen.errors, []);
+  await server.publish("chat:kept", "after");
+  await until(() => kept.length === 2, "a message after");
+  assert.deepEqual(kept.map(([data]) => data), ["before", "after"]);
+});
+
+it("drops a channel the application unsubscribed the user from, and is told why", async (t) => {
+  const { bus, seen } = connect(t, { claims: { sub: "moved" }, channels: ["chat:old", "chat:stay"] });
+  const old = record(bus, "chat:old");
+  const stay = record(bus, "chat:stay");
+  await until(() => bus.state === "connected", "connected");
+
+  await server.control("moved", "unsubscribe", { channels: ["chat:old"] });
+  await until(() => seen.denied.length === 1, "the server's unsubscribe");
+  assert.deepEqual(seen.denied, [["chat:old", "server"]]);
+  await server.untilSubscribers("chat:old", 0);
+  await server.publish("chat:old", "never delivered");
+  await server.publish("chat:stay", "marker");
+  await until(() => stay.length === 1, "a message on the channel still joined");
+  assert.deepEqual(old, []);
+  assert.equal(bus.state, "connected");
+  assert.deepEqual(seen.errors, []);
 });
 
 it("reconnects after the server is killed and restarted on the same port", async (t) => {

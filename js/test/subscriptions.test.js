@@ -195,6 +195,32 @@ test("unsubscribed with reason revoked denies; reason client is only a confirmat
   assert.deepEqual(seen, ["still here"]);
 });
 
+test("unsubscribed with reason server drops the channel, its handlers and position, and denies it", async () => {
+  const h = harness({ channels: ["a", "b"] });
+  await h.connect();
+  const seen = [];
+  h.bus.subscribe("a", (data) => seen.push(data));
+  h.socket.receive(message("a", 1, "before"));
+  h.socket.receive({ type: "unsubscribed", channels: ["a"], reason: "server" });
+  assert.deepEqual(h.log.denied, [["a", "server"]]);
+  h.socket.receive(message("a", 2, "late")); // in flight when the server dropped it
+  assert.deepEqual(seen, ["before"]);
+  assert.deepEqual(h.socket.framesOfType("unsubscribe"), [], "the server holds it no more");
+  h.socket.drop(1001);
+  await h.clock.advance(1000);
+  const hello = await h.open();
+  assert.deepEqual(hello.channels, ["b"], "not asked for again");
+  assert.equal(hello.since, undefined, "its position is forgotten");
+});
+
+test("a channel the server dropped can be joined again by the app", async () => {
+  const h = harness({ channels: ["a"] });
+  await h.connect();
+  h.socket.receive({ type: "unsubscribed", channels: ["a"], reason: "server" });
+  h.bus.subscribe("a");
+  assert.deepEqual(h.socket.framesOfType("subscribe").at(-1).channels, ["a"]);
+});
+
 test("an unreadable frame is reported; pong and unknown frame types are ignored", async () => {
   const h = harness();
   await h.connect();

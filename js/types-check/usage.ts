@@ -33,12 +33,17 @@ removeHandler();
 bus.subscribe("chat:quiet"); // joined without a handler
 bus.on("state", (next: WsBusState) => console.log(state, next));
 bus.on("denied", (channel: string, reason: DenyReason) => console.log(channel, reason));
+const takenAway: DenyReason = "server";
+bus.on("disconnected", (reason: string) => console.log("signed out:", reason, takenAway));
 bus.on("recovered", (channel: string, ok: boolean) => console.log(channel, ok));
 bus.on("message", (channel: string, data: unknown, meta: MessageMeta) => console.log(channel, data, meta));
 const stop: () => void = bus.on("error", (error) => console.error(error));
 stop();
 const expired: 4001 = CloseCodes.TOKEN_EXPIRED;
-console.log(expired);
+const ended: 4410 = CloseCodes.SESSION_ENDED;
+const reconnect: 4012 = CloseCodes.RECONNECT;
+const stops: [1002, 1007] = [CloseCodes.PROTOCOL_ERROR, CloseCodes.INVALID_PAYLOAD];
+console.log(expired, ended, reconnect, stops);
 bus.unsubscribe("chat:lobby");
 bus.close();
 
@@ -48,6 +53,8 @@ new WsBus("/ws", {});
 new WsBus("/ws", { getToken: () => "t", connectTimeout: "10s" });
 // @ts-expect-error no such event
 bus.on("welcome", () => {});
+// @ts-expect-error a disconnected listener gets the reason, a string, not a close code
+bus.on("disconnected", (code: number) => console.log(code));
 // @ts-expect-error a denied listener gets (channel, reason), not a number
 bus.on("denied", (channel: string, reason: number) => console.log(channel, reason));
 // @ts-expect-error data is unknown until the handler says what it is
