@@ -13,7 +13,7 @@ from typing import Any
 
 import aiohttp
 
-from .brokers.base import Broker, History, Message, Published, check_publish
+from .brokers.base import Broker, History, HistoryOptions, Message, Published, check_publish
 from .connection import Connection, WriteScheduler
 from .errors import BrokerUnavailable
 from .grants import is_valid_channel, may
@@ -68,11 +68,8 @@ class Bus:
     async def start(self, session: aiohttp.ClientSession | None) -> None:
         self._scheduler = WriteScheduler(asyncio.get_running_loop())
         await self.verifier.start(session)
-        await self.broker.start(
-            self.deliver,
-            history_size=self.settings.history_size,
-            history_ttl=self.settings.history_ttl,
-        )
+        history = HistoryOptions(self.settings.history_size, self.settings.history_ttl)
+        await self.broker.start(self.deliver, history)
 
     async def stop(self) -> None:
         await self.close_all(CloseCode.GOING_AWAY)

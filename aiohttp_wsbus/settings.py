@@ -16,6 +16,7 @@ from marshmallow import (
 )
 from marshmallow import fields as mf
 
+from .brokers.base import MAX_HISTORY_SIZE
 from .errors import InvalidSettings
 
 __all__ = [
@@ -107,7 +108,7 @@ class SettingsSchema(Schema):
     allowed_origins = mf.List(mf.String(validate=validate.Length(min=1)), allow_none=True)
     allow_query_token = mf.Boolean()
     emit_max_size = mf.Integer(strict=True, validate=validate.Range(min=256))
-    history_size = mf.Integer(strict=True, validate=validate.Range(min=0, max=100_000))
+    history_size = mf.Integer(strict=True, validate=validate.Range(min=0, max=MAX_HISTORY_SIZE))
     history_ttl = mf.Float(validate=_positive("history_ttl"))
     jwks_refetch_interval = mf.Float(validate=validate.Range(min=0))
     jwks_refresh_interval = mf.Float(validate=_positive("jwks_refresh_interval"))

@@ -25,7 +25,7 @@ import pytest
 import redis
 
 from aiohttp_wsbus import RedisBroker
-from aiohttp_wsbus.brokers import Message
+from aiohttp_wsbus.brokers import HistoryOptions, Message
 
 START_TIMEOUT = 10.0
 SLOTS = 16384
@@ -241,7 +241,7 @@ async def make_redis_broker(
     ) -> tuple[RedisBroker, list[Message]]:
         broker = RedisBroker(url, prefix=redis_prefix, **options)  # type: ignore[arg-type]
         delivered: list[Message] = []
-        await broker.start(delivered.append, history_size=size, history_ttl=ttl)
+        await broker.start(delivered.append, HistoryOptions(size, ttl))
         brokers.append(broker)
         return broker, delivered
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from aiohttp_wsbus.brokers import MemoryBroker, Message
+from aiohttp_wsbus.brokers import HistoryOptions, MemoryBroker, Message
 from aiohttp_wsbus.protocol import Position
 
 
@@ -23,7 +23,7 @@ async def started(size: int = 100, ttl: float = 300.0) -> tuple[MemoryBroker, li
     clock = Clock()
     broker = MemoryBroker(clock=clock)
     delivered: list[Message] = []
-    await broker.start(delivered.append, history_size=size, history_ttl=ttl)
+    await broker.start(delivered.append, HistoryOptions(size, ttl))
     return broker, delivered, clock
 
 
@@ -72,7 +72,7 @@ async def test_an_id_is_remembered_for_the_ttl_only() -> None:
 async def test_a_flood_of_channels_is_capped_least_recently_used_first() -> None:
     clock = Clock()
     broker = MemoryBroker(max_channels=10, clock=clock)
-    await broker.start(lambda message: None, history_size=100, history_ttl=300)
+    await broker.start(lambda message: None, HistoryOptions(100, 300))
     await broker.subscribe("kept")
     kept = await broker.publish("kept", "x")
     for n in range(50):

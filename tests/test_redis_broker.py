@@ -12,7 +12,7 @@ import pytest
 import redis.asyncio
 
 from aiohttp_wsbus import BrokerUnavailable, RedisBroker, RedisPublisher
-from aiohttp_wsbus.brokers import Broker, MemoryBroker, Message
+from aiohttp_wsbus.brokers import Broker, HistoryOptions, MemoryBroker, Message
 from aiohttp_wsbus.brokers.redis_scripts import ChannelKeys
 from aiohttp_wsbus.protocol import Position
 
@@ -33,7 +33,7 @@ def make_broker(
         async def memory(size: int = 100, ttl: float = 300.0) -> Started:
             broker = MemoryBroker()
             delivered: list[Message] = []
-            await broker.start(delivered.append, history_size=size, history_ttl=ttl)
+            await broker.start(delivered.append, HistoryOptions(size, ttl))
             return broker, delivered
 
         return memory

@@ -6,6 +6,7 @@ sockets, tokens or grants.
 
 from __future__ import annotations
 
+import math
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
@@ -17,8 +18,12 @@ from ..grants import is_valid_channel
 from ..protocol import Position
 
 __all__ = [
+    "DEFAULT_HISTORY",
+    "MAX_HISTORY_SIZE",
     "Broker",
+    "Deliver",
     "History",
+    "HistoryOptions",
     "Message",
     "Position",
     "Published",
@@ -27,6 +32,7 @@ __all__ = [
     "recover",
 ]
 
+MAX_HISTORY_SIZE: Final = 100_000
 MAX_MESSAGE_ID_LENGTH: Final = 128
 _MESSAGE_ID_RE = re.compile(rf"[\x21-\x7e]{{1,{MAX_MESSAGE_ID_LENGTH}}}")
 
@@ -42,6 +48,31 @@ def check_publish(channel: str, message_id: str | None) -> None:
         raise InvalidChannel(f"invalid channel name: {channel!r}")
     if message_id is not None and not is_valid_message_id(message_id):
         raise ValueError("id must be 1 to 128 printable ASCII characters")
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryOptions:
+    """How much of each channel's stream is kept for recovery.
+
+    The last `size` messages (0 to 100000; 0 keeps offsets and epochs but no
+    messages), for `ttl` seconds after the channel's last publish or while it
+    has a subscriber. Brokers get it from `start()`; publishers in other
+    processes take the same value, so every writer trims and expires alike.
+    """
+
+    size: int = 100
+    ttl: float = 300.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.size, bool) or not isinstance(self.size, int):
+            raise TypeError("history size must be an int")
+        if not 0 <= self.size <= MAX_HISTORY_SIZE:
+            raise ValueError(f"history size must be 0 to {MAX_HISTORY_SIZE}")
+        if not math.isfinite(self.ttl) or self.ttl <= 0:
+            raise ValueError("history ttl must be a finite number of seconds above 0")
+
+
+DEFAULT_HISTORY: Final = HistoryOptions()
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,9 +138,9 @@ class Broker(ABC):
     reconnects: int = 0
 
     @abstractmethod
-    async def start(self, deliver: Deliver, *, history_size: int, history_ttl: float) -> None:
+    async def start(self, deliver: Deliver, history: HistoryOptions) -> None:
         """Connect; from now on call `deliver` for each message on a subscribed channel,
-        in offset order per channel."""
+        in offset order per channel, and keep each channel's history as `history` says."""
 
     @abstractmethod
     async def stop(self) -> None:

@@ -9,7 +9,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from ..protocol import Position
-from .base import Broker, Deliver, History, Message, Published, recover
+from .base import (
+    DEFAULT_HISTORY,
+    Broker,
+    Deliver,
+    History,
+    HistoryOptions,
+    Message,
+    Published,
+    recover,
+)
 
 __all__ = ["MemoryBroker"]
 
@@ -26,7 +35,7 @@ class _Stream:
 
 
 class MemoryBroker(Broker):
-    """Keeps each channel's last `history_size` messages for `history_ttl` seconds.
+    """Keeps each channel's last `history.size` messages for `history.ttl` seconds.
 
     Each channel's stream has a random epoch, made when the stream is: a new
     MemoryBroker (a process restart), or a channel idle past the TTL with no
@@ -47,15 +56,13 @@ class MemoryBroker(Broker):
         self._clock = clock
         self._subscribed: set[str] = set()
         self._deliver: Deliver | None = None
-        self._history_size = 100
-        self._history_ttl = 300.0
+        self._history = DEFAULT_HISTORY
         # Least recently touched first, so expiring idle channels is a scan of the head.
         self._streams: OrderedDict[str, _Stream] = OrderedDict()
 
-    async def start(self, deliver: Deliver, *, history_size: int, history_ttl: float) -> None:
+    async def start(self, deliver: Deliver, history: HistoryOptions) -> None:
         self._deliver = deliver
-        self._history_size = history_size
-        self._history_ttl = history_ttl
+        self._history = history
 
     async def stop(self) -> None:
         self._deliver = None
@@ -77,7 +84,7 @@ class MemoryBroker(Broker):
         return len(self._streams)
 
     def _expire(self, now: float) -> None:
-        deadline = now - self._history_ttl
+        deadline = now - self._history.ttl
         while self._streams:
             channel, stream = next(iter(self._streams.items()))
             if stream.touched > deadline:
@@ -117,12 +124,12 @@ class MemoryBroker(Broker):
         stream = self._stream(channel, now)
         if message_id is not None:
             seen = stream.ids.get(message_id)
-            if seen is not None and seen[1] > now - self._history_ttl:
+            if seen is not None and seen[1] > now - self._history.ttl:
                 return Published(channel, seen[0], stream.epoch)
         stream.offset += 1
         message = Message(channel, stream.offset, stream.epoch, data)
         stream.messages.append(message)
-        if len(stream.messages) > self._history_size:
+        if len(stream.messages) > self._history.size:
             stream.messages.popleft()
         if message_id is not None:
             stream.ids[message_id] = (stream.offset, now)
@@ -134,11 +141,11 @@ class MemoryBroker(Broker):
     def _forget_old_ids(self, stream: _Stream, now: float) -> None:
         # Ids are kept for the TTL; trimming when the table doubles the history
         # keeps this amortised O(1) and the table bounded.
-        if len(stream.ids) <= 2 * self._history_size:
+        if len(stream.ids) <= 2 * self._history.size:
             return
-        deadline = now - self._history_ttl
+        deadline = now - self._history.ttl
         stream.ids = {k: v for k, v in stream.ids.items() if v[1] > deadline}
-        while len(stream.ids) > 2 * self._history_size:
+        while len(stream.ids) > 2 * self._history.size:
             del stream.ids[next(iter(stream.ids))]
 
     async def history(self, since: Mapping[str, Position | None]) -> dict[str, History]:

@@ -29,7 +29,16 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..errors import BrokerUnavailable
 from ..protocol import Position
-from .base import Broker, Deliver, History, Message, Published, recover
+from .base import (
+    DEFAULT_HISTORY,
+    Broker,
+    Deliver,
+    History,
+    HistoryOptions,
+    Message,
+    Published,
+    recover,
+)
 from .redis_scripts import (
     HISTORY_SCRIPT,
     PUBLISH_SCRIPT,
@@ -47,6 +56,7 @@ from .redis_scripts import (
 __all__ = ["RedisBroker"]
 
 logger = logging.getLogger("aiohttp_wsbus")
+
 
 @dataclass(slots=True)
 class _Subscription:
@@ -224,8 +234,7 @@ class RedisBroker(Broker):
         self._socket_timeout = socket_timeout
         self._max_connections = max_connections
         self._deliver: Deliver | None = None
-        self._history_size = 100
-        self._history_ttl = 300.0
+        self._history = DEFAULT_HISTORY
         self._redis: Redis | RedisCluster | None = None
         self._subscriptions: dict[str, _Subscription] = {}
         self._listeners: dict[str, _Listener] = {}
@@ -236,10 +245,9 @@ class RedisBroker(Broker):
 
     # -- lifetime --------------------------------------------------------
 
-    async def start(self, deliver: Deliver, *, history_size: int, history_ttl: float) -> None:
+    async def start(self, deliver: Deliver, history: HistoryOptions) -> None:
         self._deliver = deliver
-        self._history_size = history_size
-        self._history_ttl = history_ttl
+        self._history = history
         options: dict[str, Any] = {
             "socket_timeout": self._socket_timeout,
             "socket_connect_timeout": self._socket_timeout,
@@ -400,8 +408,7 @@ class RedisBroker(Broker):
             ChannelKeys.of(self.prefix, channel),
             data,
             message_id,
-            history_size=self._history_size,
-            history_ttl=self._history_ttl,
+            self._history,
             sharded=self.sharded,
         )
         try:
@@ -434,7 +441,7 @@ class RedisBroker(Broker):
         """Run HISTORY_SCRIPT for each channel in one round trip."""
         if self._redis is None:
             raise BrokerUnavailable("the broker is not started")
-        ttl = milliseconds(self._history_ttl)
+        ttl = milliseconds(self._history.ttl)
         async with self._connection_slots, self._redis.pipeline(transaction=False) as pipe:
             for channel, (position, whole_new_epoch) in since.items():
                 keys = ChannelKeys.of(self.prefix, channel)
@@ -456,7 +463,7 @@ class RedisBroker(Broker):
     async def _keep(self) -> None:
         """Keep subscribed channels' history and epoch alive past the TTL, like MemoryBroker."""
         while True:
-            await asyncio.sleep(self._history_ttl / 3)
+            await asyncio.sleep(self._history.ttl / 3)
             channels = list(self._subscriptions)
             for start in range(0, len(channels), 500):
                 with contextlib.suppress(*UNREACHABLE):

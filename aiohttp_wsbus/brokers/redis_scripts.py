@@ -17,7 +17,7 @@ from redis.exceptions import ClusterDownError, RedisClusterException
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .base import Published
+from .base import HistoryOptions, Published
 
 __all__ = [
     "HISTORY_SCRIPT",
@@ -155,9 +155,8 @@ def publish_arguments(
     keys: ChannelKeys,
     data: str,
     message_id: str | None,
+    history: HistoryOptions,
     *,
-    history_size: int,
-    history_ttl: float,
     sharded: bool,
 ) -> tuple[list[str], list[str | int]]:
     """The KEYS and ARGV of PUBLISH_SCRIPT, shared by RedisBroker and RedisPublisher."""
@@ -166,8 +165,8 @@ def publish_arguments(
         [
             new_epoch(),
             data,
-            history_size,
-            milliseconds(history_ttl),
+            history.size,
+            milliseconds(history.ttl),
             keys.pubsub,
             message_id or "",
             "SPUBLISH" if sharded else "PUBLISH",
