@@ -24,8 +24,6 @@ from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.connection import BlockingConnectionPool, Connection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import MovedError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..errors import BrokerUnavailable
 from ..protocol import Position
@@ -39,6 +37,7 @@ from .base import (
     Published,
     recover,
 )
+from .redis_listener import Listener, Subscription
 from .redis_scripts import (
     HISTORY_SCRIPT,
     PUBLISH_SCRIPT,
@@ -59,147 +58,12 @@ logger = logging.getLogger("aiohttp_wsbus")
 
 
 @dataclass(slots=True)
-class _Subscription:
-    """One channel this node listens to, and the last offset it delivered."""
-
-    channel: str
-    keys: ChannelKeys
-    ready: asyncio.Future[None]
-    last: Position | None = None
-    listener: _Listener | None = None
-
-
-@dataclass(slots=True)
 class _Top:
     """A channel's stream as HISTORY_SCRIPT saw it."""
 
     position: Position
     first: int
     messages: list[Message] = field(default_factory=list)
-
-
-class _Listener:
-    """One supervised pub/sub connection to one Redis node, and the channels it carries.
-
-    On a lost connection it reconnects with backoff and subscribes again; Redis
-    confirming each subscription makes the broker catch up from the stream first.
-    """
-
-    def __init__(
-        self, broker: RedisBroker, name: str, make_connection: Callable[[], Connection]
-    ) -> None:
-        self.name = name
-        self.subscriptions: dict[bytes, _Subscription] = {}
-        self.is_connected = False
-        self.first_attempt = asyncio.Event()
-        self._broker = broker
-        self._make_connection = make_connection
-        self._connection: Connection | None = None
-        self._was_connected = False
-        self._write_lock = asyncio.Lock()
-        self._task = asyncio.get_running_loop().create_task(self._listen_forever())
-
-    async def stop(self) -> None:
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
-
-    async def add(self, subscription: _Subscription) -> None:
-        subscription.listener = self
-        async with self._write_lock:
-            self.subscriptions[subscription.keys.pubsub.encode()] = subscription
-            await self._send_quietly("SUBSCRIBE", subscription.keys.pubsub)
-
-    async def remove(self, subscription: _Subscription, *, unsubscribe: bool = True) -> None:
-        name = subscription.keys.pubsub.encode()
-        if self.subscriptions.get(name) is subscription:
-            del self.subscriptions[name]
-        if unsubscribe:
-            async with self._write_lock:
-                await self._send_quietly("UNSUBSCRIBE", subscription.keys.pubsub)
-
-    def _command(self, name: str) -> str:
-        return "S" + name if self._broker.sharded else name
-
-    async def _send_quietly(self, command: str, name: str) -> None:
-        # Losing the connection here is the supervisor's to notice: it resubscribes.
-        connection = self._connection
-        if connection is not None:
-            with contextlib.suppress(*UNREACHABLE):
-                await connection.send_command(self._command(command), name)
-
-    async def _listen_forever(self) -> None:
-        low, high = self._broker.reconnect_delay
-        delay = low
-        while True:
-            self._was_connected = False
-            try:
-                await self._listen()
-            except UNREACHABLE as error:
-                if self._was_connected:
-                    logger.warning("redis connection lost (%s); reconnecting", error)
-            except Exception:
-                logger.exception("redis broker listener failed; reconnecting")
-            self.first_attempt.set()
-            self._broker._check_topology()
-            if self._was_connected:
-                delay = low
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, high)
-
-    async def _listen(self) -> None:
-        connection = self._make_connection()
-        try:
-            await connection.connect()  # type: ignore[no-untyped-call]
-            async with self._write_lock:
-                self._connection = connection
-                for subscription in self.subscriptions.values():
-                    name = subscription.keys.pubsub
-                    await connection.send_command(self._command("SUBSCRIBE"), name)
-                if not self.subscriptions:
-                    await connection.send_command("PING")
-            self.is_connected = self._was_connected = True
-            self.first_attempt.set()
-            logger.info("redis broker connected to %s", self.name)
-            await self._read_messages(connection)
-        finally:
-            self._connection = None
-            self.is_connected = False
-            await connection.disconnect(nowait=True)
-
-    async def _read_messages(self, connection: Connection) -> None:
-        waiting_for_pong = False
-        while True:
-            try:
-                reply = await connection.read_response(timeout=self._broker.ping_interval)
-            except MovedError:
-                # The subscribed channel's slot is on another shard now.
-                self._broker._check_topology()
-                continue
-            if reply is None:
-                if waiting_for_pong:
-                    raise RedisTimeoutError("redis did not answer a ping")
-                async with self._write_lock:
-                    await connection.send_command("PING")
-                waiting_for_pong = True
-                continue
-            waiting_for_pong = False
-            if isinstance(reply, list) and len(reply) >= 3:
-                await self._on_push(reply[0], reply[1], reply[2])
-
-    async def _on_push(self, kind: bytes, name: bytes, payload: Any) -> None:
-        subscription = self.subscriptions.get(name)
-        if subscription is None:
-            return
-        if kind in (b"message", b"smessage"):
-            if subscription.ready.done():  # earlier ones belong to a past subscription
-                await self._broker._on_message(subscription, payload)
-        elif kind in (b"subscribe", b"ssubscribe"):
-            await self._broker._catch_up(subscription)
-            if not subscription.ready.done():
-                subscription.ready.set_result(None)
-        elif kind == b"sunsubscribe":
-            # Unasked: a cluster moved the channel's slot to another shard.
-            self._broker._check_topology()
 
 
 class RedisBroker(Broker):
@@ -236,8 +100,8 @@ class RedisBroker(Broker):
         self._deliver: Deliver | None = None
         self._history = DEFAULT_HISTORY
         self._redis: Redis | RedisCluster | None = None
-        self._subscriptions: dict[str, _Subscription] = {}
-        self._listeners: dict[str, _Listener] = {}
+        self._subscriptions: dict[str, Subscription] = {}
+        self._listeners: dict[str, Listener] = {}
         self._topology_read = asyncio.Event()
         self._topology_stale = asyncio.Event()
         self._connection_slots = asyncio.Semaphore(max_connections)
@@ -272,7 +136,7 @@ class RedisBroker(Broker):
                 **options,
             )
             self._redis = Redis.from_pool(pool)
-            self._listeners[""] = _Listener(self, "redis", pool.make_connection)
+            self._listeners[""] = self._new_listener("redis", pool.make_connection)
             self._topology_read.set()
         # Start up connected when Redis is there; a Redis that is down is not fatal.
         with contextlib.suppress(TimeoutError):
@@ -312,7 +176,7 @@ class RedisBroker(Broker):
             except UNREACHABLE as error:
                 raise BrokerUnavailable(f"redis: {error}") from None
             loop = asyncio.get_running_loop()
-            subscription = _Subscription(channel, keys, loop.create_future())
+            subscription = Subscription(channel, keys, loop.create_future())
             self._subscriptions[channel] = subscription
             await listener.add(subscription)
         await self._ready(subscription)
@@ -325,14 +189,14 @@ class RedisBroker(Broker):
         if subscription.listener is not None:
             await subscription.listener.remove(subscription)
 
-    async def _ready(self, subscription: _Subscription) -> None:
+    async def _ready(self, subscription: Subscription) -> None:
         await asyncio.wait([subscription.ready], timeout=self._socket_timeout * 2)
         if not subscription.ready.done() or subscription.ready.cancelled():
             if self._subscriptions.get(subscription.channel) is subscription:
                 await self.unsubscribe(subscription.channel)
             raise BrokerUnavailable("redis did not confirm the subscription")
 
-    def _listener_for(self, keys: ChannelKeys) -> _Listener:
+    def _listener_for(self, keys: ChannelKeys) -> Listener:
         """The pub/sub connection a channel belongs on: the only one, or its shard's."""
         if not isinstance(self._redis, RedisCluster):
             return self._listeners[""]
@@ -340,20 +204,30 @@ class RedisBroker(Broker):
         assert node is not None  # None is only for replica=True
         return self._listener_on(node)
 
-    def _listener_on(self, node: ClusterNode) -> _Listener:
+    def _new_listener(self, name: str, make_connection: Callable[[], Connection]) -> Listener:
+        return Listener(
+            self,
+            name,
+            make_connection,
+            sharded=self.sharded,
+            ping_interval=self.ping_interval,
+            reconnect_delay=self.reconnect_delay,
+        )
+
+    def _listener_on(self, node: ClusterNode) -> Listener:
         listener = self._listeners.get(node.name)
         if listener is None:
             options = {**node.connection_kwargs, "retry": Retry(NoBackoff(), 0)}
             connect = functools.partial(node.connection_class, **options)
-            listener = self._listeners[node.name] = _Listener(self, node.name, connect)
+            listener = self._listeners[node.name] = self._new_listener(node.name, connect)
         return listener
 
     # -- cluster topology ------------------------------------------------
 
-    def _check_topology(self) -> None:
+    def on_topology_changed(self) -> None:
         """A listener lost its node or a slot moved: read the cluster's slots again.
 
-        Outside a cluster nothing waits on this.
+        (ListenerHandler.) Outside a cluster nothing waits on this.
         """
         self._topology_stale.set()
 
@@ -469,7 +343,8 @@ class RedisBroker(Broker):
                 with contextlib.suppress(*UNREACHABLE):
                     await self._read(dict.fromkeys(channels[start : start + 500], (None, False)))
 
-    async def _on_message(self, subscription: _Subscription, payload: bytes) -> None:
+    async def on_message(self, subscription: Subscription, payload: bytes) -> None:
+        """Deliver a live message, catching up first if one was missed (ListenerHandler)."""
         epoch_bytes, offset_bytes, data = payload.split(b" ", 2)
         epoch, offset = epoch_bytes.decode(), int(offset_bytes)
         last = subscription.last
@@ -481,7 +356,11 @@ class RedisBroker(Broker):
             return
         self._hand_over(subscription, Message(subscription.channel, offset, epoch, data.decode()))
 
-    async def _catch_up(self, subscription: _Subscription) -> None:
+    async def on_subscribed(self, subscription: Subscription) -> None:
+        """Redis confirmed a subscription: catch up from the stream (ListenerHandler)."""
+        await self._catch_up(subscription)
+
+    async def _catch_up(self, subscription: Subscription) -> None:
         """Deliver what the stream holds after the last delivered offset (on (re)subscribe)."""
         last = subscription.last
         answer = await self._read({subscription.channel: (last, last is not None)})
@@ -501,7 +380,7 @@ class RedisBroker(Broker):
             self._hand_over(subscription, message)
         subscription.last = top.position
 
-    def _hand_over(self, subscription: _Subscription, message: Message) -> None:
+    def _hand_over(self, subscription: Subscription, message: Message) -> None:
         subscription.last = Position(message.offset, message.epoch)
         if self._deliver is not None and self._subscriptions.get(message.channel) is subscription:
             self._deliver(message)
