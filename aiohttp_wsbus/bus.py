@@ -218,6 +218,8 @@ class Bus:
                     connection.enqueue(_frame(message, recovered=True))
                     last = message.offset
         for message in held:
+            if last == 0 and message.offset == 1:
+                epoch = message.epoch  # a channel's first message starts its epoch
             if message.epoch == epoch and message.offset > last:
                 connection.enqueue(_frame(message))
                 last = message.offset

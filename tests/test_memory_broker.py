@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 
 from aiohttp_wsbus.brokers import HistoryOptions, MemoryBroker, Message
+from aiohttp_wsbus.brokers.base import EmptyEpoch
 from aiohttp_wsbus.protocol import Position
 
 
@@ -33,6 +34,51 @@ async def test_a_new_broker_is_a_new_epoch() -> None:
     assert (await one.publish("a", "1")).epoch != (await two.publish("a", "1")).epoch
 
 
+async def test_an_empty_position_from_another_broker_is_not_recovered() -> None:
+    one, _, _ = await started()
+    two, _, _ = await started()
+    position = (await one.history({"a": None}))["a"].position
+    await two.publish("a", "1")  # as if `one` restarted and lost what it had
+    assert not (await two.history({"a": position}))["a"].recovered
+
+
+async def test_reading_channels_keeps_no_stream() -> None:
+    broker, _, _ = await started()
+    for n in range(1000):
+        await broker.subscribe(f"c{n}")
+        await broker.history({f"c{n}": None})
+    assert broker.channel_count == 0
+    await broker.publish("c7", "x")
+    assert broker.channel_count == 1
+
+
+async def test_an_empty_position_recovers_for_the_ttl_on_the_brokers_clock() -> None:
+    broker, _, clock = await started(ttl=10)
+    position = (await broker.history({"a": None}))["a"].position
+    assert EmptyEpoch.parse(position.epoch) == EmptyEpoch(1_000_000, position.epoch[-16:])
+    clock.now += 9.9
+    await broker.publish("a", "1")
+    answer = (await broker.history({"a": position}))["a"]
+    assert answer.recovered
+    assert [m.data for m in answer.messages] == ["1"]
+    clock.now += 0.1  # 10 s after the read: an epoch may have come and gone meanwhile
+    assert not (await broker.history({"a": position}))["a"].recovered
+
+
+async def test_a_channel_forgotten_before_its_ttl_ends_earlier_empty_positions() -> None:
+    clock = Clock()
+    broker = MemoryBroker(max_channels=2, clock=clock)
+    await broker.start(lambda message: None, HistoryOptions(100, 300))
+    position = (await broker.history({"quiet": None}))["quiet"].position
+    await broker.publish("quiet", "missed")
+    await broker.publish("flood:1", "x")
+    await broker.publish("flood:2", "x")  # "quiet" is forgotten to make room
+    await broker.publish("quiet", "new")
+    answer = (await broker.history({"quiet": position}))["quiet"]
+    assert answer.position.offset == 1  # a new epoch, from 1 again
+    assert not answer.recovered  # "missed" is gone: no silent gap
+
+
 async def test_idle_channels_are_forgotten_after_the_ttl() -> None:
     broker, _, clock = await started(ttl=10)
     for n in range(1000):
@@ -46,11 +92,11 @@ async def test_idle_channels_are_forgotten_after_the_ttl() -> None:
 async def test_subscribed_channels_keep_their_epoch_past_the_ttl() -> None:
     broker, _, clock = await started(ttl=10)
     await broker.subscribe("kept")
-    position = (await broker.history({"kept": None}))["kept"].position
+    first = await broker.publish("kept", "x")
     clock.now += 100
-    published = await broker.publish("kept", "x")
-    assert published.epoch == position.epoch
-    assert published.offset == 1
+    published = await broker.publish("kept", "y")
+    assert published.epoch == first.epoch
+    assert published.offset == 2
 
 
 async def test_an_id_is_remembered_for_the_ttl_only() -> None:

@@ -13,8 +13,9 @@ import redis.asyncio
 
 from aiohttp_wsbus import BrokerUnavailable, RedisBroker, RedisPublisher
 from aiohttp_wsbus.brokers import Broker, HistoryOptions, MemoryBroker, Message
+from aiohttp_wsbus.brokers.base import EmptyEpoch
 from aiohttp_wsbus.brokers.redis_scripts import ChannelKeys
-from aiohttp_wsbus.protocol import Position
+from aiohttp_wsbus.protocol import MAX_EPOCH_LENGTH, Position
 
 from .redis_server import RedisServer, until
 from .support import eventually
@@ -109,15 +110,97 @@ async def test_other_epoch_or_future_offset_is_not_recovered(make_broker: MakeBr
     assert not at_top["b"].recovered
 
 
-async def test_a_new_channel_names_the_epoch_of_its_first_message(
+# -- the broker contract: channels that hold nothing -------------------------
+
+
+def empty_epoch(position: Position) -> EmptyEpoch:
+    epoch = EmptyEpoch.parse(position.epoch)
+    assert epoch is not None, position
+    assert position.offset == 0
+    return epoch
+
+
+def moved(position: Position, *, at_ms: int | None = None, generation: str = "") -> Position:
+    """The same empty position, read at another time or on another generation."""
+    epoch = empty_epoch(position)
+    changed = EmptyEpoch(epoch.at_ms if at_ms is None else at_ms, generation or epoch.generation)
+    return Position(0, str(changed))
+
+
+async def test_a_channel_that_holds_nothing_answers_offset_0_of_an_empty_epoch(
+    make_broker: MakeBroker,
+) -> None:
+    broker, _ = await make_broker()
+    answer = (await broker.history({"new": None}))["new"]
+    assert not answer.recovered
+    assert len(answer.position.epoch) <= MAX_EPOCH_LENGTH
+    empty_epoch(answer.position)
+    again = (await broker.history({"new": answer.position}))["new"]
+    assert again.recovered  # nothing was published since
+    assert again.messages == []
+    assert again.position.offset == 0
+
+
+async def test_an_empty_position_recovers_the_whole_epoch_born_after_it(
     make_broker: MakeBroker,
 ) -> None:
     broker, _ = await make_broker()
     position = (await broker.history({"new": None}))["new"].position
-    assert position.offset == 0
-    published = await broker.publish("new", "1")
-    assert published.epoch == position.epoch
-    assert published.offset == 1
+    first = await broker.publish("new", "1")
+    await broker.publish("new", "2")
+    assert first.offset == 1
+    answer = (await broker.history({"new": position}))["new"]
+    assert answer.recovered
+    assert [(m.offset, m.epoch, m.data) for m in answer.messages] == [
+        (1, first.epoch, "1"),
+        (2, first.epoch, "2"),
+    ]
+    assert answer.position == Position(2, first.epoch)
+
+
+async def test_an_empty_position_older_than_the_ttl_is_not_recovered(
+    make_broker: MakeBroker,
+) -> None:
+    broker, _ = await make_broker(ttl=300.0)
+    position = (await broker.history({"new": None}))["new"].position
+    at = empty_epoch(position).at_ms
+    # Read 290 s ago: an epoch born since is still there. 300 s ago: one may
+    # have been born and expired meanwhile.
+    recent, stale = moved(position, at_ms=at - 290_000), moved(position, at_ms=at - 300_000)
+    answers = await broker.history({"new": recent})
+    assert answers["new"].recovered
+    assert not (await broker.history({"new": stale}))["new"].recovered
+    await broker.publish("new", "1")
+    assert [m.data for m in (await broker.history({"new": recent}))["new"].messages] == ["1"]
+    late = (await broker.history({"new": stale}))["new"]
+    assert not late.recovered
+    assert late.messages == []
+    assert late.position.offset == 1
+
+
+async def test_an_empty_position_is_not_recovered_once_offset_1_left_the_window(
+    make_broker: MakeBroker,
+) -> None:
+    broker, _ = await make_broker(size=2)
+    position = (await broker.history({"new": None}))["new"].position
+    for n in range(3):
+        last = await broker.publish("new", str(n))
+    answer = (await broker.history({"new": position}))["new"]
+    assert not answer.recovered
+    assert answer.messages == []
+    assert answer.position == Position(3, last.epoch)
+
+
+async def test_an_empty_position_from_another_generation_is_not_recovered(
+    make_broker: MakeBroker,
+) -> None:
+    broker, _ = await make_broker()
+    position = (await broker.history({"new": None}))["new"].position
+    other = moved(position, generation="f" * 16)
+    assert other != position
+    assert not (await broker.history({"new": other}))["new"].recovered
+    await broker.publish("new", "1")
+    assert not (await broker.history({"new": other}))["new"].recovered
 
 
 async def test_same_id_is_published_once(make_broker: MakeBroker) -> None:
@@ -193,6 +276,56 @@ async def test_subscribed_channels_are_kept_alive(
         await client.pexpire(keys.meta, 600_000)
         # Only the keep-alive sets it back to the TTL.
         await until(lambda: _at_most(client.pttl(keys.meta), 1000))
+
+
+async def test_channels_nobody_published_to_keep_no_keys(
+    make_redis_broker: RedisMaker, redis_url: str, redis_prefix: str
+) -> None:
+    broker, _ = await make_redis_broker(ttl=0.6)
+    await broker.subscribe("busy")
+    await broker.publish("busy", "1")
+    names = [f"quiet:{n}" for n in range(200)]
+    for name in names:  # what the bus does for a subscriber
+        await broker.subscribe(name)
+    await broker.history(dict.fromkeys(names))
+    busy = ChannelKeys.of(redis_prefix, "busy")
+    async with redis.asyncio.Redis.from_url(redis_url) as client:
+        # Two keep-alive rounds: the first is over, quiet channels included.
+        for _ in range(2):
+            await client.pexpire(busy.meta, 600_000)
+            await until(lambda: _at_most(client.pttl(busy.meta), 600))
+        for name in names:
+            await broker.unsubscribe(name)
+        keys = {key async for key in client.scan_iter(match=f"{{{redis_prefix}:*")}
+        assert keys == {busy.meta.encode(), busy.stream.encode()}
+        await broker.publish("quiet:7", "first")
+        quiet = ChannelKeys.of(redis_prefix, "quiet:7")
+        assert await client.exists(quiet.meta, quiet.stream) == 2
+
+
+async def test_an_empty_position_is_not_recovered_after_redis_restarts(
+    make_redis_broker: RedisMaker, own_redis: RedisServer
+) -> None:
+    broker, _ = await make_redis_broker(url=own_redis.url)
+    position = (await broker.history({"a": None}))["a"].position
+    own_redis.kill()  # without persistence: whatever was published meanwhile is lost
+    await asyncio.to_thread(own_redis.start)
+    await eventually(lambda: broker.is_available)
+    await broker.publish("a", "after the restart")
+    answer = (await broker.history({"a": position}))["a"]
+    assert not answer.recovered
+    assert answer.position.offset == 1
+
+
+async def test_a_node_delivers_the_first_message_of_a_channel_with_no_history_kept(
+    make_redis_broker: RedisMaker,
+) -> None:
+    broker, delivered = await make_redis_broker(size=0)
+    await broker.subscribe("a")  # at offset 0 of an empty epoch
+    await broker.publish("a", "1")
+    await broker.publish("a", "2")
+    await delivered_count(delivered, 2)
+    assert [(m.offset, m.data) for m in delivered] == [(1, "1"), (2, "2")]
 
 
 async def _gone(count: Awaitable[int]) -> bool:

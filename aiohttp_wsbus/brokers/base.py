@@ -22,6 +22,7 @@ __all__ = [
     "MAX_HISTORY_SIZE",
     "Broker",
     "Deliver",
+    "EmptyEpoch",
     "History",
     "HistoryOptions",
     "Message",
@@ -35,6 +36,7 @@ __all__ = [
 MAX_HISTORY_SIZE: Final = 100_000
 MAX_MESSAGE_ID_LENGTH: Final = 128
 _MESSAGE_ID_RE = re.compile(rf"[\x21-\x7e]{{1,{MAX_MESSAGE_ID_LENGTH}}}")
+_EMPTY_EPOCH_RE: Final = re.compile(r"~([0-9]{1,16})-([0-9a-f]{1,40})")
 
 
 def is_valid_message_id(message_id: str) -> bool:
@@ -108,16 +110,54 @@ class History:
     recovered: bool
 
 
+@dataclass(frozen=True, slots=True)
+class EmptyEpoch:
+    """The epoch of a channel that holds nothing: no state is kept for it anywhere.
+
+    It names when it was read (`at_ms`, milliseconds on the engine's clock) and
+    the engine's `generation`, which changes whenever the engine may have lost
+    channels before their TTL (a restart, a failover, a flood of channels).
+    Written `~<at_ms>-<generation>` (at most 58 characters): a client at
+    offset 0 of it can recover later although the engine remembers nothing.
+    """
+
+    at_ms: int
+    generation: str
+
+    def __str__(self) -> str:
+        return f"~{self.at_ms}-{self.generation}"
+
+    @classmethod
+    def parse(cls, epoch: str) -> EmptyEpoch | None:
+        """The EmptyEpoch an epoch string names, or None if it names a real one."""
+        match = _EMPTY_EPOCH_RE.fullmatch(epoch)
+        return None if match is None else cls(int(match[1]), match[2])
+
+
 def recover(
-    position: Position | None, top: Position, first: int, messages: Sequence[Message]
+    position: Position | None,
+    top: Position,
+    first: int,
+    messages: Sequence[Message],
+    *,
+    now: EmptyEpoch | None,
+    ttl: float,
 ) -> History:
     """The answer to `history()` that every broker gives, by the same rules.
 
-    `first` is the first offset the channel's history still holds (top + 1
-    when it holds none); `messages` are the held ones after `position`.
+    `top` is the channel's last position (offset 0 of the empty epoch `now`
+    when it holds nothing); `first` is the first offset its history still
+    holds (top + 1 when it holds none); `messages` are the held ones after
+    `position`, or all of them when `position` is an empty epoch. `now` is
+    the empty epoch of this read, needed only to recover from an empty epoch;
+    `ttl` is the history TTL in seconds.
     """
     if position is None:
         return History([], top, recovered=False)
+    if position.offset == 0 and position.epoch != top.epoch:
+        since = EmptyEpoch.parse(position.epoch)
+        if since is not None:
+            return _recover_from_empty(since, top, first, messages, now, ttl)
     if position.epoch != top.epoch or position.offset > top.offset:
         return History([], top, recovered=False)
     if position.offset == top.offset:
@@ -125,6 +165,31 @@ def recover(
     if position.offset + 1 < first:
         return History([], top, recovered=False)  # fell out of the window
     return History(list(messages), top, recovered=True)
+
+
+def _recover_from_empty(
+    since: EmptyEpoch,
+    top: Position,
+    first: int,
+    messages: Sequence[Message],
+    now: EmptyEpoch | None,
+    ttl: float,
+) -> History:
+    # The channel held nothing at `since`, so whatever it holds now was born
+    # after that, unless a whole epoch was born and lost in between: one that
+    # may have expired (past the TTL; a millisecond's rounding either way) or
+    # that the engine may have lost (a new generation).
+    if (
+        now is None
+        or now.generation != since.generation
+        or not 0 <= now.at_ms - since.at_ms < ttl * 1000 - 1
+    ):
+        return History([], top, recovered=False)
+    if EmptyEpoch.parse(top.epoch) is not None:
+        return History([], top, recovered=True)  # still nothing
+    if first == 1:
+        return History(list(messages), top, recovered=True)  # the whole epoch born since
+    return History([], top, recovered=False)
 
 
 Deliver = Callable[[Message], None]
@@ -165,7 +230,11 @@ class Broker(ABC):
 
     @abstractmethod
     async def history(self, since: Mapping[str, Position | None]) -> dict[str, History]:
-        """For each channel, the messages after its position (None: just the top)."""
+        """For each channel, the messages after its position (None: just the top), by `recover`.
+
+        Only a publish makes state for a channel: one that holds nothing is
+        answered offset 0 of an EmptyEpoch of this moment, and nothing is kept.
+        """
 
     @property
     @abstractmethod

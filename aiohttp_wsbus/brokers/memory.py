@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import math
 import secrets
 import time
 from collections import OrderedDict, deque
@@ -13,6 +15,7 @@ from .base import (
     DEFAULT_HISTORY,
     Broker,
     Deliver,
+    EmptyEpoch,
     History,
     HistoryOptions,
     Message,
@@ -37,14 +40,15 @@ class _Stream:
 class MemoryBroker(Broker):
     """Keeps each channel's last `history.size` messages for `history.ttl` seconds.
 
-    Each channel's stream has a random epoch, made when the stream is: a new
-    MemoryBroker (a process restart), or a channel idle past the TTL with no
-    subscriber here, starts a new epoch, so clients asking to recover across it
-    are told they could not.
+    A channel's stream is made by its first publish, with a random epoch: a
+    new MemoryBroker (a process restart), or a channel idle past the TTL with
+    no subscriber here, starts a new epoch, so clients asking to recover across
+    it are told they could not. Reading a channel never makes a stream.
 
     At most `max_channels` channels keep a stream: past that, the least recently
     used one with no subscriber here is forgotten first, so a flood of distinct
-    channels cannot grow memory without bound.
+    channels cannot grow memory without bound. Forgetting one before its TTL
+    starts a new generation of empty epochs (see EmptyEpoch).
     """
 
     def __init__(
@@ -57,6 +61,7 @@ class MemoryBroker(Broker):
         self._subscribed: set[str] = set()
         self._deliver: Deliver | None = None
         self._history = DEFAULT_HISTORY
+        self._generation = secrets.token_hex(8)
         # Least recently touched first, so expiring idle channels is a scan of the head.
         self._streams: OrderedDict[str, _Stream] = OrderedDict()
 
@@ -107,16 +112,25 @@ class MemoryBroker(Broker):
                 self._streams.move_to_end(channel)
             else:
                 del self._streams[channel]
+                # Lost before its TTL: an empty epoch read before now cannot vouch
+                # that nothing was published on any channel since.
+                self._generation = secrets.token_hex(8)
 
-    def _stream(self, channel: str, now: float) -> _Stream:
+    def _existing(self, channel: str, now: float) -> _Stream | None:
+        """The channel's stream, touched, or None if it has none (idle ones expire first)."""
         self._expire(now)
         stream = self._streams.get(channel)
+        if stream is not None:
+            self._streams.move_to_end(channel)
+            stream.touched = now
+        return stream
+
+    def _stream(self, channel: str, now: float) -> _Stream:
+        """The channel's stream, touched; made with a new epoch if it has none."""
+        stream = self._existing(channel, now)
         if stream is None:
             self._make_room(now)
-            stream = self._streams[channel] = _Stream(secrets.token_hex(8))
-        else:
-            self._streams.move_to_end(channel)
-        stream.touched = now
+            stream = self._streams[channel] = _Stream(secrets.token_hex(8), touched=now)
         return stream
 
     async def publish(self, channel: str, data: str, *, message_id: str | None = None) -> Published:
@@ -150,18 +164,33 @@ class MemoryBroker(Broker):
 
     async def history(self, since: Mapping[str, Position | None]) -> dict[str, History]:
         now = self._clock()
+        empty = EmptyEpoch(math.floor(now * 1000), self._generation)
+        ttl = self._history.ttl
         answers: dict[str, History] = {}
         for channel, position in since.items():
-            # Made here if new, so a subscriber's position names the epoch that
-            # the channel's first message will count in.
-            stream = self._stream(channel, now)
-            answers[channel] = _recover(stream, position, Position(stream.offset, stream.epoch))
+            stream = self._existing(channel, now)
+            if stream is None:
+                answers[channel] = recover(
+                    position, Position(0, str(empty)), 1, [], now=empty, ttl=ttl
+                )
+                continue
+            top = Position(stream.offset, stream.epoch)
+            messages = stream.messages
+            first = messages[0].offset if messages else top.offset + 1
+            after = _after(position, stream.epoch)
+            held: list[Message] = []
+            if after is not None and first <= after + 1 <= top.offset:
+                held = list(itertools.islice(messages, after + 1 - first, None))
+            answers[channel] = recover(position, top, first, held, now=empty, ttl=ttl)
         return answers
 
 
-def _recover(stream: _Stream, position: Position | None, top: Position) -> History:
-    messages = stream.messages
-    first = messages[0].offset if messages else top.offset + 1
-    if position is None or not first <= position.offset + 1 <= top.offset:
-        return recover(position, top, first, [])
-    return recover(position, top, first, list(messages)[position.offset + 1 - first :])
+def _after(position: Position | None, epoch: str) -> int | None:
+    """The offset to read after: the position's in this epoch, 0 from an empty epoch."""
+    if position is None:
+        return None
+    if position.epoch == epoch:
+        return position.offset
+    if position.offset == 0 and EmptyEpoch.parse(position.epoch) is not None:
+        return 0
+    return None

@@ -31,6 +31,7 @@ from .base import (
     DEFAULT_HISTORY,
     Broker,
     Deliver,
+    EmptyEpoch,
     History,
     HistoryOptions,
     Message,
@@ -46,7 +47,6 @@ from .redis_scripts import (
     check_prefix,
     entry_offset,
     milliseconds,
-    new_epoch,
     parse_published,
     publish_arguments,
     text,
@@ -59,10 +59,11 @@ logger = logging.getLogger("aiohttp_wsbus")
 
 @dataclass(slots=True)
 class _Top:
-    """A channel's stream as HISTORY_SCRIPT saw it."""
+    """A channel's stream as HISTORY_SCRIPT saw it (`now`: the empty epoch of the read)."""
 
     position: Position
     first: int
+    now: EmptyEpoch | None
     messages: list[Message] = field(default_factory=list)
 
 
@@ -306,9 +307,10 @@ class RedisBroker(Broker):
             tops = await self._read({c: (p, False) for c, p in since.items()})
         except UNREACHABLE as error:
             raise BrokerUnavailable(f"redis: {error}") from None
+        ttl = self._history.ttl
         return {
-            channel: recover(since[channel], top.position, top.first, top.messages)
-            for channel, top in tops.items()
+            channel: recover(since[channel], t.position, t.first, t.messages, now=t.now, ttl=ttl)
+            for channel, t in tops.items()
         }
 
     async def _read(self, since: Mapping[str, tuple[Position | None, bool]]) -> dict[str, _Top]:
@@ -324,7 +326,6 @@ class RedisBroker(Broker):
                     2,
                     keys.meta,
                     keys.stream,
-                    new_epoch(),
                     ttl,
                     position.epoch if position else "",
                     position.offset if position else 0,
@@ -335,20 +336,35 @@ class RedisBroker(Broker):
         return {channel: _parse_top(channel, answer) for channel, answer in pairs}
 
     async def _keep(self) -> None:
-        """Keep subscribed channels' history and epoch alive past the TTL, like MemoryBroker."""
+        """Keep subscribed channels' history and epoch alive past the TTL, like MemoryBroker.
+
+        PEXPIRE extends only keys that exist: a channel nobody published to
+        keeps no state in Redis, however long it is subscribed.
+        """
+        ttl = milliseconds(self._history.ttl)
         while True:
             await asyncio.sleep(self._history.ttl / 3)
             channels = list(self._subscriptions)
             for start in range(0, len(channels), 500):
                 with contextlib.suppress(*UNREACHABLE):
-                    await self._read(dict.fromkeys(channels[start : start + 500], (None, False)))
+                    await self._extend(channels[start : start + 500], ttl)
+
+    async def _extend(self, channels: list[str], ttl: int) -> None:
+        if self._redis is None:
+            return
+        async with self._connection_slots, self._redis.pipeline(transaction=False) as pipe:
+            for channel in channels:
+                keys = ChannelKeys.of(self.prefix, channel)
+                pipe.pexpire(keys.meta, ttl)
+                pipe.pexpire(keys.stream, ttl)
+            await pipe.execute()
 
     async def on_message(self, subscription: Subscription, payload: bytes) -> None:
         """Deliver a live message, catching up first if one was missed (ListenerHandler)."""
         epoch_bytes, offset_bytes, data = payload.split(b" ", 2)
         epoch, offset = epoch_bytes.decode(), int(offset_bytes)
         last = subscription.last
-        if last is not None and (epoch != last.epoch or offset > last.offset + 1):
+        if last is not None and _is_gap(last, epoch, offset):
             # Something was missed (a new epoch, or a gap): take it from the stream.
             await self._catch_up(subscription)
             last = subscription.last
@@ -386,10 +402,22 @@ class RedisBroker(Broker):
             self._deliver(message)
 
 
+def _is_gap(last: Position, epoch: str, offset: int) -> bool:
+    """Whether a live message skips some after `last`.
+
+    At offset 0 (a channel that held nothing) offset 1 of any epoch follows:
+    the channel's first message starts the epoch.
+    """
+    if last.offset == 0 and offset == 1:
+        return False
+    return epoch != last.epoch or offset > last.offset + 1
+
+
 def _parse_top(channel: str, answer: list[Any]) -> _Top:
     epoch = text(answer[0])
-    top = _Top(Position(int(answer[1]), epoch), int(answer[2]))
-    for entry_id, fields in answer[3:]:
+    now = EmptyEpoch.parse(text(answer[3]))
+    top = _Top(Position(int(answer[1]), epoch), int(answer[2]), now)
+    for entry_id, fields in answer[4:]:
         values = dict(zip(fields[::2], fields[1::2], strict=True))
         top.messages.append(Message(channel, entry_offset(entry_id), epoch, text(values[b"d"])))
     return top
