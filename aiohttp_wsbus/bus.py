@@ -99,7 +99,8 @@ class Bus:
         """Publish data that is already JSON text."""
         check_publish(channel, message_id)
         published = await self.broker.publish(channel, data, message_id=message_id)
-        self.messages_published += 1
+        if not published.is_repeat:
+            self.messages_published += 1
         return published
 
     def deliver(self, message: Message) -> None:

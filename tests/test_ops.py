@@ -155,6 +155,17 @@ async def test_metrics_count_what_happened(
     assert samples["wsbus_slow_consumer_closes_total"] == 0
 
 
+async def test_metrics_count_a_publish_repeated_by_id_once(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer
+) -> None:
+    server = await start_bus(aiohttp_client, jwks_server.url, metrics=True, api_keys=[API_KEY])
+    first = await server.bus.publish("chat:a", 1, id="order-17")
+    again = await server.bus.publish("chat:a", 1, id="order-17")
+    assert (again.offset, again.is_repeat) == (first.offset, True)
+    await server.bus.publish("chat:a", 2)
+    assert (await scrape(server))["wsbus_messages_published_total"] == 2
+
+
 async def test_metrics_count_slow_consumer_closes(
     aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
 ) -> None:

@@ -5,13 +5,14 @@ after lost connections. Cluster specifics are in test_redis_cluster.py."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 from collections.abc import Awaitable, Callable
 
 import pytest
 import redis.asyncio
 
-from aiohttp_wsbus import BrokerUnavailable, RedisBroker, RedisPublisher
+from aiohttp_wsbus import BrokerUnavailable, RedisBroker, RedisPublisher, SyncRedisPublisher
 from aiohttp_wsbus.brokers import Broker, HistoryOptions, MemoryBroker, Message
 from aiohttp_wsbus.brokers.base import EmptyEpoch
 from aiohttp_wsbus.brokers.redis_scripts import ChannelKeys
@@ -209,7 +210,8 @@ async def test_same_id_is_published_once(make_broker: MakeBroker) -> None:
     await broker.subscribe("b")
     first = await broker.publish("a", "1", message_id="m-1")
     again = await broker.publish("a", "1", message_id="m-1")
-    assert again == first
+    assert not first.is_repeat
+    assert again == dataclasses.replace(first, is_repeat=True)
     other_channel = await broker.publish("b", "1", message_id="m-1")
     assert other_channel.offset == 1
     await broker.publish("a", "2")
@@ -231,9 +233,23 @@ async def test_nodes_share_offsets_epochs_and_ids(make_redis_broker: RedisMaker)
     again = await two.publish("a", "1", message_id="x")
     assert (first.offset, second.offset) == (1, 2)
     assert first.epoch == second.epoch
-    assert again == first
+    assert again == dataclasses.replace(first, is_repeat=True)
     await delivered_count(on_two, 2)
     assert [(m.offset, m.data) for m in on_two] == [(1, "1"), (2, "2")]
+
+
+async def test_publishers_say_when_an_id_was_already_published(
+    redis_url: str, redis_prefix: str
+) -> None:
+    async with RedisPublisher(redis_url, prefix=redis_prefix) as publisher:
+        first = await publisher.publish("a", 1, id="x")
+        again = await publisher.publish("a", 1, id="x")
+    with SyncRedisPublisher(redis_url, prefix=redis_prefix) as sync:
+        other = await asyncio.to_thread(sync.publish, "a", 1, id="x")
+        fresh = await asyncio.to_thread(sync.publish, "a", 2, id="y")
+    assert not first.is_repeat
+    assert again == other == dataclasses.replace(first, is_repeat=True)
+    assert (fresh.offset, fresh.is_repeat) == (2, False)
 
 
 async def test_only_subscribed_channels_are_delivered(make_redis_broker: RedisMaker) -> None:

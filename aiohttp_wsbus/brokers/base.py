@@ -79,11 +79,17 @@ DEFAULT_HISTORY: Final = HistoryOptions()
 
 @dataclass(frozen=True, slots=True)
 class Published:
-    """Where a published message landed: its channel, offset and epoch."""
+    """Where a published message landed: its channel, offset and epoch.
+
+    `is_repeat` is True when its id was already published on the channel
+    within the history TTL: nothing was published again, and the offset and
+    epoch are the original ones.
+    """
 
     channel: str
     offset: int
     epoch: str
+    is_repeat: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,7 +230,7 @@ class Broker(ABC):
         """Append `data` to the channel's stream and deliver it to every subscribed node.
 
         A `message_id` already published on this channel within the history TTL
-        is not published again: the original offset is returned.
+        is not published again: the original offset is returned, with `is_repeat`.
         Raises BrokerUnavailable when the engine cannot be reached.
         """
 

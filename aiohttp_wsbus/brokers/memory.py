@@ -139,7 +139,7 @@ class MemoryBroker(Broker):
         if message_id is not None:
             seen = stream.ids.get(message_id)
             if seen is not None and seen[1] > now - self._history.ttl:
-                return Published(channel, seen[0], stream.epoch)
+                return Published(channel, seen[0], stream.epoch, is_repeat=True)
         stream.offset += 1
         message = Message(channel, stream.offset, stream.epoch, data)
         stream.messages.append(message)

@@ -50,6 +50,7 @@ _PREFIX_RE: Final = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 # Only a publish makes a channel's state. A missing meta hash (never published,
 # idle past the TTL, or a Redis that lost its data) is a new epoch, ARGV[1],
 # and the stream that counted in the old one goes with it.
+# Returns {epoch, offset, 1 if the id was already published else 0}.
 PUBLISH_SCRIPT: Final = """
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch then
@@ -65,7 +66,7 @@ if ARGV[6] ~= '' then
     if seen_epoch == epoch then
       redis.call('PEXPIRE', KEYS[1], ttl)
       redis.call('PEXPIRE', KEYS[2], ttl)
-      return {epoch, tonumber(seen_offset)}
+      return {epoch, tonumber(seen_offset), 1}
     end
   end
 end
@@ -77,7 +78,7 @@ if ARGV[6] ~= '' then
   redis.call('SET', KEYS[3], epoch .. ' ' .. offset, 'PX', ttl)
 end
 redis.call(ARGV[7], ARGV[5], epoch .. ' ' .. offset .. ' ' .. ARGV[2])
-return {epoch, offset}
+return {epoch, offset, 0}
 """
 
 # KEYS: meta hash, stream. ARGV: ttl ms, since epoch, since offset, '1' to read
@@ -183,7 +184,7 @@ def publish_arguments(
 
 
 def parse_published(channel: str, answer: Sequence[Any]) -> Published:
-    return Published(channel, int(answer[1]), text(answer[0]))
+    return Published(channel, int(answer[1]), text(answer[0]), is_repeat=answer[2] == 1)
 
 
 def new_epoch() -> str:
