@@ -9,6 +9,7 @@ which makes that a failure (CI).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
 import secrets
@@ -123,6 +124,16 @@ class RedisServer:
             self.process.send_signal(signal.SIGKILL)
             self.process.wait(START_TIMEOUT)
         self.process = None
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        """SIGSTOP for the block, then SIGCONT: its connections stay open, nothing answers."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            self.process.send_signal(signal.SIGCONT)
 
 
 class Cluster:

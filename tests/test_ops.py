@@ -14,6 +14,7 @@ import aiohttp_wsbus
 from aiohttp_wsbus.errors import BrokerUnavailable
 
 from .conftest import JwksServer, MakeToken
+from .redis_server import RedisServer, until
 from .support import BusServer, RawClient, close_code, eventually, next_frame, start_bus
 
 API_KEY = "m" * 32
@@ -92,6 +93,25 @@ async def test_health_is_503_while_the_broker_is_down(
     )
     broker.is_up = True
     assert (await health(server))[0] == 200
+
+
+async def test_health_is_503_within_the_socket_timeout_of_a_frozen_redis(
+    aiohttp_client: AiohttpClient,
+    jwks_server: JwksServer,
+    own_redis: RedisServer,
+    redis_prefix: str,
+) -> None:
+    broker = aiohttp_wsbus.RedisBroker(own_redis.url, prefix=redis_prefix, socket_timeout=1.0)
+    server = await start_bus(aiohttp_client, jwks_server.url, broker=broker)
+
+    async def status_is(status: int) -> bool:
+        return (await health(server))[0] == status
+
+    assert await status_is(200)
+    with own_redis.frozen():
+        await until(lambda: status_is(503), timeout=1.0 + 1.0)
+        assert (await health(server))[1]["broker"] == "down"
+    await until(lambda: status_is(200))
 
 
 async def test_health_follows_base_path(

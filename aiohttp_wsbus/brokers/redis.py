@@ -38,7 +38,7 @@ from .base import (
     Published,
     recover,
 )
-from .redis_listener import Listener, Subscription
+from .redis_listener import Listener, ListenerOptions, Subscription
 from .redis_scripts import (
     HISTORY_SCRIPT,
     PUBLISH_SCRIPT,
@@ -73,9 +73,15 @@ class RedisBroker(Broker):
     `sharded=True` uses SPUBLISH/SSUBSCRIBE (Redis 7). `cluster=True` talks to
     a Redis Cluster (`url` names any of its nodes): commands go through a
     cluster client, and each shard that owns subscribed channels gets its own
-    sharded pub/sub connection; it implies `sharded=True`. Socket timeouts are
-    bounded so that a Redis that is down makes `publish` fail fast with
-    BrokerUnavailable; the listeners reconnect with backoff by themselves.
+    sharded pub/sub connection; it implies `sharded=True`.
+
+    `socket_timeout` bounds every command, so a Redis that is down makes
+    `publish` fail fast with BrokerUnavailable, and `is_available` turns false
+    once a pub/sub connection has not answered for that long: an idle one is
+    pinged every `ping_interval` seconds, at most `socket_timeout / 2`. The
+    listeners reconnect with `reconnect_delay` backoff (from, doubling up to)
+    by themselves; a Redis node they cannot reach is logged as a WARNING at
+    most every `warning_interval` seconds, by host:port/db, never by URL.
     """
 
     def __init__(
@@ -89,13 +95,19 @@ class RedisBroker(Broker):
         ping_interval: float = 5.0,
         reconnect_delay: tuple[float, float] = (0.05, 5.0),
         max_connections: int = 32,
+        warning_interval: float = 30.0,
     ) -> None:
         self.url = url
         self.prefix = check_prefix(prefix)
         self.cluster = cluster
         self.sharded = sharded or cluster
-        self.ping_interval = ping_interval
-        self.reconnect_delay = reconnect_delay
+        self._listener_options = ListenerOptions(
+            sharded=self.sharded,
+            timeout=socket_timeout,
+            ping_interval=min(ping_interval, socket_timeout / 2),
+            reconnect_delay=reconnect_delay,
+            warning_interval=warning_interval,
+        )
         self._socket_timeout = socket_timeout
         self._max_connections = max_connections
         self._deliver: Deliver | None = None
@@ -137,7 +149,8 @@ class RedisBroker(Broker):
                 **options,
             )
             self._redis = Redis.from_pool(pool)
-            self._listeners[""] = self._new_listener("redis", pool.make_connection)
+            name = _address(pool.connection_kwargs)
+            self._listeners[""] = self._new_listener(name, pool.make_connection)
             self._topology_read.set()
         # Start up connected when Redis is there; a Redis that is down is not fatal.
         with contextlib.suppress(TimeoutError):
@@ -206,14 +219,7 @@ class RedisBroker(Broker):
         return self._listener_on(node)
 
     def _new_listener(self, name: str, make_connection: Callable[[], Connection]) -> Listener:
-        return Listener(
-            self,
-            name,
-            make_connection,
-            sharded=self.sharded,
-            ping_interval=self.ping_interval,
-            reconnect_delay=self.reconnect_delay,
-        )
+        return Listener(self, name, make_connection, self._listener_options)
 
     def _listener_on(self, node: ClusterNode) -> Listener:
         listener = self._listeners.get(node.name)
@@ -225,6 +231,15 @@ class RedisBroker(Broker):
 
     # -- cluster topology ------------------------------------------------
 
+    def on_connected(self, listener: Listener) -> None:
+        """A listener connected: count it if it replaces a lost connection (ListenerHandler)."""
+        if listener.connections > 1:
+            self.reconnects += 1
+
+    def on_disconnected(self, listener: Listener) -> None:
+        """A listener lost its node: its slots may have moved (ListenerHandler)."""
+        self.on_topology_changed()
+
     def on_topology_changed(self) -> None:
         """A listener lost its node or a slot moved: read the cluster's slots again.
 
@@ -235,7 +250,7 @@ class RedisBroker(Broker):
     async def _follow_topology(self) -> None:
         """Keep one listener per master and each subscription on its slot's owner."""
         assert isinstance(self._redis, RedisCluster)
-        low, high = self.reconnect_delay
+        low, high = self._listener_options.reconnect_delay
         delay = low
         while True:
             self._topology_stale.clear()
@@ -400,6 +415,12 @@ class RedisBroker(Broker):
         subscription.last = Position(message.offset, message.epoch)
         if self._deliver is not None and self._subscriptions.get(message.channel) is subscription:
             self._deliver(message)
+
+
+def _address(options: Mapping[str, Any]) -> str:
+    """host:port/db (or the socket path) of a connection, for logs: never its password."""
+    where = options.get("path") or f"{options.get('host', 'localhost')}:{options.get('port', 6379)}"
+    return f"{where}/{options.get('db', 0)}"
 
 
 def _is_gap(last: Position, epoch: str, offset: int) -> bool:
