@@ -336,6 +336,26 @@ async def test_an_empty_position_is_not_recovered_after_redis_restarts(
     assert answer.position.offset == 1
 
 
+async def test_where_an_acl_forbids_info_empty_epochs_have_generation_0(
+    make_redis_broker: RedisMaker, own_redis: RedisServer
+) -> None:
+    async with redis.asyncio.Redis.from_url(own_redis.url) as admin:
+        await admin.acl_setuser(
+            "no-info",
+            enabled=True,
+            passwords=["+pw"],
+            keys=["*"],
+            channels=["*"],
+            commands=["+@all", "-info"],
+        )
+    url = f"redis://no-info:pw@127.0.0.1:{own_redis.port}/0"
+    broker, _ = await make_redis_broker(url=url)
+    position = (await broker.history({"a": None}))["a"].position
+    assert empty_epoch(position).generation == "0"
+    await broker.publish("a", "1")
+    assert (await broker.history({"a": position}))["a"].recovered
+
+
 async def test_a_node_delivers_the_first_message_of_a_channel_with_no_history_kept(
     make_redis_broker: RedisMaker,
 ) -> None:
