@@ -21,6 +21,7 @@ setup(
     entry_points={"console_scripts": ["wsbus = aiohttp_wsbus.cli:main"]},
     install_requires=[
         "aiohttp>=3.11",
+        "aiosignal>=1.4",  # the hooks are aiohttp-style signals
         "PyJWT[crypto]>=2.13",
         "cryptography",
         "marshmallow>=4.1.2",

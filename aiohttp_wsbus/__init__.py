@@ -18,18 +18,21 @@ from .errors import (
     KeysUnavailable,
     WsBusError,
 )
+from .hooks import ConnectionInfo
 from .protocol import CloseCode
 from .tokens import Claims
 from .web import BUS_KEY, get_bus, setup
 
 if TYPE_CHECKING:
-    from .brokers.redis import RedisBroker
-    from .brokers.redis_publisher import RedisPublisher, SyncRedisPublisher
+    from .brokers.redis import RedisBroker as RedisBroker
+    from .brokers.redis_publisher import RedisPublisher as RedisPublisher
+    from .brokers.redis_publisher import SyncRedisPublisher as SyncRedisPublisher
 
 __version__ = "0.1.0.dev0"
 
-# Imported on first use, so that redis stays an optional extra.
-_LAZY = {
+# Public too, but imported on first use: they need the redis extra. They stay out
+# of __all__ so that `from aiohttp_wsbus import *` works without it.
+_NEEDS_REDIS = {
     "RedisBroker": "aiohttp_wsbus.brokers.redis",
     "RedisPublisher": "aiohttp_wsbus.brokers.redis_publisher",
     "SyncRedisPublisher": "aiohttp_wsbus.brokers.redis_publisher",
@@ -37,11 +40,24 @@ _LAZY = {
 
 
 def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
+    if name not in _NEEDS_REDIS:
         raise AttributeError(f"module 'aiohttp_wsbus' has no attribute {name!r}")
     import importlib
 
-    return getattr(importlib.import_module(_LAZY[name]), name)
+    try:
+        module = importlib.import_module(_NEEDS_REDIS[name])
+    except ModuleNotFoundError as error:
+        if (error.name or "").partition(".")[0] != "redis":
+            raise
+        raise ImportError(
+            f"aiohttp_wsbus.{name} needs the redis package: pip install 'aiohttp-wsbus[redis]'",
+            name="aiohttp_wsbus",
+        ) from error
+    return getattr(module, name)
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_NEEDS_REDIS])
 
 
 __all__ = [
@@ -51,6 +67,7 @@ __all__ = [
     "Bus",
     "Claims",
     "CloseCode",
+    "ConnectionInfo",
     "EmitClient",
     "EmitError",
     "Forbidden",
@@ -61,10 +78,7 @@ __all__ = [
     "KeysUnavailable",
     "MemoryBroker",
     "Published",
-    "RedisBroker",
-    "RedisPublisher",
     "SyncEmitClient",
-    "SyncRedisPublisher",
     "WsBusError",
     "get_bus",
     "setup",

@@ -1,4 +1,5 @@
-"""The Bus: publish, deliver to the registry, and the glue to the broker."""
+"""The Bus: publish, deliver to the registry, the glue to the broker, and the
+application's hooks and authorizers it calls."""
 
 from __future__ import annotations
 
@@ -7,24 +8,64 @@ import collections
 import contextlib
 import logging
 import secrets
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Coroutine, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from datetime import datetime
+from typing import Any, Final, TypeVar
 
 import aiohttp
 
-from .brokers.base import Broker, History, HistoryOptions, Message, Published, check_publish
+from .authorizers import Action, Authorizers, BatchAuthorizer, Verdict
+from .brokers.base import (
+    APPLICATION,
+    Broker,
+    History,
+    HistoryOptions,
+    Message,
+    Published,
+    check_publish,
+    scoped_message_id,
+)
 from .connection import Connection, WriteScheduler
-from .errors import BrokerUnavailable
+from .errors import BrokerUnavailable, InvalidToken
 from .grants import is_valid_channel, may
-from .protocol import CloseCode, Position, encode_data, encode_message, text_frame
-from .registry import Registry
+from .hooks import ConnectionInfo, Hooks
+from .protocol import (
+    CLIENT_GONE,
+    SHUTTING_DOWN,
+    SLOW_CONSUMER,
+    TOKEN_REVOKED,
+    Close,
+    CloseCode,
+    Position,
+    encode_data,
+    encode_message,
+    ended,
+    text_frame,
+)
+from .protocol import reconnect as protocol_reconnect
+from .registry import Connections, Registry
+from .revocations import Revocation, Revocations, check_user
 from .settings import Settings
 from .tokens import Claims, TokenVerifier
 
 __all__ = ["Bus", "SubscribeResult"]
 
 logger = logging.getLogger("aiohttp_wsbus")
+
+_Decorated = TypeVar("_Decorated", bound=Callable[..., Any])
+MAX_CONTROL_CHANNELS: Final = 100
+MAX_REASON_BYTES: Final = 123  # what a close frame has room for
+
+
+def _check_reason(reason: object) -> str:
+    if not isinstance(reason, str) or len(reason.encode("utf-8", "surrogatepass")) > 123:
+        raise ValueError(f"reason: at most {MAX_REASON_BYTES} bytes of UTF-8")
+    try:
+        reason.encode()
+    except UnicodeEncodeError:
+        raise ValueError("reason: not valid Unicode") from None
+    return reason
 
 
 @dataclass(slots=True)
@@ -53,55 +94,218 @@ class Bus:
         self.broker = broker
         self.verifier = verifier
         self.registry = Registry()
-        self.connections: set[Connection] = set()
+        self.connections = Connections()  # every authenticated socket, by user
         self.open_sockets = 0  # upgraded sockets, authenticated or not
         # Plain counters, read by the metrics collector at scrape time.
         self.messages_published = 0
         self.messages_delivered = 0  # one per subscriber a message was handed to
         self.slow_consumer_closes = 0
         self.auth_failures: collections.Counter[str] = collections.Counter()
+        self.hook_errors: collections.Counter[str] = collections.Counter()
+        self.revocations = Revocations()
+        self.hooks = Hooks(self, self.hook_errors)
+        self.on_connect = self.hooks.on_connect
+        self.on_disconnect = self.hooks.on_disconnect
+        self.on_subscribe = self.hooks.on_subscribe
+        self.on_unsubscribe = self.hooks.on_unsubscribe
+        self.authorizers: dict[Action, Authorizers] = {
+            "subscribe": Authorizers("subscribe", self.hook_errors),
+            "publish": Authorizers("publish", self.hook_errors),
+        }
         self._scheduler: WriteScheduler | None = None
         self._background_tasks: set[asyncio.Task[None]] = set()
 
     # -- lifetime --------------------------------------------------------
 
+    def authorizer(
+        self, pattern: str, *, action: Action = "subscribe"
+    ) -> Callable[[_Decorated], _Decorated]:
+        """Register `async def f(claims, **parameters) -> bool` for channels matching `pattern`.
+
+        It decides the channels matching `pattern` that the token's grants do not
+        cover (`{name}` is one segment, passed as a keyword argument). Raises
+        InvalidSettings for a bad pattern, RuntimeError once the app has started.
+        """
+
+        def register(authorizer: _Decorated) -> _Decorated:
+            self.authorizers[action].add(pattern, authorizer)
+            return authorizer
+
+        if action not in self.authorizers:
+            raise ValueError(f"action must be 'subscribe' or 'publish', not {action!r}")
+        return register
+
+    def batch_authorizer(
+        self, authorizer: BatchAuthorizer, *, action: Action = "subscribe"
+    ) -> None:
+        """Decide, in one call per request, the channels no pattern authorizer matches.
+
+        `await authorizer(claims, channels)` returns the allowed ones (the
+        standalone server's `--authorize-url` is one).
+        """
+        self.authorizers[action].set_batch(authorizer)
+
+    async def authorize(
+        self, claims: Claims, channels: Collection[str], action: Action
+    ) -> dict[str, Verdict]:
+        """What the application's authorizers say about channels the token does not grant."""
+        return await self.authorizers[action].decide(
+            claims, channels, self.settings.authorize_timeout
+        )
+
     async def start(self, session: aiohttp.ClientSession | None) -> None:
+        self.hooks.freeze()
+        for authorizers in self.authorizers.values():
+            authorizers.freeze()
         self._scheduler = WriteScheduler(asyncio.get_running_loop())
         await self.verifier.start(session)
         history = HistoryOptions(self.settings.history_size, self.settings.history_ttl)
-        await self.broker.start(self.deliver, history)
+        await self.broker.start(self.deliver, history, on_control=self.apply_control)
 
     async def stop(self) -> None:
-        await self.close_all(CloseCode.GOING_AWAY)
+        await self.close_all(SHUTTING_DOWN)
         await self.broker.stop()
         await self.verifier.stop()
 
-    async def close_all(self, code: CloseCode) -> None:
-        """Close every socket with `code`, concurrently, each under close_timeout."""
+    async def close_all(self, close: Close) -> None:
+        """Close every socket, concurrently, each under close_timeout.
+
+        Background work (closes, broker unsubscribes, on_disconnect hooks) gets
+        close_timeout to finish; what is left then is cancelled.
+        """
         for connection in list(self.connections):
-            connection.close(code)
+            connection.close(close)
         if self._background_tasks:
-            await asyncio.gather(*self._background_tasks, return_exceptions=True)
+            _, left = await asyncio.wait(
+                set(self._background_tasks), timeout=self.settings.close_timeout + 0.5
+            )
+            for task in left:
+                task.cancel()
+            if left:
+                await asyncio.wait(left)
 
     # -- publishing ------------------------------------------------------
 
     async def publish(self, channel: str, data: Any, *, id: str | None = None) -> Published:
         """Publish `data` (any JSON value) to `channel`; return where it landed.
 
+        `id` makes the publish idempotent among the application's own
+        publishes (this method and the Redis publishers): the same id on the
+        same channel within `history_ttl` is published once.
+
         Raises InvalidChannel for a bad name, ValueError for data that is not
         JSON or a bad id, and BrokerUnavailable when the broker is down.
         """
-        return await self.publish_encoded(channel, encode_data(data), message_id=id)
+        check_publish(channel, id)
+        return await self.publish_checked(channel, encode_data(data), id, APPLICATION)
 
-    async def publish_encoded(
-        self, channel: str, data: str, *, message_id: str | None = None
+    async def publish_checked(
+        self, channel: str, data: str, message_id: str | None, publisher: str
     ) -> Published:
-        """Publish data that is already JSON text."""
-        check_publish(channel, message_id)
+        """Publish JSON text whose channel name and id the caller has checked.
+
+        For edges that validated their input already (the emit endpoint).
+        `publisher` scopes `message_id` (see `scoped_message_id`).
+        """
+        if message_id is not None:
+            message_id = scoped_message_id(publisher, message_id)
         published = await self.broker.publish(channel, data, message_id=message_id)
         if not published.is_repeat:
             self.messages_published += 1
         return published
+
+    async def verify(self, token: str) -> Claims:
+        """The token's Claims; InvalidToken also for a revoked token, cached or not."""
+        claims = await self.verifier.verify(token)
+        if self.revocations.covers(claims):
+            raise InvalidToken("revoked")
+        return claims
+
+    # -- the application ends sessions -------------------------------------
+
+    async def disconnect(self, user: str, *, reconnect: bool = False, reason: str = "") -> None:
+        """Close every socket of `user`, on every node: 4410 (stop), or 4012 with
+        `reconnect=True` (fetch a fresh token and reconnect: permissions changed).
+
+        Raises ValueError for a bad user or reason, BrokerUnavailable if the
+        broker cannot carry it.
+        """
+        check_user(user)
+        close = (protocol_reconnect if reconnect else ended)(_check_reason(reason))
+        await self.broker.control(
+            {"type": "disconnect", "user": user, "code": int(close.code), "reason": close.reason}
+        )
+
+    async def unsubscribe_user(self, user: str, channels: Collection[str]) -> None:
+        """Unsubscribe every socket of `user`, on every node, from `channels`.
+
+        Each socket gets `unsubscribed` with reason `server` for those it had.
+        """
+        check_user(user)
+        names = list(dict.fromkeys(channels)) if not isinstance(channels, str) else [channels]
+        if not 0 < len(names) <= MAX_CONTROL_CHANNELS or not all(map(is_valid_channel, names)):
+            raise ValueError(f"channels: 1 to {MAX_CONTROL_CHANNELS} valid channel names")
+        await self.broker.control({"type": "unsubscribe", "user": user, "channels": names})
+
+    async def revoke(
+        self,
+        *,
+        until: float | datetime,
+        user: str | None = None,
+        token_id: str | None = None,
+        issued_before: float | datetime | None = None,
+    ) -> Revocation:
+        """Refuse tokens from now until `until` (at most 30 days ahead), on every node.
+
+        `user` revokes that user's tokens (those issued before `issued_before`,
+        if given); `token_id` one token (its `jti`). Refused on connect, refresh
+        and Bearer emit, cached or not; live sockets holding one are closed 4410.
+        Kept across restarts by a broker that persists (Redis).
+        """
+        revocation = Revocation.make(
+            until=until, user=user, token_id=token_id, issued_before=issued_before
+        )
+        await self.broker.revoke(revocation)
+        return revocation
+
+    def apply_control(self, message: Mapping[str, Any]) -> None:
+        """Act on a control message from the broker (from this node or another)."""
+        kind = message.get("type")
+        if kind == "disconnect":
+            close = Close(CloseCode(message["code"]), message["reason"])
+            for connection in self.connections.of(message["user"]):
+                connection.close(close)
+        elif kind == "unsubscribe":
+            for connection in self.connections.of(message["user"]):
+                left = [c for c in message["channels"] if c in connection.channels]
+                if left:
+                    self._drop(connection, left)
+                    connection.send({"type": "unsubscribed", "channels": left, "reason": "server"})
+                    self._unsubscribed(connection, left, "server")
+        elif kind == "revoke":
+            revocation = Revocation.from_json(message["revocation"])
+            self.revocations.add(revocation)
+            self._close_revoked([revocation])
+        elif kind == "revocations":  # the broker (re)loaded every revocation in force
+            revocations = [Revocation.from_json(r) for r in message["revocations"]]
+            self.revocations.replace(revocations)
+            self._close_revoked(revocations)
+
+    def _close_revoked(self, revocations: list[Revocation]) -> None:
+        for revocation in revocations:
+            holders = (
+                self.connections.of(revocation.user)
+                if revocation.user is not None
+                else list(self.connections)
+            )
+            for connection in holders:
+                if revocation.covers(connection.claims):
+                    connection.close(TOKEN_REVOKED)
+
+    def refused(self, what: str, reason: str) -> None:
+        """Count and log one refused credential (never the credential itself)."""
+        logger.info("%s refused: %s", what, reason)
+        self.auth_failures[reason] += 1
 
     def deliver(self, message: Message) -> None:
         """Hand one message to its channel's subscribers (called by the broker)."""
@@ -132,26 +336,45 @@ class Bus:
         connection.expire_at(asyncio.get_running_loop(), claims.expires_at + self.settings.leeway)
         return connection
 
+    async def announce(self, connection: Connection) -> None:
+        """Run on_connect for a new connection; Forbidden or any error refuses it."""
+        if self.on_connect:
+            try:
+                async with asyncio.timeout(self.settings.authorize_timeout):
+                    await self.hooks.connect(ConnectionInfo.of(connection))
+            except TimeoutError:
+                self.hook_errors["on_connect"] += 1
+                logger.warning("on_connect hook timed out for user %r", connection.claims.subject)
+                raise
+        connection.is_announced = True
+
     def _forget(self, connection: Connection) -> None:
         self.connections.discard(connection)
-        if connection.close_code == CloseCode.SLOW_CONSUMER:
+        if connection.closed_with is SLOW_CONSUMER:
             self.slow_consumer_closes += 1
         connection.pending = None
+        if connection.is_announced and self.on_disconnect:
+            # Taken before the registry forgets the channels it was on.
+            info = ConnectionInfo.of(connection)
+            self.track(
+                self.hooks.send("on_disconnect", self.on_disconnect, info, _code(connection))
+            )
         self._drop_interest(self.registry.remove_all(connection))
 
-    def _start_closing(self, connection: Connection, code: CloseCode) -> None:
-        task = asyncio.get_running_loop().create_task(
-            connection.send_close(code, self.settings.close_timeout)
-        )
+    def _start_closing(self, connection: Connection, close: Close) -> None:
+        connection.closing = self.track(connection.send_close(close, self.settings.close_timeout))
+
+    def track(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run `work` in the background; `stop` and `close_all` wait for it."""
+        task = asyncio.get_running_loop().create_task(work)
         self._background_tasks.add(task)
         task.add_done_callback(self._background_tasks.discard)
+        return task
 
     def _drop_interest(self, channels: Collection[str]) -> None:
         """Tell the broker this node no longer needs `channels`."""
         for channel in channels:
-            task = asyncio.get_running_loop().create_task(self._unsubscribe_broker(channel))
-            self._background_tasks.add(task)
-            task.add_done_callback(self._background_tasks.discard)
+            self.track(self._unsubscribe_broker(channel))
 
     async def _unsubscribe_broker(self, channel: str) -> None:
         # A subscriber may have come back while this was scheduled.
@@ -174,16 +397,30 @@ class Bus:
         messages, then the live ones that arrived meanwhile: no gap, no duplicate.
         """
         result = SubscribeResult()
-        accepted = self._admit(connection, channels, result)
+        accepted = await self._admit(connection, channels, result, since)
+        firsts = []
         for channel in accepted:
             # Held from the moment it joins the registry until the replay is queued.
             connection.hold(channel)
             if self.registry.add(connection, channel):
-                try:
-                    await self.broker.subscribe(channel)
-                except BrokerUnavailable:
-                    self._drop(connection, [channel])
-                    result.denied[channel] = "unavailable"
+                firsts.append(channel)
+        if firsts:
+            outcomes = await asyncio.gather(
+                *(self.broker.subscribe(c) for c in firsts), return_exceptions=True
+            )
+            failed = []
+            for channel, outcome in zip(firsts, outcomes, strict=True):
+                if outcome is None:
+                    continue
+                failed.append(channel)
+                if not isinstance(outcome, BrokerUnavailable):
+                    logger.error("broker subscribe failed: %s", channel, exc_info=outcome)
+            self._drop(connection, failed)
+            result.denied.update(dict.fromkeys(failed, "unavailable"))
+            if connection.is_closing:
+                # Closed while the broker answered: the close emptied the registry
+                # first, so interest taken since then must be given back.
+                self._drop_interest(firsts)
         accepted = [c for c in accepted if c in connection.channels]
         histories: dict[str, History] = {}
         if accepted:
@@ -204,6 +441,9 @@ class Bus:
         connection.send(reply(result))
         for channel in accepted:
             self._go_live(connection, channel, histories[channel], since.get(channel))
+        if accepted and self.on_subscribe and connection.is_announced:
+            info = ConnectionInfo.of(connection)
+            self.track(self.hooks.send("on_subscribe", self.on_subscribe, info, accepted))
         return result
 
     def _go_live(
@@ -225,45 +465,113 @@ class Bus:
                 connection.enqueue(_frame(message))
                 last = message.offset
 
-    def _admit(
-        self, connection: Connection, channels: list[str], result: SubscribeResult
+    async def _admit(
+        self,
+        connection: Connection,
+        channels: list[str],
+        result: SubscribeResult,
+        since: Mapping[str, Position],
     ) -> list[str]:
-        accepted: list[str] = []
-        room = self.settings.max_channels - len(connection.channels)
+        """The channels to subscribe to; the others are answered in `result`.
+
+        Channels the token does not grant go to the application's authorizers;
+        those they allow are allowed for this connection only.
+        """
+        if connection.is_closing:
+            return []
+        candidates: list[str] = []
+        undecided: list[str] = []
+        authorizers = self.authorizers["subscribe"]
         for channel in channels:
             if not is_valid_channel(channel):
                 result.denied[channel] = "invalid"
-            elif not may(connection.claims.subscribe, channel):
-                result.denied[channel] = "forbidden"
             elif channel in connection.channels:
                 result.subscribed.append(channel)
-            elif room <= 0:
-                result.denied[channel] = "limit"
+                if channel in since:  # live on this socket all along: nothing missed
+                    result.recovered[channel] = True
+            elif may(connection.claims.subscribe, channel):
+                candidates.append(channel)
+            elif authorizers:
+                candidates.append(channel)
+                undecided.append(channel)
             else:
-                accepted.append(channel)
-                room -= 1
+                result.denied[channel] = "forbidden"
+        allowed: set[str] = set()
+        if undecided:
+            verdicts = await self.authorize(connection.claims, undecided, "subscribe")
+            if connection.is_closing:
+                return []
+            for channel, verdict in verdicts.items():
+                if verdict == "allowed":
+                    allowed.add(channel)
+                else:
+                    result.denied[channel] = verdict
+        accepted: list[str] = []
+        room = self.settings.max_channels - len(connection.channels)
+        for channel in candidates:
+            if channel in result.denied:
+                continue
+            if room <= 0:
+                result.denied[channel] = "limit"
+                continue
+            accepted.append(channel)
+            room -= 1
+            if channel in allowed:
+                if connection.allowed is None:
+                    connection.allowed = set()
+                connection.allowed.add(channel)
         return accepted
 
     def _drop(self, connection: Connection, channels: list[str]) -> None:
         for channel in channels:
             connection.release(channel)
+            if connection.allowed is not None:
+                connection.allowed.discard(channel)
+        if connection.allowed is not None and not connection.allowed:
+            connection.allowed = None
         self._drop_interest([c for c in channels if self.registry.remove(connection, c)])
 
     def unsubscribe(self, connection: Connection, channels: list[str]) -> list[str]:
         """Unsubscribe from those of `channels` the connection has; return them."""
         left = [c for c in channels if c in connection.channels]
         self._drop(connection, left)
+        self._unsubscribed(connection, left, "client")
         return left
 
+    async def refresh(self, connection: Connection, claims: Claims) -> list[str]:
+        """Switch to a refreshed token; return the channels it no longer grants.
+
+        Subscribed channels the new token does not cover are put to the
+        application's authorizers again; those they refuse (or cannot answer
+        for) are dropped with the ones no longer granted.
+        """
+        authorizers = self.authorizers["subscribe"]
+        uncovered = [c for c in connection.channels if not may(claims.subscribe, c)]
+        if authorizers and uncovered:
+            verdicts = await self.authorize(claims, uncovered, "subscribe")
+            allowed = {c for c, verdict in verdicts.items() if verdict == "allowed"}
+            connection.allowed = allowed or None
+        else:
+            connection.allowed = None
+        return self.regrant(connection, claims)
+
     def regrant(self, connection: Connection, claims: Claims) -> list[str]:
-        """Switch to a refreshed token's claims; return the channels it no longer grants."""
+        """Switch to claims whose grants and allowances are already decided."""
         connection.claims = claims
         revoked, emptied = self.registry.regrant(connection)
         for channel in revoked:
             connection.release(channel)
         self._drop_interest(emptied)
         connection.expire_at(asyncio.get_running_loop(), claims.expires_at + self.settings.leeway)
+        self._unsubscribed(connection, revoked, "revoked")
         return revoked
+
+    def _unsubscribed(self, connection: Connection, channels: list[str], reason: str) -> None:
+        if channels and self.on_unsubscribe and connection.is_announced:
+            info = ConnectionInfo.of(connection)
+            self.track(
+                self.hooks.send("on_unsubscribe", self.on_unsubscribe, info, channels, reason)
+            )
 
 
 def _frame(message: Message, *, recovered: bool = False) -> bytes:
@@ -272,3 +580,12 @@ def _frame(message: Message, *, recovered: bool = False) -> bytes:
             message.channel, message.offset, message.epoch, message.data, recovered=recovered
         )
     )
+
+
+def _code(connection: Connection) -> int:
+    """The close code that ended a connection: the server's, or the peer's."""
+    close = connection.closed_with
+    if close is not CLIENT_GONE and close is not None:
+        return int(close.code)
+    code = connection.socket.close_code
+    return 1006 if code is None else code  # 1006: gone without a close frame (heartbeat)

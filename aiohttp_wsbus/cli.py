@@ -23,9 +23,11 @@ from typing import Any, Final, NoReturn, get_args, get_type_hints
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
+from .authorize_url import UrlAuthorizer
 from .brokers import Broker
+from .bus import Bus
 from .errors import InvalidSettings
-from .settings import Settings
+from .settings import Settings, setting_help
 from .web import setup
 
 __all__ = ["AccessLogger", "main"]
@@ -35,40 +37,12 @@ logger = logging.getLogger("aiohttp_wsbus")
 ENV_PREFIX: Final = "WSBUS_"
 EXIT_BAD_SETTING: Final = 2
 EXIT_CANNOT_LISTEN: Final = 1
-
-# One line per setup() setting; tests check that every Settings field has one.
-HELP: Final[Mapping[str, str]] = {
-    "jwks_url": "URL of the identity provider's JWKS (public keys that sign client tokens)",
-    "jwt_secret": "shared HS256 secret instead of a JWKS URL (development); "
-    "prefer the environment variable, flags show in `ps`",
-    "issuer": "required `iss` claim of client tokens",
-    "audience": "required `aud` claim of client tokens",
-    "base_path": "where the routes live: the WebSocket, /emit, /health, /metrics, /wsbus.js",
-    "algorithms": "accepted JWT algorithms, comma-separated (default RS256, HS256 with a secret)",
-    "channels_claim": "claim listing the channels a token may subscribe to",
-    "publish_claim": "claim listing the channels a token may publish to",
-    "api_keys": "API key that back ends send as X-API-Key to emit (16+ characters); "
-    "repeat for several; prefer --api-key-file, flags show in `ps`",
-    "leeway": "seconds of clock skew allowed on exp/nbf/iat",
-    "heartbeat": "seconds between WebSocket pings ('none' to disable)",
-    "auth_timeout": "seconds a new socket has to send its connect frame",
-    "close_timeout": "seconds a closing socket gets before it is aborted",
-    "max_message_size": "largest client frame in bytes",
-    "max_channels": "subscriptions per connection",
-    "max_connections": "sockets this process accepts ('none' for no limit)",
-    "send_buffer_limit": "unsent bytes before a socket is closed as a slow consumer",
-    "allowed_origins": "browser Origins allowed to connect, comma-separated (default: any)",
-    "allow_query_token": "accept ?token= in the WebSocket URL",
-    "emit_max_size": "largest emit body in bytes",
-    "history_size": "messages kept per channel for recovery",
-    "history_ttl": "seconds a channel's history is kept",
-    "jwks_refetch_interval": "least seconds between JWKS refetches for an unknown key id",
-    "jwks_refresh_interval": "seconds between periodic JWKS refreshes",
-    "metrics": "serve Prometheus metrics at {base_path}/metrics to API-key holders",
-}
+REDIS_URL_SCHEMES: Final = ("redis://", "rediss://", "unix://")
 
 # Plural settings whose flag names one item.
 _SINGULAR_FLAGS: Final = {"api_keys": "--api-key"}
+# Secrets, and the safer way to give them: a command line shows in `ps`.
+_SAFER_SOURCE: Final = {"jwt_secret": "WSBUS_JWT_SECRET", "api_keys": "--api-key-file"}
 _TRUE: Final = frozenset({"1", "true", "yes", "on"})
 _FALSE: Final = frozenset({"0", "false", "no", "off"})
 
@@ -100,6 +74,8 @@ class Option:
     is_optional: bool
     flag: str
     env: str
+    meaning: str  # the setting's one line, from Settings
+    default: Any
 
     @property
     def where(self) -> str:
@@ -112,8 +88,17 @@ def setting_options() -> list[Option]:
     options = []
     for field in fields(Settings):
         kind, is_optional = _kind_of(hints[field.name])
-        flag = _SINGULAR_FLAGS.get(field.name, "--" + field.name.replace("_", "-"))
-        options.append(Option(field.name, kind, is_optional, flag, ENV_PREFIX + field.name.upper()))
+        options.append(
+            Option(
+                name=field.name,
+                kind=kind,
+                is_optional=is_optional,
+                flag=_SINGULAR_FLAGS.get(field.name, "--" + field.name.replace("_", "-")),
+                env=ENV_PREFIX + field.name.upper(),
+                meaning=setting_help(field),
+                default=field.default,
+            )
+        )
     return options
 
 
@@ -157,6 +142,11 @@ def build_parser(prog: str = "wsbus") -> argparse.ArgumentParser:
         "[env WSBUS_REDIS_URL, default: in-process memory broker]",
     )
     server.add_argument(
+        "--authorize-url",
+        help="ask this URL (POST, with the first API key) about channels a token does not "
+        "grant; see docs/authorization.md [env WSBUS_AUTHORIZE_URL]",
+    )
+    server.add_argument(
         "--api-key-file",
         help="file of API keys, one per line ('#' comments allowed); added to --api-key "
         "[env WSBUS_API_KEY_FILE]",
@@ -173,7 +163,7 @@ def build_parser(prog: str = "wsbus") -> argparse.ArgumentParser:
     )
     bus = parser.add_argument_group("bus settings (as for aiohttp_wsbus.setup())")
     for option in setting_options():
-        help_text = f"{HELP.get(option.name, option.name)} [env {option.env}{_default(option)}]"
+        help_text = _help(option)
         if option.kind is bool:
             bus.add_argument(
                 option.flag, dest=option.name, action=argparse.BooleanOptionalAction, help=help_text
@@ -202,13 +192,23 @@ def _metavar(option: Option) -> str:
     return {str: "TEXT", int: "N", float: "SECONDS"}[option.kind]
 
 
-def _default(option: Option) -> str:
-    default = next(f.default for f in fields(Settings) if f.name == option.name)
-    if default is None or default == () or option.name == "algorithms":
-        return ""
-    if isinstance(default, bool):
-        return ", default " + ("on" if default else "off")
-    return f", default {default}"
+def _help(option: Option) -> str:
+    """The setting's meaning, then how the command line spells it."""
+    notes = []
+    if option.kind is list:
+        notes.append("repeat for several" if option.name in _SINGULAR_FLAGS else "comma-separated")
+    if option.is_optional and option.kind in (int, float):
+        notes.append("`none` for None")
+    if option.name in _SAFER_SOURCE:
+        notes.append(f"prefer {_SAFER_SOURCE[option.name]}: flags show in `ps`")
+    default = option.default
+    if isinstance(default, tuple):
+        default = ",".join(default)
+    elif isinstance(default, bool):
+        default = "on" if default else "off"
+    where = f"env {option.env}" + ("" if default in (None, "") else f", default {default}")
+    text = "; ".join([option.meaning, *notes]) + f" [{where}]"
+    return text.replace("%", "%%")  # argparse formats help with %
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,6 +220,7 @@ class ServerConfig:
     port: int
     path: str | None
     redis_url: str | None
+    authorize_url: str | None
     log_level: str
     access_log: bool
 
@@ -256,6 +257,7 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str]) -> ServerConfi
         port=port_number,
         path=given("path"),
         redis_url=given("redis_url"),
+        authorize_url=given("authorize_url"),
         log_level=(given("log_level") or "info").upper(),
         access_log=True
         if access_log is None
@@ -304,21 +306,31 @@ def _read_key_file(path: str) -> list[str]:
 
 
 def make_broker(redis_url: str | None) -> Broker | None:
-    """A RedisBroker for `redis_url`, or None for setup()'s default MemoryBroker."""
+    """A RedisBroker for `redis_url`, or None for setup()'s default MemoryBroker.
+
+    The URL is checked here, before listening: the broker itself would only
+    read it when the app starts, and fail with a traceback.
+    """
     if redis_url is None:
         return None
+    where = "--redis-url / WSBUS_REDIS_URL"
+    # Never echo the URL: it may hold a password.
+    if not redis_url.lower().startswith(REDIS_URL_SCHEMES):
+        raise BadSetting(f"{where}: must start with redis://, rediss:// or unix://")
     try:
         # Imported only when asked for: the redis package is an optional extra.
         module = importlib.import_module("aiohttp_wsbus.brokers.redis")
+        from redis.connection import parse_url
     except ImportError as error:
         raise BadSetting(
-            "--redis-url / WSBUS_REDIS_URL: the Redis broker is not available "
+            f"{where}: the Redis broker is not available "
             f"({error}); install it with: pip install 'aiohttp-wsbus[redis]'"
         ) from None
     try:
+        parse_url(redis_url)  # type: ignore[no-untyped-call]  # redis leaves it unannotated
         broker: Broker = module.RedisBroker(redis_url)
     except ValueError as error:
-        raise BadSetting(f"--redis-url / WSBUS_REDIS_URL: {error}") from None
+        raise BadSetting(f"{where}: not a usable Redis URL: {error}") from None
     return broker
 
 
@@ -327,10 +339,24 @@ def build_app(config: ServerConfig) -> web.Application:
     broker = make_broker(config.redis_url)
     app = web.Application()
     try:
-        setup(app, broker=broker, **config.settings)
+        bus = setup(app, broker=broker, **config.settings)
     except InvalidSettings as error:
         raise BadSetting(_name_flags(str(error))) from None
+    if config.authorize_url is not None:
+        _authorize_through(app, bus, config.authorize_url)
     return app
+
+
+def _authorize_through(app: web.Application, bus: Bus, url: str) -> None:
+    where = "--authorize-url / WSBUS_AUTHORIZE_URL"
+    if not url.lower().startswith(("http://", "https://")):
+        raise BadSetting(f"{where}: must be an http:// or https:// URL")
+    if not bus.settings.api_keys:
+        raise BadSetting(f"{where}: needs an API key (--api-key or --api-key-file) to send")
+    authorizer = UrlAuthorizer(url, bus.settings.api_keys[0], bus.settings.authorize_timeout)
+    for action in ("subscribe", "publish"):
+        bus.batch_authorizer(authorizer.for_action(action), action=action)
+    app.cleanup_ctx.append(authorizer.lifetime)
 
 
 def _name_flags(message: str) -> str:

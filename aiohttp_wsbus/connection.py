@@ -11,7 +11,8 @@ from typing import Any
 from aiohttp import web
 
 from .brokers.base import Message
-from .protocol import CloseCode, encode, text_frame
+from .grants import may
+from .protocol import SLOW_CONSUMER, TOKEN_EXPIRED, Close, encode, text_frame
 from .tokens import Claims
 
 __all__ = ["Connection", "WriteScheduler"]
@@ -54,10 +55,13 @@ class Connection:
         "_on_close",
         "_outbox",
         "_scheduler",
+        "allowed",
         "channels",
         "claims",
-        "close_code",
+        "closed_with",
+        "closing",
         "id",
+        "is_announced",
         "is_closing",
         "pending",
         "send_buffer_limit",
@@ -75,18 +79,22 @@ class Connection:
         scheduler: WriteScheduler,
         send_buffer_limit: int,
         on_close: Callable[[Connection], None],
-        closer: Callable[[Connection, CloseCode], None],
+        closer: Callable[[Connection, Close], None],
     ) -> None:
         self.id = connection_id
         self.socket = socket
         self.transport = transport
         self.claims = claims
         self.channels: set[str] = set()
+        # Channels an authorizer allowed this socket (None: none; most sockets).
+        self.allowed: set[str] | None = None
+        self.is_announced = False  # on_connect accepted it: on_disconnect will follow
         # Channels being recovered: live messages wait here until the replay is out.
         # Made only while a subscribe is in flight: idle sockets carry no dict.
         self.pending: dict[str, list[Message]] | None = None
         self.is_closing = False
-        self.close_code: CloseCode | None = None
+        self.closed_with: Close | None = None
+        self.closing: asyncio.Task[None] | None = None  # the close being sent
         self.send_buffer_limit = send_buffer_limit
         self._scheduler = scheduler
         # None while nothing waits; one frame is kept as bytes, several as a list.
@@ -100,6 +108,11 @@ class Connection:
 
     def __repr__(self) -> str:
         return f"<Connection {self.id} user={self.claims.subject!r}>"
+
+    def may_subscribe(self, channel: str) -> bool:
+        """Whether the token's grants cover `channel`, or an authorizer allowed it here."""
+        allowed = self.allowed
+        return (allowed is not None and channel in allowed) or may(self.claims.subscribe, channel)
 
     # -- sending ---------------------------------------------------------
 
@@ -153,7 +166,7 @@ class Connection:
             return
         self.transport.write(outbox if isinstance(outbox, bytes) else b"".join(outbox))
         if self.transport.get_write_buffer_size() > self.send_buffer_limit:
-            self.close(CloseCode.SLOW_CONSUMER)
+            self.close(SLOW_CONSUMER)
 
     # -- lifetime --------------------------------------------------------
 
@@ -162,30 +175,34 @@ class Connection:
         if self._expiry is not None:
             self._expiry.cancel()
         delay = max(0.0, deadline - time.time())
-        self._expiry = loop.call_later(delay, self.close, CloseCode.TOKEN_EXPIRED)
+        self._expiry = loop.call_later(delay, self.close, TOKEN_EXPIRED)
 
-    def close(self, code: CloseCode) -> None:
-        """Leave the registry now, then close the socket with `code` in the background."""
+    def close(self, close: Close) -> None:
+        """Leave the registry now, then close the socket in the background."""
         if self.is_closing:
             return
-        if code != CloseCode.SLOW_CONSUMER:
+        if close is not SLOW_CONSUMER:
             self.flush()  # what was queued before the close still goes out
             if self.is_closing:  # the flush found a slow consumer and closed it
                 return
         self.is_closing = True
-        self.close_code = code
+        self.closed_with = close
         self._outbox = None
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
         self._on_close(self)
-        self._closer(self, code)
+        self._closer(self, close)
 
-    async def send_close(self, code: CloseCode, timeout: float) -> None:
+    async def send_close(self, close: Close, timeout: float) -> None:
         """Send the close frame and wait for the peer; abort the socket if it won't drain."""
         try:
             async with asyncio.timeout(timeout):
-                await self.socket.close(code=code, drain=code != CloseCode.SLOW_CONSUMER)
+                await self.socket.close(
+                    code=close.code,
+                    message=close.reason.encode(),
+                    drain=close is not SLOW_CONSUMER,
+                )
         except TimeoutError:
             self.transport.abort()
         except Exception:  # the peer went away mid-close: nothing left to tell it

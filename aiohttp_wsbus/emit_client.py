@@ -1,9 +1,11 @@
 """Emit clients for back ends that publish over HTTP: async on aiohttp, sync on urllib.
 
-Both send `POST {base_url}{base_path}/emit`, retry a bounded number of times
-when the bus (or a proxy before it) answers 502/503/504 or cannot be reached,
-and raise EmitError for anything else. Every emit carries an idempotency id
-(a random one unless given), so a retry never publishes a message twice.
+Both send `POST {base_url}{base_path}/emit` (and, with an API key, the control
+endpoints: disconnect, unsubscribe a user, revoke), retry a bounded number of
+times when the bus (or a proxy before it) answers 502/503/504 or cannot be
+reached, and raise EmitError for anything else. Every emit carries an
+idempotency id (a random one unless given), so a retry never publishes a
+message twice; the control calls are safe to repeat as they are.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ import json
 import secrets
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Sequence
+from datetime import datetime
 from types import TracebackType
 from typing import Any, Final, Self
 
@@ -63,7 +67,9 @@ class _Emitter:
             raise ValueError("give api_key or token (a JWT with a publish claim), exactly one")
         if retries < 0 or backoff < 0 or max_backoff < 0 or timeout <= 0:
             raise ValueError("retries, backoff and max_backoff must be >= 0, timeout > 0")
-        self.url = base_url.rstrip("/") + "/" + base_path.strip("/") + "/emit"
+        self.root = base_url.rstrip("/") + "/" + base_path.strip("/")
+        self.url = self.root + "/emit"
+        self.has_api_key = api_key is not None
         self.retries = retries
         self.backoff = backoff
         self.max_backoff = max_backoff
@@ -82,6 +88,24 @@ class _Emitter:
         message_id = message_id if message_id is not None else secrets.token_urlsafe(16)
         return json.dumps({**target, "data": data, "id": message_id}).encode()
 
+    def control(self, call: str, **arguments: Any) -> tuple[str, bytes]:
+        """The URL and body of a control call (API key only: the bus refuses tokens)."""
+        if not self.has_api_key:
+            raise ValueError("control calls need an api_key, not a token")
+        if call == "revoke":
+            return self.root + "/revocations", _control_body(arguments)
+        user = arguments.pop("user")
+        if not isinstance(user, str) or not user:
+            raise ValueError("user: must be 1 to 256 characters")
+        path = urllib.parse.quote(user, safe="")
+        return f"{self.root}/users/{path}/{call}", _control_body(arguments)
+
+    @staticmethod
+    def accepted(status: int, raw: bytes) -> None:
+        if status != 202:
+            answer = _json(raw)
+            raise EmitError(status, str(answer.get("error", "unexpected_response")), answer)
+
     def delay(self, attempt: int) -> float:
         return float(min(self.max_backoff, self.backoff * 2**attempt))
 
@@ -91,6 +115,16 @@ class _Emitter:
         if status != 202 or not isinstance(answer.get("published"), list):
             raise EmitError(status, str(answer.get("error", "unexpected_response")), answer)
         return [Published(p["channel"], p["offset"], p["epoch"]) for p in answer["published"]]
+
+
+def _control_body(arguments: dict[str, Any]) -> bytes:
+    body = {}
+    for name, value in arguments.items():
+        if isinstance(value, datetime):
+            value = value.timestamp()
+        if value is not None:
+            body[name] = list(value) if name == "channels" else value
+    return json.dumps(body).encode()
 
 
 def _json(raw: bytes) -> dict[str, Any]:
@@ -140,14 +174,45 @@ class EmitClient:
     ) -> list[Published]:
         """Publish `data` (any JSON value) to one channel or several; raise EmitError."""
         emitter = self._emitter
-        body = emitter.body(channels, data, id)
+        status, raw = await self._post(emitter.url, emitter.body(channels, data, id))
+        return emitter.published(status, raw)
+
+    async def disconnect(self, user: str, *, reconnect: bool = False, reason: str = "") -> None:
+        """Close every socket of `user` (4410, or 4012 with reconnect=True); raise EmitError."""
+        url, body = self._emitter.control(
+            "disconnect", user=user, reconnect=reconnect, reason=reason
+        )
+        self._emitter.accepted(*await self._post(url, body))
+
+    async def unsubscribe_user(self, user: str, channels: Sequence[str]) -> None:
+        """Unsubscribe every socket of `user` from `channels`; raise EmitError."""
+        url, body = self._emitter.control("unsubscribe", user=user, channels=channels)
+        self._emitter.accepted(*await self._post(url, body))
+
+    async def revoke(
+        self,
+        *,
+        until: float | datetime,
+        user: str | None = None,
+        token_id: str | None = None,
+        issued_before: float | datetime | None = None,
+    ) -> None:
+        """Refuse tokens until `until` (see Bus.revoke); raise EmitError."""
+        url, body = self._emitter.control(
+            "revoke", user=user, token_id=token_id, issued_before=issued_before, until=until
+        )
+        self._emitter.accepted(*await self._post(url, body))
+
+    async def _post(self, url: str, body: bytes) -> tuple[int, bytes]:
+        """POST with the bounded retries; the last answer's status and body."""
+        emitter = self._emitter
         session = self._get_session()
         timeout = aiohttp.ClientTimeout(total=emitter.timeout)
         for attempt in range(emitter.retries + 1):
             is_last = attempt == emitter.retries
             try:
                 async with session.post(
-                    emitter.url, data=body, headers=emitter.headers, timeout=timeout
+                    url, data=body, headers=emitter.headers, timeout=timeout
                 ) as response:
                     raw = await response.read()
                     status = response.status
@@ -156,7 +221,7 @@ class EmitClient:
                     raise EmitError(None, "unreachable", {"detail": str(error)}) from error
             else:
                 if status not in RETRY_STATUSES or is_last:
-                    return emitter.published(status, raw)
+                    return status, raw
             await asyncio.sleep(emitter.delay(attempt))
         raise AssertionError("unreachable: the last attempt returns or raises")
 
@@ -216,18 +281,47 @@ class SyncEmitClient:
     ) -> list[Published]:
         """Publish `data` (any JSON value) to one channel or several; raise EmitError."""
         emitter = self._emitter
-        request = urllib.request.Request(  # noqa: S310 (the scheme is checked above)
-            emitter.url, data=emitter.body(channels, data, id), headers=emitter.headers
+        return emitter.published(*self._post(emitter.url, emitter.body(channels, data, id)))
+
+    def disconnect(self, user: str, *, reconnect: bool = False, reason: str = "") -> None:
+        """Close every socket of `user` (4410, or 4012 with reconnect=True); raise EmitError."""
+        url, body = self._emitter.control(
+            "disconnect", user=user, reconnect=reconnect, reason=reason
         )
+        self._emitter.accepted(*self._post(url, body))
+
+    def unsubscribe_user(self, user: str, channels: Sequence[str]) -> None:
+        """Unsubscribe every socket of `user` from `channels`; raise EmitError."""
+        url, body = self._emitter.control("unsubscribe", user=user, channels=channels)
+        self._emitter.accepted(*self._post(url, body))
+
+    def revoke(
+        self,
+        *,
+        until: float | datetime,
+        user: str | None = None,
+        token_id: str | None = None,
+        issued_before: float | datetime | None = None,
+    ) -> None:
+        """Refuse tokens until `until` (see Bus.revoke); raise EmitError."""
+        url, body = self._emitter.control(
+            "revoke", user=user, token_id=token_id, issued_before=issued_before, until=until
+        )
+        self._emitter.accepted(*self._post(url, body))
+
+    def _post(self, url: str, body: bytes) -> tuple[int, bytes]:
+        """POST with the bounded retries; the last answer's status and body."""
+        emitter = self._emitter
+        request = urllib.request.Request(url, data=body, headers=emitter.headers)  # noqa: S310
         for attempt in range(emitter.retries + 1):
             is_last = attempt == emitter.retries
             try:
                 with urllib.request.urlopen(request, timeout=emitter.timeout) as response:  # noqa: S310
-                    return emitter.published(response.status, response.read())
+                    return response.status, response.read()
             except urllib.error.HTTPError as error:
                 with error:
                     if error.code not in RETRY_STATUSES or is_last:
-                        return emitter.published(error.code, error.read())
+                        return error.code, error.read()
             except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
                 if is_last:
                     raise EmitError(None, "unreachable", {"detail": str(error)}) from error

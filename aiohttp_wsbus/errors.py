@@ -1,6 +1,12 @@
-"""The exceptions aiohttp_wsbus raises; web.py turns each into a status or close code."""
+"""The exceptions aiohttp_wsbus raises, and the one shape of its HTTP errors."""
 
 from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from aiohttp import web
 
 
 class WsBusError(Exception):
@@ -27,11 +33,14 @@ class KeysUnavailable(WsBusError):
 
 
 class Forbidden(WsBusError):
-    """The token is valid but does not grant what was asked."""
+    """The token is valid but does not grant what was asked.
 
-    def __init__(self, channels: list[str]) -> None:
+    The application raises it from an on_connect hook to refuse a socket (4403).
+    """
+
+    def __init__(self, channels: Sequence[str] = ()) -> None:
         super().__init__(", ".join(channels))
-        self.channels = channels
+        self.channels = list(channels)
 
 
 class BrokerUnavailable(WsBusError):
@@ -40,3 +49,14 @@ class BrokerUnavailable(WsBusError):
 
 class InvalidChannel(WsBusError, ValueError):
     """A channel name breaks the naming rules."""
+
+
+def http_error(
+    status: Callable[..., web.HTTPException], error: str, **details: Any
+) -> web.HTTPException:
+    """An HTTP error with the JSON body every endpoint answers: {"error": ..., **details}.
+
+    `status` is an aiohttp HTTPException class, or a partial of one that needs
+    arguments. Handlers raise the result where they find the problem.
+    """
+    return status(text=json.dumps({"error": error, **details}), content_type="application/json")

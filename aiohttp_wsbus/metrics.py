@@ -7,7 +7,7 @@ Needs prometheus-client (`pip install 'aiohttp-wsbus[metrics]'`). With
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -58,14 +58,18 @@ class BusCollector(Collector):
             "Sockets closed with 4002 because they did not keep up.",
             bus.slow_consumer_closes,
         )
-        failures = CounterMetricFamily(
+        yield _labelled(
             "wsbus_auth_failures",
             "Refused tokens and API keys, by reason.",
-            labels=["reason"],
+            "reason",
+            bus.auth_failures,
         )
-        for reason, count in sorted(bus.auth_failures.items()):
-            failures.add_metric([reason], count)
-        yield failures
+        yield _labelled(
+            "wsbus_hook_errors",
+            "Application hooks and authorizers that failed or timed out, by hook.",
+            "hook",
+            bus.hook_errors,
+        )
         yield _counter("wsbus_jwks_fetches", "JWKS fetch attempts.", bus.verifier.fetch_count)
         yield _counter(
             "wsbus_jwks_fetch_failures", "JWKS fetches that failed.", bus.verifier.fetch_failures
@@ -100,3 +104,12 @@ def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
 
 def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:
     return CounterMetricFamily(name, documentation, value=value)
+
+
+def _labelled(
+    name: str, documentation: str, label: str, counts: Mapping[str, int]
+) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, documentation, labels=[label])
+    for value, count in sorted(counts.items()):
+        family.add_metric([value], count)
+    return family

@@ -7,14 +7,28 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
 __all__ = [
+    "ANOTHER_USER",
+    "BROKER_UNAVAILABLE",
+    "CLIENT_GONE",
+    "CONNECTION_LIMIT",
+    "INTERNAL_ERROR",
+    "KEYS_UNAVAILABLE",
+    "NO_CONNECT_FRAME",
+    "REFUSED",
+    "SHUTTING_DOWN",
+    "SLOW_CONSUMER",
+    "TOKEN_EXPIRED",
+    "TOKEN_REVOKED",
     "BadFrame",
     "ClientFrame",
+    "Close",
     "CloseCode",
     "Connect",
     "Ping",
@@ -22,15 +36,21 @@ __all__ = [
     "Refresh",
     "Subscribe",
     "Unsubscribe",
+    "bad_request",
     "encode",
     "encode_data",
     "encode_message",
+    "ended",
     "parse_client_frame",
+    "reconnect",
     "text_frame",
+    "unauthorized",
 ]
 
-MAX_TOKEN_LENGTH: Final = 16384
 MAX_EPOCH_LENGTH: Final = 64
+MAX_OFFSET: Final = 2**63 - 1  # Redis stream ids and counters are 64-bit
+# Epochs are printable ASCII; anything else names no history (recovered: false).
+_EPOCH_RE: Final = re.compile(rf"[\x21-\x7e]{{0,{MAX_EPOCH_LENGTH}}}")
 
 
 class CloseCode(enum.IntEnum):
@@ -38,14 +58,68 @@ class CloseCode(enum.IntEnum):
 
     NORMAL = 1000  # stop
     GOING_AWAY = 1001  # server shutting down: reconnect with backoff
+    PROTOCOL_ERROR = 1002  # aiohttp: a frame that breaks RFC 6455: stop
+    INVALID_PAYLOAD = 1007  # aiohttp: a text frame that is not UTF-8: stop
     MESSAGE_TOO_BIG = 1009  # stop
     INTERNAL_ERROR = 1011  # reconnect with backoff
     TRY_AGAIN_LATER = 1013  # reconnect with backoff
     TOKEN_EXPIRED = 4001  # fetch a fresh token, reconnect at once
+    RECONNECT = 4012  # the application changed permissions: fresh token, reconnect at once
     SLOW_CONSUMER = 4002  # reconnect
     BAD_REQUEST = 4400  # stop
     UNAUTHORIZED = 4401  # fetch a fresh token, retry once, then stop
     FORBIDDEN = 4403  # stop
+    SESSION_ENDED = 4410  # the application ended this session (logout, ban, revoke): stop
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Why the server closes a socket: the code, and a short reason sent with it."""
+
+    code: CloseCode
+    reason: str
+
+    def __post_init__(self) -> None:
+        # RFC 6455 leaves 123 bytes for the reason in a close frame.
+        if len(self.reason.encode()) > 123:
+            raise ValueError("a close reason is at most 123 bytes of UTF-8")
+
+
+# Every close the server sends, with its reason; docs/protocol.md's table.
+CLIENT_GONE: Final = Close(CloseCode.NORMAL, "closed")
+SHUTTING_DOWN: Final = Close(CloseCode.GOING_AWAY, "server shutting down")
+INTERNAL_ERROR: Final = Close(CloseCode.INTERNAL_ERROR, "internal error")
+CONNECTION_LIMIT: Final = Close(CloseCode.TRY_AGAIN_LATER, "connection limit")
+BROKER_UNAVAILABLE: Final = Close(CloseCode.TRY_AGAIN_LATER, "broker unavailable")
+KEYS_UNAVAILABLE: Final = Close(CloseCode.TRY_AGAIN_LATER, "keys unavailable")
+TOKEN_EXPIRED: Final = Close(CloseCode.TOKEN_EXPIRED, "token expired")
+SLOW_CONSUMER: Final = Close(CloseCode.SLOW_CONSUMER, "slow consumer")
+NO_CONNECT_FRAME: Final = Close(CloseCode.UNAUTHORIZED, "no connect frame")
+ANOTHER_USER: Final = Close(CloseCode.FORBIDDEN, "refresh token is for another user")
+REFUSED: Final = Close(CloseCode.FORBIDDEN, "refused by the application")
+
+
+TOKEN_REVOKED: Final = Close(CloseCode.SESSION_ENDED, "token revoked")
+
+
+def ended(reason: str) -> Close:
+    """4410: the application ended the session (its reason, or a default one)."""
+    return Close(CloseCode.SESSION_ENDED, reason or "session ended")
+
+
+def reconnect(reason: str) -> Close:
+    """4012: reconnect at once with a fresh token (permissions changed)."""
+    return Close(CloseCode.RECONNECT, reason or "reconnect with a fresh token")
+
+
+def unauthorized(reason: str) -> Close:
+    """4401 for a token refused for `reason` (a word such as expired, never the token)."""
+    return Close(CloseCode.UNAUTHORIZED, f"token {reason}")
+
+
+def bad_request(error: BadFrame) -> Close:
+    """4400 for a malformed or unexpected frame."""
+    return Close(CloseCode.BAD_REQUEST, str(error))
 
 
 class BadFrame(Exception):
@@ -95,9 +169,11 @@ ClientFrame = Connect | Subscribe | Unsubscribe | Refresh | Ping
 
 
 def _token(frame: Mapping[str, Any]) -> str:
+    # Empty, over-long or garbled tokens are the verifier's to refuse (4401):
+    # only a token that is not a string at all is a malformed frame.
     token = frame.get("token")
-    if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_LENGTH:
-        raise BadFrame("token must be a non-empty string")
+    if not isinstance(token, str):
+        raise BadFrame("token must be a string")
     return token
 
 
@@ -126,12 +202,12 @@ def _since(frame: Mapping[str, Any]) -> dict[str, Position]:
         if (
             not isinstance(offset, int)
             or isinstance(offset, bool)
-            or offset < 0
+            or not 0 <= offset <= MAX_OFFSET
             or not isinstance(epoch, str)
             or len(epoch) > MAX_EPOCH_LENGTH
         ):
             raise BadFrame("since entries need an integer offset >= 0 and a string epoch")
-        positions[channel] = Position(offset, epoch)
+        positions[channel] = Position(offset, epoch if _EPOCH_RE.fullmatch(epoch) else "")
     return positions
 
 
@@ -139,8 +215,8 @@ def parse_client_frame(text: str | bytes) -> ClientFrame:
     """Parse one client text frame; raise BadFrame if it is not a valid frame."""
     try:
         frame = json.loads(text)
-    except ValueError:
-        raise BadFrame("frame is not JSON") from None
+    except (ValueError, RecursionError):
+        raise BadFrame("frame is not JSON, or nested too deeply") from None
     if not isinstance(frame, dict):
         raise BadFrame("frame must be a JSON object")
     kind = frame.get("type")
@@ -163,8 +239,12 @@ def parse_client_frame(text: str | bytes) -> ClientFrame:
 
 
 def encode(frame: Mapping[str, Any]) -> bytes:
-    """Encode a server frame as compact UTF-8 JSON."""
-    return json.dumps(frame, separators=(",", ":"), ensure_ascii=False).encode()
+    """Encode a server control frame as compact JSON.
+
+    ASCII escapes keep it valid UTF-8 even when it echoes a client's bad
+    string back (a channel name holding a lone surrogate, denied as invalid).
+    """
+    return json.dumps(frame, separators=(",", ":")).encode()
 
 
 def encode_data(data: Any) -> str:

@@ -1,28 +1,88 @@
-"""The subscription registry: channel -> connections. The only road to delivery."""
+"""The subscription registry: channel -> connections (the only road to delivery),
+and user -> connections (what a disconnect or revocation reaches)."""
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from typing import TYPE_CHECKING, Final
 
 from .errors import Forbidden
-from .grants import may
 
 if TYPE_CHECKING:
     from .connection import Connection
 
-__all__ = ["Registry"]
+__all__ = ["Connections", "Registry"]
 
 _NOBODY: Final[Collection[Connection]] = ()
+
+
+class Connections(Collection["Connection"]):
+    """Every authenticated connection, indexed by user.
+
+    A user's only connection is kept as itself, several as a set: most users
+    hold one socket, and an idle socket must cost no more than one dict slot.
+    """
+
+    def __init__(self) -> None:
+        self._by_user: dict[str, Connection | set[Connection]] = {}
+        self._count = 0
+
+    def add(self, connection: Connection) -> None:
+        user = connection.claims.subject
+        held = self._by_user.get(user)
+        if held is None:
+            self._by_user[user] = connection
+        elif isinstance(held, set):
+            held.add(connection)
+        elif held is not connection:
+            self._by_user[user] = {held, connection}
+        else:
+            return
+        self._count += 1
+
+    def discard(self, connection: Connection) -> None:
+        user = connection.claims.subject
+        held = self._by_user.get(user)
+        if held is connection:
+            del self._by_user[user]
+        elif isinstance(held, set) and connection in held:
+            held.discard(connection)
+            if len(held) == 1:
+                self._by_user[user] = next(iter(held))
+        else:
+            return
+        self._count -= 1
+
+    def of(self, user: str) -> list[Connection]:
+        """The user's connections on this node (a copy: safe to close them while iterating)."""
+        held = self._by_user.get(user)
+        if held is None:
+            return []
+        return list(held) if isinstance(held, set) else [held]
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[Connection]:
+        for held in list(self._by_user.values()):
+            if isinstance(held, set):
+                yield from list(held)
+            else:
+                yield held
+
+    def __contains__(self, connection: object) -> bool:
+        subject = getattr(getattr(connection, "claims", None), "subject", None)
+        held = self._by_user.get(subject) if isinstance(subject, str) else None
+        return held is connection or (isinstance(held, set) and connection in held)
 
 
 class Registry:
     """Which connections hear which channels.
 
     A connection is in a channel's set only while its current grants cover the
-    channel: `add` refuses otherwise, and `regrant` drops what a new token no
-    longer grants. The bus delivers a channel's messages to this set and
-    nothing else.
+    channel or an authorizer allowed it for this connection: `add` refuses
+    otherwise, and `regrant` drops what is no longer granted or allowed. The
+    bus delivers a channel's messages to this set and nothing else.
     """
 
     def __init__(self) -> None:
@@ -34,7 +94,7 @@ class Registry:
 
     def add(self, connection: Connection, channel: str) -> bool:
         """Subscribe; return True when this is the channel's first subscriber here."""
-        if not may(connection.claims.subscribe, channel):
+        if not connection.may_subscribe(channel):
             raise Forbidden([channel])
         subscribers = self._subscribers.get(channel)
         is_first = subscribers is None
@@ -63,11 +123,11 @@ class Registry:
         return emptied
 
     def regrant(self, connection: Connection) -> tuple[list[str], list[str]]:
-        """Drop the channels the connection's current claims no longer grant.
+        """Drop the channels the connection's claims and allowances no longer cover.
 
         Returns (revoked channels, channels left with no subscriber).
         """
-        revoked = [c for c in connection.channels if not may(connection.claims.subscribe, c)]
+        revoked = [c for c in connection.channels if not connection.may_subscribe(c)]
         emptied = [c for c in revoked if self.remove(connection, c)]
         return revoked, emptied
 

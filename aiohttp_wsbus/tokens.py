@@ -1,7 +1,9 @@
-"""Token verification: a JWKS key cache (async fetch, kid rotation, refetch limits) -> Claims.
+"""Token verification: a raw JWT -> Claims, with a key set from a JWKS URL or a secret.
 
 This module knows nothing of sockets. A verifier turns a raw JWT into `Claims` or
-raises `InvalidToken(reason)` / `KeysUnavailable`; `web.py` maps those to close codes.
+raises `InvalidToken(reason)` / `KeysUnavailable`; `websocket.py` and `emit.py`
+map those to close codes and statuses.
+Fetching and refreshing the key set is `jwks.py`'s work.
 
 Rules worth knowing:
 
@@ -22,77 +24,58 @@ Rules worth knowing:
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
-import contextlib
 import hashlib
 import json
-import logging
 import math
 import re
 import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Final
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, ClassVar, Final
 
 import aiohttp
 import jwt
-from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
-from cryptography.hazmat.primitives.asymmetric.ed448 import Ed448PublicKey
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from jwt.types import Options
 
 from .errors import InvalidSettings, InvalidToken, KeysUnavailable
+from .jwks import PUBLIC_KEY_ALGORITHMS, SECRET_ALGORITHMS, JwksKey, JwksKeySet, PublicKey
 
-__all__ = ["Claims", "JwksVerifier", "SecretVerifier", "TokenVerifier"]
+__all__ = ["Claims", "ClaimsCache", "JwksVerifier", "SecretVerifier", "TokenVerifier"]
 
-logger = logging.getLogger(__name__)
-
-MAX_JWKS_BYTES: Final = 1 << 20
-"""A JWKS response larger than this is refused (a real one is a few KiB)."""
-
-# Which key type each asymmetric algorithm may be used with.
-KEY_TYPE_BY_ALGORITHM: Final[Mapping[str, str]] = {
-    "RS256": "RSA",
-    "RS384": "RSA",
-    "RS512": "RSA",
-    "PS256": "RSA",
-    "PS384": "RSA",
-    "PS512": "RSA",
-    "ES256": "EC",
-    "ES384": "EC",
-    "ES512": "EC",
-    "EdDSA": "OKP",
-}
-SECRET_ALGORITHMS: Final = frozenset({"HS256", "HS384", "HS512"})
-
-PublicKey = RSAPublicKey | EllipticCurvePublicKey | Ed25519PublicKey | Ed448PublicKey
+# Longer tokens are refused unread (a token is verified and cached per socket).
+MAX_TOKEN_LENGTH: Final = 16384
 
 
 @dataclass(frozen=True, slots=True)
 class Claims:
-    """What a verified token says about its holder."""
+    """What a verified token says about its holder (never the token itself)."""
 
     subject: str
     expires_at: int
     subscribe: tuple[str, ...]
     publish: tuple[str, ...]
     token_hash: bytes
+    token_id: str | None = None  # `jti`
+    issued_at: float | None = None  # `iat`
+    # Every verified claim, read-only (kept out of repr: it may hold personal data).
+    extra: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), repr=False)
 
 
 class TokenVerifier(ABC):
     """Turns a raw JWT into Claims; subclasses only say where keys come from."""
 
-    fetch_count: int
-    fetch_failures: int
+    # The algorithms this kind of key source can check (a subset is allowed).
+    usable_algorithms: ClassVar[frozenset[str]]
 
     def __init__(
         self,
         *,
+        algorithms: Sequence[str],
         issuer: str | None,
         audience: str | None,
         leeway: float,
@@ -101,13 +84,17 @@ class TokenVerifier(ABC):
         cache_size: int,
         clock: Callable[[], float],
     ) -> None:
+        if not algorithms or not set(algorithms) <= self.usable_algorithms:
+            raise InvalidSettings(
+                f"algorithms: {type(self).__name__} accepts only {sorted(self.usable_algorithms)}, "
+                f"got {list(algorithms)}"
+            )
+        self.algorithms = tuple(algorithms)
         self.issuer = issuer
         self.audience = audience
         self.leeway = leeway
         self.channels_claim = channels_claim
         self.publish_claim = publish_claim
-        self.fetch_count = 0
-        self.fetch_failures = 0
         self._clock = clock
         self._cache = ClaimsCache(cache_size)
 
@@ -124,12 +111,28 @@ class TokenVerifier(ABC):
     def key_status(self) -> str:
         """'fresh', 'stale' (keys kept after a failed fetch) or 'unavailable'."""
 
+    @property
+    def fetch_count(self) -> int:
+        """Key set fetches attempted (none for a verifier that fetches nothing)."""
+        return 0
+
+    @property
+    def fetch_failures(self) -> int:
+        """Key set fetches that failed."""
+        return 0
+
     @abstractmethod
     async def _decode(self, token: str, algorithm: str, key_id: str | None) -> dict[str, Any]:
-        """Check the signature, iss and aud; return the payload or raise InvalidToken."""
+        """Check the signature, iss and aud of a token whose alg is allowed; return its payload."""
 
     async def verify(self, token: str) -> Claims:
         """Return the token's Claims, or raise InvalidToken(reason) or KeysUnavailable."""
+        if not token:
+            raise InvalidToken("missing")
+        if len(token) > MAX_TOKEN_LENGTH:
+            raise InvalidToken("too_long")
+        if not token.isascii():  # a JWT is base64url and dots
+            raise InvalidToken("malformed")
         token_hash = hashlib.sha256(token.encode()).digest()
         now = self._clock()
         cached = self._cache.get(token_hash)
@@ -139,6 +142,8 @@ class TokenVerifier(ABC):
                 raise InvalidToken("expired")
             return cached
         algorithm, key_id = _read_header(token)
+        if algorithm not in self.algorithms:
+            raise InvalidToken("algorithm")
         payload = await self._decode(token, algorithm, key_id)
         claims = self._claims_from(payload, token_hash, self._clock())
         self._cache.put(claims)
@@ -196,17 +201,23 @@ class TokenVerifier(ABC):
         subject = payload.get("sub")
         if not isinstance(subject, str) or not subject:
             raise InvalidToken("claims")
+        token_id = payload.get("jti")
         return Claims(
             subject=subject,
             expires_at=int(expires_at),
             subscribe=_grant_patterns(payload.get(self.channels_claim)),
             publish=_grant_patterns(payload.get(self.publish_claim)),
             token_hash=token_hash,
+            token_id=token_id if isinstance(token_id, str) else None,
+            issued_at=_numeric_date(payload, "iat"),
+            extra=MappingProxyType(payload),
         )
 
 
 class JwksVerifier(TokenVerifier):
-    """Verifies asymmetric JWTs against keys fetched (with aiohttp) from a JWKS URL."""
+    """Verifies asymmetric JWTs against the keys served at a JWKS URL."""
+
+    usable_algorithms = PUBLIC_KEY_ALGORITHMS
 
     def __init__(
         self,
@@ -226,6 +237,7 @@ class JwksVerifier(TokenVerifier):
         clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__(
+            algorithms=algorithms,
             issuer=issuer,
             audience=audience,
             leeway=leeway,
@@ -234,70 +246,44 @@ class JwksVerifier(TokenVerifier):
             cache_size=cache_size,
             clock=clock,
         )
-        refused = [name for name in algorithms if name not in KEY_TYPE_BY_ALGORITHM]
-        if refused or not algorithms:
-            raise InvalidSettings(
-                f"algorithms: a JWKS verifier accepts only {sorted(KEY_TYPE_BY_ALGORITHM)}, "
-                f"got {list(algorithms)}"
-            )
-        self.jwks_url = jwks_url
-        self.algorithms = tuple(algorithms)
-        self.refetch_interval = refetch_interval
-        self.refresh_interval = refresh_interval
-        self.fetch_timeout = fetch_timeout
-        self.startup_retry = startup_retry
-        self._keys: list[JwksKey] | None = None
-        self._last_fetch_ok = False
-        # Set so the first on-demand fetch is never held back by the rate limit.
-        self._last_on_demand_fetch = float("-inf")
-        self._fetch_lock = asyncio.Lock()
-        self._session: aiohttp.ClientSession | None = None
-        self._owns_session = False
-        self._refresh_task: asyncio.Task[None] | None = None
+        # A changed key set may have dropped a key: forget what its tokens proved.
+        self.key_set = JwksKeySet(
+            jwks_url,
+            algorithms=self.algorithms,
+            on_change=self._cache.clear,
+            refetch_interval=refetch_interval,
+            refresh_interval=refresh_interval,
+            fetch_timeout=fetch_timeout,
+            startup_retry=startup_retry,
+            clock=clock,
+        )
 
     @property
     def key_status(self) -> str:
-        if not self._keys:
-            return "unavailable"
-        return "fresh" if self._last_fetch_ok else "stale"
+        return self.key_set.status
+
+    @property
+    def fetch_count(self) -> int:
+        return self.key_set.fetch_count
+
+    @property
+    def fetch_failures(self) -> int:
+        return self.key_set.fetch_failures
 
     async def start(self, session: aiohttp.ClientSession | None) -> None:
-        """Fetch the keys once (failure only logs) and start the periodic refresh.
-
-        A failed first fetch is retried after `startup_retry` seconds and only
-        logged as a warning if that fails too: the identity provider may be
-        this very app, which does not listen until its startup is over.
-        """
-        if session is None:
-            session = aiohttp.ClientSession()
-            self._owns_session = True
-        self._session = session
-        async with self._fetch_lock:
-            await self._fetch(is_startup=True)
-        first_delay = None if self._last_fetch_ok else self.startup_retry
-        self._refresh_task = asyncio.create_task(
-            self._refresh_forever(first_delay), name="wsbus-jwks-refresh"
-        )
+        """Fetch the keys (a failure only logs) and keep them fresh; see JwksKeySet.start."""
+        await self.key_set.start(session)
 
     async def stop(self) -> None:
-        if self._refresh_task is not None:
-            self._refresh_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._refresh_task
-            self._refresh_task = None
-        if self._owns_session and self._session is not None:
-            await self._session.close()
-        self._session = None
+        await self.key_set.stop()
 
     async def _decode(self, token: str, algorithm: str, key_id: str | None) -> dict[str, Any]:
-        if algorithm not in self.algorithms:
-            raise InvalidToken("algorithm")
         candidates = self._candidates(algorithm, key_id)
         if not candidates:
-            await self._refetch_on_demand(lambda: bool(self._candidates(algorithm, key_id)))
+            await self.key_set.refetch_unless(lambda: bool(self._candidates(algorithm, key_id)))
             candidates = self._candidates(algorithm, key_id)
         if not candidates:
-            if self._keys is None:
+            if self.key_set.keys is None:
                 raise KeysUnavailable
             raise InvalidToken("unknown_key")
         for key in candidates[:-1]:
@@ -310,7 +296,7 @@ class JwksVerifier(TokenVerifier):
 
     def _candidates(self, algorithm: str, key_id: str | None) -> list[JwksKey]:
         """Keys that may check this token; a kid naming a key of the wrong type is refused."""
-        keys = self._keys or []
+        keys = self.key_set.keys or []
         if key_id is not None:
             keys = [key for key in keys if key.key_id == key_id]
         fitting = [key for key in keys if key.fits(algorithm)]
@@ -318,73 +304,11 @@ class JwksVerifier(TokenVerifier):
             raise InvalidToken("algorithm")
         return fitting
 
-    async def _refetch_on_demand(self, is_satisfied: Callable[[], bool]) -> None:
-        """Refetch for an unknown key, at most once per refetch_interval."""
-        async with self._fetch_lock:
-            if is_satisfied():
-                return  # someone else's fetch brought the key while we waited
-            now = self._clock()
-            if now - self._last_on_demand_fetch < self.refetch_interval:
-                return
-            self._last_on_demand_fetch = now
-            await self._fetch()
-
-    async def _refresh_forever(self, first_delay: float | None) -> None:
-        while True:
-            # Retry sooner while keys are missing or stale.
-            delay = self.refresh_interval
-            if self.key_status != "fresh":
-                delay = min(delay, self.refetch_interval)
-            if first_delay is not None:
-                delay, first_delay = first_delay, None
-            await asyncio.sleep(delay)
-            async with self._fetch_lock:
-                await self._fetch()
-
-    async def _fetch(self, *, is_startup: bool = False) -> None:
-        """Fetch and install the key set; on any failure keep the last good keys."""
-        if self._session is None:
-            raise RuntimeError("JwksVerifier.start() must be awaited before verifying")
-        self.fetch_count += 1
-        try:
-            document = await self._download(self._session)
-            keys = parse_jwks(document, self.algorithms)
-        except (aiohttp.ClientError, TimeoutError, ValueError) as error:
-            self.fetch_failures += 1
-            self._last_fetch_ok = False
-            if is_startup:
-                logger.info(
-                    "JWKS not reachable at startup (%s); retrying in %g s",
-                    type(error).__name__,
-                    self.startup_retry,
-                )
-            else:
-                logger.warning(
-                    "JWKS fetch from %s failed: %s %s", self.jwks_url, type(error).__name__, error
-                )
-            return
-        if self._keys is None or {k.jwk_json for k in keys} != {k.jwk_json for k in self._keys}:
-            self._cache.clear()
-        self._keys = keys
-        self._last_fetch_ok = True
-
-    async def _download(self, session: aiohttp.ClientSession) -> object:
-        timeout = aiohttp.ClientTimeout(total=self.fetch_timeout)
-        async with session.get(self.jwks_url, timeout=timeout) as response:
-            if response.status != 200:
-                raise ValueError(f"HTTP {response.status}")
-            if (response.content_length or 0) > MAX_JWKS_BYTES:
-                raise ValueError("JWKS response too large")
-            body = bytearray()
-            async for chunk in response.content.iter_chunked(1 << 16):
-                body += chunk
-                if len(body) > MAX_JWKS_BYTES:
-                    raise ValueError("JWKS response too large")
-        return json.loads(body)
-
 
 class SecretVerifier(TokenVerifier):
     """Verifies HS256/384/512 JWTs with a shared secret (development, asgi_ws parity)."""
+
+    usable_algorithms = SECRET_ALGORITHMS
 
     def __init__(
         self,
@@ -400,6 +324,7 @@ class SecretVerifier(TokenVerifier):
         clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__(
+            algorithms=algorithms,
             issuer=issuer,
             audience=audience,
             leeway=leeway,
@@ -410,12 +335,6 @@ class SecretVerifier(TokenVerifier):
         )
         if not secret:
             raise InvalidSettings("jwt_secret: must not be empty")
-        if not algorithms or not set(algorithms) <= SECRET_ALGORITHMS:
-            raise InvalidSettings(
-                f"algorithms: a secret verifier accepts only {sorted(SECRET_ALGORITHMS)}, "
-                f"got {list(algorithms)}"
-            )
-        self.algorithms = tuple(algorithms)
         self._secret = secret
 
     @property
@@ -429,82 +348,7 @@ class SecretVerifier(TokenVerifier):
         """Nothing to stop."""
 
     async def _decode(self, token: str, algorithm: str, key_id: str | None) -> dict[str, Any]:
-        if algorithm not in self.algorithms:
-            raise InvalidToken("algorithm")
         return self._decode_with(token, self._secret, algorithm)
-
-
-@dataclass(frozen=True, slots=True)
-class JwksKey:
-    """One usable signing key from a JWKS."""
-
-    key_id: str | None
-    key_type: str
-    algorithm: str | None  # the JWK's own "alg", when it names one
-    public_key: PublicKey
-    jwk_json: str  # canonical JSON, to notice when the key set changes
-
-    def fits(self, algorithm: str) -> bool:
-        """Whether a token signed with `algorithm` may be checked with this key."""
-        if self.algorithm is not None and self.algorithm != algorithm:
-            return False
-        return KEY_TYPE_BY_ALGORITHM.get(algorithm) == self.key_type
-
-
-def parse_jwks(document: object, algorithms: Sequence[str]) -> list[JwksKey]:
-    """The signing keys of a JWKS document usable with `algorithms`.
-
-    Keys for another use, another algorithm, or that fail to parse are skipped;
-    a document with no usable key at all is an error (so the last good set stays).
-    """
-    if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
-        raise ValueError("not a JWKS document")
-    keys = []
-    for jwk_data in document["keys"]:
-        key = _parse_jwk(jwk_data, algorithms)
-        if key is not None:
-            keys.append(key)
-    if not keys:
-        raise ValueError("JWKS has no usable signing key")
-    return keys
-
-
-def _parse_jwk(jwk_data: object, algorithms: Sequence[str]) -> JwksKey | None:
-    if not isinstance(jwk_data, dict):
-        return None
-    key_id = jwk_data.get("kid")
-    algorithm = jwk_data.get("alg")
-    if jwk_data.get("use", "sig") != "sig":
-        return None
-    if algorithm is not None and algorithm not in algorithms:
-        return None
-    if key_id is not None and not isinstance(key_id, str):
-        return None
-    try:
-        public_key = jwt.PyJWK(jwk_data).key
-    except (jwt.PyJWTError, ValueError, TypeError, KeyError):
-        logger.warning("JWKS key %r skipped: it does not parse", key_id)
-        return None
-    key_type = _key_type(public_key)
-    if key_type is None:
-        return None  # symmetric or private key material: never used from a JWKS
-    return JwksKey(
-        key_id=key_id,
-        key_type=key_type,
-        algorithm=algorithm,
-        public_key=public_key,
-        jwk_json=json.dumps(jwk_data, sort_keys=True),
-    )
-
-
-def _key_type(key: object) -> str | None:
-    if isinstance(key, RSAPublicKey):
-        return "RSA"
-    if isinstance(key, EllipticCurvePublicKey):
-        return "EC"
-    if isinstance(key, Ed25519PublicKey | Ed448PublicKey):
-        return "OKP"
-    return None
 
 
 class ClaimsCache:

@@ -16,6 +16,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+# The kinds that speak the bus's own protocol (a connect frame, then a welcome).
+BUS_KINDS: Final = ("wsbus", "wsbus_authz")
+
 _MASK: Final = b"\x00\x00\x00\x00"  # a zero mask: frames go out as they are
 
 
@@ -38,7 +41,7 @@ class Dialect:
     kind: str
 
     def path(self, token: str, channels: list[str]) -> str:
-        if self.kind == "wsbus":
+        if self.kind in BUS_KINDS:
             return "/ws"
         if self.kind == "bare":
             return "/ws?channels=" + ",".join(channels)
@@ -48,7 +51,7 @@ class Dialect:
 
     def first_frame(self, token: str, channels: list[str]) -> bytes | None:
         """What the client sends once upgraded (None: nothing)."""
-        if self.kind == "wsbus":
+        if self.kind in BUS_KINDS:
             return json.dumps({"type": "connect", "token": token, "channels": channels}).encode()
         return None
 

@@ -30,7 +30,9 @@ from aiohttp import WSMsgType, web
 
 from .system import pin_to_core, raise_fd_limit
 
-KINDS: Final = ("wsbus", "bare", "asgi_ws", "socketio")
+# wsbus_authz: the bus with every channel decided by an authorizer (the tokens'
+# grants are read from a claim they lack), to price authorizers against grants.
+KINDS: Final = ("wsbus", "bare", "asgi_ws", "socketio", "wsbus_authz")
 API_KEY: Final = "benchmark-api-key-0123456789"
 ISSUER: Final = "https://idp.bench/"
 AUDIENCE: Final = "wsbus"
@@ -38,6 +40,7 @@ KEY_ID: Final = "bench"
 BACKLOG: Final = 4096
 EMIT_PATH: Final = {
     "wsbus": "/ws/emit",
+    "wsbus_authz": "/ws/emit",
     "bare": "/emit",
     "asgi_ws": "/ws/emmit",
     "socketio": "/emit",
@@ -94,7 +97,9 @@ def add_control_routes(app: web.Application, publish: Publish, count: Callable[[
 # -- the kinds ---------------------------------------------------------------
 
 
-async def wsbus_app(heartbeat: float, keydir: Path, jwks_url: str) -> web.Application:
+async def wsbus_app(
+    heartbeat: float, jwks_url: str, *, authorized: bool = False
+) -> web.Application:
     import aiohttp_wsbus
 
     app = web.Application()
@@ -106,7 +111,16 @@ async def wsbus_app(heartbeat: float, keydir: Path, jwks_url: str) -> web.Applic
         api_keys=[API_KEY],
         heartbeat=heartbeat,
         max_channels=4,
+        # No token carries this claim: every channel goes to the authorizers below.
+        channels_claim="authorized_elsewhere" if authorized else "channels",
     )
+    if authorized:
+
+        @bus.authorizer("bench:{name}")
+        @bus.authorizer("own:{name}")
+        async def allow(claims: aiohttp_wsbus.Claims, name: str) -> bool:
+            return True
+
     add_control_routes(app, bus.publish, lambda: bus.open_sockets)
     return app
 
@@ -280,10 +294,10 @@ async def serve(kind: str, heartbeat: float, keydir: Path) -> None:
         await serve_asgi_ws(heartbeat, keydir, sock)
         return
     extra: list[web.AppRunner] = []
-    if kind == "wsbus":
+    if kind in ("wsbus", "wsbus_authz"):
         jwks_runner, jwks_url = await jwks_site(keydir)
         extra.append(jwks_runner)
-        app = await wsbus_app(heartbeat, keydir, jwks_url)
+        app = await wsbus_app(heartbeat, jwks_url, authorized=kind == "wsbus_authz")
     elif kind == "bare":
         app = await bare_app(heartbeat)
     elif kind == "socketio":

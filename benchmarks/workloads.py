@@ -16,7 +16,7 @@ from typing import Any
 
 import aiohttp
 
-from .client import Dialect, Stats, WsClient, close_all, open_clients, payload
+from .client import BUS_KINDS, Dialect, Stats, WsClient, close_all, open_clients, payload
 from .servers import API_KEY, AUDIENCE, EMIT_PATH
 from .system import own_cpu_seconds, process_cpu_seconds, rss_bytes
 
@@ -129,7 +129,7 @@ class Server:
     async def emit(self, channel: str, data: Any) -> None:
         assert self.http is not None
         field_name = "payload" if self.kind == "asgi_ws" else "data"
-        headers = {"X-API-Key": API_KEY} if self.kind == "wsbus" else {}
+        headers = {"X-API-Key": API_KEY} if self.kind in BUS_KINDS else {}
         body = {"channel": channel, field_name: data}
         async with self.http.post(EMIT_PATH[self.kind], json=body, headers=headers) as response:
             if response.status >= 300:

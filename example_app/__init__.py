@@ -1,4 +1,5 @@
-"""The aiohttp-wsbus example: a chat whose rooms are granted by JWT claims.
+"""The aiohttp-wsbus example: a chat whose rooms are granted by JWT claims, and
+private rooms that the app's own authorizer opens to their members.
 
 Run it with `python -m example_app` (or README's `bash .ci/example`) and open
 http://127.0.0.1:8080 in two browser windows.

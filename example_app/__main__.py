@@ -41,7 +41,15 @@ def _lifetime(value: str) -> int:
 def parse_arguments(argv: list[str] | None = None) -> ExampleSettings:
     parser = argparse.ArgumentParser(
         prog="python -m example_app",
-        description="The aiohttp-wsbus example chat: rooms granted by JWT claims.",
+        description=(
+            "The aiohttp-wsbus example chat: rooms granted by JWT claims, and private "
+            "rooms the app's authorizer opens to their members."
+        ),
+        epilog=(
+            "Run it from the repository root: example_app is a folder of the clone, "
+            "not part of the installed package. `bash .ci/example` does that for you "
+            "(and installs what is missing first)."
+        ),
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     parser.add_argument("--port", type=_port, default=8080, help="port to listen on (8080)")

@@ -5,7 +5,10 @@ Routes:
 - `GET /`: the chat page (plain HTML/CSS/JS using the served `/ws/wsbus.js`)
 - `GET /.well-known/jwks.json` and `POST /login {"user"}`: the demo identity provider
 - `POST /send {"room", "text"}`: a signed-in user posts to a room or to `user:NAME`
-  (checks the sender's token, publishes in-process with `bus.publish`)
+  (checks the sender's token, or membership for a private room, and publishes
+  in-process with `bus.publish`)
+- `GET /rooms`, `POST /rooms {"name"}`, `POST /rooms/NAME/invite {"user"}`: private
+  rooms (example_app/rooms.py), in no token: the bus asks the app's authorizer
 - `POST /api/notify {"text", "channel"?}`: stands for any other back end: it emits
   through `POST /ws/emit` with an API key, over HTTP, like a service in another language.
   It asks for no credentials (it is a demo trigger, and the app listens on loopback by
@@ -33,8 +36,16 @@ import aiohttp_wsbus
 from aiohttp_wsbus.grants import may
 
 from .identity import AUDIENCE, LOBBY, STAFF_ROOM, IdentityProvider, check_user_name
+from .rooms import (
+    ROOM_PREFIX,
+    NotAMember,
+    PrivateRooms,
+    RoomError,
+    RoomExists,
+    check_room_name,
+)
 
-__all__ = ["ROOMS", "ExampleSettings", "local_url", "make_app"]
+__all__ = ["PRIVATE_ROOMS_KEY", "ROOMS", "ExampleSettings", "local_url", "make_app"]
 
 logger = logging.getLogger("example_app")
 
@@ -63,6 +74,7 @@ class ExampleSettings:
 IDENTITY_KEY: Final = web.AppKey("example_app.identity", IdentityProvider)
 SETTINGS_KEY: Final = web.AppKey("example_app.settings", ExampleSettings)
 SESSION_KEY: Final = web.AppKey("example_app.session", aiohttp.ClientSession)
+PRIVATE_ROOMS_KEY: Final = web.AppKey("example_app.private_rooms", PrivateRooms)
 
 
 def local_url(host: str, port: int) -> str:
@@ -85,24 +97,44 @@ def make_app(settings: ExampleSettings) -> web.Application:
     app = web.Application()
     app[SETTINGS_KEY] = settings
     app[IDENTITY_KEY] = identity
+    rooms = PrivateRooms()
+    app[PRIVATE_ROOMS_KEY] = rooms
     app.cleanup_ctx.append(_client_session)
     # This is where a real identity provider goes: Keycloak, Auth0, ... publish a JWKS URL.
     # Here it is this app, which does not listen yet when the bus first fetches:
     # the bus retries a second later (logged at INFO), by which time it does.
-    aiohttp_wsbus.setup(
+    bus = aiohttp_wsbus.setup(
         app,
         jwks_url=base_url + JWKS_PATH,
         issuer=identity.issuer,
         audience=AUDIENCE,
         api_keys=[settings.api_key],
     )
+    # Private rooms are in no token: for room:NAME the bus asks the app, at subscribe
+    # time (and again at each token refresh). Registered before the app starts.
+    bus.authorizer("room:{name}")(rooms.may_join)
+    app.on_startup.append(_explain_first_key_fetch)  # runs after the bus has started
     app.router.add_get("/", index)
     app.router.add_static("/static/", STATIC_DIR)
     app.router.add_get(JWKS_PATH, jwks)
     app.router.add_post("/login", login)
     app.router.add_post("/send", send)
+    app.router.add_get("/rooms", list_rooms)
+    app.router.add_post("/rooms", create_room)
+    app.router.add_post("/rooms/{name:[a-z0-9_-]{1,32}}/invite", invite)
     app.router.add_post("/api/notify", notify)
     return app
+
+
+async def _explain_first_key_fetch(app: web.Application) -> None:
+    """Say why the bus's first key fetch failed, right after the bus logged it."""
+    if aiohttp_wsbus.get_bus(app).verifier.key_status == "fresh":
+        return
+    logger.info(
+        "the JWKS line above is expected here: the bus asked this app for its keys before "
+        "the app was listening; the retry a second later gets them (a real identity "
+        "provider would already be up)"
+    )
 
 
 async def _client_session(app: web.Application) -> AsyncIterator[None]:
@@ -164,13 +196,23 @@ def _check_user(value: str) -> None:
         raise ValidationError(str(error)) from None
 
 
+def _check_room_name(value: str) -> None:
+    try:
+        check_room_name(value)
+    except ValueError as error:
+        raise ValidationError(str(error)) from None
+
+
 def _check_room(value: str) -> None:
     if value in ROOM_CHANNELS:
         return
-    prefix, _, user = value.partition(":")
-    if prefix != "user" or not user:
-        raise ValidationError(f"must be one of {sorted(ROOM_CHANNELS)} or user:NAME")
-    _check_user(user)
+    prefix, _, name = value.partition(":")
+    if prefix == "user" and name:
+        _check_user(name)
+    elif prefix + ":" == ROOM_PREFIX and name:
+        _check_room_name(name)
+    else:
+        raise ValidationError(f"must be one of {sorted(ROOM_CHANNELS)}, user:NAME or room:NAME")
 
 
 def _check_text(value: str) -> None:
@@ -187,6 +229,14 @@ class _SendSchema(Schema):
     text = mf.String(required=True, validate=[validate.Length(max=MAX_TEXT_LENGTH), _check_text])
 
 
+class _RoomSchema(Schema):
+    name = mf.String(required=True, validate=_check_room_name)
+
+
+class _InviteSchema(Schema):
+    user = mf.String(required=True, validate=_check_user)
+
+
 class _NotifySchema(Schema):
     channel = mf.String(load_default=LOBBY, validate=_check_room)
     text = mf.String(required=True, validate=[validate.Length(max=MAX_TEXT_LENGTH), _check_text])
@@ -194,6 +244,8 @@ class _NotifySchema(Schema):
 
 _LOGIN_SCHEMA: Final = _LoginSchema()
 _SEND_SCHEMA: Final = _SendSchema()
+_ROOM_SCHEMA: Final = _RoomSchema()
+_INVITE_SCHEMA: Final = _InviteSchema()
 _NOTIFY_SCHEMA: Final = _NotifySchema()
 
 
@@ -229,8 +281,7 @@ async def send(request: web.Request) -> web.Response:
     claims = await _sender(request)
     body = await _json_body(request, _SEND_SCHEMA)
     room: str = body["room"]
-    # Rooms follow the token's grants; anyone signed in may write to a user's channel.
-    if room in ROOM_CHANNELS and not may(claims.subscribe, room):
+    if not await _may_post(request, claims, room):
         raise _error(403, "forbidden", room=room)
     message: dict[str, Any] = {
         "from": claims.subject,
@@ -240,11 +291,7 @@ async def send(request: web.Request) -> web.Response:
     }
     if room.startswith("user:"):
         message["to"] = room.removeprefix("user:")
-    bus = aiohttp_wsbus.get_bus(request.app)
-    try:
-        published = await bus.publish(room, message)
-    except aiohttp_wsbus.BrokerUnavailable:
-        raise _error(503, "broker_unavailable") from None
+    published = await _publish(request, room, message)
     return web.json_response(
         {
             "published": {"channel": published.channel, "offset": published.offset},
@@ -252,6 +299,91 @@ async def send(request: web.Request) -> web.Response:
         },
         status=202,
     )
+
+
+async def _may_post(request: web.Request, claims: aiohttp_wsbus.Claims, room: str) -> bool:
+    """Whether the sender may write to `room`: the rule the bus applies to reading it."""
+    if room in ROOM_CHANNELS:  # granted by the token
+        return may(claims.subscribe, room)
+    if room.startswith(ROOM_PREFIX):  # the same function the bus's authorizer is
+        return await request.app[PRIVATE_ROOMS_KEY].may_join(claims, room.removeprefix(ROOM_PREFIX))
+    return True  # anyone signed in may write to a user's channel
+
+
+async def _publish(
+    request: web.Request, channel: str, message: dict[str, Any]
+) -> aiohttp_wsbus.Published:
+    try:
+        return await aiohttp_wsbus.get_bus(request.app).publish(channel, message)
+    except aiohttp_wsbus.BrokerUnavailable:
+        raise _error(503, "broker_unavailable") from None
+
+
+# -- private rooms ---------------------------------------------------------------
+
+
+def _room_error(error: RoomError, name: str) -> web.HTTPException:
+    """The HTTP answer to what the room store refused about room `name`."""
+    room = ROOM_PREFIX + name
+    if isinstance(error, NotAMember):
+        return _error(403, "forbidden", room=room)
+    if isinstance(error, RoomExists):
+        return _error(409, "room_exists", room=room)
+    return _error(409, "room_limit", room=room, detail=str(error))
+
+
+async def list_rooms(request: web.Request) -> web.Response:
+    """The private rooms the signed-in user is a member of."""
+    claims = await _sender(request)
+    rooms = request.app[PRIVATE_ROOMS_KEY].rooms_of(claims.subject)
+    return web.json_response({"rooms": [room.as_json() for room in rooms]})
+
+
+async def create_room(request: web.Request) -> web.Response:
+    """A new private room; the signed-in user is its first member."""
+    claims = await _sender(request)
+    body = await _json_body(request, _ROOM_SCHEMA)
+    name: str = body["name"]
+    try:
+        room = request.app[PRIVATE_ROOMS_KEY].create(name, claims.subject)
+    except RoomError as error:
+        raise _room_error(error, name) from None
+    return web.json_response({"room": room.as_json()}, status=201)
+
+
+async def invite(request: web.Request) -> web.Response:
+    """A member adds a user to a private room, and the bus tells the room and the user.
+
+    The user's open sockets may then subscribe to the room at once: the authorizer
+    sees the new member; no new token is needed.
+    """
+    claims = await _sender(request)
+    body = await _json_body(request, _INVITE_SCHEMA)
+    name, inviter, invitee = request.match_info["name"], claims.subject, body["user"]
+    try:
+        room, is_new = request.app[PRIVATE_ROOMS_KEY].invite(name, inviter, invitee)
+    except RoomError as error:
+        raise _room_error(error, name) from None
+    if is_new:
+        sent_at = _now_ms()
+        news = {"from": inviter, "room": room.channel, "sent_at": sent_at}
+        await _publish(
+            request,
+            room.channel,
+            {
+                **news,
+                "kind": "member",
+                "member": invitee,
+                "members": list(room.members),
+                "text": f"{inviter} invited {invitee}",
+            },
+        )
+        await _publish(
+            request,
+            f"user:{invitee}",
+            {**news, "kind": "invite", "name": room.name, "text": f"{inviter} invited you"},
+        )
+    return web.json_response({"room": room.as_json(), "added": is_new})
 
 
 async def notify(request: web.Request) -> web.Response:

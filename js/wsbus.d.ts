@@ -17,7 +17,6 @@ export declare const CloseCodes: Readonly<{
 
 export type WsBusState = "connecting" | "connected" | "disconnected" | "closed";
 
-/** Why the server refused or dropped a channel. */
 /** Why a channel was refused; all but "unavailable" are final (the client drops the channel). */
 export type DenyReason = "forbidden" | "invalid" | "limit" | "revoked" | "unavailable";
 
@@ -69,6 +68,11 @@ export interface WsBusOptions {
   maxReconnectDelay?: number;
   /** Seconds before the token's expiry to send a refresh. Default 30. */
   refreshBefore?: number;
+  /**
+   * Ms from opening a socket until the server's `welcome`; past it the attempt has
+   * failed: the socket is closed, an `error` reported, and the client backs off. Default 10000.
+   */
+  connectTimeout?: number;
   /** Start connecting in the constructor. Default true. */
   autoConnect?: boolean;
   /** WebSocket implementation. Default globalThis.WebSocket. */

@@ -44,6 +44,7 @@ export class WsBus {
     this._minDelay = options.minReconnectDelay ?? 500;
     this._maxDelay = Math.max(options.maxReconnectDelay ?? 20000, this._minDelay);
     this._refreshBefore = options.refreshBefore ?? 30;
+    this._connectTimeout = options.connectTimeout ?? 10000;
     this._random = options.random ?? Math.random;
     const timers = options.timers ?? {};
     this._timers = {
@@ -69,6 +70,7 @@ export class WsBus {
     this._resubscribeAttempt = 0; // retries of channels denied as "unavailable"
     this._hasRetriedUnauthorized = false;
     this._reconnectTimer = null;
+    this._connectTimer = null; // from socket creation until the welcome
     this._refreshTimer = null;
     this._resubscribeTimer = null;
     this._isStarted = false;
@@ -180,16 +182,35 @@ export class WsBus {
     }
     this._ws = ws;
     this._isWelcomed = false;
+    let isOpen = false;
+    this._connectTimer = this._timers.setTimeout(() => {
+      this._connectTimer = null;
+      if (ws !== this._ws) return;
+      this._emitError(new Error(`WsBus: no welcome from the server within ${this._connectTimeout} ms`));
+      this._failAttempt();
+    }, this._connectTimeout);
     ws.onopen = () => {
+      isOpen = true;
       if (ws === this._ws) this._sendConnect(token);
     };
     ws.onmessage = (event) => {
       if (ws === this._ws) this._receive(event.data);
     };
-    ws.onerror = noop; // a close event always follows; that is where we decide
+    // A refused connect: browsers fire error then close, Node 20 only error. Either way
+    // the attempt has failed, once (abandoning the socket silences a close that follows).
+    // After open, a close event always follows an error; that is where we decide.
+    ws.onerror = () => {
+      if (ws === this._ws && !isOpen) this._failAttempt();
+    };
     ws.onclose = (event) => {
       if (ws === this._ws) this._handleClose(event.code, event.reason ?? "");
     };
+  }
+
+  /** Gives up on the current socket as a network failure would: closes it, backs off, retries. */
+  _failAttempt() {
+    this._abandonSocket();
+    this._disconnected();
   }
 
   _sendConnect(token) {
@@ -252,6 +273,7 @@ export class WsBus {
     this._generation += 1;
     this._isWelcomed = false;
     this._requested = new Set();
+    this._clearConnectTimer();
     this._clearRefreshTimer();
     this._unavailable.clear(); // the next connect frame asks for every wanted channel
     this._clearResubscribeTimer();
@@ -273,8 +295,7 @@ export class WsBus {
 
   _handleOffline() {
     if (this._isClosed || this._state === "disconnected") return;
-    this._abandonSocket();
-    this._disconnected(); // "online" will cut the wait short
+    this._failAttempt(); // "online" will cut the wait short
   }
 
   // -- receiving --------------------------------------------------------------
@@ -307,6 +328,7 @@ export class WsBus {
   _handleWelcome(frame) {
     const generation = this._generation;
     this._isWelcomed = true;
+    this._clearConnectTimer();
     this._attempt = 0;
     this._hasRetriedUnauthorized = false;
     this._scheduleRefresh(frame.expires_at);
@@ -367,7 +389,10 @@ export class WsBus {
       this._positions.set(channel, { offset, epoch });
       // A new epoch or a hole in the offsets on a live socket (the broker lost its
       // history, or a node fell too far behind): messages may be gone, so say so.
-      if (last && (last.epoch !== epoch || offset > last.offset + 1)) {
+      // But a channel never published to is at offset 0 in an epoch of its own (the
+      // server keeps no state for it): its first message, offset 1, continues it in any epoch.
+      const isFirstMessage = last?.offset === 0 && offset === 1;
+      if (last && !isFirstMessage && (last.epoch !== epoch || offset > last.offset + 1)) {
         this._emit("recovered", channel, false);
       }
     }
@@ -529,6 +554,11 @@ export class WsBus {
   _clearReconnectTimer() {
     if (this._reconnectTimer !== null) this._timers.clearTimeout(this._reconnectTimer);
     this._reconnectTimer = null;
+  }
+
+  _clearConnectTimer() {
+    if (this._connectTimer !== null) this._timers.clearTimeout(this._connectTimer);
+    this._connectTimer = null;
   }
 
   _clearResubscribeTimer() {

@@ -1,12 +1,15 @@
 """A real bus for the JS client's Node integration tests: `python -m tests.js_server`.
 
-Listens on free loopback ports and prints one JSON line when ready:
-`{"port": P, "api_key": K}`. On port P:
+Listens on loopback ports and prints one JSON line when ready:
+`{"port": P, "api_key": K}`. P is free unless given as `--port P`; tokens are
+signed with a key made at start, or the PEM RSA key in `--key-file F` (so a
+restarted server on the same port accepts the tokens of the one before). On P:
 
 - `{base_path}` (`/ws`): the bus itself (MemoryBroker, `leeway=0` so short-lived
   tokens really expire), with `api_key` accepted by `POST /ws/emit`;
 - `POST /test/token` `{"sub", "channels", "publish", "exp_in"}` (all optional):
-  mints a token the bus accepts, answers `{"token": T, "expires_at": EXP}`;
+  mints a token the bus accepts for at least `exp_in` seconds (at most one
+  more: `exp` is whole seconds), answers `{"token": T, "expires_at": EXP}`;
 - `POST /test/kill`: aborts every bus socket's transport (a network drop, no
   close frame), answers `{"killed": N}`;
 - `POST /test/broker` `{"available": false}`: subscribing to a channel then
@@ -20,6 +23,7 @@ the test run that started it). Test-only: it mints tokens for anyone who asks.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import secrets
@@ -31,9 +35,12 @@ from typing import Any, Final
 import jwt
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from jwt.algorithms import RSAAlgorithm
 
 import aiohttp_wsbus
+
+from .support import SwitchableBroker
 
 HOST: Final = "127.0.0.1"
 ISSUER: Final = "https://idp.test/"
@@ -41,28 +48,11 @@ AUDIENCE: Final = "wsbus"
 KEY_ID: Final = "js-test-key"
 
 
-class SwitchableBroker(aiohttp_wsbus.MemoryBroker):
-    """A MemoryBroker the tests can take down: subscribing then fails as unavailable."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.is_down = False
-
-    @property
-    def is_available(self) -> bool:
-        return not self.is_down
-
-    async def subscribe(self, channel: str) -> None:
-        if self.is_down:
-            raise aiohttp_wsbus.BrokerUnavailable("taken down by the test")
-        await super().subscribe(channel)
-
-
 class TokenMinter:
-    """Signs tokens for the bus with a key made at start."""
+    """Signs tokens for the bus with the given key, or one made at start."""
 
-    def __init__(self) -> None:
-        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    def __init__(self, key: rsa.RSAPrivateKey | None = None) -> None:
+        self.key = key or rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
     def jwks(self) -> dict[str, Any]:
         jwk: dict[str, Any] = RSAAlgorithm.to_jwk(self.key.public_key(), as_dict=True)
@@ -73,17 +63,19 @@ class TokenMinter:
         self, sub: str, channels: list[str], publish: list[str], exp_in: int
     ) -> tuple[str, int]:
         now = int(time.time())
+        # Rounded up: int() alone could leave a 2 s token barely 1 s to live.
+        exp = now + 1 + exp_in
         claims = {
             "sub": sub,
             "iss": ISSUER,
             "aud": AUDIENCE,
             "iat": now,
-            "exp": now + exp_in,
+            "exp": exp,
             "channels": channels,
             "publish": publish,
         }
         token = jwt.encode(claims, self.key, algorithm="RS256", headers={"kid": KEY_ID})
-        return token, now + exp_in
+        return token, exp
 
 
 def jwks_app(minter: TokenMinter) -> web.Application:
@@ -130,7 +122,7 @@ def bus_app(minter: TokenMinter, jwks_url: str, api_key: str) -> web.Application
         return web.json_response({"count": count})
 
     async def broker_state(request: web.Request) -> web.Response:
-        broker.is_down = not (await request.json())["available"]
+        broker.is_up = bool((await request.json())["available"])
         return web.json_response({"available": broker.is_available})
 
     app.router.add_post("/test/token", token)
@@ -140,13 +132,13 @@ def bus_app(minter: TokenMinter, jwks_url: str, api_key: str) -> web.Application
     return app
 
 
-async def start(app: web.Application) -> tuple[web.AppRunner, int]:
+async def start(app: web.Application, port: int = 0) -> tuple[web.AppRunner, int]:
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, HOST, 0)
+    site = web.TCPSite(runner, HOST, port)
     await site.start()
-    port: int = runner.addresses[0][1]
-    return runner, port
+    bound: int = runner.addresses[0][1]
+    return runner, bound
 
 
 async def wait_for_stdin_eof() -> None:
@@ -157,12 +149,24 @@ async def wait_for_stdin_eof() -> None:
         pass
 
 
+def load_key(path: str) -> rsa.RSAPrivateKey:
+    with open(path, "rb") as pem:
+        key = load_pem_private_key(pem.read(), password=None)
+    if not isinstance(key, rsa.RSAPrivateKey):
+        raise SystemExit(f"{path}: not an RSA private key")
+    return key
+
+
 async def main() -> None:
-    minter = TokenMinter()
+    parser = argparse.ArgumentParser(prog="python -m tests.js_server")
+    parser.add_argument("--port", type=int, default=0, help="the bus's port (default: a free one)")
+    parser.add_argument("--key-file", help="PEM RSA private key to sign tokens with")
+    arguments = parser.parse_args()
+    minter = TokenMinter(load_key(arguments.key_file) if arguments.key_file else None)
     api_key = secrets.token_urlsafe(24)
     jwks_runner, jwks_port = await start(jwks_app(minter))
     jwks_url = f"http://{HOST}:{jwks_port}/jwks.json"
-    bus_runner, port = await start(bus_app(minter, jwks_url, api_key))
+    bus_runner, port = await start(bus_app(minter, jwks_url, api_key), arguments.port)
     print(json.dumps({"port": port, "api_key": api_key}), flush=True)
 
     stop = asyncio.Event()

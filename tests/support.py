@@ -1,13 +1,16 @@
-"""Helpers for talking to a bus over real sockets in tests."""
+"""Helpers for talking to a bus over real sockets in tests, and the tests' one set of fakes."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
+import secrets
 import socket as stdlib_socket
-from collections.abc import Callable
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +19,12 @@ from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
 import aiohttp_wsbus
+from aiohttp_wsbus.brokers.base import History, Published
+from aiohttp_wsbus.connection import Connection, WriteScheduler
+from aiohttp_wsbus.errors import BrokerUnavailable
+from aiohttp_wsbus.protocol import Close, Position
+from aiohttp_wsbus.revocations import Revocation
+from aiohttp_wsbus.tokens import Claims
 
 WAIT = 5.0  # seconds any single network wait in a test may take
 
@@ -49,11 +58,20 @@ class BusServer:
         return socket, welcome
 
 
-async def start_bus(aiohttp_client: AiohttpClient, jwks_url: str, **settings: Any) -> BusServer:
+async def start_bus(
+    aiohttp_client: AiohttpClient,
+    jwks_url: str,
+    *,
+    prepare: Callable[[aiohttp_wsbus.Bus], None] | None = None,
+    **settings: Any,
+) -> BusServer:
+    """Set up a bus on a new app and start it; `prepare` registers hooks first."""
     app = web.Application()
     settings.setdefault("issuer", "https://idp.test/")
     settings.setdefault("audience", "wsbus")
     bus = aiohttp_wsbus.setup(app, jwks_url=jwks_url, **settings)
+    if prepare is not None:
+        prepare(bus)
     client = await aiohttp_client(app)
     return BusServer(app, bus, client)
 
@@ -83,6 +101,16 @@ async def close_code(socket: ClientWebSocketResponse, timeout: float = WAIT) -> 
                 return socket.close_code
             if message.type == WSMsgType.ERROR:
                 return socket.close_code
+
+
+async def close_frame(socket: ClientWebSocketResponse, timeout: float = WAIT) -> tuple[int, str]:
+    """Read until the server's close frame; return its code and reason."""
+    async with asyncio.timeout(timeout):
+        while True:
+            message = await socket.receive()
+            if message.type == WSMsgType.CLOSE:
+                return message.data, message.extra or ""
+            assert message.type in (WSMsgType.TEXT, WSMsgType.BINARY), message
 
 
 async def eventually(condition: Callable[[], bool], timeout: float = WAIT) -> None:
@@ -150,6 +178,31 @@ class RawClient:
                 total += len(chunk)
 
 
+async def read_exactly(sock: stdlib_socket.socket, size: int) -> bytes:
+    """Exactly `size` bytes from a non-blocking socket; fails if it closes first."""
+    loop = asyncio.get_running_loop()
+    data = b""
+    async with asyncio.timeout(WAIT):
+        while len(data) < size:
+            chunk = await loop.sock_recv(sock, size - len(data))
+            assert chunk, "the server closed the socket"
+            data += chunk
+    return data
+
+
+async def read_raw_frame(sock: stdlib_socket.socket) -> bytes:
+    """One whole server frame, header included, exactly as it came off the wire."""
+    header = await read_exactly(sock, 2)
+    length = header[1] & 0x7F
+    if length == 126:
+        extended = await read_exactly(sock, 2)
+        header, length = header + extended, int.from_bytes(extended, "big")
+    elif length == 127:
+        extended = await read_exactly(sock, 8)
+        header, length = header + extended, int.from_bytes(extended, "big")
+    return header + await read_exactly(sock, length)
+
+
 def masked_text_frame(payload: bytes) -> bytes:
     assert len(payload) < 65536
     mask = os.urandom(4)
@@ -158,3 +211,236 @@ def masked_text_frame(payload: bytes) -> bytes:
     else:
         header = bytes([0x81, 0x80 | 126]) + len(payload).to_bytes(2, "big")
     return header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+# -- broker fakes: MemoryBrokers with one engine behaviour a test needs ---------
+
+
+class SwitchableBroker(aiohttp_wsbus.MemoryBroker):
+    """A memory broker whose engine the test can take down and bring back.
+
+    While down it says so (`is_available`), and publishing and subscribing
+    fail as unavailable, as with a Redis broker that lost its server.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.is_up = True
+
+    @property
+    def is_available(self) -> bool:
+        return self.is_up
+
+    async def subscribe(self, channel: str) -> None:
+        if not self.is_up:
+            raise BrokerUnavailable("taken down by the test")
+        await super().subscribe(channel)
+
+    async def publish(self, channel: str, data: str, *, message_id: str | None = None) -> Published:
+        if not self.is_up:
+            raise BrokerUnavailable("taken down by the test")
+        return await super().publish(channel, data, message_id=message_id)
+
+    async def control(self, message: Mapping[str, Any]) -> None:
+        if not self.is_up:
+            raise BrokerUnavailable("taken down by the test")
+        await super().control(message)
+
+    async def revoke(self, revocation: Revocation) -> None:
+        if not self.is_up:
+            raise BrokerUnavailable("taken down by the test")
+        await super().revoke(revocation)
+
+
+class FlakyBroker(aiohttp_wsbus.MemoryBroker):
+    """A memory broker whose engine is down for the next `down_for` publishes to `channel`."""
+
+    def __init__(self, channel: str, down_for: int) -> None:
+        super().__init__()
+        self.channel = channel
+        self.down_for = down_for
+        self.attempts = 0
+
+    async def publish(self, channel: str, data: str, *, message_id: str | None = None) -> Published:
+        if channel == self.channel:
+            self.attempts += 1
+            if self.down_for > 0:
+                self.down_for -= 1
+                raise BrokerUnavailable("down for now")
+        return await super().publish(channel, data, message_id=message_id)
+
+
+class PublishingDuringHistory(aiohttp_wsbus.MemoryBroker):
+    """A memory broker whose history read lets other publishers in, before and after it reads.
+
+    Stands in for a networked broker, where other nodes publish to `channel`
+    while the read is in flight.
+    """
+
+    def __init__(self, channel: str) -> None:
+        super().__init__()
+        self.channel = channel
+        self.before_read: list[str] = []
+        self.after_read: list[str] = []
+
+    async def history(self, since: Mapping[str, Position | None]) -> dict[str, History]:
+        for data in self.before_read:
+            await self.publish(self.channel, f'"{data}"')
+        answer = await super().history(since)
+        for data in self.after_read:
+            await self.publish(self.channel, f'"{data}"')
+        self.before_read, self.after_read = [], []
+        return answer
+
+
+class GatedBroker(aiohttp_wsbus.MemoryBroker):
+    """A memory broker whose subscribe() waits while its gate is shut (a frozen engine).
+
+    `subscribed` is what the engine holds once the calls are done, as a Redis
+    server would: a subscribe counts when it completes, an unsubscribe at once.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.waiting: set[str] = set()  # subscribes held at the gate
+        self.subscribed: set[str] = set()
+        self.subscribes = 0  # completed subscribe calls
+
+    async def subscribe(self, channel: str) -> None:
+        self.waiting.add(channel)
+        try:
+            await self.gate.wait()
+        finally:
+            self.waiting.discard(channel)
+        await super().subscribe(channel)
+        self.subscribed.add(channel)
+        self.subscribes += 1
+
+    async def unsubscribe(self, channel: str) -> None:
+        await super().unsubscribe(channel)
+        self.subscribed.discard(channel)
+
+
+# -- one Connection on a real loopback socket, outside any server ---------------
+
+
+@contextlib.asynccontextmanager
+async def loopback_transport(
+    *, send_buffer: int | None = None, peer_receive_buffer: int | None = None
+) -> AsyncIterator[tuple[asyncio.Transport, stdlib_socket.socket]]:
+    """A real asyncio transport on 127.0.0.1, and the plain socket at its other end.
+
+    The peer reads only when the test does; small buffers (bytes) make a peer
+    that stops reading fill the transport's own buffer quickly.
+    """
+    loop = asyncio.get_running_loop()
+    with contextlib.ExitStack() as sockets:
+        listener = sockets.enter_context(stdlib_socket.socket())
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        listener.setblocking(False)
+        peer = sockets.enter_context(stdlib_socket.socket())
+        peer.setblocking(False)
+        if peer_receive_buffer is not None:  # before connecting: it sets the TCP window
+            peer.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_RCVBUF, peer_receive_buffer)
+        await loop.sock_connect(peer, listener.getsockname())
+        accepted, _ = await loop.sock_accept(listener)
+        if send_buffer is not None:
+            accepted.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_SNDBUF, send_buffer)
+        transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, accepted)
+        assert isinstance(transport, asyncio.Transport)
+        try:
+            yield transport, peer
+        finally:
+            if not transport.is_closing():  # a closing one finishes by itself
+                transport.abort()
+
+
+class WriteRecorder(asyncio.Transport):
+    """A real transport, with a record of each write it was given.
+
+    Only for counting writes, which no transport tells; the bytes still go
+    through the real one underneath.
+    """
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        super().__init__()
+        self.transport = transport
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.writes.append(bytes(data))
+        self.transport.write(data)
+
+    def get_write_buffer_size(self) -> int:
+        return self.transport.get_write_buffer_size()
+
+    def is_closing(self) -> bool:
+        return self.transport.is_closing()
+
+    def close(self) -> None:
+        self.transport.close()
+
+    def abort(self) -> None:
+        self.transport.abort()
+
+
+class CloseLog:
+    """The bus's two close callbacks for a Connection, recording what they were told."""
+
+    def __init__(self) -> None:
+        self.forgotten: list[Connection] = []  # on_close: leave the registry
+        self.closes: list[Close] = []  # closer: send the close frame
+        self.closed = asyncio.Event()
+
+    def on_close(self, connection: Connection) -> None:
+        self.forgotten.append(connection)
+
+    def closer(self, connection: Connection, close: Close) -> None:
+        # As aiohttp would, the close frame goes out on the same transport.
+        if not connection.transport.is_closing():
+            connection.transport.write(server_close_frame(close))
+        self.closes.append(close)
+        self.closed.set()
+
+    async def wait(self) -> Close:
+        """The close, once the connection has asked for one."""
+        async with asyncio.timeout(WAIT):
+            await self.closed.wait()
+        return self.closes[0]
+
+
+def server_close_frame(close: Close) -> bytes:
+    """The unmasked close frame a server sends for `close`."""
+    payload = close.code.to_bytes(2, "big") + close.reason.encode()
+    return bytes([0x88, len(payload)]) + payload
+
+
+def make_claims(
+    subject: str = "alice", grants: tuple[str, ...] = ("chat:*",), expires_in: int = 300
+) -> Claims:
+    return Claims(subject, int(time.time()) + expires_in, grants, (), subject.encode())
+
+
+def standalone_connection(
+    transport: asyncio.Transport,
+    claims: Claims | None = None,
+    *,
+    scheduler: WriteScheduler | None = None,
+    send_buffer_limit: int = 1 << 20,
+) -> tuple[Connection, CloseLog]:
+    """A Connection on `transport` with no bus around it, and the log of its closes."""
+    log = CloseLog()
+    connection = Connection(
+        secrets.token_urlsafe(6),
+        web.WebSocketResponse(),  # never used: the CloseLog sends the close frame
+        transport,
+        claims if claims is not None else make_claims(),
+        scheduler=scheduler or WriteScheduler(asyncio.get_running_loop()),
+        send_buffer_limit=send_buffer_limit,
+        on_close=log.on_close,
+        closer=log.closer,
+    )
+    return connection, log

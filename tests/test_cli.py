@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -10,14 +11,16 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import ClientWebSocketResponse
+from aiohttp import ClientWebSocketResponse, web
+from pytest_aiohttp import AiohttpServer
 
 from aiohttp_wsbus import CloseCode
-from aiohttp_wsbus.cli import HELP, BadSetting, build_parser, resolve, setting_options
-from aiohttp_wsbus.settings import Settings
+from aiohttp_wsbus.cli import BadSetting, build_parser, make_broker, resolve, setting_options
+from aiohttp_wsbus.settings import Settings, setting_help
 
 from .conftest import AUDIENCE, ISSUER, JwksServer, MakeToken
 from .support import WAIT, close_code, next_frame
@@ -177,6 +180,104 @@ async def test_sigterm_closes_connected_clients_with_1001(
     assert server.lines[-1].endswith("aiohttp_wsbus: stopped")
 
 
+async def test_sigterm_with_an_emit_body_still_arriving_exits_within_close_timeout(
+    start_cli: StartCli, jwks_server: JwksServer
+) -> None:
+    server = await start_cli(
+        "--port", "0", "--api-key", API_KEY, "--close-timeout", "1", **token_settings(jwks_server)
+    )
+    host, port = server.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"POST /ws/emit HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"X-API-Key: {API_KEY}\r\nContent-Length: 100\r\nExpect: 100-continue\r\n\r\n".encode()
+    )
+    async with asyncio.timeout(WAIT):  # the request has reached its handler
+        assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+    writer.write(b'{"channel": "a", ')
+    await writer.drain()
+    server.terminate()
+    # aiohttp alone would wait 60 s for this request; the bus cuts it at close_timeout.
+    async with asyncio.timeout(1 + 3):
+        answer = await reader.read()
+        assert await server.process.wait() == 0
+    assert answer.startswith(b"HTTP/1.1 503"), answer
+    assert answer.endswith(b'{"error": "shutting_down"}'), answer
+    writer.close()
+
+
+class ApplicationAuthorizer:
+    """The application behind --authorize-url: a small aiohttp app on loopback."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str | None, dict[str, Any]]] = []
+        self.status = 200
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.requests.append((request.headers.get("X-API-Key"), body))
+        if self.status != 200:
+            return web.json_response({"error": "nope"}, status=self.status)
+        owned = {f"order:{n}" for n in range(1, 4)} if body["user"] == "alice" else set()
+        return web.json_response({"allow": [c for c in body["channels"] if c in owned]})
+
+
+async def test_authorize_url_decides_channels_the_token_does_not_grant(
+    start_cli: StartCli,
+    jwks_server: JwksServer,
+    make_token: MakeToken,
+    aiohttp_server: AiohttpServer,
+) -> None:
+    application = ApplicationAuthorizer()
+    app = web.Application()
+    app.router.add_post("/authorize", application.handle)
+    authorize = await aiohttp_server(app)
+    server = await start_cli(
+        "--port",
+        "0",
+        "--api-key",
+        API_KEY,
+        "--authorize-timeout",
+        "1",
+        WSBUS_AUTHORIZE_URL=str(authorize.make_url("/authorize")),
+        **token_settings(jwks_server),
+    )
+    token = make_token(sub="alice", channels=["chat:*"], plan="pro")
+    async with aiohttp.ClientSession(server.url) as session:
+        socket = await connect(session, "/ws", token, ["chat:a", "order:1", "order:9"])
+        welcome = await next_frame(socket)
+        assert welcome["subscribed"] == ["chat:a", "order:1"]
+        assert welcome["denied"] == {"order:9": "forbidden"}
+        # One request per frame, for the ungranted channels only, with the claims, no token.
+        assert len(application.requests) == 1
+        api_key, body = application.requests[0]
+        assert api_key == API_KEY
+        assert body["action"] == "subscribe"
+        assert (body["user"], body["channels"]) == ("alice", ["order:1", "order:9"])
+        assert body["claims"]["plan"] == "pro"
+        assert token not in json.dumps(body)
+        for status, verdict in ((403, "forbidden"), (500, "unavailable")):
+            application.status = status
+            await socket.send_json({"type": "subscribe", "channels": ["order:2", "order:3"]})
+            answer = await next_frame(socket)
+            assert answer["denied"] == {"order:2": verdict, "order:3": verdict}
+        await socket.close()
+    assert await server.stop() == 0
+
+
+async def test_authorize_url_needs_an_http_url_and_an_api_key(jwks_server: JwksServer) -> None:
+    settings = token_settings(jwks_server)
+    cli = (sys.executable, "-m", "aiohttp_wsbus")
+    status, lines = await run_to_exit(
+        *cli, "--api-key", API_KEY, "--authorize-url", "ftp://x", **settings
+    )
+    assert (status, len(lines)) == (2, 1)
+    assert "--authorize-url / WSBUS_AUTHORIZE_URL: must be an http" in lines[0]
+    status, lines = await run_to_exit(*cli, "--authorize-url", "http://127.0.0.1:1/a", **settings)
+    assert (status, len(lines)) == (2, 1)
+    assert "needs an API key" in lines[0]
+
+
 async def test_unix_socket_and_an_access_log_without_query_strings(
     start_cli: StartCli, jwks_server: JwksServer, make_token: MakeToken, tmp_path: Path
 ) -> None:
@@ -256,17 +357,51 @@ async def test_redis_url_without_the_redis_broker_exits_2() -> None:
     assert "--redis-url / WSBUS_REDIS_URL: the Redis broker is not available" in lines[0]
 
 
+@pytest.mark.parametrize(
+    ("args", "variables", "problem"),
+    [
+        (["--redis-url", "http://127.0.0.1:6379/0"], {}, "must start with redis://"),
+        ([], {"WSBUS_REDIS_URL": "redis://:hunter2-secret@127.0.0.1:port/0"}, "Port"),
+        (["--redis-url", "redis://127.0.0.1/0?socket_timeout=soon"], {}, "socket_timeout"),
+    ],
+)
+async def test_a_bad_redis_url_exits_2_with_one_line_before_listening(
+    args: list[str], variables: dict[str, str], problem: str
+) -> None:
+    status, lines = await run_to_exit(
+        sys.executable, "-m", "aiohttp_wsbus", "--jwt-secret", SECRET, *args, **variables
+    )
+    assert status == 2
+    assert len(lines) == 1, lines
+    assert "--redis-url / WSBUS_REDIS_URL: " in lines[0]
+    assert problem in lines[0]
+    assert "hunter2-secret" not in lines[0]
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["redis://localhost:6379/0", "rediss://:password@redis.example:6380/1", "unix:///run/r.sock"],
+)
+def test_redis_urls_of_every_scheme_make_a_redis_broker(url: str) -> None:
+    from aiohttp_wsbus import RedisBroker
+
+    broker = make_broker(url)
+    assert isinstance(broker, RedisBroker)
+    assert broker.url == url
+
+
 # -- in-process: how flags and variables become settings ----------------------
 
 
-def test_every_setting_has_a_flag_a_variable_and_help() -> None:
-    help_text = build_parser().format_help()
-    names = [f.name for f in fields(Settings)]
-    assert [o.name for o in setting_options()] == names
-    assert set(HELP) == set(names)
-    for option in setting_options():
-        assert option.flag in help_text
-        assert option.env in help_text
+def test_every_setting_has_a_flag_a_variable_and_its_meaning_from_settings() -> None:
+    parser = build_parser()
+    help_by_flag = {flag: a.help for a in parser._actions for flag in a.option_strings}
+    assert [o.name for o in setting_options()] == [f.name for f in fields(Settings)]
+    for declared, option in zip(fields(Settings), setting_options(), strict=True):
+        help_text = help_by_flag[option.flag]
+        assert help_text is not None
+        assert help_text.startswith(setting_help(declared))
+        assert f"[env {option.env}" in help_text
 
 
 def test_flags_win_over_variables() -> None:

@@ -12,8 +12,10 @@ from hypothesis import strategies as st
 from pytest_aiohttp import AiohttpClient
 
 import aiohttp_wsbus.bus
+from aiohttp_wsbus import Bus, Claims
+from aiohttp_wsbus.authorizers import ChannelPattern
 from aiohttp_wsbus.grants import may
-from aiohttp_wsbus.protocol import CloseCode
+from aiohttp_wsbus.protocol import SLOW_CONSUMER
 
 from .conftest import JwksServer, MakeToken
 from .support import WAIT, RawClient, close_code, eventually, next_frame, start_bus
@@ -40,20 +42,47 @@ users = st.lists(
     min_size=1,
     max_size=4,
 )
+# The application's authorizers, most specific first (literal characters: 6, 5, 5, 4),
+# each with the users (by index) it allows.
+AUTHORIZER_PATTERNS = ["chat:a", "chat:{room}", "user:{name}", "news"]
+authorizer_tables = st.dictionaries(
+    st.sampled_from(AUTHORIZER_PATTERNS), st.sets(st.integers(0, 3)), max_size=4
+)
+
+
+def authorizer_allows(table: dict[str, set[int]], user: int, channel: str) -> bool:
+    """The oracle: the most specific registered pattern that matches decides."""
+    for pattern in AUTHORIZER_PATTERNS:
+        if pattern in table and ChannelPattern.parse(pattern).match(channel) is not None:
+            return user in table[pattern]
+    return False
 
 
 @settings(
-    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@given(people=users, published=st.lists(st.sampled_from(CHANNELS), min_size=1, max_size=12))
-async def test_no_socket_ever_receives_a_channel_its_token_does_not_grant(
+@given(
+    people=users,
+    table=authorizer_tables,
+    published=st.lists(st.sampled_from(CHANNELS), min_size=1, max_size=12),
+)
+async def test_no_socket_ever_receives_a_channel_its_token_or_the_application_does_not_allow(
     aiohttp_client: AiohttpClient,
     jwks_server: JwksServer,
     make_token: MakeToken,
     people: list[tuple[set[str], set[str], set[str] | None]],
+    table: dict[str, set[int]],
     published: list[str],
 ) -> None:
-    server = await start_bus(aiohttp_client, jwks_server.url)
+    def prepare(bus: Bus) -> None:
+        for pattern, allowed in table.items():
+
+            async def decide(claims: Claims, allowed: set[int] = allowed, **_: str) -> bool:
+                return int(claims.subject.removeprefix("user")) in allowed
+
+            bus.authorizer(pattern)(decide)
+
+    server = await start_bus(aiohttp_client, jwks_server.url, prepare=prepare)
     sockets = []
     for n, (grants, wanted, _) in enumerate(people):
         token = make_token(sub=f"user{n}", channels=sorted(grants))
@@ -69,10 +98,21 @@ async def test_no_socket_ever_receives_a_channel_its_token_does_not_grant(
         await server.bus.publish(channel, channel)
     for n, (grants, wanted, later) in enumerate(people):
         current = set(later) if later is not None else grants
+
+        def allowed_by(patterns: set[str], channel: str, n: int = n) -> bool:
+            return may(patterns, channel) or authorizer_allows(table, n, channel)
+
         received = [f["channel"] for f in await frames_until_pong(sockets[n])]
         for channel in received:
-            assert may(current, channel) and may(grants, channel), (channel, grants, later)
-        expected = [c for c in published if c in wanted and may(grants, c) and may(current, c)]
+            assert allowed_by(grants, channel) and allowed_by(current, channel), (
+                channel,
+                grants,
+                later,
+                table,
+            )
+        expected = [
+            c for c in published if c in wanted and allowed_by(grants, c) and allowed_by(current, c)
+        ]
         assert received == expected
 
 
@@ -130,7 +170,7 @@ async def test_slow_consumer_is_closed_4002_and_others_keep_receiving(
         await server.bus.publish("chat:a", {"n": n, "pad": chunk})
         assert (await next_frame(reader))["data"]["n"] == n
     assert slow_connection.is_closing
-    assert slow_connection.close_code == CloseCode.SLOW_CONSUMER
+    assert slow_connection.closed_with == SLOW_CONSUMER
     assert slow_connection not in server.bus.registry.subscribers("chat:a")
     await slow.read_until_closed()  # the server aborted it: this ends
     slow.sock.close()

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pytest_aiohttp import AiohttpClient
 
 from .conftest import JwksServer, MakeToken
-from .support import BusServer, next_frame, nothing_more, start_bus
+from .support import WAIT, BusServer, eventually, next_frame, nothing_more, start_bus
 
 API_KEY = "k" * 32
 
@@ -217,3 +220,186 @@ async def test_no_body_gets_a_server_error(
     )
     assert response.status in (202, 400), (body, response.status)
     assert response.content_type == "application/json"
+
+
+async def raw_request(server: BusServer, head: str, body: bytes = b"") -> tuple[int, bytes]:
+    """Send a request over a plain socket (headers as given, body maybe partial).
+
+    Returns the status and body of the answer, which must come within WAIT.
+    """
+    port = server.client.server.port
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(head.encode("latin-1") + b"\r\n" + body)
+        await writer.drain()
+        async with asyncio.timeout(WAIT):
+            status_line = await reader.readline()
+            headers = await reader.readuntil(b"\r\n\r\n")
+            length = int(
+                next(
+                    line.split(b":")[1]
+                    for line in headers.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                )
+            )
+            answer = await reader.readexactly(length)
+        return int(status_line.split()[1]), answer
+    finally:
+        writer.close()
+
+
+def request_head(headers: dict[str, str], path: str = "/ws/emit") -> str:
+    lines = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", *(f"{k}: {v}" for k, v in headers.items())]
+    return "\r\n".join(lines) + "\r\n"
+
+
+async def test_credentials_are_checked_before_a_body_is_read(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer
+) -> None:
+    server = await emit_server(aiohttp_client, jwks_server)
+    head = request_head({"Content-Type": "application/json", "Content-Length": "1000000"})
+    # Only a few bytes of the promised megabyte: the answer comes anyway.
+    status, body = await raw_request(server, head, b'{"channel": "a", "da')
+    assert status == 401
+    assert json.loads(body) == {"error": "unauthorized"}
+
+
+async def test_a_body_slower_than_emit_timeout_gets_408(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer
+) -> None:
+    server = await start_bus(aiohttp_client, jwks_server.url, api_keys=[API_KEY], emit_timeout=0.2)
+    head = request_head(
+        {"Content-Type": "application/json", "Content-Length": "100", "X-API-Key": API_KEY}
+    )
+    status, body = await raw_request(server, head, b'{"channel": "a"')
+    assert status == 408
+    assert json.loads(body) == {"error": "request_timeout", "limit": 0.2}
+
+
+@pytest.mark.parametrize(
+    "data", ["NaN", "Infinity", "-Infinity", "1e999", "[" * 2000 + "]" * 2000, '"\\ud800"']
+)
+async def test_data_json_cannot_carry_is_400_and_takes_no_offset(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken, data: str
+) -> None:
+    server = await emit_server(aiohttp_client, jwks_server)
+    socket, _ = await server.open(make_token(channels=["chat:*"]), ["chat:a"])
+    for subscribers in ("none", "one"):
+        channel = "chat:b" if subscribers == "none" else "chat:a"
+        response = await server.client.post(
+            "/ws/emit",
+            data=f'{{"channel": "{channel}", "data": {data}}}',
+            headers={"X-API-Key": API_KEY, "Content-Type": "application/json"},
+        )
+        assert response.status == 400, await response.text()
+        answer = await response.json()
+        assert answer["error"] == "invalid_request"
+        assert set(answer["fields"]) <= {"_body", "data"}
+        # Nothing was published: the next message takes offset 1.
+        assert (await server.bus.publish(channel, "after")).offset == 1
+    assert (await next_frame(socket))["offset"] == 1
+    await nothing_more(socket)
+
+
+async def test_a_lone_surrogate_never_poisons_history_for_later_recovery(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
+) -> None:
+    server = await emit_server(aiohttp_client, jwks_server)
+    socket, welcome = await server.open(make_token(channels=["chat:*"]), ["chat:p"])
+    position = welcome["positions"]["chat:p"]
+    await socket.close()
+    response = await server.client.post(
+        "/ws/emit",
+        data='{"channel": "chat:p", "data": "\\ud800"}',
+        headers={"X-API-Key": API_KEY, "Content-Type": "application/json"},
+    )
+    assert response.status == 400
+    await server.bus.publish("chat:p", "fine")
+    again, welcome = await server.open(
+        make_token(channels=["chat:*"]), ["chat:p"], since={"chat:p": position}
+    )
+    assert welcome["recovered"] == {"chat:p": True}
+    assert (await next_frame(again))["data"] == "fine"
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+async def test_a_broken_compressed_body_is_400(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, encoding: str
+) -> None:
+    server = await emit_server(aiohttp_client, jwks_server)
+    garbage = b"\x1f\x8b\x08\x00not really compressed at all"
+    head = request_head(
+        {
+            "Content-Type": "application/json",
+            "Content-Encoding": encoding,
+            "Content-Length": str(len(garbage)),
+            "X-API-Key": API_KEY,
+        }
+    )
+    status, body = await raw_request(server, head, garbage)
+    assert status == 400
+    assert json.loads(body)["error"] == "invalid_request"
+
+
+@pytest.mark.parametrize("header", ["X-API-Key", "Authorization"])
+async def test_credentials_that_are_not_utf8_are_401(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, header: str
+) -> None:
+    server = await emit_server(aiohttp_client, jwks_server)
+    value = "Bearer \xff\xfe\xc3" if header == "Authorization" else "\xff\xfe\xc3" * 10
+    head = request_head({"Content-Type": "application/json", "Content-Length": "2", header: value})
+    status, body = await raw_request(server, head, b"{}")
+    assert status == 401
+    assert json.loads(body) == {"error": "unauthorized"}
+
+
+async def test_a_client_leaving_mid_body_logs_no_error(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = await emit_server(aiohttp_client, jwks_server)
+    head = request_head(
+        {"Content-Type": "application/json", "Content-Length": "1000", "X-API-Key": API_KEY}
+    )
+    _, writer = await asyncio.open_connection("127.0.0.1", server.client.server.port)
+    writer.write(head.encode() + b"\r\n" + b'{"channel": "a", "data": "')
+    await writer.drain()
+    await eventually(lambda: server.bus.settings is not None and _reading(server))
+    writer.transport.abort()
+    # The server notices and finishes the request; then a new one is served as usual.
+    response = await server.client.post(
+        "/ws/emit", json={"channel": "a", "data": 1}, headers={"X-API-Key": API_KEY}
+    )
+    assert response.status == 202
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def _reading(server: BusServer) -> bool:
+    # The emit handler holds a body deadline while a body is arriving.
+    routes = server.app.router.routes()
+    handler = next(r.handler for r in routes if r.resource and r.resource.canonical == "/ws/emit")
+    return bool(handler.__self__._body_deadlines)  # type: ignore[attr-defined]
+
+
+async def test_idempotency_ids_are_scoped_by_publisher(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
+) -> None:
+    server = await emit_server(aiohttp_client, jwks_server)
+    socket, _ = await server.open(make_token(channels=["chat:*"]), ["chat:a"])
+    body = {"channel": "chat:a", "data": "from mallory", "id": "order-17:shipped"}
+    mallory = {"Authorization": "Bearer " + make_token(sub="mallory", publish=["chat:*"])}
+    first = await server.client.post("/ws/emit", json=body, headers=mallory)
+    assert first.status == 202
+    # The back end's real message with the same id is published, not swallowed.
+    body["data"] = "from the back end"
+    real = await server.client.post("/ws/emit", json=body, headers={"X-API-Key": API_KEY})
+    again = await server.client.post("/ws/emit", json=body, headers={"X-API-Key": API_KEY})
+    offsets = [(await r.json())["published"][0]["offset"] for r in (first, real, again)]
+    assert offsets == [1, 2, 2]  # each publisher's repeat is still published once
+    in_process = await server.bus.publish("chat:a", "app", id="order-17:shipped")
+    assert in_process.offset == 3
+    assert [(await next_frame(socket))["data"] for _ in range(3)] == [
+        "from mallory",
+        "from the back end",
+        "app",
+    ]
+    await nothing_more(socket)

@@ -4,36 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import socket as stdlib_socket
+import time
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from pytest_aiohttp import AiohttpClient
 
-from aiohttp_wsbus import EmitClient, EmitError, MemoryBroker, Published, SyncEmitClient
-from aiohttp_wsbus.errors import BrokerUnavailable
+from aiohttp_wsbus import EmitClient, EmitError, Published, SyncEmitClient
 
 from .conftest import JwksServer, MakeToken
-from .support import BusServer, next_frame, nothing_more, start_bus
+from .support import BusServer, FlakyBroker, close_frame, next_frame, nothing_more, start_bus
 
 API_KEY = "e" * 32
-
-
-class FlakyBroker(MemoryBroker):
-    """A memory broker whose engine is down for the next `down_for` publishes to `channel`."""
-
-    def __init__(self, channel: str, down_for: int) -> None:
-        super().__init__()
-        self.channel = channel
-        self.down_for = down_for
-        self.attempts = 0
-
-    async def publish(self, channel: str, data: str, *, message_id: str | None = None) -> Any:
-        if channel == self.channel:
-            self.attempts += 1
-            if self.down_for > 0:
-                self.down_for -= 1
-                raise BrokerUnavailable("down for now")
-        return await super().publish(channel, data, message_id=message_id)
 
 
 async def emit_server(
@@ -194,3 +177,40 @@ async def test_sync_client_to_nothing_listening_is_an_emit_error() -> None:
     client = SyncEmitClient(f"http://127.0.0.1:{free_port()}", api_key=API_KEY, retries=0)
     with pytest.raises(EmitError, match="no answer"):
         await asyncio.to_thread(client.emit, "chat:a", 1)
+
+
+async def test_control_calls_disconnect_unsubscribe_and_revoke(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
+) -> None:
+    server, url = await emit_server(aiohttp_client, jwks_server)
+    alice, _ = await server.open(make_token(sub="alice", channels=["chat:*"]), ["chat:a"])
+    spaced, _ = await server.open(make_token(sub="bob smith/1"), [])
+    async with EmitClient(url, api_key=API_KEY) as client:
+        await client.unsubscribe_user("alice", ["chat:a"])
+        assert (await next_frame(alice))["reason"] == "server"
+        await client.disconnect("bob smith/1", reason="bye")  # quoted into the path
+        assert await close_frame(spaced) == (4410, "bye")
+        await client.revoke(user="alice", until=datetime.now(UTC) + timedelta(minutes=1))
+        assert await close_frame(alice) == (4410, "token revoked")
+        with pytest.raises(EmitError) as raised:
+            await client.revoke(user="alice", until=time.time() - 1)
+        assert (raised.value.status, raised.value.error) == (400, "invalid_request")
+        assert list(raised.value.body["fields"]) == ["until"]
+    token_client = EmitClient(url, token=make_token(publish=["*"]))
+    with pytest.raises(ValueError, match="api_key"):
+        await token_client.disconnect("alice")
+    await token_client.close()
+
+
+async def test_sync_control_calls(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
+) -> None:
+    server, url = await emit_server(aiohttp_client, jwks_server)
+    alice, _ = await server.open(make_token(sub="alice", channels=["chat:*"]), ["chat:a"])
+    client = SyncEmitClient(url, api_key=API_KEY)
+    await asyncio.to_thread(client.unsubscribe_user, "alice", ["chat:a"])
+    assert (await next_frame(alice))["reason"] == "server"
+    await asyncio.to_thread(lambda: client.disconnect("alice", reconnect=True))
+    assert (await close_frame(alice))[0] == 4012
+    await asyncio.to_thread(lambda: client.revoke(token_id="t-1", until=time.time() + 60))
+    assert len(server.bus.revocations) == 1

@@ -1,23 +1,29 @@
-"""The example chat in headless Chromium: two people, alice (staff) and bob, in two contexts."""
+"""The example chat in headless Chromium: alice (staff), bob and carol, each in a context."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from playwright.async_api import Browser, Page, WebSocket, expect
 
 from .browser import ARTIFACTS
-from .example_server import ExampleServer, running_example
-from .support import eventually
+from .example_server import ExampleServer, login, open_socket, running_example
+from .support import WAIT, eventually, next_frame
 
 pytestmark = pytest.mark.browser
 
 WAIT_MS = 5000
 RECONNECT_WAIT_MS = 20000  # jittered backoff after a restart: a few seconds at most
+# README's picture of the example; WSBUS_UPDATE_SCREENSHOT=1 writes it anew.
+README_SCREENSHOT = Path(__file__).parent.parent / "docs" / "example-app.png"
 
 
 @dataclass
@@ -28,6 +34,7 @@ class Person:
     page: Page
     frames: list[dict[str, Any]] = field(default_factory=list)
     sockets: list[WebSocket] = field(default_factory=list)
+    responses: list[tuple[int, str]] = field(default_factory=list)  # (status, URL), in order
 
     def record(self, socket: WebSocket) -> None:
         self.sockets.append(socket)
@@ -54,8 +61,29 @@ class Person:
     def badge(self) -> Any:
         return self.page.locator("#badge")
 
+    @property
+    def send_button(self) -> Any:
+        return self.page.locator("#composer-send")
+
     async def open_view(self, name: str) -> None:
         await self.page.locator(f'.nav-item[data-view="{name}"]').click()
+
+    async def create_room(self, name: str) -> None:
+        await self.page.locator("#room-name").fill(name)
+        await self.page.locator("#room-create").click()
+
+    async def join_room(self, name: str) -> None:
+        await self.page.locator("#room-name").fill(name)
+        await self.page.locator("#room-join").click()
+
+    async def invite(self, user: str) -> None:
+        await self.page.locator("#invite-user").fill(user)
+        await self.page.locator("#invite-user").press("Enter")
+        await expect(self.page.locator("#invite-user")).to_have_value("", timeout=WAIT_MS)
+
+    def logins(self) -> int:
+        """How many tokens the page asked for."""
+        return sum(1 for _, url in self.responses if url.endswith("/login"))
 
     async def say(self, text: str, *, to: str | None = None) -> None:
         if to is not None:
@@ -71,12 +99,15 @@ async def example() -> AsyncIterator[ExampleServer]:
         yield server
 
 
-async def sign_in(browser: Browser, example: ExampleServer, name: str) -> Person:
+async def sign_in(
+    browser: Browser, example: ExampleServer, name: str, *, width: int = 1200, height: int = 760
+) -> Person:
     """A new browser context, signed in as `name` and connected."""
-    context = await browser.new_context(viewport={"width": 1200, "height": 760})
+    context = await browser.new_context(viewport={"width": width, "height": height})
     page = await context.new_page()
     person = Person(name, page)
     page.on("websocket", person.record)
+    page.on("response", lambda response: person.responses.append((response.status, response.url)))
     await page.goto(example.url + "/")
     await page.locator("#signin-name").fill(name)
     await page.locator("#signin-button").click()
@@ -187,3 +218,220 @@ async def test_the_page_renews_its_short_lived_token_on_the_live_socket(browser:
         await expect(bob.page.locator("#token-issued")).not_to_have_text(issued or "")
         await bob.say("still here after the renewal")
         await expect(bob.view("chat:lobby")).to_contain_text("still here", timeout=WAIT_MS)
+
+
+# -- private rooms ----------------------------------------------------------------
+
+
+async def test_a_private_room_admits_whom_alice_invites_and_the_bus_denies_carol(
+    browser: Browser, example: ExampleServer
+) -> None:
+    alice = await sign_in(browser, example, "alice")
+    bob = await sign_in(browser, example, "bob", height=800)  # README's screenshot
+    carol = await sign_in(browser, example, "carol")
+    await alice.create_room("plans")
+    await expect(alice.room_status("room:plans")).to_have_text("joined", timeout=WAIT_MS)
+    await expect(alice.page.locator("#view-title")).to_have_text("# plans")
+    await expect(alice.page.locator("#room-members")).to_have_text("alice")
+
+    # carol is no member: the bus asks the app's authorizer, which says no.
+    await carol.join_room("plans")
+    await expect(carol.room_status("room:plans")).to_have_text("denied", timeout=WAIT_MS)
+    await expect(carol.page.locator("#denied-panel")).to_be_visible()
+    await expect(carol.page.locator("#denied-reason")).to_have_text("forbidden")
+    await expect(carol.page.locator("#denied-explanation")).to_contain_text("not a member")
+    await expect(carol.page.locator("#composer")).to_be_hidden()
+
+    await alice.invite("bob")
+    await expect(alice.page.locator("#room-members")).to_have_text("alice, bob")
+    await expect(alice.view("room:plans").locator(".event")).to_contain_text(
+        "alice invited bob", timeout=WAIT_MS
+    )
+    # bob hears of it on his own channel, and joins with the socket and token he has.
+    await expect(bob.room_status("room:plans")).to_have_text("invited", timeout=WAIT_MS)
+    await bob.open_view("room:plans")
+    await expect(bob.page.locator("#invited-panel")).to_contain_text("alice invited you")
+    await bob.page.locator("#join-room").click()
+    await expect(bob.room_status("room:plans")).to_have_text("joined", timeout=WAIT_MS)
+    await expect(bob.page.locator("#room-members")).to_have_text("alice, bob", timeout=WAIT_MS)
+    assert (len(bob.sockets), bob.logins()) == (1, 1)
+
+    await bob.say("Thanks for the invite, alice")
+    await expect(alice.view("room:plans")).to_contain_text("Thanks for the invite", timeout=WAIT_MS)
+    await alice.say("Welcome to plans, bob")
+    await expect(bob.view("room:plans")).to_contain_text("Welcome to plans", timeout=WAIT_MS)
+    await expect(bob.view("room:plans").locator(".message.mine")).to_contain_text("Thanks")
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WAIT)) as http:
+        # carol again, over a raw socket: denied by the bus, whatever a page would show.
+        token = (await login(http, example, "carol"))["token"]
+        socket, welcome = await open_socket(http, example, token, ["chat:lobby", "room:plans"])
+        assert (welcome["subscribed"], welcome["denied"]) == (
+            ["chat:lobby"],
+            {"room:plans": "forbidden"},
+        )
+        await alice.say("One more for the room")
+        await expect(bob.view("room:plans")).to_contain_text("One more", timeout=WAIT_MS)
+        # Published after the room's messages: once carol has it, she would have had those.
+        await alice.open_view("chat:lobby")
+        await alice.say("lobby marker after the private room")
+        while (frame := await next_frame(socket))["type"] != "message" or (
+            frame["data"]["text"] != "lobby marker after the private room"
+        ):
+            assert frame.get("channel") != "room:plans", frame
+        await socket.close()
+    await expect(carol.view("chat:lobby")).to_contain_text("lobby marker", timeout=WAIT_MS)
+    assert "room:plans" not in carol.channels_received()
+    assert "room:plans" in bob.channels_received()
+    await expect(carol.page.locator("body")).not_to_contain_text("Welcome to plans")
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    await bob.page.screenshot(path=ARTIFACTS / "example-app-rooms.png")
+    if os.environ.get("WSBUS_UPDATE_SCREENSHOT") == "1":
+        shutil.copyfile(ARTIFACTS / "example-app-rooms.png", README_SCREENSHOT)
+
+
+async def test_a_renewed_token_keeps_the_private_room_the_authorizer_allowed(
+    browser: Browser,
+) -> None:
+    async with running_example(token_lifetime=4) as example:
+        bob = await sign_in(browser, example, "bob")
+        await bob.create_room("mine")
+        await expect(bob.room_status("room:mine")).to_have_text("joined", timeout=WAIT_MS)
+
+        def since_join() -> list[dict[str, Any]]:
+            """bob's frames from the one that subscribed him to room:mine on."""
+            for at, frame in enumerate(bob.frames):
+                if frame["type"] == "subscribed" and "room:mine" in frame["subscribed"]:
+                    return bob.frames[at:]
+            return []
+
+        await eventually(lambda: bool(since_join()))
+        # A refresh after the join: the bus asks the authorizer again, which still says yes.
+        await eventually(lambda: any(f["type"] == "refreshed" for f in since_join()), timeout=10)
+        refreshed = next(f for f in since_join() if f["type"] == "refreshed")
+        assert refreshed["revoked"] == []
+        assert len(bob.sockets) == 1
+        await bob.say("still in my room after the renewal")
+        await expect(bob.view("room:mine")).to_contain_text("still in my room", timeout=WAIT_MS)
+        await expect(bob.room_status("room:mine")).to_have_text("joined")
+
+
+# -- what the page asks the server ------------------------------------------------
+
+
+async def test_signing_in_and_chatting_meets_no_404_or_other_error(
+    browser: Browser, example: ExampleServer
+) -> None:
+    bob = await sign_in(browser, example, "bob")
+    await bob.say("everything loaded")
+    await expect(bob.view("chat:lobby")).to_contain_text("everything loaded", timeout=WAIT_MS)
+    await bob.page.close()  # the socket's line is logged when it closes
+    await eventually(lambda: any(" /ws " in line for line in example.access_log))
+    # Chromium asks for an icon on its own: the page names one that exists.
+    await eventually(lambda: any("favicon" in line for line in example.access_log))
+    answered = [line.rsplit(" ", 1) for line in example.access_log]
+    assert {status for _, status in answered} <= {"101", "200", "202"}, example.access_log
+    assert [(status, url) for status, url in bob.responses if status >= 400] == []
+
+
+# -- not connected ---------------------------------------------------------------
+
+
+async def test_send_is_disabled_while_disconnected_and_a_failed_send_is_cleared_on_reconnect(
+    example: ExampleServer, browser: Browser
+) -> None:
+    bob = await sign_in(browser, example, "bob")
+    sends: list[str] = []
+    bob.page.on(
+        "request", lambda request: sends.append(request.url) if "/send" in request.url else None
+    )
+    await expect(bob.send_button).to_be_enabled()
+    await bob.open_view("direct")
+    await bob.page.locator("#composer-to").fill("no body")
+    await bob.page.locator("#composer-text").fill("this one fails")
+    await bob.page.locator("#composer-text").press("Enter")
+    error = bob.page.locator("#composer-error")
+    await expect(error).to_contain_text("user names are", timeout=WAIT_MS)  # the server's 400
+
+    await example.stop()
+    await expect(bob.badge).to_have_attribute("data-state", "reconnecting", timeout=WAIT_MS)
+    await expect(bob.send_button).to_be_disabled()
+    await bob.page.locator("#composer-to").fill("alice")
+    await bob.page.locator("#composer-text").press("Enter")  # no send while disconnected
+    await example.start()
+    await expect(bob.badge).to_have_attribute("data-state", "connected", timeout=RECONNECT_WAIT_MS)
+    await expect(bob.send_button).to_be_enabled()
+    await expect(error).to_be_empty()
+    assert len(sends) == 1  # the failed one: Enter while disconnected sent nothing
+    await bob.say("this one arrives", to="alice")
+    await expect(bob.view("direct").locator(".message.mine")).to_contain_text("this one arrives")
+
+
+# -- a narrow window --------------------------------------------------------------
+
+# Every control a person uses: each must be fully on screen at 400 px.
+CONTROLS = "button:visible, input:visible"
+NARROW = 400
+
+
+async def assert_fits(page: Page, what: str) -> None:
+    """No sideways scrolling, and every visible control inside the viewport."""
+    overflow = await page.evaluate(
+        """() => {
+            const root = document.scrollingElement;
+            return [root.scrollWidth, root.clientWidth];
+        }"""
+    )
+    assert overflow[0] <= overflow[1], f"{what}: the page scrolls sideways ({overflow})"
+    viewport = page.viewport_size
+    assert viewport is not None
+    for control in await page.locator(CONTROLS).all():
+        box = await control.bounding_box()
+        assert box is not None
+        name = await control.evaluate("(e) => e.id || e.textContent.trim() || e.outerHTML")
+        assert box["x"] >= 0 and box["x"] + box["width"] <= viewport["width"], (what, name, box)
+        assert box["y"] >= 0 and box["y"] + box["height"] <= viewport["height"], (what, name, box)
+
+
+async def test_at_400_px_wide_nothing_scrolls_sideways_and_every_control_is_reachable(
+    browser: Browser, example: ExampleServer
+) -> None:
+    context = await browser.new_context(viewport={"width": NARROW, "height": 760})
+    page = await context.new_page()
+    await page.goto(example.url + "/")
+    await assert_fits(page, "sign-in")
+    await context.close()
+
+    alice = await sign_in(browser, example, "alice", width=NARROW)
+    bob = await sign_in(browser, example, "bob", width=NARROW)
+    await assert_fits(bob.page, "lobby")
+    await alice.say("A long line that a narrow window has to wrap: " + "wrap " * 40)
+    await alice.page.locator("#notify").click()
+    await expect(bob.view("chat:lobby").locator(".notice")).to_have_count(1, timeout=WAIT_MS)
+    await expect(bob.view("chat:lobby")).to_contain_text("narrow window", timeout=WAIT_MS)
+    await assert_fits(bob.page, "lobby with messages")
+
+    await bob.open_view("chat:staff")
+    await expect(bob.page.locator("#denied-panel")).to_be_visible()
+    await assert_fits(bob.page, "denied room")
+    await bob.open_view("direct")
+    await expect(bob.page.locator("#composer-to")).to_be_visible()
+    await assert_fits(bob.page, "direct messages")
+    await bob.say("Reached you from 400 px", to="alice")
+    await expect(alice.view("direct")).to_contain_text("Reached you from 400 px", timeout=WAIT_MS)
+
+    await alice.create_room("narrow")
+    await expect(alice.page.locator("#room-bar")).to_be_visible(timeout=WAIT_MS)
+    await alice.invite("bob")
+    await assert_fits(alice.page, "private room")
+    await bob.open_view("room:narrow")
+    await expect(bob.page.locator("#invited-panel")).to_be_visible(timeout=WAIT_MS)
+    await assert_fits(bob.page, "invited")
+    await bob.page.locator("#join-room").click()
+    await expect(bob.room_status("room:narrow")).to_have_text("joined", timeout=WAIT_MS)
+    await bob.join_room("nowhere")
+    await expect(bob.room_status("room:nowhere")).to_have_text("denied", timeout=WAIT_MS)
+    await assert_fits(bob.page, "a private room denied")
+    ARTIFACTS.mkdir(exist_ok=True)
+    await bob.page.screenshot(path=ARTIFACTS / "example-app-400px.png")

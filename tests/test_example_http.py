@@ -1,8 +1,13 @@
-"""The example app over plain HTTP: the demo identity provider, /send, /api/notify, the CLI."""
+"""The example app over plain HTTP: the demo identity provider, /send, private rooms,
+/api/notify, the CLI."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import os
+import shutil
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,9 +20,11 @@ from jwt.algorithms import RSAAlgorithm
 
 import aiohttp_wsbus
 from example_app.__main__ import parse_arguments
+from example_app.app import PRIVATE_ROOMS_KEY
+from example_app.rooms import MAX_MEMBERS, MAX_ROOMS
 
-from .example_server import ExampleServer, free_port, running_example
-from .support import WAIT, eventually, next_frame
+from .example_server import ExampleServer, free_port, login, open_socket, post, running_example
+from .support import WAIT, eventually, next_frame, nothing_more
 
 ROOT = Path(__file__).parent.parent
 
@@ -32,33 +39,6 @@ async def example() -> AsyncIterator[ExampleServer]:
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WAIT)) as session:
         yield session
-
-
-async def login(http: aiohttp.ClientSession, example: ExampleServer, user: str) -> dict[str, Any]:
-    async with http.post(example.url + "/login", json={"user": user}) as response:
-        assert response.status == 200, await response.text()
-        body: dict[str, Any] = await response.json()
-        return body
-
-
-async def post(
-    http: aiohttp.ClientSession, url: str, body: object, token: str | None = None
-) -> tuple[int, dict[str, Any]]:
-    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
-    async with http.post(url, json=body, headers=headers) as response:
-        answer: dict[str, Any] = await response.json()
-        return response.status, answer
-
-
-async def open_socket(
-    http: aiohttp.ClientSession, example: ExampleServer, token: str, channels: list[str]
-) -> aiohttp.ClientWebSocketResponse:
-    socket = await http.ws_connect(example.url.replace("http", "ws") + "/ws")
-    await socket.send_json({"type": "connect", "token": token, "channels": channels})
-    welcome = await next_frame(socket)
-    assert welcome["type"] == "welcome", welcome
-    assert welcome["subscribed"] == channels, welcome
-    return socket
 
 
 # -- the identity provider ---------------------------------------------------
@@ -148,7 +128,8 @@ async def test_send_publishes_the_verified_sender_to_the_room_or_user(
 ) -> None:
     alice = await login(http, example, "alice")
     bob = await login(http, example, "bob")
-    socket = await open_socket(http, example, alice["token"], [room])
+    socket, welcome = await open_socket(http, example, alice["token"], [room])
+    assert welcome["subscribed"] == [room]
     status, answer = await post(
         http, example.url + "/send", {"room": room, "text": "hi"}, bob["token"]
     )
@@ -193,6 +174,8 @@ async def test_send_without_a_valid_token_is_unauthorized(
         ({"room": "chat:nowhere", "text": "hi"}, ["room"]),
         ({"room": "user:Bob", "text": "hi"}, ["room"]),
         ({"room": "user:", "text": "hi"}, ["room"]),
+        ({"room": "room:", "text": "hi"}, ["room"]),
+        ({"room": "room:Plans", "text": "hi"}, ["room"]),
         ({"room": "chat:lobby", "text": "   "}, ["text"]),
         ({"room": "chat:lobby", "text": "x" * 2001}, ["text"]),
         ({"room": "chat:lobby", "text": 5}, ["text"]),
@@ -210,6 +193,232 @@ async def test_send_refuses_bad_input_with_the_fields_named(
     assert sorted(answer["fields"]) == fields
 
 
+# -- private rooms ---------------------------------------------------------------
+
+
+async def rooms_of(http: aiohttp.ClientSession, example: ExampleServer, token: str) -> Any:
+    async with http.get(
+        example.url + "/rooms", headers={"Authorization": f"Bearer {token}"}
+    ) as response:
+        assert response.status == 200, await response.text()
+        return (await response.json())["rooms"]
+
+
+async def create_room(
+    http: aiohttp.ClientSession, example: ExampleServer, token: str, name: str
+) -> dict[str, Any]:
+    status, answer = await post(http, example.url + "/rooms", {"name": name}, token)
+    assert status == 201, answer
+    room: dict[str, Any] = answer["room"]
+    return room
+
+
+async def invite(
+    http: aiohttp.ClientSession, example: ExampleServer, token: str, room: str, user: str
+) -> tuple[int, dict[str, Any]]:
+    return await post(http, f"{example.url}/rooms/{room}/invite", {"user": user}, token)
+
+
+async def test_creating_a_room_makes_the_creator_its_first_member(
+    example: ExampleServer, http: aiohttp.ClientSession
+) -> None:
+    alice = await login(http, example, "alice")
+    bob = await login(http, example, "bob")
+    room = await create_room(http, example, alice["token"], "plans")
+    assert room == {
+        "name": "plans",
+        "channel": "room:plans",
+        "created_by": "alice",
+        "members": ["alice"],
+    }
+    assert await rooms_of(http, example, alice["token"]) == [room]
+    assert await rooms_of(http, example, bob["token"]) == []
+    # No token lists it: alice's socket gets it from the app's authorizer.
+    assert "room:plans" not in alice["channels"]
+    _, welcome = await open_socket(http, example, alice["token"], ["room:plans"])
+    assert (welcome["subscribed"], welcome["denied"]) == (["room:plans"], {})
+
+
+async def test_a_room_name_is_taken_once(
+    example: ExampleServer, http: aiohttp.ClientSession
+) -> None:
+    alice = await login(http, example, "alice")
+    bob = await login(http, example, "bob")
+    await create_room(http, example, alice["token"], "plans")
+    status, answer = await post(http, example.url + "/rooms", {"name": "plans"}, bob["token"])
+    assert (status, answer) == (409, {"error": "room_exists", "room": "room:plans"})
+    assert await rooms_of(http, example, bob["token"]) == []
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        *[("/rooms", {"name": name}, "name") for name in ["", "Plans", "a" * 33, "room:x", 5]],
+        ("/rooms", {}, "name"),
+        *[("/rooms/plans/invite", {"user": user}, "user") for user in ["Bob", "user:bob", 7]],
+        ("/rooms/plans/invite", {}, "user"),
+    ],
+)
+async def test_room_requests_refuse_names_that_cannot_be_in_a_channel_name(
+    example: ExampleServer, http: aiohttp.ClientSession, path: str, body: object, field: str
+) -> None:
+    alice = await login(http, example, "alice")
+    await create_room(http, example, alice["token"], "plans")
+    status, answer = await post(http, example.url + path, body, alice["token"])
+    assert status == 400
+    assert list(answer["fields"]) == [field]
+
+
+async def test_room_requests_need_a_valid_token(
+    example: ExampleServer, http: aiohttp.ClientSession
+) -> None:
+    alice = await login(http, example, "alice")
+    await create_room(http, example, alice["token"], "plans")
+    for method, path, body in [
+        ("GET", "/rooms", None),
+        ("POST", "/rooms", {"name": "mine"}),
+        ("POST", "/rooms/plans/invite", {"user": "carol"}),
+    ]:
+        async with http.request(
+            method, example.url + path, json=body, headers={"Authorization": "Bearer nope"}
+        ) as response:
+            assert response.status == 401, path
+    assert (await rooms_of(http, example, alice["token"]))[0]["members"] == ["alice"]
+
+
+async def test_an_invited_user_joins_on_the_same_socket_and_token(
+    example: ExampleServer, http: aiohttp.ClientSession
+) -> None:
+    alice = await login(http, example, "alice")
+    bob = await login(http, example, "bob")
+    await create_room(http, example, alice["token"], "plans")
+    alice_socket, _ = await open_socket(http, example, alice["token"], ["room:plans"])
+    bob_socket, welcome = await open_socket(http, example, bob["token"], ["user:bob", "room:plans"])
+    assert (welcome["subscribed"], welcome["denied"]) == (["user:bob"], {"room:plans": "forbidden"})
+
+    status, answer = await invite(http, example, alice["token"], "plans", "bob")
+    assert status == 200
+    assert (answer["added"], answer["room"]["members"]) == (True, ["alice", "bob"])
+    told_room = await next_frame(alice_socket)
+    assert told_room["channel"] == "room:plans"
+    assert told_room["data"] | {"sent_at": 0} == {
+        "kind": "member",
+        "from": "alice",
+        "member": "bob",
+        "members": ["alice", "bob"],
+        "room": "room:plans",
+        "text": "alice invited bob",
+        "sent_at": 0,
+    }
+    told_bob = await next_frame(bob_socket)
+    assert told_bob["channel"] == "user:bob"
+    assert told_bob["data"] | {"sent_at": 0} == {
+        "kind": "invite",
+        "from": "alice",
+        "name": "plans",
+        "room": "room:plans",
+        "text": "alice invited you",
+        "sent_at": 0,
+    }
+    assert await rooms_of(http, example, bob["token"]) == [answer["room"]]
+
+    # The same socket, the same token: the authorizer now finds bob among the members.
+    await bob_socket.send_json({"type": "subscribe", "channels": ["room:plans"]})
+    subscribed = await next_frame(bob_socket)
+    assert (subscribed["type"], subscribed["subscribed"], subscribed["denied"]) == (
+        "subscribed",
+        ["room:plans"],
+        {},
+    )
+    status, sent = await post(
+        http, example.url + "/send", {"room": "room:plans", "text": "thanks!"}, bob["token"]
+    )
+    assert status == 202
+    for socket in (alice_socket, bob_socket):
+        frame = await next_frame(socket)
+        assert (frame["channel"], frame["data"]) == ("room:plans", sent["message"])
+
+
+async def test_only_members_invite_and_strangers_cannot_tell_which_rooms_exist(
+    example: ExampleServer, http: aiohttp.ClientSession
+) -> None:
+    alice = await login(http, example, "alice")
+    carol = await login(http, example, "carol")
+    await create_room(http, example, alice["token"], "plans")
+    for room in ("plans", "nowhere"):
+        status, answer = await invite(http, example, carol["token"], room, "carol")
+        assert (status, answer) == (403, {"error": "forbidden", "room": f"room:{room}"})
+    assert await rooms_of(http, example, carol["token"]) == []
+    _, welcome = await open_socket(http, example, carol["token"], ["room:plans"])
+    assert welcome["denied"] == {"room:plans": "forbidden"}
+    async with http.post(
+        example.url + "/rooms/No Such/invite",
+        json={"user": "carol"},
+        headers={"Authorization": f"Bearer {alice['token']}"},
+    ) as response:
+        assert response.status == 404  # not a room name at all
+
+
+async def test_inviting_a_member_again_changes_nothing_and_tells_nobody(
+    example: ExampleServer, http: aiohttp.ClientSession
+) -> None:
+    alice = await login(http, example, "alice")
+    bob = await login(http, example, "bob")
+    await create_room(http, example, alice["token"], "plans")
+    alice_socket, _ = await open_socket(http, example, alice["token"], ["room:plans"])
+    bob_socket, _ = await open_socket(http, example, bob["token"], ["user:bob"])
+    await invite(http, example, alice["token"], "plans", "bob")
+    await next_frame(alice_socket)
+    await next_frame(bob_socket)
+    for inviter in (alice, bob):
+        status, answer = await invite(http, example, inviter["token"], "plans", "bob")
+        assert (status, answer["added"], answer["room"]["members"]) == (
+            200,
+            False,
+            ["alice", "bob"],
+        )
+    await nothing_more(alice_socket)
+    await nothing_more(bob_socket)
+
+
+async def test_send_to_a_private_room_is_for_its_members_only(
+    example: ExampleServer, http: aiohttp.ClientSession
+) -> None:
+    alice = await login(http, example, "alice")
+    bob = await login(http, example, "bob")
+    carol = await login(http, example, "carol")
+    await create_room(http, example, alice["token"], "plans")
+    for room in ("room:plans", "room:nowhere"):
+        status, answer = await post(
+            http, example.url + "/send", {"room": room, "text": "let me in"}, carol["token"]
+        )
+        assert (status, answer) == (403, {"error": "forbidden", "room": room})
+    await invite(http, example, alice["token"], "plans", "bob")  # offset 1: its notice
+    status, answer = await post(
+        http, example.url + "/send", {"room": "room:plans", "text": "hi"}, bob["token"]
+    )
+    assert status == 202
+    # Offset 2: carol's refused sends published nothing.
+    assert answer["published"] == {"channel": "room:plans", "offset": 2}
+
+
+async def test_the_room_store_is_bounded(
+    example: ExampleServer, http: aiohttp.ClientSession
+) -> None:
+    alice = await login(http, example, "alice")
+    assert example.app is not None
+    rooms = example.app[PRIVATE_ROOMS_KEY]
+    for n in range(MAX_ROOMS):
+        rooms.create(f"room{n}", "alice")
+    status, answer = await post(http, example.url + "/rooms", {"name": "more"}, alice["token"])
+    assert (status, answer["error"], answer["room"]) == (409, "room_limit", "room:more")
+    for n in range(1, MAX_MEMBERS):
+        rooms.invite("room0", "alice", f"user{n}")
+    status, answer = await invite(http, example, alice["token"], "room0", "bob")
+    assert (status, answer["error"], answer["room"]) == (409, "room_limit", "room:room0")
+    assert len((await rooms_of(http, example, alice["token"]))[0]["members"]) == MAX_MEMBERS
+
+
 # -- /api/notify ---------------------------------------------------------------
 
 
@@ -217,7 +426,8 @@ async def test_notify_emits_through_the_emit_endpoint(
     example: ExampleServer, http: aiohttp.ClientSession
 ) -> None:
     alice = await login(http, example, "alice")
-    socket = await open_socket(http, example, alice["token"], ["chat:staff"])
+    socket, welcome = await open_socket(http, example, alice["token"], ["chat:staff"])
+    assert welcome["subscribed"] == ["chat:staff"]
     status, answer = await post(
         http, example.url + "/api/notify", {"channel": "chat:staff", "text": "deployed"}
     )
@@ -287,6 +497,44 @@ def test_command_line_refuses_bad_values(
     assert f"argument {arguments[0]}: '" in capsys.readouterr().err
 
 
+async def read_line(process: asyncio.subprocess.Process) -> str:
+    """The process's next output line; fails if the output has ended."""
+    assert process.stdout is not None
+    line = await process.stdout.readline()
+    assert line, "the process's output ended"
+    return line.decode()
+
+
+def test_command_line_help_says_to_run_from_the_repository_root(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        parse_arguments(["--help"])
+    assert exit_info.value.code == 0
+    assert "Run it from the repository root" in " ".join(capsys.readouterr().out.split())
+
+
+def test_ci_install_skips_pip_when_setup_py_is_unchanged() -> None:
+    """`bash .ci/example` starts at once: the install it runs first is a no-op the second time."""
+    stamp = ROOT / ".venv" / ".installed-test"
+    setup_hash = hashlib.sha256((ROOT / "setup.py").read_bytes()).hexdigest()
+    assert stamp.read_text().strip() == setup_hash, "run bash .ci/install first"
+    bash = shutil.which("bash")
+    assert bash is not None
+    for arguments in (["--runtime"], []):
+        traced = subprocess.run(  # noqa: S603 (a fixed command line)
+            [bash, "-x", ".ci/install", *arguments],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            check=True,
+            timeout=60,
+            env={**os.environ, "CI": "true"},
+        )
+        assert "-m pip" not in traced.stderr, traced.stderr
+
+
 async def test_python_dash_m_serves_the_page_and_the_client(http: aiohttp.ClientSession) -> None:
     port = free_port()
     process = await asyncio.create_subprocess_exec(
@@ -303,10 +551,14 @@ async def test_python_dash_m_serves_the_page_and_the_client(http: aiohttp.Client
     )
     try:
         assert process.stdout is not None
+        before_banner: list[str] = []
         async with asyncio.timeout(15):  # an interpreter start and an RSA key
-            # Log lines (the bus's first key fetch, made before the app listens) may come first.
-            while f"on http://127.0.0.1:{port}" not in (await process.stdout.readline()).decode():
-                assert not process.stdout.at_eof()
+            while f"on http://127.0.0.1:{port}" not in (line := await read_line(process)):
+                before_banner.append(line)
+        # The bus's first key fetch comes before the app listens: the app says that is fine.
+        fetch_line = next(at for at, line in enumerate(before_banner) if "JWKS" in line)
+        assert "aiohttp_wsbus.jwks: JWKS not reachable at startup" in before_banner[fetch_line]
+        assert "example_app: the JWKS line above is expected" in before_banner[fetch_line + 1]
         base = f"http://127.0.0.1:{port}"
         async with http.get(base + "/") as response:
             assert response.status == 200
@@ -321,5 +573,6 @@ async def test_python_dash_m_serves_the_page_and_the_client(http: aiohttp.Client
     finally:
         process.terminate()
         output, _ = await process.communicate()
-    assert process.returncode == 0, output.decode()
-    assert b"Traceback" not in output and b"WARNING" not in output, output.decode()
+    everything = "".join(before_banner) + output.decode()
+    assert process.returncode == 0, everything
+    assert "Traceback" not in everything and "WARNING" not in everything, everything

@@ -16,7 +16,7 @@ from pytest_aiohttp import AiohttpClient
 from aiohttp_wsbus.protocol import Connect, encode_data, encode_message
 
 from .conftest import JwksServer, MakeToken
-from .support import WAIT, RawClient, eventually, start_bus
+from .support import WAIT, RawClient, eventually, read_raw_frame, start_bus
 
 
 async def open_raw(port: int) -> stdlib_socket.socket:
@@ -39,30 +39,6 @@ async def open_raw(port: int) -> stdlib_socket.socket:
             response += await loop.sock_recv(sock, 1)
     assert response.startswith(b"HTTP/1.1 101"), response
     return sock
-
-
-async def read_exactly(sock: stdlib_socket.socket, size: int) -> bytes:
-    loop = asyncio.get_running_loop()
-    data = b""
-    async with asyncio.timeout(WAIT):
-        while len(data) < size:
-            chunk = await loop.sock_recv(sock, size - len(data))
-            assert chunk, "the server closed the socket"
-            data += chunk
-    return data
-
-
-async def read_raw_frame(sock: stdlib_socket.socket) -> bytes:
-    """One whole server frame, header included, exactly as it came off the wire."""
-    header = await read_exactly(sock, 2)
-    length = header[1] & 0x7F
-    if length == 126:
-        extended = await read_exactly(sock, 2)
-        header, length = header + extended, int.from_bytes(extended, "big")
-    elif length == 127:
-        extended = await read_exactly(sock, 8)
-        header, length = header + extended, int.from_bytes(extended, "big")
-    return header + await read_exactly(sock, length)
 
 
 @pytest.mark.parametrize("size", [10, 200, 70_000])  # 7-bit, 16-bit and 64-bit lengths

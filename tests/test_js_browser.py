@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from aiohttp import web
+from aiohttp import WSMsgType, web
 from playwright.async_api import Browser, Page
 
 import aiohttp_wsbus
@@ -18,6 +23,9 @@ WAIT_MS = 5000  # any single wait in the page
 
 # The page imports the client the bus serves, and records everything it sees.
 # While the test holds tokens, getToken waits: the client stays disconnected.
+# With `reuseToken` set, getToken answers the last token without asking the server.
+# `sockets` counts the WebSockets made, `backoffs` the backoff delays drawn.
+# `?bus=PATH&connectTimeout=MS` points it elsewhere (the scripted socket).
 PAGE = """<!doctype html>
 <meta charset="utf-8">
 <title>wsbus browser test</title>
@@ -25,7 +33,10 @@ PAGE = """<!doctype html>
   import { WsBus } from "/ws/wsbus.js";
 
   let gate = null;
-  Object.assign(window, { received: [], states: [], recovered: [], errors: [] });
+  let token = null;
+  Object.assign(window, {
+    received: [], states: [], recovered: [], errors: [], sockets: 0, backoffs: 0, reuseToken: false,
+  });
   window.holdTokens = () => {
     let release;
     gate = { promise: new Promise((resolve) => (release = resolve)), release };
@@ -36,17 +47,33 @@ PAGE = """<!doctype html>
     held?.release();
   };
 
-  const bus = new WsBus("/ws", {
+  class CountedWebSocket extends WebSocket {
+    constructor(url) {
+      super(url);
+      window.sockets += 1;
+    }
+  }
+
+  const params = new URLSearchParams(location.search);
+  const options = {
     getToken: async () => {
       if (gate) await gate.promise;
+      if (window.reuseToken && token) return token;
       const response = await fetch("/token");
       if (!response.ok) throw new Error(`token endpoint answered ${response.status}`);
-      return response.text();
+      return (token = await response.text());
     },
     minReconnectDelay: 20,
     maxReconnectDelay: 200,
     autoConnect: false,
-  });
+    WebSocket: CountedWebSocket,
+    random: () => {
+      window.backoffs += 1;
+      return Math.random();
+    },
+  };
+  if (params.has("connectTimeout")) options.connectTimeout = Number(params.get("connectTimeout"));
+  const bus = new WsBus(params.get("bus") ?? "/ws", options);
   bus.on("state", (state) => window.states.push(state));
   bus.on("recovered", (channel, ok) => window.recovered.push([channel, ok]));
   bus.on("error", (error) => window.errors.push(String(error)));
@@ -56,8 +83,58 @@ PAGE = """<!doctype html>
 """
 
 
+@dataclass
+class ScriptedConnection:
+    """One socket on the scripted endpoint: the client's connect frame and how it ended."""
+
+    connect: dict[str, Any] | None = None
+    opened_at: float = 0.0
+    closed_at: float | None = None
+    close_code: int | None = None
+
+
+class ScriptedSockets:
+    """A WebSocket endpoint that stands in for the bus: it answers each connect frame
+    with the frames in `script` (none: it never answers) and records every socket."""
+
+    def __init__(self) -> None:
+        self.script: list[dict[str, Any]] = []
+        self.connections: list[ScriptedConnection] = []
+        self._changed = asyncio.Condition()
+
+    async def handle(self, request: web.Request) -> web.WebSocketResponse:
+        socket = web.WebSocketResponse()
+        await socket.prepare(request)
+        loop = asyncio.get_running_loop()
+        connection = ScriptedConnection(opened_at=loop.time())
+        await self._record(lambda: self.connections.append(connection))
+        async for message in socket:
+            if message.type is WSMsgType.TEXT and connection.connect is None:
+                connection.connect = json.loads(message.data)
+                for frame in self.script:
+                    await socket.send_json(frame)
+
+        def closed() -> None:
+            connection.closed_at = loop.time()
+            connection.close_code = socket.close_code
+
+        await self._record(closed)
+        return socket
+
+    async def wait_for(self, condition: Callable[[], bool]) -> None:
+        """Wait (at most WAIT_MS) until `condition()` holds after some socket's change."""
+        async with asyncio.timeout(WAIT_MS / 1000), self._changed:
+            await self._changed.wait_for(condition)
+
+    async def _record(self, change: Callable[[], None]) -> None:
+        async with self._changed:
+            change()
+            self._changed.notify_all()
+
+
 class PageServer:
-    """The test's own app on one loopback port: the page, a token endpoint and the bus.
+    """The test's own app on one loopback port: the page, a token endpoint, the bus,
+    and a scripted stand-in for the bus at `/scripted`.
 
     `restart()` stops it and starts a new app (a new MemoryBroker, as after a
     process restart) on the same port; the JWKS server lives on.
@@ -68,11 +145,17 @@ class PageServer:
         self.make_token = make_token
         self.port = 0
         self.bus: aiohttp_wsbus.Bus | None = None
+        self.scripted = ScriptedSockets()
         self._runner: web.AppRunner | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/"
+
+    def scripted_url(self, **query: str) -> str:
+        """The page, its client pointed at the scripted endpoint, with these options."""
+        parameters = "".join(f"&{name}={value}" for name, value in query.items())
+        return f"{self.url}?bus=/scripted{parameters}"
 
     async def start(self) -> None:
         app = web.Application()
@@ -81,6 +164,7 @@ class PageServer:
         )
         app.router.add_get("/", self._page)
         app.router.add_get("/token", self._token)
+        app.router.add_get("/scripted", self.scripted.handle)
         self._runner = web.AppRunner(app, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", self.port)
@@ -125,19 +209,26 @@ async def page_server(jwks_server: JwksServer, make_token: MakeToken) -> AsyncIt
         await server.stop()
 
 
-@pytest.fixture
-async def page(browser: Browser, page_server: PageServer) -> AsyncIterator[Page]:
-    """The test page, loaded and connected."""
+@asynccontextmanager
+async def load_page(browser: Browser, url: str) -> AsyncIterator[Page]:
+    """The test page at `url`, loaded; fails on any uncaught error in it."""
     opened = await browser.new_page()
     errors: list[str] = []
     opened.on("pageerror", lambda error: errors.append(str(error)))
     try:
-        await opened.goto(page_server.url)
-        await wait_until(opened, "window.states.includes('connected')")
+        await opened.goto(url)
         yield opened
         assert errors == []  # no uncaught exception, no unhandled rejection
     finally:
         await opened.close()
+
+
+@pytest.fixture
+async def page(browser: Browser, page_server: PageServer) -> AsyncIterator[Page]:
+    """The test page, loaded and connected."""
+    async with load_page(browser, page_server.url) as opened:
+        await wait_until(opened, "window.states.includes('connected')")
+        yield opened
 
 
 async def wait_until(page: Page, condition: str) -> None:
@@ -229,3 +320,74 @@ async def test_offline_drops_the_socket_and_online_reconnects_and_recovers(
         "missed while offline",
         "back",
     ]
+
+
+async def test_page_reconnects_after_refused_connects_once_the_server_is_back(
+    page: Page, page_server: PageServer
+) -> None:
+    # The token endpoint is down with the server: only the socket can fail.
+    await page.evaluate("window.reuseToken = true")
+    await page_server.stop()
+    await wait_until(page, "window.sockets >= 4")  # three connects refused, at least
+    await page_server.start()
+    await wait_until(page, connected_count(2))
+    await page_server.publish("back")
+    await wait_until(page, "window.received.length === 1")
+
+    states: list[str] = await page.evaluate("window.states")
+    steps = states[2:-1]  # between the first welcome and the last
+    assert steps == ["disconnected", "connecting"] * (len(steps) // 2), states
+    # Chromium fires error then close on a refused socket: one failed attempt, one backoff.
+    assert await page.evaluate("window.sockets") == states.count("connecting")
+    assert await page.evaluate("window.backoffs") == states.count("disconnected")
+    assert await page.evaluate("window.errors") == []
+
+
+async def test_page_gives_up_on_a_socket_that_is_never_welcomed(
+    browser: Browser, page_server: PageServer
+) -> None:
+    scripted = page_server.scripted  # answers nothing
+    async with load_page(browser, page_server.scripted_url(connectTimeout="500")) as page:
+        await scripted.wait_for(lambda: len(scripted.connections) >= 2)
+        first = scripted.connections[0]
+        await scripted.wait_for(lambda: first.closed_at is not None)
+
+        assert first.connect is not None and first.connect["type"] == "connect"
+        assert first.close_code == 1000
+        # The client's timer starts before the upgrade this server sees: leave room for it.
+        assert first.closed_at is not None and first.closed_at - first.opened_at >= 0.2
+        states = await page.evaluate("window.states")
+        assert states[:3] == ["connecting", "disconnected", "connecting"]
+        errors = await page.evaluate("window.errors")
+        assert errors[0] == "Error: WsBus: no welcome from the server within 500 ms"
+
+
+async def test_page_continues_a_channel_at_offset_0_with_offset_1_in_another_epoch(
+    browser: Browser, page_server: PageServer
+) -> None:
+    # A channel never published to is at offset 0 in an epoch of its own: its first
+    # message continues it whatever its epoch. A hole after that is still a gap.
+    page_server.scripted.script = [
+        {
+            "type": "welcome",
+            "client": "c1",
+            "user": "alice",
+            "expires_at": int(time.time()) + 3600,
+            "subscribed": ["chat:lobby"],
+            "denied": {},
+            "recovered": {},
+            "positions": {"chat:lobby": {"offset": 0, "epoch": "unpublished"}},
+        },
+        {"type": "message", "channel": "chat:lobby", "offset": 1, "epoch": "e1", "data": "first"},
+        {"type": "message", "channel": "chat:lobby", "offset": 3, "epoch": "e1", "data": "hole"},
+    ]
+    async with load_page(browser, page_server.scripted_url()) as page:
+        await wait_until(page, "window.received.length === 2")
+
+        messages = await received(page)
+        assert [(m["data"], m["offset"], m["epoch"]) for m in messages] == [
+            ("first", 1, "e1"),
+            ("hole", 3, "e1"),
+        ]
+        assert await page.evaluate("window.recovered") == [["chat:lobby", False]]  # the hole only
+        assert await page.evaluate("window.errors") == []

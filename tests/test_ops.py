@@ -11,30 +11,20 @@ from prometheus_client.parser import text_string_to_metric_families
 from pytest_aiohttp import AiohttpClient
 
 import aiohttp_wsbus
-from aiohttp_wsbus.errors import BrokerUnavailable
 
 from .conftest import JwksServer, MakeToken
 from .redis_server import RedisServer, until
-from .support import BusServer, RawClient, close_code, eventually, next_frame, start_bus
+from .support import (
+    BusServer,
+    RawClient,
+    SwitchableBroker,
+    close_code,
+    eventually,
+    next_frame,
+    start_bus,
+)
 
 API_KEY = "m" * 32
-
-
-class SwitchableBroker(aiohttp_wsbus.MemoryBroker):
-    """A memory broker whose engine the test can take down and bring back."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.is_up = True
-
-    @property
-    def is_available(self) -> bool:
-        return self.is_up
-
-    async def publish(self, channel: str, data: str, *, message_id: str | None = None) -> Any:
-        if not self.is_up:
-            raise BrokerUnavailable("switched off")
-        return await super().publish(channel, data, message_id=message_id)
 
 
 async def health(server: BusServer) -> tuple[int, dict[str, Any]]:

@@ -1,5 +1,5 @@
 """The built package ships the JS client (the bytes of js/wsbus.js, not a symlink),
-py.typed and the `wsbus` console script."""
+py.typed and the `wsbus` console script; the public API imports without the extras."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+
+import aiohttp_wsbus
+from aiohttp_wsbus.brokers import redis, redis_publisher
 
 ROOT = Path(__file__).parent.parent
 # What setup.py needs; the symlinks in aiohttp_wsbus/static point into js/.
@@ -45,3 +48,49 @@ def test_wheel_ships_the_js_client_byte_for_byte(tmp_path: Path) -> None:
         assert "wsbus = aiohttp_wsbus.cli:main" in archive.read(entry_points).decode()
     assert shipped == (ROOT / "js" / "wsbus.js").read_bytes()
     assert types == (ROOT / "js" / "wsbus.d.ts").read_bytes()
+
+
+# Run first in a fresh interpreter: as if the redis package were not installed.
+WITHOUT_REDIS = """
+import sys
+
+class NoRedis:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] == "redis":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, NoRedis())
+"""
+
+
+def test_star_import_works_without_redis_and_redis_names_say_what_to_install() -> None:
+    script = (
+        WITHOUT_REDIS
+        + """
+from aiohttp_wsbus import *
+assert setup and MemoryBroker and EmitClient
+try:
+    from aiohttp_wsbus import RedisBroker
+except ImportError as error:
+    print(error)
+else:
+    raise SystemExit("RedisBroker imported without redis")
+"""
+    )
+    done = subprocess.run(  # noqa: S603
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == (
+        "aiohttp_wsbus.RedisBroker needs the redis package: pip install 'aiohttp-wsbus[redis]'"
+    )
+
+
+def test_redis_names_import_from_the_package_when_redis_is_installed() -> None:
+    from aiohttp_wsbus import RedisBroker, RedisPublisher, SyncRedisPublisher
+
+    assert RedisBroker is redis.RedisBroker
+    assert RedisPublisher is redis_publisher.RedisPublisher
+    assert SyncRedisPublisher is redis_publisher.SyncRedisPublisher
+    assert {"RedisBroker", "RedisPublisher", "setup"} <= set(dir(aiohttp_wsbus))

@@ -62,7 +62,6 @@ def test_other_frames() -> None:
         '{"type":"subscribe","channels":"a"}',
         '{"type":"subscribe","channels":[1]}',
         '{"type":"refresh"}',
-        '{"type":"refresh","token":""}',
         '{"type":"connect","token":5}',
         '{"type":"connect","token":"t","since":[]}',
         '{"type":"connect","token":"t","since":{"a":{"offset":-1,"epoch":"e"}}}',

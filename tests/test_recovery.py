@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import ClientWebSocketResponse
 from pytest_aiohttp import AiohttpClient
 
-from aiohttp_wsbus.brokers import History, MemoryBroker
-from aiohttp_wsbus.protocol import Position
-
 from .conftest import JwksServer, MakeToken
-from .support import BusServer, next_frame, nothing_more, start_bus
+from .support import BusServer, PublishingDuringHistory, next_frame, nothing_more, start_bus
 
 CHANNEL = "chat:lobby"
 
@@ -174,32 +170,10 @@ async def test_a_fresh_subscriber_learns_the_position_to_recover_from_later(
     assert (await next_frame(again))["data"] == "first ever"
 
 
-class PublishingDuringHistory(MemoryBroker):
-    """A MemoryBroker whose history read lets other publishers in, before and after it reads.
-
-    Stands in for a networked broker, where other nodes publish while the read
-    is in flight.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.before_read: list[str] = []
-        self.after_read: list[str] = []
-
-    async def history(self, since: Mapping[str, Position | None]) -> dict[str, History]:
-        for data in self.before_read:
-            await self.publish(CHANNEL, f'"{data}"')
-        answer = await super().history(since)
-        for data in self.after_read:
-            await self.publish(CHANNEL, f'"{data}"')
-        self.before_read, self.after_read = [], []
-        return answer
-
-
 async def test_messages_published_during_the_history_read_are_neither_lost_nor_doubled(
     aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
 ) -> None:
-    broker = PublishingDuringHistory()
+    broker = PublishingDuringHistory(CHANNEL)
     server = await start_bus(aiohttp_client, jwks_server.url, broker=broker)
     token = make_token(channels=["chat:*"])
     position, _ = await cut_off_after(server, token, 1)
@@ -218,7 +192,7 @@ async def test_messages_published_during_the_history_read_are_neither_lost_nor_d
 async def test_a_fresh_subscriber_gets_what_was_published_during_its_subscribe(
     aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
 ) -> None:
-    broker = PublishingDuringHistory()
+    broker = PublishingDuringHistory(CHANNEL)
     server = await start_bus(aiohttp_client, jwks_server.url, broker=broker)
     await server.bus.publish(CHANNEL, "old")
     broker.before_read = ["before"]  # already counted in the position it is given
@@ -233,7 +207,7 @@ async def test_a_fresh_subscriber_gets_what_was_published_during_its_subscribe(
 async def test_a_fresh_subscriber_follows_an_epoch_born_during_its_subscribe(
     aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
 ) -> None:
-    broker = PublishingDuringHistory()
+    broker = PublishingDuringHistory(CHANNEL)
     server = await start_bus(aiohttp_client, jwks_server.url, broker=broker)
     broker.after_read = ["first", "second"]  # the channel's epoch is born after the read
     socket, welcome = await server.open(make_token(channels=["chat:*"]), [CHANNEL])
@@ -248,7 +222,7 @@ async def test_a_fresh_subscriber_follows_an_epoch_born_during_its_subscribe(
 async def test_a_since_at_an_empty_epoch_recovers_what_was_published_during_subscribe(
     aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
 ) -> None:
-    broker = PublishingDuringHistory()
+    broker = PublishingDuringHistory(CHANNEL)
     server = await start_bus(aiohttp_client, jwks_server.url, broker=broker)
     token = make_token(channels=["chat:*"])
     socket, welcome = await server.open(token, [CHANNEL])

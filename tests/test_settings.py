@@ -1,14 +1,18 @@
-"""setup() settings: validated by one schema, errors that name the setting."""
+"""setup() settings: one home per setting, validated by one schema, errors that name it."""
 
 from __future__ import annotations
 
-from typing import Any
+import inspect
+import types
+from dataclasses import fields
+from typing import Any, get_args, get_type_hints
 
 import pytest
 from aiohttp import web
+from marshmallow import fields as mf
 
 import aiohttp_wsbus
-from aiohttp_wsbus.settings import load_settings
+from aiohttp_wsbus.settings import Settings, load_settings, setting_bounds, setting_help
 
 JWKS = "https://idp.example.com/.well-known/jwks.json"
 
@@ -23,6 +27,37 @@ def test_defaults() -> None:
 
 def test_secret_defaults_to_hs256() -> None:
     assert load_settings({"jwt_secret": "s" * 32}).algorithms == ("HS256",)
+
+
+def test_setup_takes_every_setting_with_its_default() -> None:
+    parameters = inspect.signature(aiohttp_wsbus.setup).parameters
+    assert all(p.kind is p.KEYWORD_ONLY for name, p in parameters.items() if name != "app")
+    taken = {name: p.default for name, p in parameters.items() if name not in ("app", "broker")}
+    defaults = {field.name: field.default for field in fields(Settings)}
+    # setup()'s algorithms=None means "the usual one for the key source".
+    assert taken.pop("algorithms") is None
+    assert load_settings({"jwks_url": JWKS}).algorithms == defaults.pop("algorithms")
+    assert taken == defaults
+
+
+# What marshmallow loads for each annotated type (a Url is a String).
+BOUNDS_BY_TYPE = {str: mf.String, int: mf.Integer, float: mf.Float, bool: mf.Boolean}
+
+
+@pytest.mark.parametrize("field", fields(Settings), ids=lambda field: field.name)
+def test_each_setting_has_bounds_of_its_type_and_a_meaning(field: Any) -> None:
+    hint = get_type_hints(Settings)[field.name]
+    is_optional = isinstance(hint, types.UnionType) and type(None) in get_args(hint)
+    if is_optional:
+        (hint,) = [argument for argument in get_args(hint) if argument is not type(None)]
+    bounds = setting_bounds(field)
+    expected = mf.List if hint == tuple[str, ...] else BOUNDS_BY_TYPE[hint]
+    assert isinstance(bounds, expected)
+    assert bounds.allow_none is is_optional
+    assert setting_help(field).strip()
+    assert "|" not in setting_help(field)  # it is a cell of README's table
+    key_source = {"jwt_secret": "s" * 32} if field.name == "jwks_url" else {"jwks_url": JWKS}
+    load_settings(key_source | {field.name: field.default})  # the default is in bounds
 
 
 @pytest.mark.parametrize(

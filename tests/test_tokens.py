@@ -22,7 +22,8 @@ from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 from pytest_aiohttp import AiohttpServer
 
 from aiohttp_wsbus.errors import InvalidSettings, InvalidToken, KeysUnavailable
-from aiohttp_wsbus.tokens import MAX_JWKS_BYTES, Claims, JwksVerifier, SecretVerifier
+from aiohttp_wsbus.jwks import MAX_JWKS_BYTES
+from aiohttp_wsbus.tokens import Claims, JwksVerifier, SecretVerifier
 
 from .conftest import AUDIENCE, ISSUER, KEY_ID, JwksServer, MakeToken, public_jwk
 from .support import eventually

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import json
 import logging
+import os
 
 import jwt
 import pytest
@@ -11,7 +14,16 @@ from aiohttp import WSMsgType
 from pytest_aiohttp import AiohttpClient
 
 from .conftest import JwksServer, MakeToken
-from .support import close_code, next_frame, nothing_more, start_bus
+from .support import (
+    WAIT,
+    close_code,
+    close_frame,
+    eventually,
+    masked_text_frame,
+    next_frame,
+    nothing_more,
+    start_bus,
+)
 
 
 async def test_welcome_lists_subscribed_and_denied(
@@ -290,3 +302,131 @@ async def test_tokens_never_reach_the_logs(
     for token in (expired, wrong_audience, valid):
         for part in token.split("."):
             assert part not in caplog.text  # ...without any part of a token
+
+
+async def raw_upgrade(
+    port: int, path: str = "/ws"
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Upgrade a plain socket to a WebSocket and stop reading at the 101's headers."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    key = base64.b64encode(os.urandom(16)).decode()
+    handshake = (
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    writer.write(handshake.encode())
+    async with asyncio.timeout(WAIT):
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+    return reader, writer
+
+
+async def test_peers_that_drop_give_their_connection_slots_back(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
+) -> None:
+    server = await start_bus(aiohttp_client, jwks_server.url, max_connections=3)
+    port = server.client.server.port
+    assert port is not None
+    # Three peers upgrade and vanish without a frame; three more vanish instead
+    # of answering the close that refuses them (1013 over the limit, 4401 for a
+    # bad token).
+    silent = [await raw_upgrade(port) for _ in range(3)]
+    refused = [await raw_upgrade(port) for _ in range(2)]
+    for _, writer in silent + refused:
+        writer.transport.abort()
+    bad_token = await raw_upgrade(port)
+    bad_token[1].write(masked_text_frame(b'{"type":"connect","token":"garbage"}'))
+    await bad_token[1].drain()
+    await bad_token[0].read(2)  # the close frame's first bytes: 4401 is on its way
+    bad_token[1].transport.abort()
+    await eventually(lambda: server.bus.open_sockets == 0)
+    sockets = [(await server.open(make_token(), []))[0] for _ in range(3)]
+    assert len(sockets) == 3
+
+
+async def test_empty_and_oversized_tokens_close_4401_with_a_reason(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer
+) -> None:
+    server = await start_bus(aiohttp_client, jwks_server.url)
+    for token, reason in [
+        ("", "token missing"),
+        (None, "token missing"),
+        ("e" * 16385, "token too_long"),
+        ("\ud800", "token malformed"),
+    ]:
+        socket = await server.client.ws_connect("/ws")
+        frame: dict[str, object] = {"type": "connect", "channels": []}
+        if token is not None:
+            frame["token"] = token
+        await socket.send_str(json.dumps(frame))  # a lone surrogate as a \\ud800 escape
+        assert await close_frame(socket) == (4401, reason)
+
+
+async def test_every_close_carries_a_reason(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
+) -> None:
+    server = await start_bus(aiohttp_client, jwks_server.url, max_connections=1)
+    socket, _ = await server.open(make_token(sub="alice"), [])
+    extra = await server.client.ws_connect("/ws")
+    assert await close_frame(extra) == (1013, "connection limit")
+    await socket.send_json({"type": "refresh", "token": make_token(sub="mallory")})
+    assert await close_frame(socket) == (4403, "refresh token is for another user")
+
+
+async def test_a_frame_of_exactly_max_message_size_is_accepted(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
+) -> None:
+    server = await start_bus(aiohttp_client, jwks_server.url, max_message_size=1024)
+    socket, _ = await server.open(make_token(), [])
+    frame = '{"type":"subscribe","channels":["chat:a"]}'
+    exact = frame[:-1] + " " * (1024 - len(frame)) + "}"
+    assert len(exact.encode()) == 1024
+    await socket.send_str(exact)
+    assert (await next_frame(socket))["subscribed"] == ["chat:a"]
+    await socket.send_str(exact[:-1] + " }")
+    assert await close_code(socket) == 1009
+
+
+async def test_strings_that_are_not_unicode_are_answered_not_crashed_on(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
+) -> None:
+    server = await start_bus(aiohttp_client, jwks_server.url)
+    published = await server.bus.publish("chat:a", 1)
+    since = {"chat:a": {"offset": published.offset, "epoch": "\ud800"}}
+    socket, welcome = await server.open(
+        make_token(channels=["*"]), ["chat:a", "bad\ud800"], since=since
+    )
+    assert welcome["denied"] == {"bad\ud800": "invalid"}
+    assert welcome["recovered"] == {"chat:a": False}
+    await nothing_more(socket)
+
+
+async def test_json_nested_too_deeply_closes_4400(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
+) -> None:
+    server = await start_bus(aiohttp_client, jwks_server.url, max_message_size=1 << 20)
+    for before_welcome in (True, False):
+        if before_welcome:
+            socket = await server.client.ws_connect("/ws")
+        else:
+            socket, _ = await server.open(make_token(), [])
+        await socket.send_str("[" * 30000 + "]" * 30000)
+        assert (await close_frame(socket))[0] == 4400
+
+
+async def test_since_entries_are_answered_for_the_channels_asked_for(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
+) -> None:
+    server = await start_bus(aiohttp_client, jwks_server.url)
+    socket, welcome = await server.open(make_token(channels=["chat:*"]), ["chat:a"])
+    position = welcome["positions"]["chat:a"]
+    await socket.send_json(
+        {
+            "type": "subscribe",
+            "channels": ["chat:a", "chat:b"],
+            "since": {"chat:a": position, "chat:c": position},
+        }
+    )
+    answer = await next_frame(socket)
+    assert answer["subscribed"] == ["chat:a", "chat:b"]
+    # chat:a was live on this socket all along; chat:c was not asked for.
+    assert answer["recovered"] == {"chat:a": True}

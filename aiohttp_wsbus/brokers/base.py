@@ -11,13 +11,15 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from ..errors import InvalidChannel
 from ..grants import is_valid_channel
 from ..protocol import Position
+from ..revocations import Revocation
 
 __all__ = [
+    "APPLICATION",
     "DEFAULT_HISTORY",
     "MAX_HISTORY_SIZE",
     "Broker",
@@ -26,11 +28,13 @@ __all__ = [
     "History",
     "HistoryOptions",
     "Message",
+    "OnControl",
     "Position",
     "Published",
     "check_publish",
     "is_valid_message_id",
     "recover",
+    "scoped_message_id",
 ]
 
 MAX_HISTORY_SIZE: Final = 100_000
@@ -42,6 +46,20 @@ _EMPTY_EPOCH_RE: Final = re.compile(r"~([0-9]{1,16})-([0-9a-f]{1,40})")
 def is_valid_message_id(message_id: str) -> bool:
     """Idempotency ids are 1 to 128 printable ASCII characters."""
     return _MESSAGE_ID_RE.fullmatch(message_id) is not None
+
+
+# The publisher scope of the application's own publishes: Bus.publish and the
+# Redis publishers share it, so a back end may retry through either.
+APPLICATION: Final = "app"
+
+
+def scoped_message_id(publisher: str, message_id: str) -> str:
+    """An idempotency id as the broker stores it: scoped by who published.
+
+    Two publishers never share ids, so a client with a publish grant cannot
+    claim an id the application will use and swallow its message.
+    """
+    return f"{publisher}/{message_id}"
 
 
 def check_publish(channel: str, message_id: str | None) -> None:
@@ -199,6 +217,7 @@ def _recover_from_empty(
 
 
 Deliver = Callable[[Message], None]
+OnControl = Callable[[Mapping[str, Any]], None]
 
 
 class Broker(ABC):
@@ -209,9 +228,12 @@ class Broker(ABC):
     reconnects: int = 0
 
     @abstractmethod
-    async def start(self, deliver: Deliver, history: HistoryOptions) -> None:
+    async def start(
+        self, deliver: Deliver, history: HistoryOptions, *, on_control: OnControl | None = None
+    ) -> None:
         """Connect; from now on call `deliver` for each message on a subscribed channel,
-        in offset order per channel, and keep each channel's history as `history` says."""
+        in offset order per channel, and `on_control` for each control message; keep
+        each channel's history as `history` says."""
 
     @abstractmethod
     async def stop(self) -> None:
@@ -241,6 +263,18 @@ class Broker(ABC):
         Only a publish makes state for a channel: one that holds nothing is
         answered offset 0 of an EmptyEpoch of this moment, and nothing is kept.
         """
+
+    async def control(self, message: Mapping[str, Any]) -> None:
+        """Hand a control message (JSON-able) to every node's bus, this one's included.
+
+        Raises BrokerUnavailable when it cannot reach every node.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot carry control messages")
+
+    async def revoke(self, revocation: Revocation) -> None:
+        """Keep `revocation` until it ends (across restarts, if the engine persists) and
+        hand it to every node's bus as {"type": "revoke", "revocation": {...}}."""
+        raise NotImplementedError(f"{type(self).__name__} cannot keep revocations")
 
     @property
     @abstractmethod

@@ -9,8 +9,10 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..protocol import Position
+from ..revocations import Revocation
 from .base import (
     DEFAULT_HISTORY,
     Broker,
@@ -19,6 +21,7 @@ from .base import (
     History,
     HistoryOptions,
     Message,
+    OnControl,
     Published,
     recover,
 )
@@ -60,17 +63,40 @@ class MemoryBroker(Broker):
         self._clock = clock
         self._subscribed: set[str] = set()
         self._deliver: Deliver | None = None
+        self._on_control: OnControl | None = None
+        self._revocations: list[Revocation] = []
         self._history = DEFAULT_HISTORY
         self._generation = secrets.token_hex(8)
         # Least recently touched first, so expiring idle channels is a scan of the head.
         self._streams: OrderedDict[str, _Stream] = OrderedDict()
 
-    async def start(self, deliver: Deliver, history: HistoryOptions) -> None:
+    async def start(
+        self, deliver: Deliver, history: HistoryOptions, *, on_control: OnControl | None = None
+    ) -> None:
         self._deliver = deliver
         self._history = history
+        self._on_control = on_control
+        if on_control is not None and self._revocations:
+            # Revocations outlive a bus stopped and started again on this broker.
+            on_control(self._revocations_message())
 
     async def stop(self) -> None:
         self._deliver = None
+        self._on_control = None
+
+    async def control(self, message: Mapping[str, Any]) -> None:
+        if self._on_control is not None:
+            self._on_control(message)
+
+    async def revoke(self, revocation: Revocation) -> None:
+        now = time.time()
+        self._revocations = [r for r in self._revocations if r.until > now] + [revocation]
+        await self.control({"type": "revoke", "revocation": revocation.as_json()})
+
+    def _revocations_message(self) -> dict[str, Any]:
+        now = time.time()
+        self._revocations = [r for r in self._revocations if r.until > now]
+        return {"type": "revocations", "revocations": [r.as_json() for r in self._revocations]}
 
     async def subscribe(self, channel: str) -> None:
         # Every message is local; interest only keeps the stream (and its epoch) alive.

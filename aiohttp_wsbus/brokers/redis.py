@@ -35,6 +35,7 @@ from .base import (
     History,
     HistoryOptions,
     Message,
+    OnControl,
     Published,
     recover,
 )
@@ -122,7 +123,9 @@ class RedisBroker(Broker):
 
     # -- lifetime --------------------------------------------------------
 
-    async def start(self, deliver: Deliver, history: HistoryOptions) -> None:
+    async def start(
+        self, deliver: Deliver, history: HistoryOptions, *, on_control: OnControl | None = None
+    ) -> None:
         self._deliver = deliver
         self._history = history
         options: dict[str, Any] = {

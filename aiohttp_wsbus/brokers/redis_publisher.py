@@ -16,7 +16,14 @@ from redis.backoff import NoBackoff
 
 from ..errors import BrokerUnavailable
 from ..protocol import encode_data
-from .base import DEFAULT_HISTORY, HistoryOptions, Published, check_publish
+from .base import (
+    APPLICATION,
+    DEFAULT_HISTORY,
+    HistoryOptions,
+    Published,
+    check_publish,
+    scoped_message_id,
+)
 from .redis_scripts import (
     PUBLISH_SCRIPT,
     UNREACHABLE,
@@ -63,7 +70,7 @@ class _Publishing:
         keys, args = publish_arguments(
             ChannelKeys.of(self.prefix, channel),
             encode_data(data),
-            message_id,
+            None if message_id is None else scoped_message_id(APPLICATION, message_id),
             self.history,
             sharded=self.sharded,
         )

@@ -1,25 +1,39 @@
 // The example chat page: signs in through the demo identity provider, joins rooms over
-// the bus with the token, and shows what the bus grants and refuses.
+// the bus with the token, and shows what the bus grants and refuses. Private rooms
+// (room:NAME) are in no token: the bus asks the app's authorizer, which lets members in.
 import { WsBus } from "/ws/wsbus.js";
 
 const DIRECT = "direct"; // the view holding user:NAME, the signed-in user's own channel
+const PRIVATE_PREFIX = "room:";
+const ROOM_NAME = /^[a-z0-9_-]{1,32}$/; // as the app checks it (example_app/rooms.py)
 const NOTICE_TEXT = "Order #1042 shipped: emitted by a back end through POST /ws/emit";
 
 const DENIAL_EXPLANATIONS = {
-  forbidden: (channel) => `Your token's channels claim does not grant ${channel}.`,
-  revoked: (channel) => `Your renewed token no longer grants ${channel}.`,
+  forbidden: (channel) =>
+    isPrivate(channel)
+      ? `The app's authorizer says you are not a member of ${roomName(channel)}: a member can invite you. ` +
+        "(Private rooms live in the app's memory: a restart forgets them.)"
+      : `Your token's channels claim does not grant ${channel}.`,
+  revoked: (channel) =>
+    isPrivate(channel)
+      ? `The app's authorizer no longer lets you into ${roomName(channel)}.`
+      : `Your renewed token no longer grants ${channel}.`,
 };
+
+const isPrivate = (channel) => channel.startsWith(PRIVATE_PREFIX);
+const roomName = (channel) => channel.slice(PRIVATE_PREFIX.length);
 
 const $ = (id) => document.getElementById(id);
 
 const session = {
   user: null,
   token: null,
-  rooms: [],
+  rooms: [], // the rooms tokens grant: { channel, title, about }
+  privateRooms: new Map(), // channel -> { name, channel, members, invitedBy }
   bus: null,
   hasConnected: false, // distinguishes "connecting" from "reconnecting"
   active: null,
-  views: new Map(), // view -> { list, unread, status, reason }
+  views: new Map(), // view -> { list, unread, status, reason }; status: invited, joining, joined, denied
   clockTimer: null,
   expiresAt: 0,
 };
@@ -64,7 +78,7 @@ async function signIn(event) {
   try {
     const answer = await login(name);
     sessionStorage.setItem("wsbus-example-user", answer.user);
-    startChat(answer);
+    await startChat(answer);
   } catch (error) {
     $("signin-error").textContent = error.message;
   } finally {
@@ -79,7 +93,7 @@ function signOut() {
   location.reload();
 }
 
-function startChat(answer) {
+async function startChat(answer) {
   session.user = answer.user;
   session.rooms = answer.rooms;
   showToken(answer);
@@ -91,15 +105,39 @@ function startChat(answer) {
   buildViews();
   select(session.rooms[0].channel);
   session.clockTimer = setInterval(showExpiry, 1000);
+  // The private rooms we are a member of go in the first connect frame with the others.
+  for (const room of await loadPrivateRooms()) addPrivateRoom(room);
   connect(answer.token);
 }
 
 // -- the bus ----------------------------------------------------------------
 
+/**
+ * wsbus.js reports a refused channel ("denied") but no event when one is joined, so the
+ * page reads the server's own answers, `welcome` and `subscribed` (docs/protocol.md),
+ * to show a room as joined once the bus has really subscribed it.
+ */
+class JoinWatchingWebSocket extends WebSocket {
+  constructor(url, protocols) {
+    super(url, protocols);
+    this.addEventListener("message", (event) => {
+      let frame;
+      try {
+        frame = JSON.parse(event.data);
+      } catch {
+        return; // the client reports unreadable frames
+      }
+      if (frame?.type !== "welcome" && frame?.type !== "subscribed") return;
+      for (const channel of frame.subscribed ?? []) setStatus(viewOf(channel), "joined");
+    });
+  }
+}
+
 function connect(firstToken) {
   let pending = firstToken; // the sign-in token serves the first connect
   const bus = new WsBus("/ws", {
     autoConnect: false,
+    WebSocket: JoinWatchingWebSocket,
     getToken: () => {
       if (pending) {
         const token = pending;
@@ -113,11 +151,12 @@ function connect(firstToken) {
   bus.on("state", (state) => {
     if (state === "connected") {
       session.hasConnected = true;
-      // Until the bus says otherwise (a "denied" event right after this), we are in.
-      for (const room of session.rooms) {
-        if (view(room.channel).status === "joining") setStatus(room.channel, "joined");
-      }
+      // Whatever failed before the reconnect is stale now; the draft stays in the input.
+      $("composer-error").textContent = "";
     }
+    const isConnected = state === "connected";
+    $("composer-send").disabled = !isConnected;
+    $("composer-send").title = isConnected ? "" : "Sending resumes once the page is connected";
     showState(state);
   });
   bus.on("denied", (channel, reason) => setStatus(viewOf(channel), "denied", reason));
@@ -129,8 +168,16 @@ function connect(firstToken) {
   for (const room of session.rooms) {
     bus.subscribe(room.channel, (data, meta) => addMessage(room.channel, data, meta));
   }
-  bus.subscribe(`user:${session.user}`, (data, meta) => addMessage(DIRECT, data, meta));
+  for (const channel of session.privateRooms.keys()) subscribeRoom(channel);
+  bus.subscribe(`user:${session.user}`, (data, meta) => {
+    if (data?.kind === "invite") offerRoom(data);
+    else addMessage(DIRECT, data, meta);
+  });
   bus.connect();
+}
+
+function subscribeRoom(channel) {
+  session.bus.subscribe(channel, (data, meta) => addMessage(channel, data, meta));
 }
 
 function viewOf(channel) {
@@ -157,27 +204,35 @@ function showState(state) {
 // -- views ------------------------------------------------------------------
 
 function buildViews() {
-  const nav = $("rooms");
   for (const room of session.rooms) {
-    const item = document.createElement("li");
-    item.innerHTML = `
-      <button type="button" class="nav-item" data-view="">
-        <span class="nav-icon" aria-hidden="true">#</span>
-        <span class="nav-title"></span>
-        <span class="unread" hidden></span>
-        <span class="status" data-status="joining">joining</span>
-      </button>`;
-    const button = item.querySelector("button");
-    button.dataset.view = room.channel;
-    button.dataset.channel = room.channel;
-    item.querySelector(".nav-title").textContent = room.title;
-    nav.append(item);
+    addNavItem($("rooms"), room.channel, room.title);
     createView(room.channel);
   }
   createView(DIRECT).status = "joined";
-  for (const button of document.querySelectorAll(".nav-item")) {
-    button.addEventListener("click", () => select(button.dataset.view));
+  const direct = document.querySelector('.nav-item[data-view="direct"]');
+  direct.addEventListener("click", () => select(DIRECT));
+}
+
+function addNavItem(list, channel, title) {
+  const item = document.createElement("li");
+  item.innerHTML = `
+    <button type="button" class="nav-item" data-view="">
+      <span class="nav-icon" aria-hidden="true">#</span>
+      <span class="nav-title"></span>
+      <span class="unread" hidden></span>
+      <span class="status" data-status="joining">joining</span>
+    </button>`;
+  const button = item.querySelector("button");
+  button.dataset.view = channel;
+  button.dataset.channel = channel;
+  if (isPrivate(channel)) {
+    const icon = button.querySelector(".nav-icon");
+    icon.className = "nav-icon nav-lock";
+    icon.textContent = "";
   }
+  item.querySelector(".nav-title").textContent = title;
+  button.addEventListener("click", () => select(channel));
+  list.append(item);
 }
 
 function createView(name) {
@@ -207,7 +262,7 @@ function select(name) {
   for (const button of document.querySelectorAll(".nav-item")) {
     button.classList.toggle("active", button.dataset.view === name);
   }
-  const room = session.rooms.find((r) => r.channel === name);
+  const room = session.rooms.find((r) => r.channel === name) ?? describePrivate(name);
   $("view-title").textContent = room ? `# ${room.title}` : "Direct messages";
   $("view-about").textContent = room
     ? `${room.channel} · ${room.about}`
@@ -215,6 +270,7 @@ function select(name) {
   $("composer-to").hidden = name !== DIRECT;
   $("composer-text").placeholder = room ? `Message # ${room.title}` : "Write a direct message";
   $("composer-error").textContent = "";
+  $("invite-error").textContent = "";
   refreshView(name);
   scrollDown(state.list);
 }
@@ -222,9 +278,18 @@ function select(name) {
 function setStatus(name, status, reason = null) {
   const state = view(name);
   if (!state) return;
+  const room = session.privateRooms.get(name);
+  if (room && status === "joined" && room.members.length === 0) updateMembers(room);
   state.status = status;
   state.reason = reason;
   refreshView(name);
+}
+
+/** Learns who is in a private room joined by invitation or by name. */
+async function updateMembers(room) {
+  const known = (await loadPrivateRooms()).find((r) => r.channel === room.channel);
+  if (known) room.members = known.members;
+  refreshView(room.channel);
 }
 
 /** Repaints a view's nav entry, and the main panel when it is the active one. */
@@ -243,11 +308,121 @@ function refreshView(name) {
   unread.textContent = String(state.unread);
   if (name !== session.active) return;
   const isDenied = state.status === "denied";
+  const isInvited = state.status === "invited";
   $("denied-panel").hidden = !isDenied;
-  state.list.hidden = isDenied;
-  $("composer").hidden = isDenied;
+  $("invited-panel").hidden = !isInvited;
+  state.list.hidden = isDenied || isInvited;
+  $("composer").hidden = isDenied || isInvited;
   $("denied-reason").textContent = state.reason ?? "";
   $("denied-explanation").textContent = DENIAL_EXPLANATIONS[state.reason]?.(name) ?? "";
+  const room = session.privateRooms.get(name);
+  $("room-bar").hidden = !room || state.status !== "joined";
+  if (room) {
+    $("room-members").textContent = room.members.join(", ") || "…";
+    $("invited-by").textContent = room.invitedBy ?? "A member";
+    $("invited-channel").textContent = name;
+  }
+}
+
+// -- private rooms ------------------------------------------------------------
+
+function describePrivate(channel) {
+  if (!session.privateRooms.has(channel)) return null;
+  return { channel, title: roomName(channel), about: "private: the app's authorizer lets its members in" };
+}
+
+/** The private rooms we are a member of, as the app knows them (none if it cannot say). */
+async function loadPrivateRooms() {
+  try {
+    return (await request("GET", "/rooms", undefined, { isSigned: true })).rooms;
+  } catch (error) {
+    $("room-error").textContent = error.message;
+    return [];
+  }
+}
+
+/** Lists a private room in the sidebar (once, status "joining"), with a view for its messages. */
+function addPrivateRoom(room) {
+  let known = session.privateRooms.get(room.channel);
+  if (!known) {
+    known = { name: room.name, channel: room.channel, members: [], invitedBy: null };
+    session.privateRooms.set(room.channel, known);
+    addNavItem($("private-rooms"), room.channel, room.name);
+    createView(room.channel);
+  }
+  if (room.members?.length) known.members = room.members;
+  return known;
+}
+
+/** Whether the bus client holds or still asks for `channel` (a retry after "unavailable"). */
+function isWanted(channel) {
+  const state = view(channel);
+  return Boolean(
+    state && (state.status === "joining" || state.status === "joined" || state.reason === "unavailable"),
+  );
+}
+
+function readRoomName() {
+  const name = $("room-name").value.trim().toLowerCase();
+  $("room-error").textContent = ROOM_NAME.test(name)
+    ? ""
+    : "Room names are 1 to 32 characters from a-z, 0-9, _ and -.";
+  return ROOM_NAME.test(name) ? name : null;
+}
+
+async function createRoom(event) {
+  event.preventDefault();
+  const name = readRoomName();
+  if (!name) return;
+  try {
+    const answer = await post("/rooms", { name }, { isSigned: true });
+    $("room-name").value = "";
+    joinRoom(answer.room);
+  } catch (error) {
+    $("room-error").textContent = error.message;
+  }
+}
+
+function joinRoomByName() {
+  const name = readRoomName();
+  if (!name) return;
+  $("room-name").value = "";
+  joinRoom({ name, channel: PRIVATE_PREFIX + name });
+}
+
+/** Asks the bus for a private room: its authorizer answers, "subscribed" or "denied". */
+function joinRoom(room) {
+  const wasWanted = isWanted(room.channel);
+  addPrivateRoom(room);
+  if (!wasWanted) {
+    setStatus(room.channel, "joining");
+    subscribeRoom(room.channel);
+  }
+  select(room.channel);
+}
+
+/** An invitation from a member, sent to our user:NAME channel: offer to join. */
+function offerRoom(invitation) {
+  if (isWanted(invitation.room)) return;
+  const room = addPrivateRoom({ name: invitation.name, channel: invitation.room });
+  room.invitedBy = invitation.from;
+  setStatus(invitation.room, "invited");
+}
+
+async function invite(event) {
+  event.preventDefault();
+  const room = session.privateRooms.get(session.active);
+  const user = $("invite-user").value.trim().toLowerCase();
+  if (!room || !user) return;
+  $("invite-error").textContent = "";
+  try {
+    const answer = await post(`/rooms/${room.name}/invite`, { user }, { isSigned: true });
+    $("invite-user").value = "";
+    room.members = answer.room.members;
+    refreshView(room.channel);
+  } catch (error) {
+    $("invite-error").textContent = error.message;
+  }
 }
 
 // -- messages -----------------------------------------------------------------
@@ -256,6 +431,11 @@ function addMessage(name, data, meta) {
   const message = data && typeof data === "object" ? data : { text: String(data) };
   if (message.kind === "notice") {
     append(name, noticeItem(message));
+  } else if (message.kind === "member") {
+    const room = session.privateRooms.get(name);
+    if (room && Array.isArray(message.members)) room.members = message.members;
+    append(name, eventItem(message));
+    refreshView(name);
   } else {
     append(name, messageItem(message, meta));
   }
@@ -309,6 +489,17 @@ function noticeItem(message) {
   return item;
 }
 
+function eventItem(message) {
+  const item = document.createElement("li");
+  item.className = "event";
+  const text = document.createElement("span");
+  text.textContent = message.text;
+  const time = document.createElement("time");
+  time.textContent = clock(message.sent_at);
+  item.append(text, time);
+  return item;
+}
+
 function addNote(name, text) {
   const item = document.createElement("li");
   item.className = "note";
@@ -338,6 +529,7 @@ function scrollDown(list) {
 
 async function send(event) {
   event.preventDefault();
+  if ($("composer-send").disabled) return; // not connected: Enter must not send either
   const input = $("composer-text");
   const text = input.value.trim();
   if (!text) return;
@@ -370,12 +562,18 @@ async function notifyFromBackEnd() {
   }
 }
 
-/** POSTs JSON; a signed request whose token the server no longer accepts signs in again, once. */
-async function post(path, body, { isSigned = false } = {}) {
+function post(path, body, options) {
+  return request("POST", path, body, options);
+}
+
+/** Sends JSON; a signed request whose token the server no longer accepts signs in again, once. */
+async function request(method, path, body, { isSigned = false } = {}) {
   for (let attempt = 0; ; attempt++) {
-    const headers = { "Content-Type": "application/json" };
+    const headers = body === undefined ? {} : { "Content-Type": "application/json" };
     if (isSigned) headers.Authorization = `Bearer ${session.token}`;
-    const response = await fetch(path, { method: "POST", headers, body: JSON.stringify(body) });
+    const init = { method, headers };
+    if (body !== undefined) init.body = JSON.stringify(body);
+    const response = await fetch(path, init);
     const answer = await response.json().catch(() => ({}));
     if (response.ok) return answer;
     if (response.status === 401 && isSigned && attempt === 0) {
@@ -430,6 +628,13 @@ $("signin-form").addEventListener("submit", signIn);
 $("composer").addEventListener("submit", send);
 $("signout").addEventListener("click", signOut);
 $("notify").addEventListener("click", notifyFromBackEnd);
+$("room-form").addEventListener("submit", createRoom);
+$("room-join").addEventListener("click", joinRoomByName);
+$("invite-form").addEventListener("submit", invite);
+$("join-room").addEventListener("click", () => {
+  const room = session.privateRooms.get(session.active);
+  if (room) joinRoom(room);
+});
 
 const remembered = sessionStorage.getItem("wsbus-example-user");
 if (remembered) {

@@ -83,6 +83,13 @@ export function fakeWebSocketClass() {
       this.onmessage?.({ data: typeof frame === "string" ? frame : JSON.stringify(frame) });
     }
 
+    /** The connection cannot be made: Node 20 fires only `error`; browsers `error` then `close` (1006). */
+    refuse({ thenClose = false } = {}) {
+      this.readyState = 3;
+      this.onerror?.({});
+      if (thenClose) this.onclose?.({ code: 1006, reason: "" });
+    }
+
     drop(code = 1006, reason = "") {
       this.readyState = 3;
       this.onerror?.({});

@@ -43,7 +43,7 @@ test("a drop shows disconnected between connected and the next connecting", asyn
   await h.connect();
   h.socket.drop(1006);
   assert.equal(h.bus.state, "disconnected");
-  await h.clock.advance(20000);
+  await h.clock.advance(h.clock.pendingDelays()[0]);
   assert.deepEqual(h.log.states, ["connecting", "connected", "disconnected", "connecting"]);
 });
 
@@ -113,6 +113,92 @@ for (const code of [1001, 1006, 1011, 1013, 4002, 1005, 4999]) {
     assert.deepEqual(h.log.errors, []);
   });
 }
+
+test("a refused connect with only an error event (Node 20) backs off and tries again", async () => {
+  const h = harness({ random: () => 1 });
+  h.bus.connect();
+  await settle();
+  h.socket.refuse();
+  assert.equal(h.bus.state, "disconnected");
+  assert.equal(h.socket.closedByClient, 1000, "the failed socket is let go");
+  assert.deepEqual(h.clock.pendingDelays(), [1000], "backoff attempt 1, no welcome timeout left");
+  await h.clock.advance(1000);
+  assert.equal(h.sockets.length, 2);
+  await h.connect();
+  assert.deepEqual(h.log.states, ["connecting", "disconnected", "connecting", "connected"]);
+  assert.deepEqual(h.log.errors, []);
+});
+
+test("a refused connect with error then close (browsers) is one failed attempt, not two", async () => {
+  const h = harness({ random: () => 1 });
+  h.bus.connect();
+  const delays = [];
+  for (let attempt = 1; attempt <= 3; attempt += 1) {
+    await settle();
+    h.socket.refuse({ thenClose: true });
+    delays.push(...h.clock.pendingDelays());
+    await h.clock.advance(h.clock.pendingDelays()[0]);
+  }
+  assert.deepEqual(delays, [1000, 2000, 4000], "one backoff step per attempt");
+  assert.equal(h.sockets.length, 4);
+});
+
+test("an error after open waits for the close event to decide", async () => {
+  const h = harness();
+  await h.open();
+  h.socket.onerror({});
+  assert.equal(h.bus.state, "connecting");
+  assert.equal(h.socket.closedByClient, null);
+  h.socket.drop(CloseCodes.UNAUTHORIZED); // the close code still rules: retry at once
+  await settle();
+  assert.equal(h.sockets.length, 2);
+  assert.deepEqual(h.log.errors, []);
+});
+
+test("no welcome within connectTimeout (10 s by default): socket closed, error, backoff", async () => {
+  const h = harness({ random: () => 1 });
+  await h.open();
+  assert.deepEqual(h.clock.pendingDelays(), [10000]);
+  await h.clock.advance(9999);
+  assert.equal(h.bus.state, "connecting");
+  await h.clock.advance(1);
+  assert.equal(h.socket.closedByClient, 1000);
+  assert.equal(h.bus.state, "disconnected");
+  assert.equal(h.log.errors.length, 1);
+  assert.match(h.log.errors[0].message, /no welcome from the server within 10000 ms/);
+  assert.deepEqual(h.clock.pendingDelays(), [1000]);
+  h.socket.drop(1006); // a late close event from the abandoned socket changes nothing
+  assert.deepEqual(h.clock.pendingDelays(), [1000]);
+  await h.clock.advance(1000);
+  assert.equal(h.sockets.length, 2);
+});
+
+test("a socket that never opens also times out", async () => {
+  const h = harness({ connectTimeout: 3000 });
+  h.bus.connect();
+  await settle();
+  await h.clock.advance(3000);
+  assert.equal(h.socket.closedByClient, 1000);
+  assert.equal(h.bus.state, "disconnected");
+  assert.equal(h.log.errors.length, 1);
+});
+
+test("connectTimeout counts from the socket, not getToken, and a welcome cancels it", async () => {
+  let release;
+  const h = harness({ connectTimeout: 3000, getToken: () => new Promise((resolve) => (release = resolve)) });
+  h.bus.connect();
+  await h.clock.advance(60000); // a slow token endpoint is not the server's fault
+  assert.equal(h.sockets.length, 0);
+  release("late token");
+  await settle();
+  await h.clock.advance(2999);
+  h.socket.open();
+  h.welcome();
+  await h.clock.advance(60000);
+  assert.equal(h.bus.state, "connected");
+  assert.equal(h.socket.closedByClient, null);
+  assert.deepEqual(h.log.errors, []);
+});
 
 test("close code 1000 stops without an error", async () => {
   const h = harness();

@@ -9,14 +9,16 @@
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
-import { existsSync } from "node:fs";
+import { generateKeyPairSync } from "node:crypto";
+import { existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { createInterface } from "node:readline";
 import { fileURLToPath } from "node:url";
 import { WsBus } from "../wsbus.js";
+import { until, WAIT } from "../test-support/waiting.js";
 
 const REPO = join(dirname(fileURLToPath(import.meta.url)), "..", "..");
-const WAIT = 5000; // ms any single wait may take
 const FAST = { minReconnectDelay: 20, maxReconnectDelay: 100 };
 
 function findPython() {
@@ -36,19 +38,10 @@ if (missing && process.env.WSBUS_PYTHON) {
 }
 const it = (name, fn) => test(name, { skip: missing ?? false, timeout: 30000 }, fn);
 
-/** Resolves when `condition()` holds (checked every 5 ms); rejects after `ms`. */
-async function until(condition, what, ms = WAIT) {
-  const deadline = Date.now() + ms;
-  while (!condition()) {
-    if (Date.now() > deadline) throw new Error(`timed out after ${ms} ms waiting for ${what}`);
-    await new Promise((resolve) => setTimeout(resolve, 5));
-  }
-}
-
-/** The Python server: started once for this file, killed in after(). */
+/** The Python server (tests/js_server.py; `args` are its options): started once for this file, killed in after(). */
 class Server {
-  async start() {
-    this.process = spawn(python, ["-m", "tests.js_server"], {
+  async start(args = []) {
+    this.process = spawn(python, ["-m", "tests.js_server", ...args], {
       cwd: REPO,
       stdio: ["pipe", "pipe", "inherit"], // its stdin closing stops it too
     });
@@ -63,6 +56,7 @@ class Server {
     });
     try {
       const { port, api_key: apiKey } = JSON.parse(await Promise.race([ready, exited, timeout]));
+      this.port = port;
       this.base = `http://127.0.0.1:${port}`;
       this.apiKey = apiKey;
     } finally {
@@ -71,11 +65,11 @@ class Server {
     }
   }
 
-  async stop() {
+  async stop(signal = "SIGTERM") {
     const child = this.process;
     if (!child || child.exitCode !== null || child.signalCode !== null) return;
     const gone = new Promise((resolve) => child.once("exit", resolve));
-    child.kill("SIGTERM");
+    child.kill(signal);
     const timer = setTimeout(() => child.kill("SIGKILL"), 5000);
     await gone;
     clearTimeout(timer);
@@ -198,7 +192,7 @@ it("reports a channel the token does not grant as denied, and still serves the o
 });
 
 it("refreshes a short-lived token on the live socket before the server would close it", async (t) => {
-  // exp is 2 s away and the server allows no leeway: without a refresh it closes with 4001.
+  // exp is 2 to 3 s away and the server allows no leeway: without a refresh it closes with 4001.
   const { bus, seen } = connect(t, { claims: { exp_in: 2 }, refreshBefore: 1 });
   const received = record(bus, "chat:refresh");
   await until(() => bus.state === "connected", "connected");
@@ -315,6 +309,61 @@ it("retries a channel denied as unavailable while the broker is down, and keeps 
   await until(() => received.length === 1, "a message once the broker is back");
   assert.deepEqual(received[0][0], "back");
   assert.deepEqual(seen.states, ["connecting", "connected"]);
+});
+
+it("reconnects after the server is killed and restarted on the same port", async (t) => {
+  // Node 20's WebSocket fires `error` and no `close` when the connection is refused;
+  // a client that waits for `close` stays "connecting" forever once the server is gone.
+  const keyDir = mkdtempSync(join(tmpdir(), "wsbus-restart-"));
+  t.after(() => rmSync(keyDir, { recursive: true, force: true }));
+  const keyFile = join(keyDir, "key.pem");
+  const { privateKey } = generateKeyPairSync("rsa", { modulusLength: 2048 });
+  writeFileSync(keyFile, privateKey.export({ type: "pkcs8", format: "pem" }));
+  const restarting = new Server();
+  await restarting.start(["--key-file", keyFile]);
+  t.after(() => restarting.stop());
+
+  // One token, minted before the kill: both servers sign with the same key, and the
+  // token endpoint is down while the server is, so only the WebSocket can fail.
+  let token = null;
+  let attempts = 0;
+  let backoffs = 0;
+  const seen = { states: [], errors: [] };
+  const bus = new WsBus(restarting.base + "/ws", {
+    ...FAST,
+    getToken: async () => {
+      attempts += 1;
+      token ??= (await restarting.token()).token;
+      return token;
+    },
+    random: () => {
+      backoffs += 1;
+      return Math.random();
+    },
+    autoConnect: false,
+  });
+  t.after(() => bus.close());
+  bus.on("state", (state) => seen.states.push(state));
+  bus.on("error", (error) => seen.errors.push(error));
+  const received = record(bus, "chat:restart");
+  bus.connect();
+  await until(() => bus.state === "connected", "connected");
+
+  await restarting.stop("SIGKILL");
+  const attemptsBefore = attempts;
+  await until(() => attempts >= attemptsBefore + 3, "connect attempts against the dead server");
+  await restarting.start(["--key-file", keyFile, "--port", String(restarting.port)]);
+  await until(() => seen.states.filter((state) => state === "connected").length === 2, "a welcome again");
+  await restarting.publish("chat:restart", "after the restart");
+  await until(() => received.length === 1, "a message from the restarted server");
+
+  assert.deepEqual(received[0][0], "after the restart");
+  // Every failed attempt is one connecting -> disconnected step, never two of either.
+  const steps = seen.states.slice(2, -1);
+  assert.ok(steps.length >= 6, `attempts while down: ${steps}`);
+  steps.forEach((state, i) => assert.equal(state, i % 2 ? "connecting" : "disconnected", `${steps}`));
+  assert.equal(backoffs, steps.length / 2, "one backoff delay per failed attempt");
+  assert.deepEqual(seen.errors, []);
 });
 
 function deferred() {

@@ -154,3 +154,36 @@ test("a hole in the offsets on a live socket is reported as recovered false", as
   h.socket.receive(message("a", 9, "after a hole"));
   assert.deepEqual(h.log.recovered, [["a", false]]);
 });
+
+test("from offset 0 (nothing published yet), a first message at offset 1 continues in any epoch", async () => {
+  const h = harness({ channels: ["a"] });
+  const seen = [];
+  h.bus.subscribe("a", (data, meta) => seen.push([data, meta.offset, meta.epoch]));
+  await h.connect({ positions: { a: { offset: 0, epoch: "unpublished-a" } } });
+  h.socket.receive(message("a", 1, "first"));
+  h.socket.receive(message("a", 2, "second"));
+  assert.deepEqual(h.log.recovered, [], "no gap: nothing was ever missed");
+  assert.deepEqual(seen, [["first", 1, "e1"], ["second", 2, "e1"]]);
+  const hello = await reconnect(h);
+  assert.deepEqual(hello.since, { a: { offset: 2, epoch: "e1" } }, "the first message's epoch adopted");
+});
+
+test("from offset 0, a later offset in a new epoch, or a hole in the same one, is still a gap", async () => {
+  const h = harness({ channels: ["a", "b"] });
+  await h.connect({
+    positions: { a: { offset: 0, epoch: "unpublished-a" }, b: { offset: 0, epoch: "e1" } },
+  });
+  h.socket.receive(message("a", 3, "published twice before we heard"));
+  h.socket.receive(message("b", 2, "offset 1 went missing"));
+  assert.deepEqual(h.log.recovered, [["a", false], ["b", false]]);
+});
+
+test("a subscribed frame's offset 0 is continued by offset 1 in another epoch too", async () => {
+  const h = harness({ channels: [] });
+  await h.connect();
+  h.bus.subscribe("c");
+  h.socket.receive({ type: "subscribed", subscribed: ["c"], denied: {}, positions: { c: { offset: 0, epoch: "unpublished-c" } } });
+  h.socket.receive(message("c", 1, "first"));
+  assert.deepEqual(h.log.recovered, []);
+  assert.equal(h.log.messages.length, 1);
+});

@@ -1,0 +1,320 @@
+"""The HTTP emit and control endpoints: who is asking (API key or Bearer token), the
+body, then the publish or the control (disconnect, unsubscribe, revoke)."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import hmac
+import json
+import math
+from collections.abc import Awaitable, Sequence
+from typing import Any, Final, NoReturn
+
+import aiohttp
+from aiohttp import web
+from marshmallow import Schema, ValidationError, validate, validates_schema
+from marshmallow import fields as mf
+
+from .brokers.base import is_valid_message_id
+from .bus import Bus
+from .errors import BrokerUnavailable, InvalidToken, KeysUnavailable, http_error
+from .grants import is_valid_channel, may
+from .protocol import encode_data
+from .tokens import Claims
+
+__all__ = ["ApiKeys", "Endpoints"]
+
+MAX_EMIT_CHANNELS: Final = 100
+
+
+class ApiKeys:
+    """The configured API keys; tells which one a request holds, in constant time."""
+
+    def __init__(self, keys: Sequence[str]) -> None:
+        # Digests compare in constant time whatever the keys' lengths.
+        self._digests = [hashlib.sha256(key.encode()).digest() for key in keys]
+
+    def publisher(self, candidate: str) -> str | None:
+        """The idempotency scope of the key `candidate` ("key:..."), or None if unknown."""
+        # Headers arrive decoded with surrogateescape: encode them back the same way.
+        given = hashlib.sha256(candidate.encode("utf-8", "surrogateescape")).digest()
+        found = None
+        # Compare against every key, always, so timing says nothing about which matched.
+        for digest in self._digests:
+            if hmac.compare_digest(given, digest):
+                found = digest
+        return None if found is None else "key:" + found[:8].hex()
+
+
+class _EmitSchema(Schema):
+    """The body of POST {base_path}/emit: the one place its fields are checked."""
+
+    channel = mf.String()
+    channels = mf.List(mf.String(), validate=validate.Length(min=1, max=MAX_EMIT_CHANNELS))
+    data = mf.Raw(allow_none=True)
+    payload = mf.Raw(allow_none=True)  # asgi_ws's name for data
+    id = mf.String()
+
+    @validates_schema
+    def _one_target(self, body: dict[str, Any], **_: Any) -> None:
+        if ("channel" in body) == ("channels" in body):
+            raise ValidationError("give either channel or channels", "channel")
+        if "data" in body and "payload" in body:
+            raise ValidationError("give data or payload, not both", "data")
+        if "data" not in body and "payload" not in body:
+            raise ValidationError("data is required", "data")
+        for channel in body.get("channels", [body.get("channel")]):
+            if not is_valid_channel(channel):
+                raise ValidationError(f"invalid channel name: {channel!r}", "channels")
+        if "id" in body and not is_valid_message_id(body["id"]):
+            raise ValidationError("id must be 1 to 128 printable ASCII characters", "id")
+
+
+_EMIT_SCHEMA: Final = _EmitSchema()
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number out of range: {text}")
+    return value
+
+
+def _not_a_number(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _parse_json(raw: bytes) -> Any:
+    """Strict JSON: no NaN or Infinity, no numbers that overflow to them."""
+    try:
+        return json.loads(raw, parse_float=_finite, parse_constant=_not_a_number)
+    except RecursionError:
+        raise _invalid("_body", "JSON nested too deeply") from None
+    except ValueError as error:  # UnicodeDecodeError included
+        raise _invalid("_body", f"body is not valid JSON: {error}") from None
+
+
+def _invalid(field: str, message: str) -> web.HTTPException:
+    return http_error(web.HTTPBadRequest, "invalid_request", fields={field: [message]})
+
+
+class Endpoints:
+    """POST {base_path}/emit and the control endpoints (API key only)."""
+
+    def __init__(self, bus: Bus, api_keys: ApiKeys) -> None:
+        self.bus = bus
+        self.settings = bus.settings
+        self.api_keys = api_keys
+        self._body_deadlines: set[asyncio.Timeout] = set()
+        self._is_shutting_down = False
+
+    async def shutdown(self) -> None:
+        """Give bodies still arriving at most close_timeout more, then answer them 503."""
+        self._is_shutting_down = True
+        deadline = asyncio.get_running_loop().time() + self.settings.close_timeout
+        for timeout in self._body_deadlines:
+            when = timeout.when()
+            if when is None or when > deadline:
+                timeout.reschedule(deadline)
+
+    async def emit(self, request: web.Request) -> web.Response:
+        """POST {base_path}/emit."""
+        _check_post_json(request)
+        # Credentials first, from the headers: a stranger's body is never read.
+        publisher, claims = await self._authenticate(request)
+        loaded = self._validate(await self._read_json(request))
+        channels: list[str] = list(dict.fromkeys(loaded.get("channels") or [loaded["channel"]]))
+        if claims is not None:
+            await self._authorize(claims, channels)
+        try:
+            data = encode_data(loaded["data"] if "data" in loaded else loaded["payload"])
+        except ValueError as error:
+            raise _invalid("data", str(error)) from None
+        published: list[dict[str, Any]] = []
+        try:
+            for channel in channels:
+                result = await self.bus.publish_checked(channel, data, loaded.get("id"), publisher)
+                published.append(
+                    {"channel": result.channel, "offset": result.offset, "epoch": result.epoch}
+                )
+        except BrokerUnavailable:
+            raise http_error(
+                web.HTTPServiceUnavailable, "broker_unavailable", published=published
+            ) from None
+        return web.json_response({"published": published}, status=202)
+
+    async def disconnect(self, request: web.Request) -> web.Response:
+        """POST {base_path}/users/{user}/disconnect {"reconnect": false, "reason": ""}."""
+        body = await self._control_body(request, _DISCONNECT_SCHEMA)
+        user = request.match_info["user"]
+        return await self._control(
+            self.bus.disconnect(user, reconnect=body["reconnect"], reason=body["reason"])
+        )
+
+    async def unsubscribe(self, request: web.Request) -> web.Response:
+        """POST {base_path}/users/{user}/unsubscribe {"channels": [...]}."""
+        body = await self._control_body(request, _UNSUBSCRIBE_SCHEMA)
+        user = request.match_info["user"]
+        return await self._control(self.bus.unsubscribe_user(user, body["channels"]))
+
+    async def revoke(self, request: web.Request) -> web.Response:
+        """POST {base_path}/revocations {"user"|"token_id", "issued_before"?, "until"}."""
+        body = await self._control_body(request, _REVOCATION_SCHEMA)
+        return await self._control(self.bus.revoke(**body))
+
+    async def _control_body(self, request: web.Request, schema: Schema) -> dict[str, Any]:
+        """The control request's body, after its API key (a user's token never will do)."""
+        _check_post_json(request)
+        api_key = request.headers.get("X-API-Key")
+        if api_key is None or self.api_keys.publisher(api_key) is None:
+            self.bus.refused("control", "missing" if api_key is None else "api_key")
+            raise _unauthorized()
+        raw = await self._read_json(request)
+        try:
+            loaded: dict[str, Any] = schema.load({} if raw is None else raw)
+        except ValidationError as error:
+            raise http_error(
+                web.HTTPBadRequest, "invalid_request", fields=error.messages_dict
+            ) from None
+        return loaded
+
+    @staticmethod
+    async def _control(action: Awaitable[object]) -> web.Response:
+        try:
+            await action
+        except ValueError as error:  # the bus names the field: "user: must be ..."
+            field, _, message = str(error).partition(": ")
+            raise _invalid(field, message) from None
+        except BrokerUnavailable:
+            raise http_error(web.HTTPServiceUnavailable, "broker_unavailable") from None
+        return web.json_response({"accepted": True}, status=202)
+
+    async def _authenticate(self, request: web.Request) -> tuple[str, Claims | None]:
+        """The publisher's idempotency scope, and the claims of a Bearer token."""
+        api_key = request.headers.get("X-API-Key")
+        if api_key is not None:
+            publisher = self.api_keys.publisher(api_key)
+            if publisher is None:
+                self.bus.refused("emit", "api_key")
+                raise _unauthorized()
+            return publisher, None
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            self.bus.refused("emit", "missing")
+            raise _unauthorized()
+        try:
+            claims = await self.bus.verify(token.strip())
+        except InvalidToken as error:
+            self.bus.refused("emit", error.reason)
+            raise _unauthorized() from None
+        except KeysUnavailable:
+            raise http_error(web.HTTPServiceUnavailable, "keys_unavailable") from None
+        subject = hashlib.sha256(claims.subject.encode("utf-8", "surrogatepass")).digest()
+        return "user:" + subject[:8].hex(), claims
+
+    async def _authorize(self, claims: Claims, channels: list[str]) -> None:
+        """Refuse channels that neither the token's publish grants nor an authorizer allow."""
+        ungranted = [c for c in channels if not may(claims.publish, c)]
+        if not ungranted:
+            return
+        verdicts = await self.bus.authorize(claims, ungranted, "publish")
+        forbidden = [c for c in ungranted if verdicts[c] == "forbidden"]
+        if forbidden:
+            raise http_error(web.HTTPForbidden, "forbidden", channels=forbidden)
+        unavailable = [c for c in ungranted if verdicts[c] == "unavailable"]
+        if unavailable:
+            raise http_error(
+                web.HTTPServiceUnavailable, "authorizer_unavailable", channels=unavailable
+            )
+
+    async def _read_json(self, request: web.Request) -> Any:
+        limit = self.settings.emit_max_size
+        if request.content_length is not None and request.content_length > limit:
+            raise _too_large(limit, request.content_length)
+        raw = bytearray()
+        try:
+            async with asyncio.timeout(self.settings.emit_timeout) as deadline:
+                self._body_deadlines.add(deadline)
+                try:
+                    async for chunk in request.content.iter_chunked(65536):
+                        raw += chunk
+                        if len(raw) > limit:
+                            raise _closing(_too_large(limit, len(raw)))
+                finally:
+                    self._body_deadlines.discard(deadline)
+        except TimeoutError:
+            if self._is_shutting_down:
+                raise _closing(http_error(web.HTTPServiceUnavailable, "shutting_down")) from None
+            raise _closing(
+                http_error(
+                    web.HTTPRequestTimeout, "request_timeout", limit=self.settings.emit_timeout
+                )
+            ) from None
+        except (web.RequestPayloadError, aiohttp.ClientPayloadError, ConnectionError):
+            # A broken gzip or deflate body, or a client that left mid-body.
+            raise _closing(_invalid("_body", "the body cannot be decoded or ended early")) from None
+        return _parse_json(bytes(raw))
+
+    @staticmethod
+    def _validate(body: Any) -> dict[str, Any]:
+        try:
+            loaded: dict[str, Any] = _EMIT_SCHEMA.load(body)
+        except ValidationError as error:
+            raise http_error(
+                web.HTTPBadRequest, "invalid_request", fields=error.messages_dict
+            ) from None
+        return loaded
+
+
+class _DisconnectSchema(Schema):
+    reconnect = mf.Boolean(load_default=False)
+    reason = mf.String(load_default="")
+
+
+class _UnsubscribeSchema(Schema):
+    channels = mf.List(mf.String(), required=True)
+
+
+class _RevocationSchema(Schema):
+    user = mf.String()
+    token_id = mf.String()
+    issued_before = mf.Float(allow_nan=False)
+    until = mf.Float(required=True, allow_nan=False)
+
+
+_DISCONNECT_SCHEMA: Final = _DisconnectSchema()
+_UNSUBSCRIBE_SCHEMA: Final = _UnsubscribeSchema()
+_REVOCATION_SCHEMA: Final = _RevocationSchema()
+
+
+def _check_post_json(request: web.Request) -> None:
+    if request.method != "POST":
+        raise web.HTTPMethodNotAllowed(
+            request.method,
+            ["POST"],
+            text=json.dumps({"error": "method_not_allowed"}),
+            content_type="application/json",
+        )
+    if request.content_type != "application/json":
+        raise http_error(
+            web.HTTPUnsupportedMediaType, "unsupported_media_type", expected="application/json"
+        )
+
+
+def _unauthorized() -> web.HTTPException:
+    error = http_error(web.HTTPUnauthorized, "unauthorized")
+    error.headers["WWW-Authenticate"] = "Bearer"
+    return error
+
+
+def _too_large(limit: int, size: int) -> web.HTTPException:
+    status = functools.partial(web.HTTPRequestEntityTooLarge, limit, size)
+    return http_error(status, "payload_too_large", limit=limit)
+
+
+def _closing(error: web.HTTPException) -> web.HTTPException:
+    """An answer after which the connection closes (its body was not read to the end)."""
+    error.force_close()
+    return error

@@ -1,0 +1,241 @@
+"""The WebSocket endpoint: admission (Origin, limits, token) and the frame loop."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+from .bus import Bus, SubscribeResult
+from .connection import Connection
+from .errors import Forbidden, InvalidToken, KeysUnavailable, http_error
+from .protocol import (
+    ANOTHER_USER,
+    BROKER_UNAVAILABLE,
+    CLIENT_GONE,
+    CONNECTION_LIMIT,
+    INTERNAL_ERROR,
+    KEYS_UNAVAILABLE,
+    NO_CONNECT_FRAME,
+    REFUSED,
+    SHUTTING_DOWN,
+    BadFrame,
+    Close,
+    Connect,
+    Ping,
+    Refresh,
+    Subscribe,
+    Unsubscribe,
+    bad_request,
+    parse_client_frame,
+    unauthorized,
+)
+from .tokens import Claims
+
+__all__ = ["WebSocketHandler"]
+
+_ENDED = frozenset({WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR})
+
+
+class WebSocketHandler:
+    """Admits sockets to the bus and serves their frames."""
+
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+        self.settings = bus.settings
+        # Upgraded sockets that have not authenticated yet: the bus does not know them.
+        self._unauthenticated: dict[web.WebSocketResponse, asyncio.Transport] = {}
+
+    async def shutdown(self) -> None:
+        """Close the sockets still authenticating (the bus closes the others)."""
+        await asyncio.gather(
+            *(
+                self._refuse(socket, transport, SHUTTING_DOWN)
+                for socket, transport in list(self._unauthenticated.items())
+            )
+        )
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        """GET {base_path}: the WebSocket."""
+        settings = self.settings
+        if settings.allowed_origins is not None:
+            origin = request.headers.get("Origin")
+            # Browsers always send Origin; non-browser clients cannot be forged into one.
+            if origin is not None and origin not in settings.allowed_origins:
+                raise http_error(web.HTTPForbidden, "origin_not_allowed")
+        socket = web.WebSocketResponse(
+            heartbeat=settings.heartbeat,
+            # aiohttp refuses a frame of max_msg_size bytes; ours allows exactly that.
+            max_msg_size=settings.max_message_size + 1,
+            compress=False,  # frames are built once and written as they are
+            timeout=settings.close_timeout,
+        )
+        try:
+            await socket.prepare(request)  # validates the handshake once
+        except web.HTTPException:
+            raise http_error(web.HTTPUpgradeRequired, "websocket_upgrade_required") from None
+        connection: Connection | None = None
+        # Whatever ends this handler (a dropped peer, a failed close, cancellation)
+        # gives the socket's slot back.
+        self.bus.open_sockets += 1
+        try:
+            transport = request.transport
+            if not isinstance(transport, asyncio.Transport):
+                return socket  # the peer left during the handshake
+            self._unauthenticated[socket] = transport
+            try:
+                connection = await self._admit(request, socket, transport)
+            finally:
+                self._unauthenticated.pop(socket, None)
+            # The receive loop lives in this frame on purpose: one coroutine per idle
+            # socket, not a stack of them, is memory every connection pays.
+            if connection is not None:
+                async for message in socket:
+                    if connection.is_closing:
+                        break
+                    try:
+                        if message.type != WSMsgType.TEXT:
+                            raise BadFrame("frames must be text")
+                        await self._handle(connection, parse_client_frame(message.data))
+                    except BadFrame as error:
+                        connection.close(bad_request(error))
+        finally:
+            self.bus.open_sockets -= 1
+            if connection is not None:
+                connection.close(CLIENT_GONE)
+                # The close the bus decided (4400, 4401, ...) must leave before this
+                # handler returns, or aiohttp closes the socket with 1000 first.
+                if connection.closing is not None:
+                    await asyncio.wait({connection.closing})
+        return socket
+
+    async def _admit(
+        self, request: web.Request, socket: web.WebSocketResponse, transport: asyncio.Transport
+    ) -> Connection | None:
+        """Limits, connect frame, token, welcome: the Connection, or None if refused."""
+        limit = self.settings.max_connections
+        if limit is not None and self.bus.open_sockets > limit:
+            await self._refuse(socket, transport, CONNECTION_LIMIT)
+            return None
+        if not self.bus.broker.is_available:
+            await self._refuse(socket, transport, BROKER_UNAVAILABLE)
+            return None
+        connect = await self._receive_connect(request, socket)
+        if isinstance(connect, Close):
+            await self._refuse(socket, transport, connect)
+            return None
+        if connect is None:
+            return None  # the peer left
+        try:
+            claims = await self.bus.verify(connect.token or "")
+        except InvalidToken as error:
+            self.bus.refused("websocket", error.reason)
+            await self._refuse(socket, transport, unauthorized(error.reason))
+            return None
+        except KeysUnavailable:
+            await self._refuse(socket, transport, KEYS_UNAVAILABLE)
+            return None
+        if transport.is_closing():
+            return None
+        connection = self.bus.connect(socket, transport, claims)
+        try:
+            await self.bus.announce(connection)
+        except Exception as error:  # a failure is logged and counted where it happened
+            refusal = REFUSED if isinstance(error, Forbidden) else INTERNAL_ERROR
+            connection.close(refusal)
+            # Closed here, not in the background: this handler is about to return.
+            await self._refuse(socket, transport, refusal)
+            return None
+        try:
+            await self.bus.subscribe(
+                connection,
+                connect.channels,
+                connect.since,
+                lambda result: _welcome(connection, claims, result),
+            )
+        except BaseException:
+            connection.close(INTERNAL_ERROR)
+            raise
+        return connection
+
+    async def _receive_connect(
+        self, request: web.Request, socket: web.WebSocketResponse
+    ) -> Connect | Close | None:
+        """The connect frame, a Close refusing the socket, or None if the peer left."""
+        query = request.query
+        if self.settings.allow_query_token and "token" in query:
+            channels = [c for c in query.get("channels", "").split(",") if c]
+            return Connect(query["token"], list(dict.fromkeys(channels)), {})
+        try:
+            message = await socket.receive(timeout=self.settings.auth_timeout)
+        except TimeoutError:
+            return NO_CONNECT_FRAME
+        if message.type in _ENDED:
+            return None  # aiohttp has answered it (1009 for an oversized frame)
+        try:
+            if message.type != WSMsgType.TEXT:
+                raise BadFrame("frames must be text")
+            frame = parse_client_frame(message.data)
+            if not isinstance(frame, Connect):
+                raise BadFrame("the first frame must be connect")
+        except BadFrame as error:
+            return bad_request(error)
+        return frame
+
+    async def _refuse(
+        self, socket: web.WebSocketResponse, transport: asyncio.Transport | None, close: Close
+    ) -> None:
+        """Close an unauthenticated socket; abort it if the peer does not answer in time."""
+        try:
+            async with asyncio.timeout(self.settings.close_timeout):
+                await socket.close(code=close.code, message=close.reason.encode())
+        except Exception:  # timed out, or the peer is gone: nothing left to tell it
+            if transport is not None:
+                transport.abort()
+
+    async def _handle(self, connection: Connection, frame: object) -> None:
+        bus = self.bus
+        if isinstance(frame, Ping):
+            connection.send({"type": "pong"})
+        elif isinstance(frame, Subscribe):
+            await bus.subscribe(
+                connection,
+                frame.channels,
+                frame.since,
+                lambda result: {"type": "subscribed", **result.as_json()},
+            )
+        elif isinstance(frame, Unsubscribe):
+            left = bus.unsubscribe(connection, frame.channels)
+            connection.send({"type": "unsubscribed", "channels": left, "reason": "client"})
+        elif isinstance(frame, Refresh):
+            await self._refresh(connection, frame.token)
+        else:
+            raise BadFrame("connect was already received")
+
+    async def _refresh(self, connection: Connection, token: str) -> None:
+        try:
+            claims = await self.bus.verify(token)
+        except InvalidToken as error:
+            self.bus.refused("refresh", error.reason)
+            connection.close(unauthorized(error.reason))
+            return
+        except KeysUnavailable:
+            return  # keep the current token until its own expiry; the client may retry
+        if claims.subject != connection.claims.subject:
+            connection.close(ANOTHER_USER)
+            return
+        revoked = await self.bus.refresh(connection, claims)
+        if revoked:
+            connection.send({"type": "unsubscribed", "channels": revoked, "reason": "revoked"})
+        connection.send({"type": "refreshed", "expires_at": claims.expires_at, "revoked": revoked})
+
+
+def _welcome(connection: Connection, claims: Claims, result: SubscribeResult) -> dict[str, Any]:
+    return {
+        "type": "welcome",
+        "client": connection.id,
+        "user": claims.subject,
+        "expires_at": claims.expires_at,
+        **result.as_json(),
+    }

@@ -1,0 +1,58 @@
+// The client's API as TypeScript sees it through wsbus.d.ts: what must compile, and
+// (each `@ts-expect-error`) what must not. Checked by check.js with README.md's
+// TypeScript recipe, importing from the served path as a page does.
+
+import { CloseCodes, WsBus } from "/ws/wsbus.js";
+import type { DenyReason, MessageMeta, WsBusOptions, WsBusState } from "/ws/wsbus.js";
+
+interface ChatMessage {
+  text: string;
+}
+
+const options: WsBusOptions = {
+  getToken: async () => "a JWT",
+  channels: new Set(["chat:lobby"]),
+  minReconnectDelay: 500,
+  maxReconnectDelay: 20000,
+  refreshBefore: 30,
+  connectTimeout: 10000,
+  autoConnect: false,
+  random: Math.random,
+  timers: { now: Date.now },
+};
+const bus = new WsBus(new URL("wss://bus.example/ws"), options);
+bus.connect();
+
+const state: WsBusState = bus.state;
+const removeHandler: () => void = bus.subscribe<ChatMessage>("chat:lobby", (message, meta) => {
+  const text: string = message.text;
+  const where: [string, number, string, boolean] = [meta.channel, meta.offset, meta.epoch, meta.recovered];
+  console.log(text, where);
+});
+removeHandler();
+bus.subscribe("chat:quiet"); // joined without a handler
+bus.on("state", (next: WsBusState) => console.log(state, next));
+bus.on("denied", (channel: string, reason: DenyReason) => console.log(channel, reason));
+bus.on("recovered", (channel: string, ok: boolean) => console.log(channel, ok));
+bus.on("message", (channel: string, data: unknown, meta: MessageMeta) => console.log(channel, data, meta));
+const stop: () => void = bus.on("error", (error) => console.error(error));
+stop();
+const expired: 4001 = CloseCodes.TOKEN_EXPIRED;
+console.log(expired);
+bus.unsubscribe("chat:lobby");
+bus.close();
+
+// @ts-expect-error getToken is required
+new WsBus("/ws", {});
+// @ts-expect-error connectTimeout is a number of ms
+new WsBus("/ws", { getToken: () => "t", connectTimeout: "10s" });
+// @ts-expect-error no such event
+bus.on("welcome", () => {});
+// @ts-expect-error a denied listener gets (channel, reason), not a number
+bus.on("denied", (channel: string, reason: number) => console.log(channel, reason));
+// @ts-expect-error data is unknown until the handler says what it is
+bus.subscribe("chat:lobby", (data) => data.text);
+// @ts-expect-error state is read-only
+bus.state = "connected";
+// @ts-expect-error CloseCodes is frozen
+CloseCodes.NORMAL = 1001;

@@ -1,0 +1,51 @@
+"""The Python snippets in docs/ run as written (or, where they need a service this
+test does not have, at least compile)."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from pytest_aiohttp import AiohttpClient
+
+import aiohttp_wsbus
+
+from .conftest import JwksServer, MakeToken
+from .support import close_code, start_bus
+
+ROOT = Path(__file__).parent.parent
+
+
+def python_blocks(page: str) -> list[str]:
+    text = (ROOT / "docs" / page).read_text(encoding="utf-8")
+    return re.findall(r"```python\n(.*?)```", text, re.S)
+
+
+def test_authorization_snippets_register_what_they_say() -> None:
+    authorizer, hooks, database = python_blocks("authorization.md")
+    namespace: dict[str, Any] = {}
+    exec(compile(authorizer, "authorization.md", "exec"), namespace)  # noqa: S102
+    exec(compile(hooks, "authorization.md", "exec"), namespace)  # noqa: S102
+    bus: aiohttp_wsbus.Bus = namespace["bus"]
+    assert bus.authorizers["subscribe"].find("order:42") is not None
+    assert len(bus.on_connect) == len(bus.on_disconnect) == 1
+    # The worked example needs asyncpg and a database: it must at least be valid Python.
+    compile(database, "authorization.md", "exec")
+
+
+async def test_readme_session_snippet_runs_against_a_bus(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
+) -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Ending sessions", 1)[1]
+    (snippet,) = re.findall(r"```python\n(.*?)```", section.split("\n## ", 1)[0], re.S)
+    server = await start_bus(aiohttp_client, jwks_server.url)
+    socket, _ = await server.open(make_token(sub="bob"), [])
+    body = "".join("    " + line + "\n" for line in snippet.splitlines())
+    namespace: dict[str, Any] = {}
+    exec(f"async def snippet(bus, time):\n{body}", namespace)  # noqa: S102
+    await namespace["snippet"](server.bus, time)
+    assert await close_code(socket) == 4410
+    assert len(server.bus.revocations) == 1
