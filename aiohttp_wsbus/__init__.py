@@ -6,7 +6,7 @@ messages to clients whose JWT grants them, and an HTTP emit endpoint.
 
 from typing import TYPE_CHECKING, Any
 
-from .brokers import Broker, MemoryBroker, Published
+from .brokers import Broker, HistoryOptions, MemoryBroker, Published
 from .bus import Bus
 from .emit_client import EmitClient, EmitError, SyncEmitClient
 from .errors import (
@@ -71,6 +71,7 @@ __all__ = [
     "EmitClient",
     "EmitError",
     "Forbidden",
+    "HistoryOptions",
     "InvalidChannel",
     "InvalidSettings",
     "InvalidToken",

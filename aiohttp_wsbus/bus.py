@@ -20,6 +20,7 @@ from .brokers.base import (
     APPLICATION,
     Broker,
     History,
+    HistoryOptions,
     Message,
     Published,
     check_publish,
@@ -158,12 +159,8 @@ class Bus:
             authorizers.freeze()
         self._scheduler = WriteScheduler(asyncio.get_running_loop())
         await self.verifier.start(session)
-        await self.broker.start(
-            self.deliver,
-            history_size=self.settings.history_size,
-            history_ttl=self.settings.history_ttl,
-            on_control=self.apply_control,
-        )
+        history = HistoryOptions(self.settings.history_size, self.settings.history_ttl)
+        await self.broker.start(self.deliver, history, on_control=self.apply_control)
 
     async def stop(self) -> None:
         await self.close_all(SHUTTING_DOWN)
@@ -213,7 +210,8 @@ class Bus:
         if message_id is not None:
             message_id = scoped_message_id(publisher, message_id)
         published = await self.broker.publish(channel, data, message_id=message_id)
-        self.messages_published += 1
+        if not published.is_repeat:
+            self.messages_published += 1
         return published
 
     async def verify(self, token: str) -> Claims:
@@ -461,6 +459,8 @@ class Bus:
                     connection.enqueue(_frame(message, recovered=True))
                     last = message.offset
         for message in held:
+            if last == 0 and message.offset == 1:
+                epoch = message.epoch  # a channel's first message starts its epoch
             if message.epoch == epoch and message.offset > last:
                 connection.enqueue(_frame(message))
                 last = message.offset

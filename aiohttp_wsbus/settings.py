@@ -24,6 +24,7 @@ from marshmallow import (
 )
 from marshmallow import fields as mf
 
+from .brokers.base import MAX_HISTORY_SIZE
 from .errors import InvalidSettings
 from .jwks import KEY_TYPE_BY_ALGORITHM, SECRET_ALGORITHMS
 
@@ -190,7 +191,7 @@ class Settings:
     )
     history_size: int = setting(
         100,
-        mf.Integer(strict=True, validate=validate.Range(min=0, max=100_000)),
+        mf.Integer(strict=True, validate=validate.Range(min=0, max=MAX_HISTORY_SIZE)),
         help="messages kept per channel for recovery (at most 100000)",
     )
     history_ttl: float = setting(

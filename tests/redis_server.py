@@ -9,6 +9,7 @@ which makes that a failure (CI).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
 import secrets
@@ -25,7 +26,7 @@ import pytest
 import redis
 
 from aiohttp_wsbus import RedisBroker
-from aiohttp_wsbus.brokers import Message
+from aiohttp_wsbus.brokers import HistoryOptions, Message
 
 START_TIMEOUT = 10.0
 SLOTS = 16384
@@ -123,6 +124,16 @@ class RedisServer:
             self.process.send_signal(signal.SIGKILL)
             self.process.wait(START_TIMEOUT)
         self.process = None
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        """SIGSTOP for the block, then SIGCONT: its connections stay open, nothing answers."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            self.process.send_signal(signal.SIGCONT)
 
 
 class Cluster:
@@ -241,7 +252,7 @@ async def make_redis_broker(
     ) -> tuple[RedisBroker, list[Message]]:
         broker = RedisBroker(url, prefix=redis_prefix, **options)  # type: ignore[arg-type]
         delivered: list[Message] = []
-        await broker.start(delivered.append, history_size=size, history_ttl=ttl)
+        await broker.start(delivered.append, HistoryOptions(size, ttl))
         brokers.append(broker)
         return broker, delivered
 

@@ -5,9 +5,12 @@ The broker contract it shares with RedisBroker is tested in test_redis_broker.py
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
-from aiohttp_wsbus.brokers import MemoryBroker, Message
+from aiohttp_wsbus.brokers import HistoryOptions, MemoryBroker, Message
+from aiohttp_wsbus.brokers.base import EmptyEpoch
 from aiohttp_wsbus.protocol import Position
 
 
@@ -23,7 +26,7 @@ async def started(size: int = 100, ttl: float = 300.0) -> tuple[MemoryBroker, li
     clock = Clock()
     broker = MemoryBroker(clock=clock)
     delivered: list[Message] = []
-    await broker.start(delivered.append, history_size=size, history_ttl=ttl)
+    await broker.start(delivered.append, HistoryOptions(size, ttl))
     return broker, delivered, clock
 
 
@@ -31,6 +34,51 @@ async def test_a_new_broker_is_a_new_epoch() -> None:
     one, _, _ = await started()
     two, _, _ = await started()
     assert (await one.publish("a", "1")).epoch != (await two.publish("a", "1")).epoch
+
+
+async def test_an_empty_position_from_another_broker_is_not_recovered() -> None:
+    one, _, _ = await started()
+    two, _, _ = await started()
+    position = (await one.history({"a": None}))["a"].position
+    await two.publish("a", "1")  # as if `one` restarted and lost what it had
+    assert not (await two.history({"a": position}))["a"].recovered
+
+
+async def test_reading_channels_keeps_no_stream() -> None:
+    broker, _, _ = await started()
+    for n in range(1000):
+        await broker.subscribe(f"c{n}")
+        await broker.history({f"c{n}": None})
+    assert broker.channel_count == 0
+    await broker.publish("c7", "x")
+    assert broker.channel_count == 1
+
+
+async def test_an_empty_position_recovers_for_the_ttl_on_the_brokers_clock() -> None:
+    broker, _, clock = await started(ttl=10)
+    position = (await broker.history({"a": None}))["a"].position
+    assert EmptyEpoch.parse(position.epoch) == EmptyEpoch(1_000_000, position.epoch[-16:])
+    clock.now += 9.9
+    await broker.publish("a", "1")
+    answer = (await broker.history({"a": position}))["a"]
+    assert answer.recovered
+    assert [m.data for m in answer.messages] == ["1"]
+    clock.now += 0.1  # 10 s after the read: an epoch may have come and gone meanwhile
+    assert not (await broker.history({"a": position}))["a"].recovered
+
+
+async def test_a_channel_forgotten_before_its_ttl_ends_earlier_empty_positions() -> None:
+    clock = Clock()
+    broker = MemoryBroker(max_channels=2, clock=clock)
+    await broker.start(lambda message: None, HistoryOptions(100, 300))
+    position = (await broker.history({"quiet": None}))["quiet"].position
+    await broker.publish("quiet", "missed")
+    await broker.publish("flood:1", "x")
+    await broker.publish("flood:2", "x")  # "quiet" is forgotten to make room
+    await broker.publish("quiet", "new")
+    answer = (await broker.history({"quiet": position}))["quiet"]
+    assert answer.position.offset == 1  # a new epoch, from 1 again
+    assert not answer.recovered  # "missed" is gone: no silent gap
 
 
 async def test_idle_channels_are_forgotten_after_the_ttl() -> None:
@@ -46,18 +94,18 @@ async def test_idle_channels_are_forgotten_after_the_ttl() -> None:
 async def test_subscribed_channels_keep_their_epoch_past_the_ttl() -> None:
     broker, _, clock = await started(ttl=10)
     await broker.subscribe("kept")
-    position = (await broker.history({"kept": None}))["kept"].position
+    first = await broker.publish("kept", "x")
     clock.now += 100
-    published = await broker.publish("kept", "x")
-    assert published.epoch == position.epoch
-    assert published.offset == 1
+    published = await broker.publish("kept", "y")
+    assert published.epoch == first.epoch
+    assert published.offset == 2
 
 
 async def test_an_id_is_remembered_for_the_ttl_only() -> None:
     broker, delivered, clock = await started(ttl=10)
     first = await broker.publish("a", "1", message_id="m-1")
     again = await broker.publish("a", "1", message_id="m-1")
-    assert again == first
+    assert again == dataclasses.replace(first, is_repeat=True)
     assert len(delivered) == 1
     other_channel = await broker.publish("b", "1", message_id="m-1")
     assert other_channel.offset == 1
@@ -72,7 +120,7 @@ async def test_an_id_is_remembered_for_the_ttl_only() -> None:
 async def test_a_flood_of_channels_is_capped_least_recently_used_first() -> None:
     clock = Clock()
     broker = MemoryBroker(max_channels=10, clock=clock)
-    await broker.start(lambda message: None, history_size=100, history_ttl=300)
+    await broker.start(lambda message: None, HistoryOptions(100, 300))
     await broker.subscribe("kept")
     kept = await broker.publish("kept", "x")
     for n in range(50):

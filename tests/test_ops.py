@@ -13,6 +13,7 @@ from pytest_aiohttp import AiohttpClient
 import aiohttp_wsbus
 
 from .conftest import JwksServer, MakeToken
+from .redis_server import RedisServer, until
 from .support import (
     BusServer,
     RawClient,
@@ -84,6 +85,25 @@ async def test_health_is_503_while_the_broker_is_down(
     assert (await health(server))[0] == 200
 
 
+async def test_health_is_503_within_the_socket_timeout_of_a_frozen_redis(
+    aiohttp_client: AiohttpClient,
+    jwks_server: JwksServer,
+    own_redis: RedisServer,
+    redis_prefix: str,
+) -> None:
+    broker = aiohttp_wsbus.RedisBroker(own_redis.url, prefix=redis_prefix, socket_timeout=1.0)
+    server = await start_bus(aiohttp_client, jwks_server.url, broker=broker)
+
+    async def status_is(status: int) -> bool:
+        return (await health(server))[0] == status
+
+    assert await status_is(200)
+    with own_redis.frozen():
+        await until(lambda: status_is(503), timeout=1.0 + 1.0)
+        assert (await health(server))[1]["broker"] == "down"
+    await until(lambda: status_is(200))
+
+
 async def test_health_follows_base_path(
     aiohttp_client: AiohttpClient, jwks_server: JwksServer
 ) -> None:
@@ -143,6 +163,17 @@ async def test_metrics_count_what_happened(
     assert samples["wsbus_broker_available"] == 1
     assert samples["wsbus_broker_reconnects_total"] == 0
     assert samples["wsbus_slow_consumer_closes_total"] == 0
+
+
+async def test_metrics_count_a_publish_repeated_by_id_once(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer
+) -> None:
+    server = await start_bus(aiohttp_client, jwks_server.url, metrics=True, api_keys=[API_KEY])
+    first = await server.bus.publish("chat:a", 1, id="order-17")
+    again = await server.bus.publish("chat:a", 1, id="order-17")
+    assert (again.offset, again.is_repeat) == (first.offset, True)
+    await server.bus.publish("chat:a", 2)
+    assert (await scrape(server))["wsbus_messages_published_total"] == 2
 
 
 async def test_metrics_count_slow_consumer_closes(

@@ -202,3 +202,39 @@ async def test_a_fresh_subscriber_gets_what_was_published_during_its_subscribe(
     frames = await receive_messages(socket, 1)
     await nothing_more(socket)
     assert [(f["offset"], f["data"]) for f in frames] == [(3, "after")]
+
+
+async def test_a_fresh_subscriber_follows_an_epoch_born_during_its_subscribe(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
+) -> None:
+    broker = PublishingDuringHistory(CHANNEL)
+    server = await start_bus(aiohttp_client, jwks_server.url, broker=broker)
+    broker.after_read = ["first", "second"]  # the channel's epoch is born after the read
+    socket, welcome = await server.open(make_token(channels=["chat:*"]), [CHANNEL])
+    position = welcome["positions"][CHANNEL]
+    assert position["offset"] == 0
+    frames = await receive_messages(socket, 2)
+    await nothing_more(socket)
+    assert [(f["offset"], f["data"]) for f in frames] == [(1, "first"), (2, "second")]
+    assert frames[0]["epoch"] != position["epoch"]  # followed into the new epoch
+
+
+async def test_a_since_at_an_empty_epoch_recovers_what_was_published_during_subscribe(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
+) -> None:
+    broker = PublishingDuringHistory(CHANNEL)
+    server = await start_bus(aiohttp_client, jwks_server.url, broker=broker)
+    token = make_token(channels=["chat:*"])
+    socket, welcome = await server.open(token, [CHANNEL])
+    position = welcome["positions"][CHANNEL]
+    await socket.close()
+    broker.before_read = ["missed"]
+    broker.after_read = ["live"]
+    socket, welcome = await server.open(token, [CHANNEL], since={CHANNEL: position})
+    assert welcome["recovered"] == {CHANNEL: True}
+    frames = await receive_messages(socket, 2)
+    await nothing_more(socket)
+    assert [(f["offset"], f["data"], f.get("recovered", False)) for f in frames] == [
+        (1, "missed", True),
+        (2, "live", False),
+    ]

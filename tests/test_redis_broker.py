@@ -5,18 +5,21 @@ after lost connections. Cluster specifics are in test_redis_cluster.py."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
+import logging
 from collections.abc import Awaitable, Callable
 
 import pytest
 import redis.asyncio
 
-from aiohttp_wsbus import BrokerUnavailable, RedisBroker, RedisPublisher
-from aiohttp_wsbus.brokers import Broker, MemoryBroker, Message
+from aiohttp_wsbus import BrokerUnavailable, RedisBroker, RedisPublisher, SyncRedisPublisher
+from aiohttp_wsbus.brokers import Broker, HistoryOptions, MemoryBroker, Message
+from aiohttp_wsbus.brokers.base import EmptyEpoch
 from aiohttp_wsbus.brokers.redis_scripts import ChannelKeys
-from aiohttp_wsbus.protocol import Position
+from aiohttp_wsbus.protocol import MAX_EPOCH_LENGTH, Position
 
-from .redis_server import RedisServer, until
+from .redis_server import RedisServer, free_port, until
 from .support import eventually
 
 Started = tuple[Broker, list[Message]]
@@ -33,7 +36,7 @@ def make_broker(
         async def memory(size: int = 100, ttl: float = 300.0) -> Started:
             broker = MemoryBroker()
             delivered: list[Message] = []
-            await broker.start(delivered.append, history_size=size, history_ttl=ttl)
+            await broker.start(delivered.append, HistoryOptions(size, ttl))
             return broker, delivered
 
         return memory
@@ -109,15 +112,97 @@ async def test_other_epoch_or_future_offset_is_not_recovered(make_broker: MakeBr
     assert not at_top["b"].recovered
 
 
-async def test_a_new_channel_names_the_epoch_of_its_first_message(
+# -- the broker contract: channels that hold nothing -------------------------
+
+
+def empty_epoch(position: Position) -> EmptyEpoch:
+    epoch = EmptyEpoch.parse(position.epoch)
+    assert epoch is not None, position
+    assert position.offset == 0
+    return epoch
+
+
+def moved(position: Position, *, at_ms: int | None = None, generation: str = "") -> Position:
+    """The same empty position, read at another time or on another generation."""
+    epoch = empty_epoch(position)
+    changed = EmptyEpoch(epoch.at_ms if at_ms is None else at_ms, generation or epoch.generation)
+    return Position(0, str(changed))
+
+
+async def test_a_channel_that_holds_nothing_answers_offset_0_of_an_empty_epoch(
+    make_broker: MakeBroker,
+) -> None:
+    broker, _ = await make_broker()
+    answer = (await broker.history({"new": None}))["new"]
+    assert not answer.recovered
+    assert len(answer.position.epoch) <= MAX_EPOCH_LENGTH
+    empty_epoch(answer.position)
+    again = (await broker.history({"new": answer.position}))["new"]
+    assert again.recovered  # nothing was published since
+    assert again.messages == []
+    assert again.position.offset == 0
+
+
+async def test_an_empty_position_recovers_the_whole_epoch_born_after_it(
     make_broker: MakeBroker,
 ) -> None:
     broker, _ = await make_broker()
     position = (await broker.history({"new": None}))["new"].position
-    assert position.offset == 0
-    published = await broker.publish("new", "1")
-    assert published.epoch == position.epoch
-    assert published.offset == 1
+    first = await broker.publish("new", "1")
+    await broker.publish("new", "2")
+    assert first.offset == 1
+    answer = (await broker.history({"new": position}))["new"]
+    assert answer.recovered
+    assert [(m.offset, m.epoch, m.data) for m in answer.messages] == [
+        (1, first.epoch, "1"),
+        (2, first.epoch, "2"),
+    ]
+    assert answer.position == Position(2, first.epoch)
+
+
+async def test_an_empty_position_older_than_the_ttl_is_not_recovered(
+    make_broker: MakeBroker,
+) -> None:
+    broker, _ = await make_broker(ttl=300.0)
+    position = (await broker.history({"new": None}))["new"].position
+    at = empty_epoch(position).at_ms
+    # Read 290 s ago: an epoch born since is still there. 300 s ago: one may
+    # have been born and expired meanwhile.
+    recent, stale = moved(position, at_ms=at - 290_000), moved(position, at_ms=at - 300_000)
+    answers = await broker.history({"new": recent})
+    assert answers["new"].recovered
+    assert not (await broker.history({"new": stale}))["new"].recovered
+    await broker.publish("new", "1")
+    assert [m.data for m in (await broker.history({"new": recent}))["new"].messages] == ["1"]
+    late = (await broker.history({"new": stale}))["new"]
+    assert not late.recovered
+    assert late.messages == []
+    assert late.position.offset == 1
+
+
+async def test_an_empty_position_is_not_recovered_once_offset_1_left_the_window(
+    make_broker: MakeBroker,
+) -> None:
+    broker, _ = await make_broker(size=2)
+    position = (await broker.history({"new": None}))["new"].position
+    for n in range(3):
+        last = await broker.publish("new", str(n))
+    answer = (await broker.history({"new": position}))["new"]
+    assert not answer.recovered
+    assert answer.messages == []
+    assert answer.position == Position(3, last.epoch)
+
+
+async def test_an_empty_position_from_another_generation_is_not_recovered(
+    make_broker: MakeBroker,
+) -> None:
+    broker, _ = await make_broker()
+    position = (await broker.history({"new": None}))["new"].position
+    other = moved(position, generation="f" * 16)
+    assert other != position
+    assert not (await broker.history({"new": other}))["new"].recovered
+    await broker.publish("new", "1")
+    assert not (await broker.history({"new": other}))["new"].recovered
 
 
 async def test_same_id_is_published_once(make_broker: MakeBroker) -> None:
@@ -126,12 +211,15 @@ async def test_same_id_is_published_once(make_broker: MakeBroker) -> None:
     await broker.subscribe("b")
     first = await broker.publish("a", "1", message_id="m-1")
     again = await broker.publish("a", "1", message_id="m-1")
-    assert again == first
+    assert not first.is_repeat
+    assert again == dataclasses.replace(first, is_repeat=True)
     other_channel = await broker.publish("b", "1", message_id="m-1")
     assert other_channel.offset == 1
     await broker.publish("a", "2")
     await delivered_count(delivered, 3)
-    assert [(m.channel, m.data) for m in delivered] == [("a", "1"), ("b", "1"), ("a", "2")]
+    # In order per channel (a cluster may carry "a" and "b" on two shards).
+    assert [m.data for m in delivered if m.channel == "a"] == ["1", "2"]
+    assert [m.data for m in delivered if m.channel == "b"] == ["1"]
 
 
 # -- Redis: shared by nodes, expiring ----------------------------------------
@@ -148,9 +236,23 @@ async def test_nodes_share_offsets_epochs_and_ids(make_redis_broker: RedisMaker)
     again = await two.publish("a", "1", message_id="x")
     assert (first.offset, second.offset) == (1, 2)
     assert first.epoch == second.epoch
-    assert again == first
+    assert again == dataclasses.replace(first, is_repeat=True)
     await delivered_count(on_two, 2)
     assert [(m.offset, m.data) for m in on_two] == [(1, "1"), (2, "2")]
+
+
+async def test_publishers_say_when_an_id_was_already_published(
+    redis_url: str, redis_prefix: str
+) -> None:
+    async with RedisPublisher(redis_url, prefix=redis_prefix) as publisher:
+        first = await publisher.publish("a", 1, id="x")
+        again = await publisher.publish("a", 1, id="x")
+    with SyncRedisPublisher(redis_url, prefix=redis_prefix) as sync:
+        other = await asyncio.to_thread(sync.publish, "a", 1, id="x")
+        fresh = await asyncio.to_thread(sync.publish, "a", 2, id="y")
+    assert not first.is_repeat
+    assert again == other == dataclasses.replace(first, is_repeat=True)
+    assert (fresh.offset, fresh.is_repeat) == (2, False)
 
 
 async def test_only_subscribed_channels_are_delivered(make_redis_broker: RedisMaker) -> None:
@@ -193,6 +295,76 @@ async def test_subscribed_channels_are_kept_alive(
         await client.pexpire(keys.meta, 600_000)
         # Only the keep-alive sets it back to the TTL.
         await until(lambda: _at_most(client.pttl(keys.meta), 1000))
+
+
+async def test_channels_nobody_published_to_keep_no_keys(
+    make_redis_broker: RedisMaker, redis_url: str, redis_prefix: str
+) -> None:
+    broker, _ = await make_redis_broker(ttl=0.6)
+    await broker.subscribe("busy")
+    await broker.publish("busy", "1")
+    names = [f"quiet:{n}" for n in range(200)]
+    for name in names:  # what the bus does for a subscriber
+        await broker.subscribe(name)
+    await broker.history(dict.fromkeys(names))
+    busy = ChannelKeys.of(redis_prefix, "busy")
+    async with redis.asyncio.Redis.from_url(redis_url) as client:
+        # Two keep-alive rounds: the first is over, quiet channels included.
+        for _ in range(2):
+            await client.pexpire(busy.meta, 600_000)
+            await until(lambda: _at_most(client.pttl(busy.meta), 600))
+        for name in names:
+            await broker.unsubscribe(name)
+        keys = {key async for key in client.scan_iter(match=f"{{{redis_prefix}:*")}
+        assert keys == {busy.meta.encode(), busy.stream.encode()}
+        await broker.publish("quiet:7", "first")
+        quiet = ChannelKeys.of(redis_prefix, "quiet:7")
+        assert await client.exists(quiet.meta, quiet.stream) == 2
+
+
+async def test_an_empty_position_is_not_recovered_after_redis_restarts(
+    make_redis_broker: RedisMaker, own_redis: RedisServer
+) -> None:
+    broker, _ = await make_redis_broker(url=own_redis.url)
+    position = (await broker.history({"a": None}))["a"].position
+    own_redis.kill()  # without persistence: whatever was published meanwhile is lost
+    await asyncio.to_thread(own_redis.start)
+    await eventually(lambda: broker.is_available)
+    await broker.publish("a", "after the restart")
+    answer = (await broker.history({"a": position}))["a"]
+    assert not answer.recovered
+    assert answer.position.offset == 1
+
+
+async def test_where_an_acl_forbids_info_empty_epochs_have_generation_0(
+    make_redis_broker: RedisMaker, own_redis: RedisServer
+) -> None:
+    async with redis.asyncio.Redis.from_url(own_redis.url) as admin:
+        await admin.acl_setuser(
+            "no-info",
+            enabled=True,
+            passwords=["+pw"],
+            keys=["*"],
+            channels=["*"],
+            commands=["+@all", "-info"],
+        )
+    url = f"redis://no-info:pw@127.0.0.1:{own_redis.port}/0"
+    broker, _ = await make_redis_broker(url=url)
+    position = (await broker.history({"a": None}))["a"].position
+    assert empty_epoch(position).generation == "0"
+    await broker.publish("a", "1")
+    assert (await broker.history({"a": position}))["a"].recovered
+
+
+async def test_a_node_delivers_the_first_message_of_a_channel_with_no_history_kept(
+    make_redis_broker: RedisMaker,
+) -> None:
+    broker, delivered = await make_redis_broker(size=0)
+    await broker.subscribe("a")  # at offset 0 of an empty epoch
+    await broker.publish("a", "1")
+    await broker.publish("a", "2")
+    await delivered_count(delivered, 2)
+    assert [(m.offset, m.data) for m in delivered] == [(1, "1"), (2, "2")]
 
 
 async def _gone(count: Awaitable[int]) -> bool:
@@ -335,6 +507,73 @@ async def test_a_broker_started_while_redis_is_down_connects_later(
     await eventually(lambda: broker.is_available)
     await broker.subscribe("a")
     assert (await broker.publish("a", "1")).offset == 1
+
+
+async def test_a_frozen_redis_is_unavailable_within_the_socket_timeout(
+    make_redis_broker: RedisMaker, own_redis: RedisServer
+) -> None:
+    broker, _ = await make_redis_broker(url=own_redis.url, socket_timeout=1.0)
+    await broker.subscribe("a")
+    assert broker.is_available
+    with own_redis.frozen():
+        await eventually(lambda: not broker.is_available, timeout=1.0 + 1.0)
+        with pytest.raises(BrokerUnavailable):
+            await broker.publish("a", "1")
+    await eventually(lambda: broker.is_available)
+    assert (await broker.publish("a", "1")).offset == 1
+
+
+async def test_reconnects_are_counted(
+    make_redis_broker: RedisMaker, own_redis: RedisServer
+) -> None:
+    broker, _ = await make_redis_broker(url=own_redis.url)
+    await broker.subscribe("a")  # its connection is a pub/sub one
+    assert broker.reconnects == 0
+    async with redis.asyncio.Redis.from_url(own_redis.url) as client:
+        for count in (1, 2):
+            await client.client_kill_filter(_type="pubsub")
+            await eventually(lambda: broker.reconnects == count)  # noqa: B023
+            await eventually(lambda: broker.is_available)
+
+
+PASSWORD = "not-for-logs-8d1f"
+
+
+async def test_an_unreachable_redis_is_warned_about_once_by_address_never_password(
+    make_redis_broker: RedisMaker, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="aiohttp_wsbus")
+    port = free_port()  # nothing listens there
+    url = f"redis://wsbus:{PASSWORD}@127.0.0.1:{port}/3"
+    await make_redis_broker(url=url, reconnect_delay=(0.01, 0.01), socket_timeout=0.5)
+
+    def records(level: int) -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.levelno == level and r.name == "aiohttp_wsbus"]
+
+    await eventually(lambda: len(records(logging.DEBUG)) >= 10)  # ten more failed attempts
+    [warning] = records(logging.WARNING)
+    assert f"127.0.0.1:{port}/3" in warning.getMessage()
+    assert PASSWORD not in caplog.text
+    assert all(PASSWORD not in record.getMessage() for record in caplog.records)
+
+
+async def test_an_unreachable_redis_is_warned_about_again_and_its_return_logged(
+    make_redis_broker: RedisMaker, own_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="aiohttp_wsbus")
+    broker, _ = await make_redis_broker(
+        url=own_redis.url, reconnect_delay=(0.01, 0.05), warning_interval=0.3
+    )
+    own_redis.kill()
+
+    def messages(level: int) -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.levelno == level]
+
+    await eventually(lambda: len(messages(logging.WARNING)) >= 2)
+    await asyncio.to_thread(own_redis.start)
+    await eventually(lambda: broker.is_available)
+    [back] = [m for m in messages(logging.INFO) if "again" in m]
+    assert back.startswith(f"redis broker reached 127.0.0.1:{own_redis.port}/0 again after ")
 
 
 def test_prefix_is_checked() -> None:

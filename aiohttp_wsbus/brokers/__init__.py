@@ -1,6 +1,30 @@
-"""Brokers carry messages between the processes that share one bus."""
+"""Brokers carry messages between the processes that share one bus.
 
-from .base import Broker, History, Message, Published
+What a broker author needs is in `base`, re-exported here.
+"""
+
+from .base import (
+    Broker,
+    Deliver,
+    History,
+    HistoryOptions,
+    Message,
+    Position,
+    Published,
+    check_publish,
+    recover,
+)
 from .memory import MemoryBroker
 
-__all__ = ["Broker", "History", "MemoryBroker", "Message", "Published"]
+__all__ = [
+    "Broker",
+    "Deliver",
+    "History",
+    "HistoryOptions",
+    "MemoryBroker",
+    "Message",
+    "Position",
+    "Published",
+    "check_publish",
+    "recover",
+]

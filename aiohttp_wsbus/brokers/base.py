@@ -6,6 +6,7 @@ sockets, tokens or grants.
 
 from __future__ import annotations
 
+import math
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
@@ -19,9 +20,15 @@ from ..revocations import Revocation
 
 __all__ = [
     "APPLICATION",
+    "DEFAULT_HISTORY",
+    "MAX_HISTORY_SIZE",
     "Broker",
+    "Deliver",
+    "EmptyEpoch",
     "History",
+    "HistoryOptions",
     "Message",
+    "OnControl",
     "Position",
     "Published",
     "check_publish",
@@ -30,8 +37,10 @@ __all__ = [
     "scoped_message_id",
 ]
 
+MAX_HISTORY_SIZE: Final = 100_000
 MAX_MESSAGE_ID_LENGTH: Final = 128
 _MESSAGE_ID_RE = re.compile(rf"[\x21-\x7e]{{1,{MAX_MESSAGE_ID_LENGTH}}}")
+_EMPTY_EPOCH_RE: Final = re.compile(r"~([0-9]{1,16})-([0-9a-f]{1,40})")
 
 
 def is_valid_message_id(message_id: str) -> bool:
@@ -62,12 +71,43 @@ def check_publish(channel: str, message_id: str | None) -> None:
 
 
 @dataclass(frozen=True, slots=True)
+class HistoryOptions:
+    """How much of each channel's stream is kept for recovery.
+
+    The last `size` messages (0 to 100000; 0 keeps offsets and epochs but no
+    messages), for `ttl` seconds after the channel's last publish or while it
+    has a subscriber. Brokers get it from `start()`; publishers in other
+    processes take the same value, so every writer trims and expires alike.
+    """
+
+    size: int = 100
+    ttl: float = 300.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.size, bool) or not isinstance(self.size, int):
+            raise TypeError("history size must be an int")
+        if not 0 <= self.size <= MAX_HISTORY_SIZE:
+            raise ValueError(f"history size must be 0 to {MAX_HISTORY_SIZE}")
+        if not math.isfinite(self.ttl) or self.ttl <= 0:
+            raise ValueError("history ttl must be a finite number of seconds above 0")
+
+
+DEFAULT_HISTORY: Final = HistoryOptions()
+
+
+@dataclass(frozen=True, slots=True)
 class Published:
-    """Where a published message landed: its channel, offset and epoch."""
+    """Where a published message landed: its channel, offset and epoch.
+
+    `is_repeat` is True when its id was already published on the channel
+    within the history TTL: nothing was published again, and the offset and
+    epoch are the original ones.
+    """
 
     channel: str
     offset: int
     epoch: str
+    is_repeat: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,16 +134,54 @@ class History:
     recovered: bool
 
 
+@dataclass(frozen=True, slots=True)
+class EmptyEpoch:
+    """The epoch of a channel that holds nothing: no state is kept for it anywhere.
+
+    It names when it was read (`at_ms`, milliseconds on the engine's clock) and
+    the engine's `generation`, which changes whenever the engine may have lost
+    channels before their TTL (a restart, a failover, a flood of channels).
+    Written `~<at_ms>-<generation>` (at most 58 characters): a client at
+    offset 0 of it can recover later although the engine remembers nothing.
+    """
+
+    at_ms: int
+    generation: str
+
+    def __str__(self) -> str:
+        return f"~{self.at_ms}-{self.generation}"
+
+    @classmethod
+    def parse(cls, epoch: str) -> EmptyEpoch | None:
+        """The EmptyEpoch an epoch string names, or None if it names a real one."""
+        match = _EMPTY_EPOCH_RE.fullmatch(epoch)
+        return None if match is None else cls(int(match[1]), match[2])
+
+
 def recover(
-    position: Position | None, top: Position, first: int, messages: Sequence[Message]
+    position: Position | None,
+    top: Position,
+    first: int,
+    messages: Sequence[Message],
+    *,
+    now: EmptyEpoch | None,
+    ttl: float,
 ) -> History:
     """The answer to `history()` that every broker gives, by the same rules.
 
-    `first` is the first offset the channel's history still holds (top + 1
-    when it holds none); `messages` are the held ones after `position`.
+    `top` is the channel's last position (offset 0 of the empty epoch `now`
+    when it holds nothing); `first` is the first offset its history still
+    holds (top + 1 when it holds none); `messages` are the held ones after
+    `position`, or all of them when `position` is an empty epoch. `now` is
+    the empty epoch of this read, needed only to recover from an empty epoch;
+    `ttl` is the history TTL in seconds.
     """
     if position is None:
         return History([], top, recovered=False)
+    if position.offset == 0 and position.epoch != top.epoch:
+        since = EmptyEpoch.parse(position.epoch)
+        if since is not None:
+            return _recover_from_empty(since, top, first, messages, now, ttl)
     if position.epoch != top.epoch or position.offset > top.offset:
         return History([], top, recovered=False)
     if position.offset == top.offset:
@@ -111,6 +189,31 @@ def recover(
     if position.offset + 1 < first:
         return History([], top, recovered=False)  # fell out of the window
     return History(list(messages), top, recovered=True)
+
+
+def _recover_from_empty(
+    since: EmptyEpoch,
+    top: Position,
+    first: int,
+    messages: Sequence[Message],
+    now: EmptyEpoch | None,
+    ttl: float,
+) -> History:
+    # The channel held nothing at `since`, so whatever it holds now was born
+    # after that, unless a whole epoch was born and lost in between: one that
+    # may have expired (past the TTL; a millisecond's rounding either way) or
+    # that the engine may have lost (a new generation).
+    if (
+        now is None
+        or now.generation != since.generation
+        or not 0 <= now.at_ms - since.at_ms < ttl * 1000 - 1
+    ):
+        return History([], top, recovered=False)
+    if EmptyEpoch.parse(top.epoch) is not None:
+        return History([], top, recovered=True)  # still nothing
+    if first == 1:
+        return History(list(messages), top, recovered=True)  # the whole epoch born since
+    return History([], top, recovered=False)
 
 
 Deliver = Callable[[Message], None]
@@ -126,15 +229,11 @@ class Broker(ABC):
 
     @abstractmethod
     async def start(
-        self,
-        deliver: Deliver,
-        *,
-        history_size: int,
-        history_ttl: float,
-        on_control: OnControl | None = None,
+        self, deliver: Deliver, history: HistoryOptions, *, on_control: OnControl | None = None
     ) -> None:
         """Connect; from now on call `deliver` for each message on a subscribed channel,
-        in offset order per channel, and `on_control` for each control message."""
+        in offset order per channel, and `on_control` for each control message; keep
+        each channel's history as `history` says."""
 
     @abstractmethod
     async def stop(self) -> None:
@@ -153,13 +252,17 @@ class Broker(ABC):
         """Append `data` to the channel's stream and deliver it to every subscribed node.
 
         A `message_id` already published on this channel within the history TTL
-        is not published again: the original offset is returned.
+        is not published again: the original offset is returned, with `is_repeat`.
         Raises BrokerUnavailable when the engine cannot be reached.
         """
 
     @abstractmethod
     async def history(self, since: Mapping[str, Position | None]) -> dict[str, History]:
-        """For each channel, the messages after its position (None: just the top)."""
+        """For each channel, the messages after its position (None: just the top), by `recover`.
+
+        Only a publish makes state for a channel: one that holds nothing is
+        answered offset 0 of an EmptyEpoch of this moment, and nothing is kept.
+        """
 
     async def control(self, message: Mapping[str, Any]) -> None:
         """Hand a control message (JSON-able) to every node's bus, this one's included.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import math
 import secrets
 import time
 from collections import OrderedDict, deque
@@ -11,7 +13,18 @@ from typing import Any
 
 from ..protocol import Position
 from ..revocations import Revocation
-from .base import Broker, Deliver, History, Message, OnControl, Published, recover
+from .base import (
+    DEFAULT_HISTORY,
+    Broker,
+    Deliver,
+    EmptyEpoch,
+    History,
+    HistoryOptions,
+    Message,
+    OnControl,
+    Published,
+    recover,
+)
 
 __all__ = ["MemoryBroker"]
 
@@ -28,16 +41,17 @@ class _Stream:
 
 
 class MemoryBroker(Broker):
-    """Keeps each channel's last `history_size` messages for `history_ttl` seconds.
+    """Keeps each channel's last `history.size` messages for `history.ttl` seconds.
 
-    Each channel's stream has a random epoch, made when the stream is: a new
-    MemoryBroker (a process restart), or a channel idle past the TTL with no
-    subscriber here, starts a new epoch, so clients asking to recover across it
-    are told they could not.
+    A channel's stream is made by its first publish, with a random epoch: a
+    new MemoryBroker (a process restart), or a channel idle past the TTL with
+    no subscriber here, starts a new epoch, so clients asking to recover across
+    it are told they could not. Reading a channel never makes a stream.
 
     At most `max_channels` channels keep a stream: past that, the least recently
     used one with no subscriber here is forgotten first, so a flood of distinct
-    channels cannot grow memory without bound.
+    channels cannot grow memory without bound. Forgetting one before its TTL
+    starts a new generation of empty epochs (see EmptyEpoch).
     """
 
     def __init__(
@@ -51,22 +65,16 @@ class MemoryBroker(Broker):
         self._deliver: Deliver | None = None
         self._on_control: OnControl | None = None
         self._revocations: list[Revocation] = []
-        self._history_size = 100
-        self._history_ttl = 300.0
+        self._history = DEFAULT_HISTORY
+        self._generation = secrets.token_hex(8)
         # Least recently touched first, so expiring idle channels is a scan of the head.
         self._streams: OrderedDict[str, _Stream] = OrderedDict()
 
     async def start(
-        self,
-        deliver: Deliver,
-        *,
-        history_size: int,
-        history_ttl: float,
-        on_control: OnControl | None = None,
+        self, deliver: Deliver, history: HistoryOptions, *, on_control: OnControl | None = None
     ) -> None:
         self._deliver = deliver
-        self._history_size = history_size
-        self._history_ttl = history_ttl
+        self._history = history
         self._on_control = on_control
         if on_control is not None and self._revocations:
             # Revocations outlive a bus stopped and started again on this broker.
@@ -107,7 +115,7 @@ class MemoryBroker(Broker):
         return len(self._streams)
 
     def _expire(self, now: float) -> None:
-        deadline = now - self._history_ttl
+        deadline = now - self._history.ttl
         while self._streams:
             channel, stream = next(iter(self._streams.items()))
             if stream.touched > deadline:
@@ -130,16 +138,25 @@ class MemoryBroker(Broker):
                 self._streams.move_to_end(channel)
             else:
                 del self._streams[channel]
+                # Lost before its TTL: an empty epoch read before now cannot vouch
+                # that nothing was published on any channel since.
+                self._generation = secrets.token_hex(8)
 
-    def _stream(self, channel: str, now: float) -> _Stream:
+    def _existing(self, channel: str, now: float) -> _Stream | None:
+        """The channel's stream, touched, or None if it has none (idle ones expire first)."""
         self._expire(now)
         stream = self._streams.get(channel)
+        if stream is not None:
+            self._streams.move_to_end(channel)
+            stream.touched = now
+        return stream
+
+    def _stream(self, channel: str, now: float) -> _Stream:
+        """The channel's stream, touched; made with a new epoch if it has none."""
+        stream = self._existing(channel, now)
         if stream is None:
             self._make_room(now)
-            stream = self._streams[channel] = _Stream(secrets.token_hex(8))
-        else:
-            self._streams.move_to_end(channel)
-        stream.touched = now
+            stream = self._streams[channel] = _Stream(secrets.token_hex(8), touched=now)
         return stream
 
     async def publish(self, channel: str, data: str, *, message_id: str | None = None) -> Published:
@@ -147,12 +164,12 @@ class MemoryBroker(Broker):
         stream = self._stream(channel, now)
         if message_id is not None:
             seen = stream.ids.get(message_id)
-            if seen is not None and seen[1] > now - self._history_ttl:
-                return Published(channel, seen[0], stream.epoch)
+            if seen is not None and seen[1] > now - self._history.ttl:
+                return Published(channel, seen[0], stream.epoch, is_repeat=True)
         stream.offset += 1
         message = Message(channel, stream.offset, stream.epoch, data)
         stream.messages.append(message)
-        if len(stream.messages) > self._history_size:
+        if len(stream.messages) > self._history.size:
             stream.messages.popleft()
         if message_id is not None:
             stream.ids[message_id] = (stream.offset, now)
@@ -164,27 +181,42 @@ class MemoryBroker(Broker):
     def _forget_old_ids(self, stream: _Stream, now: float) -> None:
         # Ids are kept for the TTL; trimming when the table doubles the history
         # keeps this amortised O(1) and the table bounded.
-        if len(stream.ids) <= 2 * self._history_size:
+        if len(stream.ids) <= 2 * self._history.size:
             return
-        deadline = now - self._history_ttl
+        deadline = now - self._history.ttl
         stream.ids = {k: v for k, v in stream.ids.items() if v[1] > deadline}
-        while len(stream.ids) > 2 * self._history_size:
+        while len(stream.ids) > 2 * self._history.size:
             del stream.ids[next(iter(stream.ids))]
 
     async def history(self, since: Mapping[str, Position | None]) -> dict[str, History]:
         now = self._clock()
+        empty = EmptyEpoch(math.floor(now * 1000), self._generation)
+        ttl = self._history.ttl
         answers: dict[str, History] = {}
         for channel, position in since.items():
-            # Made here if new, so a subscriber's position names the epoch that
-            # the channel's first message will count in.
-            stream = self._stream(channel, now)
-            answers[channel] = _recover(stream, position, Position(stream.offset, stream.epoch))
+            stream = self._existing(channel, now)
+            if stream is None:
+                answers[channel] = recover(
+                    position, Position(0, str(empty)), 1, [], now=empty, ttl=ttl
+                )
+                continue
+            top = Position(stream.offset, stream.epoch)
+            messages = stream.messages
+            first = messages[0].offset if messages else top.offset + 1
+            after = _after(position, stream.epoch)
+            held: list[Message] = []
+            if after is not None and first <= after + 1 <= top.offset:
+                held = list(itertools.islice(messages, after + 1 - first, None))
+            answers[channel] = recover(position, top, first, held, now=empty, ttl=ttl)
         return answers
 
 
-def _recover(stream: _Stream, position: Position | None, top: Position) -> History:
-    messages = stream.messages
-    first = messages[0].offset if messages else top.offset + 1
-    if position is None or not first <= position.offset + 1 <= top.offset:
-        return recover(position, top, first, [])
-    return recover(position, top, first, list(messages)[position.offset + 1 - first :])
+def _after(position: Position | None, epoch: str) -> int | None:
+    """The offset to read after: the position's in this epoch, 0 from an empty epoch."""
+    if position is None:
+        return None
+    if position.epoch == epoch:
+        return position.offset
+    if position.offset == 0 and EmptyEpoch.parse(position.epoch) is not None:
+        return 0
+    return None

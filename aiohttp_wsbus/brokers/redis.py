@@ -24,12 +24,22 @@ from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.connection import BlockingConnectionPool, Connection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import MovedError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..errors import BrokerUnavailable
 from ..protocol import Position
-from .base import Broker, Deliver, History, Message, OnControl, Published, recover
+from .base import (
+    DEFAULT_HISTORY,
+    Broker,
+    Deliver,
+    EmptyEpoch,
+    History,
+    HistoryOptions,
+    Message,
+    OnControl,
+    Published,
+    recover,
+)
+from .redis_listener import Listener, ListenerOptions, Subscription
 from .redis_scripts import (
     HISTORY_SCRIPT,
     PUBLISH_SCRIPT,
@@ -38,7 +48,6 @@ from .redis_scripts import (
     check_prefix,
     entry_offset,
     milliseconds,
-    new_epoch,
     parse_published,
     publish_arguments,
     text,
@@ -50,147 +59,13 @@ logger = logging.getLogger("aiohttp_wsbus")
 
 
 @dataclass(slots=True)
-class _Subscription:
-    """One channel this node listens to, and the last offset it delivered."""
-
-    channel: str
-    keys: ChannelKeys
-    ready: asyncio.Future[None]
-    last: Position | None = None
-    listener: _Listener | None = None
-
-
-@dataclass(slots=True)
 class _Top:
-    """A channel's stream as HISTORY_SCRIPT saw it."""
+    """A channel's stream as HISTORY_SCRIPT saw it (`now`: the empty epoch of the read)."""
 
     position: Position
     first: int
+    now: EmptyEpoch | None
     messages: list[Message] = field(default_factory=list)
-
-
-class _Listener:
-    """One supervised pub/sub connection to one Redis node, and the channels it carries.
-
-    On a lost connection it reconnects with backoff and subscribes again; Redis
-    confirming each subscription makes the broker catch up from the stream first.
-    """
-
-    def __init__(
-        self, broker: RedisBroker, name: str, make_connection: Callable[[], Connection]
-    ) -> None:
-        self.name = name
-        self.subscriptions: dict[bytes, _Subscription] = {}
-        self.is_connected = False
-        self.first_attempt = asyncio.Event()
-        self._broker = broker
-        self._make_connection = make_connection
-        self._connection: Connection | None = None
-        self._was_connected = False
-        self._write_lock = asyncio.Lock()
-        self._task = asyncio.get_running_loop().create_task(self._listen_forever())
-
-    async def stop(self) -> None:
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
-
-    async def add(self, subscription: _Subscription) -> None:
-        subscription.listener = self
-        async with self._write_lock:
-            self.subscriptions[subscription.keys.pubsub.encode()] = subscription
-            await self._send_quietly("SUBSCRIBE", subscription.keys.pubsub)
-
-    async def remove(self, subscription: _Subscription, *, unsubscribe: bool = True) -> None:
-        name = subscription.keys.pubsub.encode()
-        if self.subscriptions.get(name) is subscription:
-            del self.subscriptions[name]
-        if unsubscribe:
-            async with self._write_lock:
-                await self._send_quietly("UNSUBSCRIBE", subscription.keys.pubsub)
-
-    def _command(self, name: str) -> str:
-        return "S" + name if self._broker.sharded else name
-
-    async def _send_quietly(self, command: str, name: str) -> None:
-        # Losing the connection here is the supervisor's to notice: it resubscribes.
-        connection = self._connection
-        if connection is not None:
-            with contextlib.suppress(*UNREACHABLE):
-                await connection.send_command(self._command(command), name)
-
-    async def _listen_forever(self) -> None:
-        low, high = self._broker.reconnect_delay
-        delay = low
-        while True:
-            self._was_connected = False
-            try:
-                await self._listen()
-            except UNREACHABLE as error:
-                if self._was_connected:
-                    logger.warning("redis connection lost (%s); reconnecting", error)
-            except Exception:
-                logger.exception("redis broker listener failed; reconnecting")
-            self.first_attempt.set()
-            self._broker._check_topology()
-            if self._was_connected:
-                delay = low
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, high)
-
-    async def _listen(self) -> None:
-        connection = self._make_connection()
-        try:
-            await connection.connect()  # type: ignore[no-untyped-call]
-            async with self._write_lock:
-                self._connection = connection
-                for subscription in self.subscriptions.values():
-                    name = subscription.keys.pubsub
-                    await connection.send_command(self._command("SUBSCRIBE"), name)
-                if not self.subscriptions:
-                    await connection.send_command("PING")
-            self.is_connected = self._was_connected = True
-            self.first_attempt.set()
-            logger.info("redis broker connected to %s", self.name)
-            await self._read_messages(connection)
-        finally:
-            self._connection = None
-            self.is_connected = False
-            await connection.disconnect(nowait=True)
-
-    async def _read_messages(self, connection: Connection) -> None:
-        waiting_for_pong = False
-        while True:
-            try:
-                reply = await connection.read_response(timeout=self._broker.ping_interval)
-            except MovedError:
-                # The subscribed channel's slot is on another shard now.
-                self._broker._check_topology()
-                continue
-            if reply is None:
-                if waiting_for_pong:
-                    raise RedisTimeoutError("redis did not answer a ping")
-                async with self._write_lock:
-                    await connection.send_command("PING")
-                waiting_for_pong = True
-                continue
-            waiting_for_pong = False
-            if isinstance(reply, list) and len(reply) >= 3:
-                await self._on_push(reply[0], reply[1], reply[2])
-
-    async def _on_push(self, kind: bytes, name: bytes, payload: Any) -> None:
-        subscription = self.subscriptions.get(name)
-        if subscription is None:
-            return
-        if kind in (b"message", b"smessage"):
-            if subscription.ready.done():  # earlier ones belong to a past subscription
-                await self._broker._on_message(subscription, payload)
-        elif kind in (b"subscribe", b"ssubscribe"):
-            await self._broker._catch_up(subscription)
-            if not subscription.ready.done():
-                subscription.ready.set_result(None)
-        elif kind == b"sunsubscribe":
-            # Unasked: a cluster moved the channel's slot to another shard.
-            self._broker._check_topology()
 
 
 class RedisBroker(Broker):
@@ -199,9 +74,15 @@ class RedisBroker(Broker):
     `sharded=True` uses SPUBLISH/SSUBSCRIBE (Redis 7). `cluster=True` talks to
     a Redis Cluster (`url` names any of its nodes): commands go through a
     cluster client, and each shard that owns subscribed channels gets its own
-    sharded pub/sub connection; it implies `sharded=True`. Socket timeouts are
-    bounded so that a Redis that is down makes `publish` fail fast with
-    BrokerUnavailable; the listeners reconnect with backoff by themselves.
+    sharded pub/sub connection; it implies `sharded=True`.
+
+    `socket_timeout` bounds every command, so a Redis that is down makes
+    `publish` fail fast with BrokerUnavailable, and `is_available` turns false
+    once a pub/sub connection has not answered for that long: an idle one is
+    pinged every `ping_interval` seconds, at most `socket_timeout / 2`. The
+    listeners reconnect with `reconnect_delay` backoff (from, doubling up to)
+    by themselves; a Redis node they cannot reach is logged as a WARNING at
+    most every `warning_interval` seconds, by host:port/db, never by URL.
     """
 
     def __init__(
@@ -215,21 +96,26 @@ class RedisBroker(Broker):
         ping_interval: float = 5.0,
         reconnect_delay: tuple[float, float] = (0.05, 5.0),
         max_connections: int = 32,
+        warning_interval: float = 30.0,
     ) -> None:
         self.url = url
         self.prefix = check_prefix(prefix)
         self.cluster = cluster
         self.sharded = sharded or cluster
-        self.ping_interval = ping_interval
-        self.reconnect_delay = reconnect_delay
+        self._listener_options = ListenerOptions(
+            sharded=self.sharded,
+            timeout=socket_timeout,
+            ping_interval=min(ping_interval, socket_timeout / 2),
+            reconnect_delay=reconnect_delay,
+            warning_interval=warning_interval,
+        )
         self._socket_timeout = socket_timeout
         self._max_connections = max_connections
         self._deliver: Deliver | None = None
-        self._history_size = 100
-        self._history_ttl = 300.0
+        self._history = DEFAULT_HISTORY
         self._redis: Redis | RedisCluster | None = None
-        self._subscriptions: dict[str, _Subscription] = {}
-        self._listeners: dict[str, _Listener] = {}
+        self._subscriptions: dict[str, Subscription] = {}
+        self._listeners: dict[str, Listener] = {}
         self._topology_read = asyncio.Event()
         self._topology_stale = asyncio.Event()
         self._connection_slots = asyncio.Semaphore(max_connections)
@@ -238,16 +124,10 @@ class RedisBroker(Broker):
     # -- lifetime --------------------------------------------------------
 
     async def start(
-        self,
-        deliver: Deliver,
-        *,
-        history_size: int,
-        history_ttl: float,
-        on_control: OnControl | None = None,
+        self, deliver: Deliver, history: HistoryOptions, *, on_control: OnControl | None = None
     ) -> None:
         self._deliver = deliver
-        self._history_size = history_size
-        self._history_ttl = history_ttl
+        self._history = history
         options: dict[str, Any] = {
             "socket_timeout": self._socket_timeout,
             "socket_connect_timeout": self._socket_timeout,
@@ -272,7 +152,8 @@ class RedisBroker(Broker):
                 **options,
             )
             self._redis = Redis.from_pool(pool)
-            self._listeners[""] = _Listener(self, "redis", pool.make_connection)
+            name = _address(pool.connection_kwargs)
+            self._listeners[""] = self._new_listener(name, pool.make_connection)
             self._topology_read.set()
         # Start up connected when Redis is there; a Redis that is down is not fatal.
         with contextlib.suppress(TimeoutError):
@@ -312,7 +193,7 @@ class RedisBroker(Broker):
             except UNREACHABLE as error:
                 raise BrokerUnavailable(f"redis: {error}") from None
             loop = asyncio.get_running_loop()
-            subscription = _Subscription(channel, keys, loop.create_future())
+            subscription = Subscription(channel, keys, loop.create_future())
             self._subscriptions[channel] = subscription
             await listener.add(subscription)
         await self._ready(subscription)
@@ -325,14 +206,14 @@ class RedisBroker(Broker):
         if subscription.listener is not None:
             await subscription.listener.remove(subscription)
 
-    async def _ready(self, subscription: _Subscription) -> None:
+    async def _ready(self, subscription: Subscription) -> None:
         await asyncio.wait([subscription.ready], timeout=self._socket_timeout * 2)
         if not subscription.ready.done() or subscription.ready.cancelled():
             if self._subscriptions.get(subscription.channel) is subscription:
                 await self.unsubscribe(subscription.channel)
             raise BrokerUnavailable("redis did not confirm the subscription")
 
-    def _listener_for(self, keys: ChannelKeys) -> _Listener:
+    def _listener_for(self, keys: ChannelKeys) -> Listener:
         """The pub/sub connection a channel belongs on: the only one, or its shard's."""
         if not isinstance(self._redis, RedisCluster):
             return self._listeners[""]
@@ -340,27 +221,39 @@ class RedisBroker(Broker):
         assert node is not None  # None is only for replica=True
         return self._listener_on(node)
 
-    def _listener_on(self, node: ClusterNode) -> _Listener:
+    def _new_listener(self, name: str, make_connection: Callable[[], Connection]) -> Listener:
+        return Listener(self, name, make_connection, self._listener_options)
+
+    def _listener_on(self, node: ClusterNode) -> Listener:
         listener = self._listeners.get(node.name)
         if listener is None:
             options = {**node.connection_kwargs, "retry": Retry(NoBackoff(), 0)}
             connect = functools.partial(node.connection_class, **options)
-            listener = self._listeners[node.name] = _Listener(self, node.name, connect)
+            listener = self._listeners[node.name] = self._new_listener(node.name, connect)
         return listener
 
     # -- cluster topology ------------------------------------------------
 
-    def _check_topology(self) -> None:
+    def on_connected(self, listener: Listener) -> None:
+        """A listener connected: count it if it replaces a lost connection (ListenerHandler)."""
+        if listener.connections > 1:
+            self.reconnects += 1
+
+    def on_disconnected(self, listener: Listener) -> None:
+        """A listener lost its node: its slots may have moved (ListenerHandler)."""
+        self.on_topology_changed()
+
+    def on_topology_changed(self) -> None:
         """A listener lost its node or a slot moved: read the cluster's slots again.
 
-        Outside a cluster nothing waits on this.
+        (ListenerHandler.) Outside a cluster nothing waits on this.
         """
         self._topology_stale.set()
 
     async def _follow_topology(self) -> None:
         """Keep one listener per master and each subscription on its slot's owner."""
         assert isinstance(self._redis, RedisCluster)
-        low, high = self.reconnect_delay
+        low, high = self._listener_options.reconnect_delay
         delay = low
         while True:
             self._topology_stale.clear()
@@ -408,8 +301,7 @@ class RedisBroker(Broker):
             ChannelKeys.of(self.prefix, channel),
             data,
             message_id,
-            history_size=self._history_size,
-            history_ttl=self._history_ttl,
+            self._history,
             sharded=self.sharded,
         )
         try:
@@ -433,16 +325,17 @@ class RedisBroker(Broker):
             tops = await self._read({c: (p, False) for c, p in since.items()})
         except UNREACHABLE as error:
             raise BrokerUnavailable(f"redis: {error}") from None
+        ttl = self._history.ttl
         return {
-            channel: recover(since[channel], top.position, top.first, top.messages)
-            for channel, top in tops.items()
+            channel: recover(since[channel], t.position, t.first, t.messages, now=t.now, ttl=ttl)
+            for channel, t in tops.items()
         }
 
     async def _read(self, since: Mapping[str, tuple[Position | None, bool]]) -> dict[str, _Top]:
         """Run HISTORY_SCRIPT for each channel in one round trip."""
         if self._redis is None:
             raise BrokerUnavailable("the broker is not started")
-        ttl = milliseconds(self._history_ttl)
+        ttl = milliseconds(self._history.ttl)
         async with self._connection_slots, self._redis.pipeline(transaction=False) as pipe:
             for channel, (position, whole_new_epoch) in since.items():
                 keys = ChannelKeys.of(self.prefix, channel)
@@ -451,7 +344,6 @@ class RedisBroker(Broker):
                     2,
                     keys.meta,
                     keys.stream,
-                    new_epoch(),
                     ttl,
                     position.epoch if position else "",
                     position.offset if position else 0,
@@ -462,19 +354,35 @@ class RedisBroker(Broker):
         return {channel: _parse_top(channel, answer) for channel, answer in pairs}
 
     async def _keep(self) -> None:
-        """Keep subscribed channels' history and epoch alive past the TTL, like MemoryBroker."""
+        """Keep subscribed channels' history and epoch alive past the TTL, like MemoryBroker.
+
+        PEXPIRE extends only keys that exist: a channel nobody published to
+        keeps no state in Redis, however long it is subscribed.
+        """
+        ttl = milliseconds(self._history.ttl)
         while True:
-            await asyncio.sleep(self._history_ttl / 3)
+            await asyncio.sleep(self._history.ttl / 3)
             channels = list(self._subscriptions)
             for start in range(0, len(channels), 500):
                 with contextlib.suppress(*UNREACHABLE):
-                    await self._read(dict.fromkeys(channels[start : start + 500], (None, False)))
+                    await self._extend(channels[start : start + 500], ttl)
 
-    async def _on_message(self, subscription: _Subscription, payload: bytes) -> None:
+    async def _extend(self, channels: list[str], ttl: int) -> None:
+        if self._redis is None:
+            return
+        async with self._connection_slots, self._redis.pipeline(transaction=False) as pipe:
+            for channel in channels:
+                keys = ChannelKeys.of(self.prefix, channel)
+                pipe.pexpire(keys.meta, ttl)
+                pipe.pexpire(keys.stream, ttl)
+            await pipe.execute()
+
+    async def on_message(self, subscription: Subscription, payload: bytes) -> None:
+        """Deliver a live message, catching up first if one was missed (ListenerHandler)."""
         epoch_bytes, offset_bytes, data = payload.split(b" ", 2)
         epoch, offset = epoch_bytes.decode(), int(offset_bytes)
         last = subscription.last
-        if last is not None and (epoch != last.epoch or offset > last.offset + 1):
+        if last is not None and _is_gap(last, epoch, offset):
             # Something was missed (a new epoch, or a gap): take it from the stream.
             await self._catch_up(subscription)
             last = subscription.last
@@ -482,7 +390,11 @@ class RedisBroker(Broker):
             return
         self._hand_over(subscription, Message(subscription.channel, offset, epoch, data.decode()))
 
-    async def _catch_up(self, subscription: _Subscription) -> None:
+    async def on_subscribed(self, subscription: Subscription) -> None:
+        """Redis confirmed a subscription: catch up from the stream (ListenerHandler)."""
+        await self._catch_up(subscription)
+
+    async def _catch_up(self, subscription: Subscription) -> None:
         """Deliver what the stream holds after the last delivered offset (on (re)subscribe)."""
         last = subscription.last
         answer = await self._read({subscription.channel: (last, last is not None)})
@@ -502,16 +414,34 @@ class RedisBroker(Broker):
             self._hand_over(subscription, message)
         subscription.last = top.position
 
-    def _hand_over(self, subscription: _Subscription, message: Message) -> None:
+    def _hand_over(self, subscription: Subscription, message: Message) -> None:
         subscription.last = Position(message.offset, message.epoch)
         if self._deliver is not None and self._subscriptions.get(message.channel) is subscription:
             self._deliver(message)
 
 
+def _address(options: Mapping[str, Any]) -> str:
+    """host:port/db (or the socket path) of a connection, for logs: never its password."""
+    where = options.get("path") or f"{options.get('host', 'localhost')}:{options.get('port', 6379)}"
+    return f"{where}/{options.get('db', 0)}"
+
+
+def _is_gap(last: Position, epoch: str, offset: int) -> bool:
+    """Whether a live message skips some after `last`.
+
+    At offset 0 (a channel that held nothing) offset 1 of any epoch follows:
+    the channel's first message starts the epoch.
+    """
+    if last.offset == 0 and offset == 1:
+        return False
+    return epoch != last.epoch or offset > last.offset + 1
+
+
 def _parse_top(channel: str, answer: list[Any]) -> _Top:
     epoch = text(answer[0])
-    top = _Top(Position(int(answer[1]), epoch), int(answer[2]))
-    for entry_id, fields in answer[3:]:
+    now = EmptyEpoch.parse(text(answer[3]))
+    top = _Top(Position(int(answer[1]), epoch), int(answer[2]), now)
+    for entry_id, fields in answer[4:]:
         values = dict(zip(fields[::2], fields[1::2], strict=True))
         top.messages.append(Message(channel, entry_offset(entry_id), epoch, text(values[b"d"])))
     return top

@@ -16,7 +16,14 @@ from redis.backoff import NoBackoff
 
 from ..errors import BrokerUnavailable
 from ..protocol import encode_data
-from .base import APPLICATION, Published, check_publish, scoped_message_id
+from .base import (
+    APPLICATION,
+    DEFAULT_HISTORY,
+    HistoryOptions,
+    Published,
+    check_publish,
+    scoped_message_id,
+)
 from .redis_scripts import (
     PUBLISH_SCRIPT,
     UNREACHABLE,
@@ -32,8 +39,9 @@ __all__ = ["RedisPublisher", "SyncRedisPublisher"]
 class _Publishing:
     """What both publishers share: settings, checks and the script's arguments.
 
-    `prefix`, `history_size`, `history_ttl`, `sharded` and `cluster` must
-    match the servers' RedisBroker and setup() settings. `cluster=True` talks
+    `prefix`, `history`, `sharded` and `cluster` must match the servers'
+    RedisBroker and setup() settings (`history=HistoryOptions(history_size,
+    history_ttl)`). `cluster=True` talks
     to a Redis Cluster through `url`, any of its nodes, and implies `sharded`.
     """
 
@@ -42,19 +50,13 @@ class _Publishing:
         url: str = "redis://localhost:6379/0",
         *,
         prefix: str = "wsbus",
-        history_size: int = 100,
-        history_ttl: float = 300.0,
+        history: HistoryOptions = DEFAULT_HISTORY,
         sharded: bool = False,
         cluster: bool = False,
         socket_timeout: float = 2.0,
     ) -> None:
         self.prefix = check_prefix(prefix)
-        if history_size < 1:
-            raise ValueError("history_size: must be at least 1")
-        if history_ttl <= 0:
-            raise ValueError("history_ttl: must be positive")
-        self.history_size = history_size
-        self.history_ttl = history_ttl
+        self.history = history
         self.cluster = cluster
         self.sharded = sharded or cluster
         # Bounded timeouts and no retries: a Redis that is down fails fast.
@@ -69,8 +71,7 @@ class _Publishing:
             ChannelKeys.of(self.prefix, channel),
             encode_data(data),
             None if message_id is None else scoped_message_id(APPLICATION, message_id),
-            history_size=self.history_size,
-            history_ttl=self.history_ttl,
+            self.history,
             sharded=self.sharded,
         )
         return [PUBLISH_SCRIPT, len(keys), *keys, *args]

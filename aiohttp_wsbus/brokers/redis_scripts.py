@@ -17,7 +17,7 @@ from redis.exceptions import ClusterDownError, RedisClusterException
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .base import Published
+from .base import HistoryOptions, Published
 
 __all__ = [
     "HISTORY_SCRIPT",
@@ -45,24 +45,19 @@ UNREACHABLE: Final = (
 )
 _PREFIX_RE: Final = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
-# Both scripts start here. KEYS[1] is the meta hash, KEYS[2] the stream, ARGV[1]
-# an epoch to use if there is none: a missing meta hash (never published, idle
-# past the TTL, or a Redis that lost its data) is a new epoch, and the stream
-# that counted in the old one goes with it.
-_EPOCH: Final = """
+# KEYS: meta hash, stream, id key. ARGV: new epoch, data, history size,
+# ttl ms, pub/sub channel, message id ('' for none), publish command.
+# Only a publish makes a channel's state. A missing meta hash (never published,
+# idle past the TTL, or a Redis that lost its data) is a new epoch, ARGV[1],
+# and the stream that counted in the old one goes with it.
+# Returns {epoch, offset, 1 if the id was already published else 0}.
+PUBLISH_SCRIPT: Final = """
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch then
   epoch = ARGV[1]
   redis.call('DEL', KEYS[2])
   redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0)
 end
-"""
-
-# KEYS: meta hash, stream, id key. ARGV: new epoch, data, history size,
-# ttl ms, pub/sub channel, message id ('' for none), publish command.
-PUBLISH_SCRIPT: Final = (
-    _EPOCH
-    + """
 local ttl = tonumber(ARGV[4])
 if ARGV[6] ~= '' then
   local seen = redis.call('GET', KEYS[3])
@@ -71,7 +66,7 @@ if ARGV[6] ~= '' then
     if seen_epoch == epoch then
       redis.call('PEXPIRE', KEYS[1], ttl)
       redis.call('PEXPIRE', KEYS[2], ttl)
-      return {epoch, tonumber(seen_offset)}
+      return {epoch, tonumber(seen_offset), 1}
     end
   end
 end
@@ -83,31 +78,46 @@ if ARGV[6] ~= '' then
   redis.call('SET', KEYS[3], epoch .. ' ' .. offset, 'PX', ttl)
 end
 redis.call(ARGV[7], ARGV[5], epoch .. ' ' .. offset .. ' ' .. ARGV[2])
-return {epoch, offset}
+return {epoch, offset, 0}
 """
-)
 
-# KEYS: meta hash, stream. ARGV: new epoch, ttl ms, since epoch, since offset,
-# '1' to read the whole stream when the epoch is not the one asked for.
-# Returns {epoch, top offset, first offset kept, entries after since...}.
-HISTORY_SCRIPT: Final = (
-    _EPOCH
-    + """
-local top = tonumber(redis.call('HGET', KEYS[1], 'offset'))
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-redis.call('PEXPIRE', KEYS[2], ARGV[2])
-local after = -1
-if ARGV[3] == epoch then
-  after = tonumber(ARGV[4])
-elseif ARGV[5] == '1' then
-  after = 0
+# KEYS: meta hash, stream. ARGV: ttl ms, since epoch, since offset, '1' to read
+# the whole stream when the epoch is not the one asked for.
+# Returns {epoch, top offset, first offset kept, now, entries after since...}.
+# It writes nothing but the expiry of keys that exist: a channel with no state
+# answers offset 0 of the empty epoch of now (base.EmptyEpoch: Redis's clock,
+# and the first 16 digits of its run id, new on every restart or failover; "0"
+# where INFO is not allowed). `now` is that empty epoch when the channel has no
+# state or since is an empty epoch, else ''.
+HISTORY_SCRIPT: Final = """
+local function empty_epoch()
+  local time = redis.call('TIME')
+  local info = redis.pcall('INFO', 'server')
+  local generation = type(info) == 'string' and string.match(info, 'run_id:(%x+)') or '0'
+  local ms = time[1] .. string.format('%03d', math.floor(tonumber(time[2]) / 1000))
+  return '~' .. ms .. '-' .. string.sub(generation, 1, 16)
 end
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then
+  local now = empty_epoch()
+  return {now, 0, 1, now}
+end
+local top = tonumber(redis.call('HGET', KEYS[1], 'offset'))
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+redis.call('PEXPIRE', KEYS[2], ARGV[1])
 local first = top + 1
 local head = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
 if #head > 0 then
   first = tonumber(string.match(head[1][1], '^(%d+)'))
 end
-local answer = {epoch, top, first}
+local from_empty = string.sub(ARGV[2], 1, 1) == '~' and ARGV[3] == '0'
+local after = -1
+if ARGV[2] == epoch then
+  after = tonumber(ARGV[3])
+elseif ARGV[4] == '1' or (from_empty and first == 1) then
+  after = 0
+end
+local answer = {epoch, top, first, from_empty and empty_epoch() or ''}
 if after >= 0 and after < top then
   local entries = redis.call('XRANGE', KEYS[2], (after + 1) .. '-0', '+')
   for _, entry in ipairs(entries) do
@@ -116,7 +126,6 @@ if after >= 0 and after < top then
 end
 return answer
 """
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,9 +164,8 @@ def publish_arguments(
     keys: ChannelKeys,
     data: str,
     message_id: str | None,
+    history: HistoryOptions,
     *,
-    history_size: int,
-    history_ttl: float,
     sharded: bool,
 ) -> tuple[list[str], list[str | int]]:
     """The KEYS and ARGV of PUBLISH_SCRIPT, shared by RedisBroker and RedisPublisher."""
@@ -166,8 +174,8 @@ def publish_arguments(
         [
             new_epoch(),
             data,
-            history_size,
-            milliseconds(history_ttl),
+            history.size,
+            milliseconds(history.ttl),
             keys.pubsub,
             message_id or "",
             "SPUBLISH" if sharded else "PUBLISH",
@@ -176,7 +184,7 @@ def publish_arguments(
 
 
 def parse_published(channel: str, answer: Sequence[Any]) -> Published:
-    return Published(channel, int(answer[1]), text(answer[0]))
+    return Published(channel, int(answer[1]), text(answer[0]), is_repeat=answer[2] == 1)
 
 
 def new_epoch() -> str:

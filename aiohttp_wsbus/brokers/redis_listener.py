@@ -1,0 +1,237 @@
+"""RedisBroker's pub/sub side: one supervised connection per Redis node.
+
+A Listener owns a connection and the subscriptions it carries; it tells the
+broker what happened through the small ListenerHandler interface and never
+reaches into the broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from redis.asyncio.connection import Connection
+from redis.exceptions import MovedError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from ..protocol import Position
+from .redis_scripts import UNREACHABLE, ChannelKeys
+
+__all__ = ["Listener", "ListenerHandler", "ListenerOptions", "Subscription"]
+
+logger = logging.getLogger("aiohttp_wsbus")
+
+
+@dataclass(slots=True)
+class Subscription:
+    """One channel this node listens to, and the last offset it delivered."""
+
+    channel: str
+    keys: ChannelKeys
+    ready: asyncio.Future[None]
+    last: Position | None = None
+    listener: Listener | None = None
+
+
+class ListenerHandler(Protocol):
+    """What a Listener tells its broker (RedisBroker implements it)."""
+
+    def on_connected(self, listener: Listener) -> None:
+        """Redis answered on a new connection of `listener` (its `connections`-th)."""
+
+    def on_disconnected(self, listener: Listener) -> None:
+        """`listener` lost its connection, or could not make one; it retries by itself."""
+
+    async def on_subscribed(self, subscription: Subscription) -> None:
+        """Redis confirmed `subscription` (again, after a reconnect): catch up from the stream."""
+
+    async def on_message(self, subscription: Subscription, payload: bytes) -> None:
+        """A live message arrived on a confirmed subscription."""
+
+    def on_topology_changed(self) -> None:
+        """A subscribed slot moved: read the cluster's slots again."""
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerOptions:
+    """How a broker's listeners talk to Redis; one value, shared by all of them."""
+
+    sharded: bool  # SSUBSCRIBE instead of SUBSCRIBE
+    timeout: float  # a connection that has not answered for this long is not connected
+    ping_interval: float  # PING a connection silent for this long (at most timeout / 2)
+    reconnect_delay: tuple[float, float]  # backoff between attempts: from, doubling up to
+    warning_interval: float  # at most one "cannot reach" warning per node per this long
+
+
+class Listener:
+    """One supervised pub/sub connection to one Redis node, and the channels it carries.
+
+    On a lost connection it reconnects with backoff and subscribes again; Redis
+    confirming each subscription makes the handler catch up from the stream
+    first. It logs a node it cannot reach (a WARNING at most every
+    `warning_interval` seconds while that lasts, an INFO when it is back),
+    naming it by `name` alone: never the URL, which may hold a password.
+    """
+
+    def __init__(
+        self,
+        handler: ListenerHandler,
+        name: str,
+        make_connection: Callable[[], Connection],
+        options: ListenerOptions,
+    ) -> None:
+        self.name = name
+        self.subscriptions: dict[bytes, Subscription] = {}
+        self.first_attempt = asyncio.Event()
+        self.connections = 0  # connections Redis answered on, the first one included
+        self._handler = handler
+        self._make_connection = make_connection
+        self._options = options
+        self._loop = asyncio.get_running_loop()
+        self._connection: Connection | None = None
+        self._heard_at: float | None = None  # Redis's last answer on this connection
+        self._down_since: float | None = None
+        self._warned_at = -math.inf
+        self._write_lock = asyncio.Lock()
+        self._task = self._loop.create_task(self._listen_forever())
+
+    @property
+    def is_connected(self) -> bool:
+        """Whether Redis answered on this connection within the last `timeout` seconds.
+
+        A frozen Redis keeps its TCP connections open: only its silence tells.
+        """
+        heard_at = self._heard_at
+        return heard_at is not None and self._loop.time() - heard_at <= self._options.timeout
+
+    async def stop(self) -> None:
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+    async def add(self, subscription: Subscription) -> None:
+        subscription.listener = self
+        async with self._write_lock:
+            self.subscriptions[subscription.keys.pubsub.encode()] = subscription
+            await self._send_quietly("SUBSCRIBE", subscription.keys.pubsub)
+
+    async def remove(self, subscription: Subscription, *, unsubscribe: bool = True) -> None:
+        name = subscription.keys.pubsub.encode()
+        if self.subscriptions.get(name) is subscription:
+            del self.subscriptions[name]
+        if unsubscribe:
+            async with self._write_lock:
+                await self._send_quietly("UNSUBSCRIBE", subscription.keys.pubsub)
+
+    def _command(self, name: str) -> str:
+        return "S" + name if self._options.sharded else name
+
+    async def _send_quietly(self, command: str, name: str) -> None:
+        # Losing the connection here is the supervisor's to notice: it resubscribes.
+        connection = self._connection
+        if connection is not None:
+            with contextlib.suppress(*UNREACHABLE):
+                await connection.send_command(self._command(command), name)
+
+    async def _listen_forever(self) -> None:
+        low, high = self._options.reconnect_delay
+        delay = low
+        while True:
+            connections = self.connections
+            try:
+                await self._listen()
+            except UNREACHABLE as error:
+                self._lost(str(error) or type(error).__name__)
+            except Exception:
+                logger.exception("redis broker listener for %s failed; reconnecting", self.name)
+            self.first_attempt.set()
+            self._handler.on_disconnected(self)
+            if self.connections > connections:  # it was connected: retry at once
+                delay = low
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, high)
+
+    def _lost(self, reason: str) -> None:
+        now = self._loop.time()
+        if self._down_since is None:
+            self._down_since = now
+        if now - self._warned_at < self._options.warning_interval:
+            logger.debug("redis broker: %s still unreachable (%s)", self.name, reason)
+            return
+        self._warned_at = now
+        logger.warning("redis broker cannot reach %s (%s); retrying", self.name, reason)
+
+    def _heard(self) -> None:
+        is_new = self._heard_at is None
+        self._heard_at = self._loop.time()
+        if not is_new:
+            return
+        self.connections += 1
+        down_since, self._down_since = self._down_since, None
+        if down_since is not None and self._warned_at >= down_since:
+            seconds = self._heard_at - down_since
+            logger.info("redis broker reached %s again after %.1f s", self.name, seconds)
+        elif self.connections == 1:
+            logger.info("redis broker connected to %s", self.name)
+        else:
+            logger.debug("redis broker reconnected to %s", self.name)
+        self.first_attempt.set()
+        self._handler.on_connected(self)
+
+    async def _listen(self) -> None:
+        connection = self._make_connection()
+        try:
+            await connection.connect()  # type: ignore[no-untyped-call]
+            async with self._write_lock:
+                self._connection = connection
+                for subscription in self.subscriptions.values():
+                    name = subscription.keys.pubsub
+                    await connection.send_command(self._command("SUBSCRIBE"), name)
+                if not self.subscriptions:
+                    await connection.send_command("PING")  # connected once answered
+            await self._read_messages(connection)
+        finally:
+            self._connection = None
+            self._heard_at = None
+            await connection.disconnect(nowait=True)
+
+    async def _read_messages(self, connection: Connection) -> None:
+        waiting_for_pong = False
+        while True:
+            try:
+                reply = await connection.read_response(timeout=self._options.ping_interval)
+            except MovedError:
+                # The subscribed channel's slot is on another shard now.
+                self._heard()
+                self._handler.on_topology_changed()
+                continue
+            if reply is None:
+                if waiting_for_pong:
+                    raise RedisTimeoutError("redis did not answer a ping")
+                async with self._write_lock:
+                    await connection.send_command("PING")
+                waiting_for_pong = True
+                continue
+            self._heard()
+            waiting_for_pong = False
+            if isinstance(reply, list) and len(reply) >= 3:
+                await self._on_push(reply[0], reply[1], reply[2])
+
+    async def _on_push(self, kind: bytes, name: bytes, payload: Any) -> None:
+        subscription = self.subscriptions.get(name)
+        if subscription is None:
+            return
+        if kind in (b"message", b"smessage"):
+            if subscription.ready.done():  # earlier ones belong to a past subscription
+                await self._handler.on_message(subscription, payload)
+        elif kind in (b"subscribe", b"ssubscribe"):
+            await self._handler.on_subscribed(subscription)
+            if not subscription.ready.done():
+                subscription.ready.set_result(None)
+        elif kind == b"sunsubscribe":
+            # Unasked: a cluster moved the channel's slot to another shard.
+            self._handler.on_topology_changed()
