@@ -13,7 +13,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import Algorithm, RSAAlgorithm
 from pytest_aiohttp import AiohttpServer
 
-pytest_plugins = ["tests.browser", "tests.redis_server"]  # `browser`; Redis servers
+# `browser`; Redis servers; server processes on Redis (`nodes`)
+pytest_plugins = ["tests.browser", "tests.redis_server", "tests.redis_nodes"]
 
 ISSUER = "https://idp.test/"
 AUDIENCE = "wsbus"

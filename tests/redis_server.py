@@ -27,6 +27,7 @@ import redis
 
 from aiohttp_wsbus import RedisBroker
 from aiohttp_wsbus.brokers import HistoryOptions, Message
+from aiohttp_wsbus.brokers.base import OnControl
 
 START_TIMEOUT = 10.0
 SLOTS = 16384
@@ -248,11 +249,15 @@ async def make_redis_broker(
     brokers: list[RedisBroker] = []
 
     async def make(
-        size: int = 100, ttl: float = 300.0, url: str = redis_url, **options: object
+        size: int = 100,
+        ttl: float = 300.0,
+        url: str = redis_url,
+        on_control: OnControl | None = None,
+        **options: object,
     ) -> tuple[RedisBroker, list[Message]]:
         broker = RedisBroker(url, prefix=redis_prefix, **options)  # type: ignore[arg-type]
         delivered: list[Message] = []
-        await broker.start(delivered.append, HistoryOptions(size, ttl))
+        await broker.start(delivered.append, HistoryOptions(size, ttl), on_control=on_control)
         brokers.append(broker)
         return broker, delivered
 

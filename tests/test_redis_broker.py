@@ -8,7 +8,9 @@ import asyncio
 import dataclasses
 import itertools
 import logging
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 import pytest
 import redis.asyncio
@@ -18,6 +20,7 @@ from aiohttp_wsbus.brokers import Broker, HistoryOptions, MemoryBroker, Message
 from aiohttp_wsbus.brokers.base import EmptyEpoch
 from aiohttp_wsbus.brokers.redis_scripts import ChannelKeys
 from aiohttp_wsbus.protocol import MAX_EPOCH_LENGTH, Position
+from aiohttp_wsbus.revocations import Revocation
 
 from .redis_server import RedisServer, free_port, until
 from .support import eventually
@@ -581,3 +584,30 @@ def test_prefix_is_checked() -> None:
         RedisBroker("redis://localhost", prefix="has space")
     with pytest.raises(ValueError, match="prefix"):
         RedisBroker("redis://localhost", prefix="{tag}")
+
+
+@pytest.mark.parametrize("kind", ["redis", "redis-sharded", "redis-cluster"])
+async def test_control_reaches_every_node_and_revocations_outlive_them(
+    kind: str, request: pytest.FixtureRequest, make_redis_broker: RedisMaker
+) -> None:
+    options: dict[str, object] = {"sharded": kind == "redis-sharded"}
+    if kind == "redis-cluster":
+        options = {"cluster": True, "url": request.getfixturevalue("redis_cluster_url")}
+    heard: list[list[Mapping[str, Any]]] = [[], [], []]
+    first, _ = await make_redis_broker(on_control=heard[0].append, **options)
+    second, _ = await make_redis_broker(on_control=heard[1].append, **options)
+    # Each node loads the revocations in force once Redis confirms its control channel
+    # (again after any reconnect or slot move: loads may repeat).
+    empty = {"type": "revocations", "revocations": []}
+    await eventually(lambda: empty in heard[0] and empty in heard[1])
+    disconnect = {"type": "disconnect", "user": "alice", "code": 4410, "reason": ""}
+    await first.control(disconnect)
+    await eventually(lambda: disconnect in heard[0] and disconnect in heard[1])
+    revocation = Revocation.make(user="alice", until=time.time() + 60)
+    await second.revoke(revocation)
+    expected = {"type": "revoke", "revocation": revocation.as_json()}
+    await eventually(lambda: expected in heard[0] and expected in heard[1])
+    await make_redis_broker(on_control=heard[2].append, **options)
+    loaded = {"type": "revocations", "revocations": [revocation.as_json()]}
+    await eventually(lambda: loaded in heard[2])
+    assert empty not in heard[2]

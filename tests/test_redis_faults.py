@@ -10,6 +10,8 @@ import redis.asyncio
 from pytest_aiohttp import AiohttpClient
 
 from aiohttp_wsbus import RedisBroker
+from aiohttp_wsbus.brokers.redis_control import CONTROL_CHANNEL
+from aiohttp_wsbus.brokers.redis_scripts import ChannelKeys
 
 from .conftest import JwksServer, MakeToken
 from .redis_server import RedisServer
@@ -35,12 +37,16 @@ async def test_a_socket_closed_during_a_frozen_subscribe_leaves_no_subscription(
         assert (await close_frame(socket, timeout=WAIT))[0] == 4001
     finally:
         os.kill(pid, signal.SIGCONT)
+    control = ChannelKeys.of(redis_prefix, CONTROL_CHANNEL).pubsub
     client = redis.asyncio.Redis.from_url(own_redis.url, socket_timeout=WAIT)
     try:
 
         async def node_listens_nowhere() -> bool:
+            # Only to the control channel, which every node holds for good.
             channels = await client.pubsub_channels()
-            return not channels and not broker._subscriptions
+            return channels == [control.encode()] and list(broker._subscriptions) == [
+                CONTROL_CHANNEL
+            ]
 
         async with asyncio.timeout(WAIT * 2):
             while not await node_listens_nowhere():  # noqa: ASYNC110

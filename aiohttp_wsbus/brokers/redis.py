@@ -27,6 +27,7 @@ from redis.backoff import NoBackoff
 
 from ..errors import BrokerUnavailable
 from ..protocol import Position
+from ..revocations import Revocation
 from .base import (
     DEFAULT_HISTORY,
     Broker,
@@ -39,6 +40,7 @@ from .base import (
     Published,
     recover,
 )
+from .redis_control import CONTROL_CHANNEL, ControlChannel
 from .redis_listener import Listener, ListenerOptions, Subscription
 from .redis_scripts import (
     HISTORY_SCRIPT,
@@ -120,6 +122,8 @@ class RedisBroker(Broker):
         self._topology_stale = asyncio.Event()
         self._connection_slots = asyncio.Semaphore(max_connections)
         self._tasks: list[asyncio.Task[None]] = []
+        self._on_control: OnControl | None = None
+        self._control = ControlChannel(self.prefix, sharded=self.sharded)
 
     # -- lifetime --------------------------------------------------------
 
@@ -128,6 +132,7 @@ class RedisBroker(Broker):
     ) -> None:
         self._deliver = deliver
         self._history = history
+        self._on_control = on_control
         options: dict[str, Any] = {
             "socket_timeout": self._socket_timeout,
             "socket_connect_timeout": self._socket_timeout,
@@ -155,6 +160,13 @@ class RedisBroker(Broker):
             name = _address(pool.connection_kwargs)
             self._listeners[""] = self._new_listener(name, pool.make_connection)
             self._topology_read.set()
+        if on_control is not None:
+            # Held for good; its confirmation (again after each reconnect) loads revocations.
+            # On a cluster, placing subscriptions on their shards (_follow_topology) adds it.
+            control = Subscription(CONTROL_CHANNEL, self._control.keys, loop.create_future())
+            self._subscriptions[CONTROL_CHANNEL] = control
+            if not self.cluster:
+                await self._listeners[""].add(control)
         # Start up connected when Redis is there; a Redis that is down is not fatal.
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self._socket_timeout * 2):
@@ -164,6 +176,7 @@ class RedisBroker(Broker):
 
     async def stop(self) -> None:
         self._deliver = None
+        self._on_control = None
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -294,6 +307,30 @@ class RedisBroker(Broker):
 
     # -- publishing and history ------------------------------------------
 
+    async def control(self, message: Mapping[str, Any]) -> None:
+        if not self.is_available or self._redis is None:
+            raise BrokerUnavailable("redis is not reachable")
+        try:
+            await self._control.publish(self._redis, message)
+        except UNREACHABLE as error:
+            raise BrokerUnavailable(f"redis: {error}") from None
+
+    async def revoke(self, revocation: Revocation) -> None:
+        if not self.is_available or self._redis is None:
+            raise BrokerUnavailable("redis is not reachable")
+        try:
+            await self._control.revoke(self._redis, revocation)
+        except UNREACHABLE as error:
+            raise BrokerUnavailable(f"redis: {error}") from None
+
+    def _to_bus(self, message: Mapping[str, Any] | None) -> None:
+        if message is None or self._on_control is None:
+            return
+        try:
+            self._on_control(message)
+        except Exception:  # a bad message must not take the listener down
+            logger.exception("redis broker: control message %r failed", message.get("type"))
+
     async def publish(self, channel: str, data: str, *, message_id: str | None = None) -> Published:
         if not self.is_available or self._redis is None:
             raise BrokerUnavailable("redis is not reachable")
@@ -362,7 +399,7 @@ class RedisBroker(Broker):
         ttl = milliseconds(self._history.ttl)
         while True:
             await asyncio.sleep(self._history.ttl / 3)
-            channels = list(self._subscriptions)
+            channels = [c for c in self._subscriptions if c != CONTROL_CHANNEL]
             for start in range(0, len(channels), 500):
                 with contextlib.suppress(*UNREACHABLE):
                     await self._extend(channels[start : start + 500], ttl)
@@ -379,6 +416,9 @@ class RedisBroker(Broker):
 
     async def on_message(self, subscription: Subscription, payload: bytes) -> None:
         """Deliver a live message, catching up first if one was missed (ListenerHandler)."""
+        if subscription.channel == CONTROL_CHANNEL:
+            self._to_bus(self._control.parse(payload))
+            return
         epoch_bytes, offset_bytes, data = payload.split(b" ", 2)
         epoch, offset = epoch_bytes.decode(), int(offset_bytes)
         last = subscription.last
@@ -391,8 +431,14 @@ class RedisBroker(Broker):
         self._hand_over(subscription, Message(subscription.channel, offset, epoch, data.decode()))
 
     async def on_subscribed(self, subscription: Subscription) -> None:
-        """Redis confirmed a subscription: catch up from the stream (ListenerHandler)."""
-        await self._catch_up(subscription)
+        """Redis confirmed a subscription: catch up from the stream (ListenerHandler).
+
+        For the control channel, that is every revocation in force.
+        """
+        if subscription.channel != CONTROL_CHANNEL:
+            await self._catch_up(subscription)
+        elif self._redis is not None:
+            self._to_bus(await self._control.load(self._redis))
 
     async def _catch_up(self, subscription: Subscription) -> None:
         """Deliver what the stream holds after the last delivered offset (on (re)subscribe)."""
