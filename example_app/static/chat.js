@@ -112,32 +112,10 @@ async function startChat(answer) {
 
 // -- the bus ----------------------------------------------------------------
 
-/**
- * wsbus.js reports a refused channel ("denied") but no event when one is joined, so the
- * page reads the server's own answers, `welcome` and `subscribed` (docs/protocol.md),
- * to show a room as joined once the bus has really subscribed it.
- */
-class JoinWatchingWebSocket extends WebSocket {
-  constructor(url, protocols) {
-    super(url, protocols);
-    this.addEventListener("message", (event) => {
-      let frame;
-      try {
-        frame = JSON.parse(event.data);
-      } catch {
-        return; // the client reports unreadable frames
-      }
-      if (frame?.type !== "welcome" && frame?.type !== "subscribed") return;
-      for (const channel of frame.subscribed ?? []) setStatus(viewOf(channel), "joined");
-    });
-  }
-}
-
 function connect(firstToken) {
   let pending = firstToken; // the sign-in token serves the first connect
   const bus = new WsBus("/ws", {
     autoConnect: false,
-    WebSocket: JoinWatchingWebSocket,
     getToken: () => {
       if (pending) {
         const token = pending;
@@ -159,6 +137,8 @@ function connect(firstToken) {
     $("composer-send").title = isConnected ? "" : "Sending resumes once the page is connected";
     showState(state);
   });
+  // A room shows as joined once the bus has really subscribed it, as denied when it refused.
+  bus.on("subscribed", (channel) => setStatus(viewOf(channel), "joined"));
   bus.on("denied", (channel, reason) => setStatus(viewOf(channel), "denied", reason));
   bus.on("recovered", (channel, ok) => {
     if (!ok) addNote(viewOf(channel), "Reconnected. Messages sent while you were away could not be replayed.");
