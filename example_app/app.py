@@ -9,6 +9,12 @@ Routes:
   in-process with `bus.publish`)
 - `GET /rooms`, `POST /rooms {"name"}`, `POST /rooms/NAME/invite {"user"}`: private
   rooms (example_app/rooms.py), in no token: the bus asks the app's authorizer
+- `POST /sign-out-everywhere`: the signed-in user ends every session of theirs: the bus
+  closes all their sockets (4410, the pages show "signed out") and refuses every token
+  of theirs issued before now
+- `POST /admin/bans {"user", "minutes"?}`: staff only (the token's `roles` claim): the
+  bus closes the user's sockets and refuses all their tokens; the app refuses their
+  login until the ban ends (example_app/bans.py)
 - `POST /api/notify {"text", "channel"?}`: stands for any other back end: it emits
   through `POST /ws/emit` with an API key, over HTTP, like a service in another language.
   It asks for no credentials (it is a demo trigger, and the app listens on loopback by
@@ -35,7 +41,8 @@ from marshmallow import fields as mf
 import aiohttp_wsbus
 from aiohttp_wsbus.grants import may
 
-from .identity import AUDIENCE, LOBBY, STAFF_ROOM, IdentityProvider, check_user_name
+from .bans import MAX_BAN_MINUTES, BanLimit, Bans
+from .identity import AUDIENCE, LOBBY, STAFF_ROLE, STAFF_ROOM, IdentityProvider, check_user_name
 from .rooms import (
     ROOM_PREFIX,
     NotAMember,
@@ -45,13 +52,15 @@ from .rooms import (
     check_room_name,
 )
 
-__all__ = ["PRIVATE_ROOMS_KEY", "ROOMS", "ExampleSettings", "local_url", "make_app"]
+__all__ = ["BANS_KEY", "PRIVATE_ROOMS_KEY", "ROOMS", "ExampleSettings", "local_url", "make_app"]
 
 logger = logging.getLogger("example_app")
 
 STATIC_DIR: Final = Path(__file__).parent / "static"
 JWKS_PATH: Final = "/.well-known/jwks.json"
 MAX_TEXT_LENGTH: Final = 2000
+DEFAULT_BAN_MINUTES: Final = 60
+SIGNED_OUT_EVERYWHERE: Final = "signed out everywhere"  # the close reason the pages show
 
 ROOMS: Final = (
     {"channel": LOBBY, "title": "Lobby", "about": "Everyone who signs in"},
@@ -75,6 +84,7 @@ IDENTITY_KEY: Final = web.AppKey("example_app.identity", IdentityProvider)
 SETTINGS_KEY: Final = web.AppKey("example_app.settings", ExampleSettings)
 SESSION_KEY: Final = web.AppKey("example_app.session", aiohttp.ClientSession)
 PRIVATE_ROOMS_KEY: Final = web.AppKey("example_app.private_rooms", PrivateRooms)
+BANS_KEY: Final = web.AppKey("example_app.bans", Bans)
 
 
 def local_url(host: str, port: int) -> str:
@@ -88,8 +98,13 @@ def local_url(host: str, port: int) -> str:
     return f"http://{host}:{port}"
 
 
-def make_app(settings: ExampleSettings) -> web.Application:
-    """The example application, ready for web.run_app or an AppRunner."""
+def make_app(
+    settings: ExampleSettings, *, broker: aiohttp_wsbus.Broker | None = None
+) -> web.Application:
+    """The example application, ready for web.run_app or an AppRunner.
+
+    `broker` is the bus's (default: a MemoryBroker; a RedisBroker shares it between processes).
+    """
     base_url = local_url(settings.host, settings.port)
     identity = IdentityProvider(
         f"{base_url}/", staff=settings.staff, token_lifetime=settings.token_lifetime
@@ -99,6 +114,7 @@ def make_app(settings: ExampleSettings) -> web.Application:
     app[IDENTITY_KEY] = identity
     rooms = PrivateRooms()
     app[PRIVATE_ROOMS_KEY] = rooms
+    app[BANS_KEY] = Bans()
     app.cleanup_ctx.append(_client_session)
     # This is where a real identity provider goes: Keycloak, Auth0, ... publish a JWKS URL.
     # Here it is this app, which does not listen yet when the bus first fetches:
@@ -109,6 +125,7 @@ def make_app(settings: ExampleSettings) -> web.Application:
         issuer=identity.issuer,
         audience=AUDIENCE,
         api_keys=[settings.api_key],
+        broker=broker,
     )
     # Private rooms are in no token: for room:NAME the bus asks the app, at subscribe
     # time (and again at each token refresh). Registered before the app starts.
@@ -122,6 +139,8 @@ def make_app(settings: ExampleSettings) -> web.Application:
     app.router.add_get("/rooms", list_rooms)
     app.router.add_post("/rooms", create_room)
     app.router.add_post("/rooms/{name:[a-z0-9_-]{1,32}}/invite", invite)
+    app.router.add_post("/sign-out-everywhere", sign_out_everywhere)
+    app.router.add_post("/admin/bans", ban)
     app.router.add_post("/api/notify", notify)
     return app
 
@@ -170,17 +189,29 @@ async def _json_body(request: web.Request, schema: Schema) -> dict[str, Any]:
 
 
 async def _sender(request: web.Request) -> aiohttp_wsbus.Claims:
-    """The verified claims of the request's bearer token; raises 401 without one."""
+    """The verified claims of the request's bearer token; raises 401 without one.
+
+    A token the bus has revoked (signed out everywhere, banned) is no token here either.
+    """
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise _unauthorized()
     bus = aiohttp_wsbus.get_bus(request.app)
     try:
-        return await bus.verifier.verify(token.strip())
+        return await bus.verify(token.strip())
     except aiohttp_wsbus.InvalidToken:
         raise _unauthorized() from None
     except aiohttp_wsbus.KeysUnavailable:
         raise _error(503, "keys_unavailable") from None
+
+
+async def _staff_member(request: web.Request) -> aiohttp_wsbus.Claims:
+    """The verified claims of a staff token; raises 401 without a token, 403 for anyone else."""
+    claims = await _sender(request)
+    roles = claims.extra.get("roles")
+    if not isinstance(roles, list) or STAFF_ROLE not in roles:
+        raise _error(403, "forbidden", detail="staff only")
+    return claims
 
 
 def _unauthorized() -> web.HTTPException:
@@ -237,6 +268,15 @@ class _InviteSchema(Schema):
     user = mf.String(required=True, validate=_check_user)
 
 
+class _BanSchema(Schema):
+    user = mf.String(required=True, validate=_check_user)
+    minutes = mf.Integer(
+        load_default=DEFAULT_BAN_MINUTES,
+        strict=True,
+        validate=validate.Range(min=1, max=MAX_BAN_MINUTES),
+    )
+
+
 class _NotifySchema(Schema):
     channel = mf.String(load_default=LOBBY, validate=_check_room)
     text = mf.String(required=True, validate=[validate.Length(max=MAX_TEXT_LENGTH), _check_text])
@@ -246,6 +286,7 @@ _LOGIN_SCHEMA: Final = _LoginSchema()
 _SEND_SCHEMA: Final = _SendSchema()
 _ROOM_SCHEMA: Final = _RoomSchema()
 _INVITE_SCHEMA: Final = _InviteSchema()
+_BAN_SCHEMA: Final = _BanSchema()
 _NOTIFY_SCHEMA: Final = _NotifySchema()
 
 
@@ -261,9 +302,13 @@ async def jwks(request: web.Request) -> web.Response:
 
 
 async def login(request: web.Request) -> web.Response:
-    """Demo sign-in: anyone may be anyone. Answers a token and what it grants."""
+    """Demo sign-in: anyone may be anyone, but the banned. Answers a token and what it grants."""
     body = await _json_body(request, _LOGIN_SCHEMA)
-    issued = request.app[IDENTITY_KEY].issue(body["user"])
+    user: str = body["user"]
+    banned_until = request.app[BANS_KEY].banned_until(user)
+    if banned_until is not None:
+        raise _error(403, "banned", user=user, until=banned_until)
+    issued = request.app[IDENTITY_KEY].issue(user)
     return web.json_response(
         {
             "token": issued.token,
@@ -384,6 +429,61 @@ async def invite(request: web.Request) -> web.Response:
             {**news, "kind": "invite", "name": room.name, "text": f"{inviter} invited you"},
         )
     return web.json_response({"room": room.as_json(), "added": is_new})
+
+
+# -- ending sessions --------------------------------------------------------------
+
+
+async def sign_out_everywhere(request: web.Request) -> web.Response:
+    """The signed-in user ends every session of theirs, on every node of the bus.
+
+    `bus.disconnect` closes their sockets now, with the reason their pages show;
+    `bus.revoke(issued_before=now)` makes sure no token issued before now comes
+    back, wherever a copy of it is (another device, a window offline right now),
+    until the last of them would have expired anyway. A new sign-in still works.
+    """
+    claims = await _sender(request)
+    bus = aiohttp_wsbus.get_bus(request.app)
+    user = claims.subject
+    now = time.time()
+    # The disconnect first: its reason is what the pages show ("token revoked" otherwise).
+    # A socket that connects in between with an old token is closed by the revocation.
+    until = now + request.app[SETTINGS_KEY].token_lifetime + bus.settings.leeway
+    await _end_sessions(bus, user, SIGNED_OUT_EVERYWHERE, issued_before=now, until=until)
+    return web.json_response(
+        {"user": user, "issued_before": now, "refused_until": until}, status=202
+    )
+
+
+async def ban(request: web.Request) -> web.Response:
+    """Staff ban a user: every socket of theirs closes, every token of theirs is refused,
+    and the app refuses their login, until the ban ends."""
+    staff = await _staff_member(request)
+    body = await _json_body(request, _BAN_SCHEMA)
+    user: str = body["user"]
+    if user == staff.subject:
+        raise _error(400, "invalid_request", fields={"user": ["you cannot ban yourself"]})
+    until = time.time() + body["minutes"] * 60
+    try:
+        # The app's own refusal first: it holds even if the broker is down below.
+        request.app[BANS_KEY].ban(user, until)
+    except BanLimit as error:
+        raise _error(409, "ban_limit", detail=str(error)) from None
+    bus = aiohttp_wsbus.get_bus(request.app)
+    await _end_sessions(bus, user, f"banned by {staff.subject}", issued_before=None, until=until)
+    return web.json_response({"banned": user, "until": until}, status=202)
+
+
+async def _end_sessions(
+    bus: aiohttp_wsbus.Bus, user: str, reason: str, *, issued_before: float | None, until: float
+) -> None:
+    """Close every socket of `user` with `reason` (4410), then refuse their tokens
+    (those issued before `issued_before`, or all of them) until `until`."""
+    try:
+        await bus.disconnect(user, reason=reason)
+        await bus.revoke(user=user, issued_before=issued_before, until=until)
+    except aiohttp_wsbus.BrokerUnavailable:
+        raise _error(503, "broker_unavailable") from None
 
 
 async def notify(request: web.Request) -> web.Response:

@@ -18,11 +18,12 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
-__all__ = ["AUDIENCE", "IdentityProvider", "IssuedToken", "check_user_name"]
+__all__ = ["AUDIENCE", "STAFF_ROLE", "IdentityProvider", "IssuedToken", "check_user_name"]
 
 AUDIENCE: Final = "wsbus"
 LOBBY: Final = "chat:lobby"
 STAFF_ROOM: Final = "chat:staff"
+STAFF_ROLE: Final = "staff"  # in the `roles` claim of staff tokens: what staff-only routes check
 
 # User names become channel names (user:NAME), so they are kept to a safe alphabet.
 _USER_NAME_RE: Final = re.compile(r"[a-z0-9_-]{1,32}")
@@ -47,7 +48,7 @@ class IssuedToken:
 
 
 class IdentityProvider:
-    """Signs RS256 tokens for any valid user name; staff also get the staff room."""
+    """Signs RS256 tokens for any valid user name; staff also get the staff room and role."""
 
     def __init__(
         self, issuer: str, *, staff: Collection[str] = (), token_lifetime: int = 120
@@ -78,9 +79,13 @@ class IdentityProvider:
     def issue(self, user: str) -> IssuedToken:
         """A fresh token for `user` (raises ValueError for a bad name)."""
         check_user_name(user)
-        now = int(time.time())
-        expires_at = now + self.token_lifetime
+        # `iat` keeps the fraction of a second (JWT allows it): "sign out everywhere"
+        # revokes this user's tokens issued before now, and a token issued a moment
+        # later, in the same second, must not count as one of them.
+        now = time.time()
+        expires_at = int(now) + self.token_lifetime
         channels = self.channels_for(user)
+        is_staff = user in self.staff
         claims = {
             "sub": user,
             "iss": self.issuer,
@@ -91,8 +96,9 @@ class IdentityProvider:
             # Browsers post through /send, which stamps the verified sender on each
             # message, so their tokens grant no direct publishing on /ws/emit.
             "publish": [],
+            "roles": [STAFF_ROLE] if is_staff else [],
         }
         token = jwt.encode(
             claims, self._private_key, algorithm="RS256", headers={"kid": self.key_id}
         )
-        return IssuedToken(token, user, expires_at, channels, user in self.staff)
+        return IssuedToken(token, user, expires_at, channels, is_staff)

@@ -45,6 +45,23 @@ export interface MessageMeta {
 
 export type MessageHandler<T = unknown> = (data: T, meta: MessageMeta) => void;
 
+/** A channel's place in its history: the last `offset` in `epoch` (0: nothing published yet). */
+export interface ChannelPosition {
+  offset: number;
+  epoch: string;
+}
+
+/** What the server said about a channel it has just subscribed. */
+export interface SubscribedMeta {
+  /** The channel's current position, when the server gave one. */
+  position?: ChannelPosition;
+  /**
+   * Present when the client asked to recover (a reconnect, a retry): true when every
+   * missed message follows, false when the app must reload this channel's state.
+   */
+  recovered?: boolean;
+}
+
 /**
  * The part of the WebSocket API the client uses. Handler parameters are `any` so that
  * both the DOM WebSocket and Node implementations (e.g. `ws`) are accepted.
@@ -103,6 +120,12 @@ export interface WsBusCloseError extends Error {
 
 export interface WsBusEvents {
   state: (state: WsBusState) => void;
+  /**
+   * The server has subscribed `channel` (in a `welcome` or a `subscribed` frame): after
+   * every connect and reconnect, and for each channel joined later. Comes before that
+   * channel's `recovered` event and its messages.
+   */
+  subscribed: (channel: string, meta: SubscribedMeta) => void;
   denied: (channel: string, reason: DenyReason) => void;
   /**
    * The application ended this session (close code 4410: sign-out, ban, revoked token);

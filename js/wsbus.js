@@ -110,7 +110,7 @@ export class WsBus {
     this._open();
   }
 
-  /** Listens to "state", "denied", "disconnected", "error", "recovered" or "message"; returns a function that stops listening. */
+  /** Listens to "state", "subscribed", "denied", "disconnected", "error", "recovered" or "message"; returns a function that stops listening. */
   on(event, listener) {
     let listeners = this._listeners.get(event);
     if (!listeners) this._listeners.set(event, (listeners = new Set()));
@@ -357,27 +357,39 @@ export class WsBus {
     this._applySubscription(frame);
   }
 
-  /** Applies the `denied`, `positions` and `recovered` parts of a welcome or subscribed frame. */
+  /** Applies a welcome or subscribed frame: `denied`, `positions` and `recovered`, then tells the app what it joined. */
   _applySubscription(frame) {
+    const generation = this._generation;
     const denied = frame.denied ?? {};
     const positions = frame.positions ?? {};
     const recovered = frame.recovered ?? {};
     if (!Object.values(denied).includes("unavailable")) this._resubscribeAttempt = 0; // the broker answers again
     for (const channel of Object.keys(denied)) this._deny(channel, denied[channel]);
+    if (generation !== this._generation) return; // a denied listener called close()
     for (const channel of Object.keys(positions)) {
       if (!this._wanted.has(channel) || channel in recovered) continue;
       this._advance(channel, positions[channel]); // fresh subscription: recover from here next time
     }
     for (const channel of Object.keys(recovered)) {
-      if (!this._wanted.has(channel)) continue;
-      const ok = recovered[channel] === true;
-      if (!ok) {
-        // Too far behind or a new epoch: continue from the server's position, the app reloads.
-        const position = positions[channel];
-        if (isPosition(position)) this._positions.set(channel, { offset: position.offset, epoch: position.epoch });
-        else this._positions.delete(channel);
-      }
-      this._emit("recovered", channel, ok);
+      if (!this._wanted.has(channel) || recovered[channel] === true) continue;
+      // Too far behind or a new epoch: continue from the server's position, the app reloads.
+      const position = positions[channel];
+      if (isPosition(position)) this._positions.set(channel, { offset: position.offset, epoch: position.epoch });
+      else this._positions.delete(channel);
+    }
+    // Listeners run once the client's own state is settled; any of them may close() or unsubscribe().
+    for (const channel of Array.isArray(frame.subscribed) ? frame.subscribed : []) {
+      if (generation !== this._generation) return;
+      if (!this._wanted.has(channel)) continue; // left while the server was answering
+      const meta = {};
+      const position = positions[channel];
+      if (isPosition(position)) meta.position = { offset: position.offset, epoch: position.epoch };
+      if (typeof recovered[channel] === "boolean") meta.recovered = recovered[channel];
+      this._emit("subscribed", channel, meta);
+    }
+    for (const channel of Object.keys(recovered)) {
+      if (generation !== this._generation) return;
+      if (this._wanted.has(channel)) this._emit("recovered", channel, recovered[channel] === true);
     }
   }
 

@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+import aiohttp_wsbus
 from example_app import ExampleSettings, make_app
 
 from .support import next_frame
@@ -41,8 +42,11 @@ class _ListHandler(logging.Handler):
 class ExampleServer:
     """The example app on 127.0.0.1:port; stop() and start() keep the port."""
 
-    def __init__(self, port: int, *, token_lifetime: int = 120) -> None:
+    def __init__(
+        self, port: int, *, token_lifetime: int = 120, broker: aiohttp_wsbus.Broker | None = None
+    ) -> None:
         self.settings = ExampleSettings(port=port, api_key=API_KEY, token_lifetime=token_lifetime)
+        self.broker = broker
         self.url = f"http://127.0.0.1:{port}"
         self.app: web.Application | None = None
         self.access_log: list[str] = []
@@ -54,7 +58,7 @@ class ExampleServer:
 
     async def start(self) -> None:
         """Start a fresh app (a new identity provider, so new signing keys)."""
-        self.app = make_app(self.settings)
+        self.app = make_app(self.settings, broker=self.broker)
         runner = web.AppRunner(self.app, access_log=self._access_logger, access_log_format="%r %s")
         await runner.setup()
         self._runner = runner
@@ -67,8 +71,10 @@ class ExampleServer:
 
 
 @asynccontextmanager
-async def running_example(*, token_lifetime: int = 120) -> AsyncIterator[ExampleServer]:
-    server = ExampleServer(free_port(), token_lifetime=token_lifetime)
+async def running_example(
+    *, token_lifetime: int = 120, broker: aiohttp_wsbus.Broker | None = None
+) -> AsyncIterator[ExampleServer]:
+    server = ExampleServer(free_port(), token_lifetime=token_lifetime, broker=broker)
     await server.start()
     try:
         yield server

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,10 +13,12 @@ from typing import Any
 
 import aiohttp
 import pytest
-from playwright.async_api import Browser, Page, WebSocket, expect
+from playwright.async_api import Browser, BrowserContext, Page, WebSocket, expect
+
+import aiohttp_wsbus
 
 from .browser import ARTIFACTS
-from .example_server import ExampleServer, login, open_socket, running_example
+from .example_server import ExampleServer, login, open_socket, post, running_example
 from .support import WAIT, eventually, next_frame
 
 pytestmark = pytest.mark.browser
@@ -65,6 +68,14 @@ class Person:
     def send_button(self) -> Any:
         return self.page.locator("#composer-send")
 
+    @property
+    def signed_out(self) -> Any:
+        return self.page.locator("#signed-out")
+
+    async def client_state(self) -> str | None:
+        """The page's WsBus state, as the client names it."""
+        return await self.page.locator("body").get_attribute("data-bus")
+
     async def open_view(self, name: str) -> None:
         await self.page.locator(f'.nav-item[data-view="{name}"]').click()
 
@@ -104,16 +115,26 @@ async def sign_in(
 ) -> Person:
     """A new browser context, signed in as `name` and connected."""
     context = await browser.new_context(viewport={"width": width, "height": height})
+    return await sign_in_window(context, example, name)
+
+
+async def sign_in_window(context: BrowserContext, example: ExampleServer, name: str) -> Person:
+    """Another window of `context`, signed in as `name` and connected."""
     page = await context.new_page()
     person = Person(name, page)
     page.on("websocket", person.record)
     page.on("response", lambda response: person.responses.append((response.status, response.url)))
     await page.goto(example.url + "/")
-    await page.locator("#signin-name").fill(name)
-    await page.locator("#signin-button").click()
+    await sign_in_again(person)
     await expect(person.badge).to_have_attribute("data-state", "connected", timeout=WAIT_MS)
     await expect(person.room_status("chat:lobby")).to_have_text("joined", timeout=WAIT_MS)
     return person
+
+
+async def sign_in_again(person: Person) -> None:
+    """Submit the sign-in form of `person`'s page with their name."""
+    await person.page.locator("#signin-name").fill(person.name)
+    await person.page.locator("#signin-button").click()
 
 
 @pytest.fixture
@@ -317,6 +338,98 @@ async def test_a_renewed_token_keeps_the_private_room_the_authorizer_allowed(
         await expect(bob.room_status("room:mine")).to_have_text("joined")
 
 
+# -- sessions the app ends --------------------------------------------------------
+
+SIGNED_OUT_WITHIN = 1.0  # seconds from the app's answer to every window showing it
+
+
+async def expect_signed_out_within(windows: list[Person], since: float, reason: str) -> None:
+    """Each window shows "signed out" within SIGNED_OUT_WITHIN s of `since` (monotonic),
+    with `reason`, and its client has stopped."""
+    for window in windows:
+        left_ms = (since + SIGNED_OUT_WITHIN - time.monotonic()) * 1000
+        # Playwright reads a timeout of 0 as none at all: a spent budget still fails.
+        await expect(window.signed_out).to_be_visible(timeout=max(left_ms, 1))
+    for window in windows:
+        await expect(window.page.locator("#signed-out-reason")).to_have_text(reason)
+        assert await window.client_state() == "closed"
+        await expect(window.page.locator("#chat")).to_be_hidden()
+
+
+async def test_a_staff_ban_signs_bob_out_in_every_window_and_refuses_his_sign_in(
+    browser: Browser, example: ExampleServer
+) -> None:
+    alice = await sign_in(browser, example, "alice")
+    bob = await sign_in(browser, example, "bob")
+    bob_again = await sign_in_window(bob.page.context, example, "bob")
+    await expect(bob.page.locator("#moderation")).to_be_hidden()  # staff only
+
+    await alice.page.locator("#ban-user").fill("bob")
+    async with alice.page.expect_response(lambda r: r.url.endswith("/admin/bans")) as answer:
+        await alice.page.locator("#ban-button").click()
+    assert (await answer.value).status == 202
+    await expect_signed_out_within([bob, bob_again], time.monotonic(), "banned by alice")
+    await expect(alice.page.locator("#ban-status")).to_contain_text("bob is banned until")
+
+    await alice.say("carrying on without bob")
+    await expect(alice.view("chat:lobby")).to_contain_text("carrying on", timeout=WAIT_MS)
+    await bob.page.locator("#signed-out-again").click()
+    await sign_in_again(bob)
+    await expect(bob.page.locator("#signin-error")).to_contain_text(
+        "bob is banned until", timeout=WAIT_MS
+    )
+    # Neither window came back: one socket each, ever, and no token asked for since.
+    assert [len(window.sockets) for window in (bob, bob_again)] == [1, 1]
+    assert (bob.logins(), bob_again.logins()) == (2, 1)  # bob's second: the refused sign-in
+    assert await alice.client_state() == "connected"
+    ARTIFACTS.mkdir(exist_ok=True)
+    await bob_again.page.screenshot(path=ARTIFACTS / "example-app-banned.png")
+
+
+async def test_a_window_offline_during_the_ban_signs_out_when_it_is_back(
+    browser: Browser, example: ExampleServer
+) -> None:
+    bob = await sign_in(browser, example, "bob")
+    await bob.page.context.set_offline(True)  # the page drops its socket on `offline`
+    await expect(bob.badge).to_have_attribute("data-state", "reconnecting", timeout=WAIT_MS)
+    assert example.app is not None
+    bus = aiohttp_wsbus.get_bus(example.app)
+    await eventually(lambda: not bus.connections)
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WAIT)) as http:
+        alice = await login(http, example, "alice")
+        status, _ = await post(http, example.url + "/admin/bans", {"user": "bob"}, alice["token"])
+        assert status == 202
+    await bob.page.context.set_offline(False)  # `online`: the client reconnects, asks a token
+    await expect(bob.signed_out).to_be_visible(timeout=WAIT_MS)
+    await expect(bob.page.locator("#signed-out-reason")).to_contain_text("bob is banned until")
+    assert await bob.client_state() == "closed"
+    assert len(bob.sockets) == 1
+    assert not bus.connections
+
+
+async def test_sign_out_everywhere_in_one_window_signs_out_the_other_and_bob_may_come_back(
+    browser: Browser, example: ExampleServer
+) -> None:
+    bob = await sign_in(browser, example, "bob")
+    bob_again = await sign_in_window(bob.page.context, example, "bob")
+    alice = await sign_in(browser, example, "alice")
+
+    async with bob.page.expect_response(lambda r: r.url.endswith("/sign-out-everywhere")) as answer:
+        await bob.page.locator("#signout-everywhere").click()
+    assert (await answer.value).status == 202
+    await expect_signed_out_within([bob_again, bob], time.monotonic(), "signed out everywhere")
+    assert await alice.client_state() == "connected"
+
+    # Not a ban: bob signs in again at once, with a fresh token the bus accepts.
+    await bob_again.page.locator("#signed-out-again").click()
+    await sign_in_again(bob_again)
+    await expect(bob_again.badge).to_have_attribute("data-state", "connected", timeout=WAIT_MS)
+    await bob_again.say("back after signing out everywhere")
+    await expect(alice.view("chat:lobby")).to_contain_text("back after signing", timeout=WAIT_MS)
+    assert [len(window.sockets) for window in (bob, bob_again)] == [1, 2]
+
+
 # -- what the page asks the server ------------------------------------------------
 
 
@@ -435,3 +548,7 @@ async def test_at_400_px_wide_nothing_scrolls_sideways_and_every_control_is_reac
     await assert_fits(bob.page, "a private room denied")
     ARTIFACTS.mkdir(exist_ok=True)
     await bob.page.screenshot(path=ARTIFACTS / "example-app-400px.png")
+
+    await bob.page.locator("#signout-everywhere").click()
+    await expect(bob.signed_out).to_be_visible(timeout=WAIT_MS)
+    await assert_fits(bob.page, "signed out")

@@ -1,5 +1,5 @@
 """The example app over plain HTTP: the demo identity provider, /send, private rooms,
-/api/notify, the CLI."""
+ending sessions (sign out everywhere, bans), /api/notify, the CLI."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -20,11 +21,12 @@ from jwt.algorithms import RSAAlgorithm
 
 import aiohttp_wsbus
 from example_app.__main__ import parse_arguments
-from example_app.app import PRIVATE_ROOMS_KEY
+from example_app.app import BANS_KEY, PRIVATE_ROOMS_KEY
+from example_app.bans import MAX_BAN_MINUTES, MAX_BANS, BanLimit, Bans
 from example_app.rooms import MAX_MEMBERS, MAX_ROOMS
 
 from .example_server import ExampleServer, free_port, login, open_socket, post, running_example
-from .support import WAIT, eventually, next_frame, nothing_more
+from .support import WAIT, SwitchableBroker, close_frame, eventually, next_frame, nothing_more
 
 ROOT = Path(__file__).parent.parent
 
@@ -59,10 +61,11 @@ async def test_login_token_is_rs256_signed_by_the_served_jwks(
         issuer=example.url + "/",
     )
     assert claims["sub"] == "bob"
-    assert claims["exp"] - claims["iat"] == 120
+    assert claims["exp"] == int(claims["iat"]) + 120
     assert claims["exp"] == answer["expires_at"]
     assert claims["channels"] == answer["channels"] == ["chat:lobby", "user:bob"]
     assert claims["publish"] == []
+    assert claims["roles"] == []
 
 
 async def test_staff_tokens_also_grant_the_staff_room(
@@ -71,6 +74,7 @@ async def test_staff_tokens_also_grant_the_staff_room(
     answer = await login(http, example, "alice")
     assert answer["is_staff"] is True
     assert answer["channels"] == ["chat:lobby", "user:alice", "chat:staff"]
+    assert jwt.decode(answer["token"], options={"verify_signature": False})["roles"] == ["staff"]
     assert [room["channel"] for room in answer["rooms"]] == ["chat:lobby", "chat:staff"]
 
 
@@ -417,6 +421,212 @@ async def test_the_room_store_is_bounded(
     status, answer = await invite(http, example, alice["token"], "room0", "bob")
     assert (status, answer["error"], answer["room"]) == (409, "room_limit", "room:room0")
     assert len((await rooms_of(http, example, alice["token"]))[0]["members"]) == MAX_MEMBERS
+
+
+# -- ending sessions: sign out everywhere, bans ------------------------------------
+
+
+async def refused(
+    http: aiohttp.ClientSession, example: ExampleServer, token: str
+) -> tuple[int, str]:
+    """The close code and reason a new bus socket with `token` is answered with."""
+    socket = await http.ws_connect(example.url.replace("http", "ws") + "/ws")
+    await socket.send_json({"type": "connect", "token": token, "channels": ["chat:lobby"]})
+    return await close_frame(socket)
+
+
+async def send_status(http: aiohttp.ClientSession, example: ExampleServer, token: str) -> int:
+    """The status /send answers a lobby message posted with `token`."""
+    status, _ = await post(
+        http, example.url + "/send", {"room": "chat:lobby", "text": "hi"}, token
+    )
+    return status
+
+
+async def test_sign_out_everywhere_closes_every_socket_of_the_user_and_refuses_old_tokens(
+    example: ExampleServer, http: aiohttp.ClientSession
+) -> None:
+    first = await login(http, example, "bob")
+    second = await login(http, example, "bob")  # another window or device
+    alice = await login(http, example, "alice")
+    window_one, _ = await open_socket(http, example, first["token"], ["chat:lobby"])
+    window_two, _ = await open_socket(http, example, second["token"], ["chat:lobby"])
+    bystander, _ = await open_socket(http, example, alice["token"], ["chat:lobby"])
+
+    status, answer = await post(http, example.url + "/sign-out-everywhere", None, first["token"])
+    assert status == 202
+    assert answer["user"] == "bob"
+    # Old tokens would have expired by then anyway: lifetime plus the bus's leeway.
+    assert example.app is not None
+    leeway = aiohttp_wsbus.get_bus(example.app).settings.leeway
+    assert answer["refused_until"] - answer["issued_before"] == pytest.approx(120 + leeway)
+    for socket in (window_one, window_two):
+        assert await close_frame(socket) == (4410, "signed out everywhere")
+    await nothing_more(bystander)
+    # Neither token comes back: not on the bus, not at the app's own endpoints.
+    for old in (first, second):
+        assert await refused(http, example, old["token"]) == (4401, "token revoked")
+        assert await send_status(http, example, old["token"]) == 401
+
+
+async def test_a_token_issued_right_after_sign_out_everywhere_works(
+    example: ExampleServer, http: aiohttp.ClientSession
+) -> None:
+    # Within the same second as the sign-out, as a quick new sign-in is: `iat` keeps
+    # the fraction of a second, so only the tokens from before are refused.
+    before = await login(http, example, "bob")
+    status, _ = await post(http, example.url + "/sign-out-everywhere", None, before["token"])
+    assert status == 202
+    after = await login(http, example, "bob")
+    socket, welcome = await open_socket(http, example, after["token"], ["chat:lobby"])
+    assert welcome["subscribed"] == ["chat:lobby"]
+    assert await send_status(http, example, after["token"]) == 202
+    assert (await next_frame(socket))["data"]["from"] == "bob"
+    assert await refused(http, example, before["token"]) == (4401, "token revoked")
+
+
+async def test_a_ban_ends_the_users_sessions_refuses_their_tokens_and_their_login(
+    example: ExampleServer, http: aiohttp.ClientSession
+) -> None:
+    alice = await login(http, example, "alice")
+    bob = await login(http, example, "bob")
+    carol = await login(http, example, "carol")
+    bob_socket, _ = await open_socket(http, example, bob["token"], ["chat:lobby"])
+    carol_socket, _ = await open_socket(http, example, carol["token"], ["chat:lobby"])
+
+    started = time.time()
+    status, answer = await post(
+        http, example.url + "/admin/bans", {"user": "bob", "minutes": 5}, alice["token"]
+    )
+    assert status == 202
+    assert answer["banned"] == "bob"
+    assert started + 300 <= answer["until"] <= time.time() + 300
+    assert await close_frame(bob_socket) == (4410, "banned by alice")
+    await nothing_more(carol_socket)
+    assert await refused(http, example, bob["token"]) == (4401, "token revoked")
+    assert await send_status(http, example, bob["token"]) == 401
+    status, refusal = await post(http, example.url + "/login", {"user": "bob"})
+    assert (status, refusal) == (403, {"error": "banned", "user": "bob", "until": answer["until"]})
+    assert await send_status(http, example, carol["token"]) == 202
+
+
+async def test_a_ban_lasts_an_hour_unless_staff_say_how_many_minutes(
+    example: ExampleServer, http: aiohttp.ClientSession
+) -> None:
+    carol = await login(http, example, "carol")  # staff too
+    started = time.time()
+    status, answer = await post(http, example.url + "/admin/bans", {"user": "dave"}, carol["token"])
+    assert status == 202
+    assert started + 3600 <= answer["until"] <= time.time() + 3600
+    assert example.app is not None
+    assert example.app[BANS_KEY].banned_until("dave") == answer["until"]
+
+
+async def test_only_staff_may_ban_and_a_refused_ban_changes_nothing(
+    example: ExampleServer, http: aiohttp.ClientSession
+) -> None:
+    bob = await login(http, example, "bob")
+    carol = await login(http, example, "carol")
+    carol_socket, _ = await open_socket(http, example, carol["token"], ["chat:lobby"])
+    status, answer = await post(http, example.url + "/admin/bans", {"user": "carol"}, bob["token"])
+    assert (status, answer) == (403, {"error": "forbidden", "detail": "staff only"})
+    # Checked before the body: a non-staff token learns nothing about the input.
+    status, _ = await post(http, example.url + "/admin/bans", {"user": "Carol"}, bob["token"])
+    assert status == 403
+    await nothing_more(carol_socket)
+    await login(http, example, "carol")
+
+
+async def test_ending_sessions_needs_a_valid_token(
+    example: ExampleServer, http: aiohttp.ClientSession
+) -> None:
+    bob = await login(http, example, "bob")
+    bob_socket, _ = await open_socket(http, example, bob["token"], ["chat:lobby"])
+    for path, body in [("/sign-out-everywhere", None), ("/admin/bans", {"user": "bob"})]:
+        for token in (None, "not-a-jwt"):
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            async with http.post(example.url + path, json=body, headers=headers) as response:
+                assert response.status == 401, (path, token)
+                assert response.headers["WWW-Authenticate"] == "Bearer"
+                assert await response.json() == {"error": "unauthorized"}
+    await nothing_more(bob_socket)
+
+
+@pytest.mark.parametrize(
+    ("body", "fields"),
+    [
+        ({}, ["user"]),
+        ({"user": "Bob"}, ["user"]),
+        ({"user": "user:bob"}, ["user"]),
+        ({"user": 7}, ["user"]),
+        ({"user": "alice"}, ["user"]),  # herself
+        ({"user": "bob", "minutes": 0}, ["minutes"]),
+        ({"user": "bob", "minutes": MAX_BAN_MINUTES + 1}, ["minutes"]),
+        ({"user": "bob", "minutes": 1.5}, ["minutes"]),
+        ({"user": "bob", "minutes": "60"}, ["minutes"]),
+        ({"user": "bob", "until": 0}, ["until"]),
+        (["bob"], ["_schema"]),
+    ],
+)
+async def test_a_ban_refuses_bad_input_with_the_fields_named(
+    example: ExampleServer, http: aiohttp.ClientSession, body: object, fields: list[str]
+) -> None:
+    alice = await login(http, example, "alice")
+    status, answer = await post(http, example.url + "/admin/bans", body, alice["token"])
+    assert status == 400
+    assert answer["error"] == "invalid_request"
+    assert sorted(answer["fields"]) == fields
+    await login(http, example, "bob")  # nobody was banned
+
+
+async def test_with_the_broker_down_ending_sessions_answers_503(
+    http: aiohttp.ClientSession,
+) -> None:
+    broker = SwitchableBroker()
+    async with running_example(broker=broker) as example:
+        alice = await login(http, example, "alice")
+        bob = await login(http, example, "bob")
+        socket, _ = await open_socket(http, example, bob["token"], ["chat:lobby"])
+        broker.is_up = False
+        for path, body, token in [
+            ("/sign-out-everywhere", None, bob["token"]),
+            ("/admin/bans", {"user": "bob"}, alice["token"]),
+        ]:
+            status, answer = await post(http, example.url + path, body, token)
+            assert (status, answer) == (503, {"error": "broker_unavailable"}), path
+        broker.is_up = True
+        await nothing_more(socket)
+        # The app's own ban holds even so: staff may simply ask again.
+        status, _ = await post(http, example.url + "/login", {"user": "bob"})
+        assert status == 403
+
+
+def test_the_ban_store_is_bounded_and_forgets_ended_bans() -> None:
+    now = [1000.0]
+    bans = Bans(max_bans=2, clock=lambda: now[0])
+    bans.ban("bob", 1060)
+    bans.ban("carol", 1010)
+    bans.ban("bob", 1030)  # a shorter ban does not cut a longer one short
+    assert (bans.banned_until("bob"), bans.banned_until("carol")) == (1060, 1010)
+    with pytest.raises(BanLimit):
+        bans.ban("dave", 1100)
+    now[0] = 1010  # carol's ban has ended: her place is free again
+    assert bans.banned_until("carol") is None
+    bans.ban("dave", 1100)
+    assert bans.banned_until("dave") == 1100
+
+
+async def test_the_apps_ban_store_full_answers_409(
+    example: ExampleServer, http: aiohttp.ClientSession
+) -> None:
+    alice = await login(http, example, "alice")
+    assert example.app is not None
+    bans = example.app[BANS_KEY]
+    for n in range(MAX_BANS):
+        bans.ban(f"user{n}", time.time() + 60)
+    status, answer = await post(http, example.url + "/admin/bans", {"user": "bob"}, alice["token"])
+    assert (status, answer["error"]) == (409, "ban_limit")
+    await login(http, example, "bob")
 
 
 # -- /api/notify ---------------------------------------------------------------

@@ -39,8 +39,8 @@ PAGE = """<!doctype html>
   let gate = null;
   let token = null;
   Object.assign(window, {
-    received: [], states: [], recovered: [], errors: [], denied: [], disconnected: [],
-    sockets: 0, backoffs: 0, reuseToken: false,
+    received: [], states: [], subscribed: [], recovered: [], errors: [], denied: [],
+    disconnected: [], sockets: 0, backoffs: 0, reuseToken: false,
   });
   window.holdTokens = () => {
     let release;
@@ -80,6 +80,7 @@ PAGE = """<!doctype html>
   if (params.has("connectTimeout")) options.connectTimeout = Number(params.get("connectTimeout"));
   const bus = (window.bus = new WsBus(params.get("bus") ?? "/ws", options));
   bus.on("state", (state) => window.states.push(state));
+  bus.on("subscribed", (channel, meta) => window.subscribed.push([channel, meta]));
   bus.on("recovered", (channel, ok) => window.recovered.push([channel, ok]));
   bus.on("denied", (channel, reason) => window.denied.push([channel, reason]));
   bus.on("disconnected", (reason) => window.disconnected.push([reason, bus.state]));
@@ -304,6 +305,41 @@ async def test_page_recovers_what_was_published_while_its_socket_was_down(
     assert await page.evaluate("window.recovered") == [["chat:lobby", True]]
     assert await page.evaluate("window.errors") == []
     assert await page.evaluate("window.states") == RECONNECTED_ONCE
+
+
+async def test_page_is_told_of_each_channel_the_server_subscribed_and_again_after_a_drop(
+    page: Page, page_server: PageServer
+) -> None:
+    bus = page_server.bus
+    assert bus is not None
+    await wait_until(page, "window.subscribed.length === 1")
+    [[channel, meta]] = await page.evaluate("window.subscribed")
+    assert (channel, meta["position"]["offset"], list(meta)) == ("chat:lobby", 0, ["position"])
+
+    later = await bus.publish("chat:later", "before the page joined")
+    await page.evaluate("window.bus.subscribe('chat:later')")  # a subscribe frame, live
+    await wait_until(page, "window.subscribed.length === 2")
+    assert (await page.evaluate("window.subscribed"))[1] == [
+        "chat:later",
+        {"position": {"offset": later.offset, "epoch": later.epoch}},
+    ]
+
+    await page.evaluate("window.holdTokens()")
+    assert page_server.drop_sockets() == 1
+    await wait_until(page, "window.states.includes('disconnected')")
+    await page_server.publish("missed")
+    await page.evaluate("window.releaseTokens()")
+    await wait_until(page, "window.subscribed.length === 4")
+    again = dict(map(tuple, (await page.evaluate("window.subscribed"))[2:]))
+    assert again["chat:lobby"]["recovered"] is True
+    assert again["chat:lobby"]["position"]["offset"] == 1
+    assert again["chat:later"] == {
+        "position": {"offset": later.offset, "epoch": later.epoch},
+        "recovered": True,
+    }
+    await wait_until(page, "window.received.length === 1")
+    assert [(m["data"], m["recovered"]) for m in await received(page)] == [("missed", True)]
+    assert await page.evaluate("window.errors") == []
 
 
 async def test_offline_drops_the_socket_and_online_reconnects_and_recovers(

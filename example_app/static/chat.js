@@ -47,13 +47,24 @@ async function login(user) {
     body: JSON.stringify({ user }),
   });
   const body = await response.json().catch(() => ({}));
-  if (!response.ok) throw new Error(describeError(body, response.status));
+  if (!response.ok) {
+    const error = new Error(describeError(body, response.status));
+    error.isBanned = body.error === "banned";
+    throw error;
+  }
   return body;
 }
 
 /** Signs in again as the same user: after a server restart only a new token verifies. */
 async function getToken() {
-  const answer = await login(session.user);
+  let answer;
+  try {
+    answer = await login(session.user);
+  } catch (error) {
+    // Banned while this window was away (offline, reconnecting): the session is over here too.
+    if (error.isBanned) endSession(error.message);
+    throw error;
+  }
   showToken(answer);
   return answer.token;
 }
@@ -64,6 +75,7 @@ function describeError(body, status) {
     const first = Object.values(fields).flat()[0];
     if (first) return String(first);
   }
+  if (body && body.error === "banned") return `${body.user} is banned until ${clock(body.until * 1000)}`;
   if (body && body.error) return `${body.error.replaceAll("_", " ")} (HTTP ${status})`;
   return `request failed (HTTP ${status})`;
 }
@@ -93,6 +105,30 @@ function signOut() {
   location.reload();
 }
 
+/** Ends every session of this user, this window's too: each shows "signed out" on its own. */
+async function signOutEverywhere() {
+  $("signout-everywhere").disabled = true;
+  try {
+    await post("/sign-out-everywhere", undefined, { isSigned: true });
+  } catch (error) {
+    $("composer-error").textContent = error.message;
+    $("signout-everywhere").disabled = false;
+  }
+}
+
+/** The app ended this session (the bus closed the socket with 4410, or a ban): show why, stop. */
+function endSession(reason) {
+  if (!$("signed-out").hidden) return;
+  session.bus?.close(); // already closed after 4410; not yet if getToken found a ban
+  clearInterval(session.clockTimer);
+  sessionStorage.removeItem("wsbus-example-user"); // a reload does not sign in again
+  $("chat").hidden = true;
+  $("signin").hidden = true;
+  $("signed-out-reason").textContent = reason || "session ended";
+  $("signed-out").hidden = false;
+  document.title = "Signed out · wsbus chat";
+}
+
 async function startChat(answer) {
   session.user = answer.user;
   session.rooms = answer.rooms;
@@ -101,6 +137,7 @@ async function startChat(answer) {
   $("chat").hidden = false;
   $("me-name").textContent = answer.user;
   $("me-role").textContent = answer.is_staff ? "Staff" : "Member";
+  $("moderation").hidden = !answer.is_staff;
   paintAvatar($("me-avatar"), answer.user);
   buildViews();
   select(session.rooms[0].channel);
@@ -112,32 +149,10 @@ async function startChat(answer) {
 
 // -- the bus ----------------------------------------------------------------
 
-/**
- * wsbus.js reports a refused channel ("denied") but no event when one is joined, so the
- * page reads the server's own answers, `welcome` and `subscribed` (docs/protocol.md),
- * to show a room as joined once the bus has really subscribed it.
- */
-class JoinWatchingWebSocket extends WebSocket {
-  constructor(url, protocols) {
-    super(url, protocols);
-    this.addEventListener("message", (event) => {
-      let frame;
-      try {
-        frame = JSON.parse(event.data);
-      } catch {
-        return; // the client reports unreadable frames
-      }
-      if (frame?.type !== "welcome" && frame?.type !== "subscribed") return;
-      for (const channel of frame.subscribed ?? []) setStatus(viewOf(channel), "joined");
-    });
-  }
-}
-
 function connect(firstToken) {
   let pending = firstToken; // the sign-in token serves the first connect
   const bus = new WsBus("/ws", {
     autoConnect: false,
-    WebSocket: JoinWatchingWebSocket,
     getToken: () => {
       if (pending) {
         const token = pending;
@@ -149,6 +164,7 @@ function connect(firstToken) {
   });
   session.bus = bus;
   bus.on("state", (state) => {
+    document.body.dataset.bus = state; // the client's own state, as it names it
     if (state === "connected") {
       session.hasConnected = true;
       // Whatever failed before the reconnect is stale now; the draft stays in the input.
@@ -159,7 +175,10 @@ function connect(firstToken) {
     $("composer-send").title = isConnected ? "" : "Sending resumes once the page is connected";
     showState(state);
   });
+  // A room shows as joined once the bus has really subscribed it, as denied when it refused.
+  bus.on("subscribed", (channel) => setStatus(viewOf(channel), "joined"));
   bus.on("denied", (channel, reason) => setStatus(viewOf(channel), "denied", reason));
+  bus.on("disconnected", (reason) => endSession(reason));
   bus.on("recovered", (channel, ok) => {
     if (!ok) addNote(viewOf(channel), "Reconnected. Messages sent while you were away could not be replayed.");
   });
@@ -425,6 +444,25 @@ async function invite(event) {
   }
 }
 
+// -- moderation (staff) ---------------------------------------------------------
+
+async function ban(event) {
+  event.preventDefault();
+  const user = $("ban-user").value.trim().toLowerCase();
+  const status = $("ban-status");
+  if (!user) return;
+  delete status.dataset.outcome;
+  status.textContent = "";
+  try {
+    const answer = await post("/admin/bans", { user }, { isSigned: true });
+    $("ban-user").value = "";
+    status.dataset.outcome = "banned";
+    status.textContent = `${answer.banned} is banned until ${clock(answer.until * 1000)}; their windows are signed out.`;
+  } catch (error) {
+    status.textContent = error.message;
+  }
+}
+
 // -- messages -----------------------------------------------------------------
 
 function addMessage(name, data, meta) {
@@ -627,6 +665,9 @@ function paintAvatar(element, name) {
 $("signin-form").addEventListener("submit", signIn);
 $("composer").addEventListener("submit", send);
 $("signout").addEventListener("click", signOut);
+$("signout-everywhere").addEventListener("click", signOutEverywhere);
+$("signed-out-again").addEventListener("click", () => location.reload());
+$("ban-form").addEventListener("submit", ban);
 $("notify").addEventListener("click", notifyFromBackEnd);
 $("room-form").addEventListener("submit", createRoom);
 $("room-join").addEventListener("click", joinRoomByName);

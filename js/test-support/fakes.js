@@ -118,7 +118,7 @@ afterEach(async () => {
 export function harness(options = {}) {
   const clock = new FakeClock();
   const { FakeWebSocket, sockets } = fakeWebSocketClass();
-  const log = { states: [], errors: [], denied: [], recovered: [], messages: [], disconnected: [] };
+  const log = { states: [], errors: [], subscribed: [], denied: [], recovered: [], messages: [], disconnected: [] };
   let tokenCalls = 0;
   const tokens = options.tokens;
   const getToken =
@@ -144,6 +144,7 @@ export function harness(options = {}) {
   });
   bus.on("state", (state) => log.states.push(state));
   bus.on("error", (error) => log.errors.push(error));
+  bus.on("subscribed", (channel, meta) => log.subscribed.push([channel, meta]));
   bus.on("denied", (channel, reason) => log.denied.push([channel, reason]));
   bus.on("disconnected", (reason) => log.disconnected.push([reason, bus.state]));
   bus.on("recovered", (channel, ok) => log.recovered.push([channel, ok]));

@@ -133,7 +133,9 @@ after(() => server.stop());
 
 /** A WsBus on the server that records what it sees; closed when the test ends. */
 function connect(t, { claims = {}, hold = async () => {}, ...options } = {}) {
-  const seen = { states: [], denied: [], errors: [], recovered: [], tokens: [], disconnected: [], backoffs: 0 };
+  const seen = {
+    states: [], subscribed: [], denied: [], errors: [], recovered: [], tokens: [], disconnected: [], backoffs: 0,
+  };
   const bus = new WsBus(server.base + "/ws", {
     ...FAST,
     getToken: async () => {
@@ -150,6 +152,7 @@ function connect(t, { claims = {}, hold = async () => {}, ...options } = {}) {
     autoConnect: false, // listen first, then connect
   });
   bus.on("state", (state) => seen.states.push(state));
+  bus.on("subscribed", (channel, meta) => seen.subscribed.push([channel, meta]));
   bus.on("denied", (channel, reason) => seen.denied.push([channel, reason]));
   bus.on("error", (error) => seen.errors.push(error));
   bus.on("recovered", (channel, ok) => seen.recovered.push([channel, ok]));
@@ -300,6 +303,38 @@ it("subscribes and unsubscribes on a live connection", async (t) => {
   assert.deepEqual(later.map(([data]) => data), ["one"]);
   assert.deepEqual(again.map(([data]) => data), ["two"]);
   assert.deepEqual(seen.states, ["connecting", "connected"]);
+});
+
+it("reports each channel the server subscribed, with its position, and again after a reconnect", async (t) => {
+  let gate = null;
+  const { bus, seen } = connect(t, { channels: ["chat:told", "secret:no"], hold: () => gate?.promise });
+  const told = record(bus, "chat:told");
+  await until(() => seen.subscribed.length === 1, "the welcome's channel");
+  const [[channel, { position }]] = seen.subscribed;
+  assert.equal(channel, "chat:told");
+  assert.equal(position.offset, 0, "nothing published yet");
+  assert.deepEqual(seen.denied, [["secret:no", "forbidden"]]);
+
+  const published = (await server.publish("chat:told-later", "first")).published[0];
+  record(bus, "chat:told-later"); // a subscribe frame on the live socket
+  await until(() => seen.subscribed.length === 2, "the channel joined later");
+  assert.deepEqual(seen.subscribed[1], ["chat:told-later", { position: { offset: 1, epoch: published.epoch } }]);
+
+  await server.publish("chat:told", "seen live");
+  await until(() => told.length === 1, "a live message");
+  gate = deferred();
+  assert.equal((await server.kill()).killed, 1);
+  await until(() => seen.states.includes("disconnected"), "the drop to be noticed");
+  const missed = (await server.publish("chat:told", "missed")).published[0];
+  gate.resolve();
+  await until(() => seen.subscribed.length === 4, "both channels again in the new welcome");
+  assert.deepEqual(new Map(seen.subscribed.slice(2)), new Map([
+    ["chat:told", { position: { offset: 2, epoch: missed.epoch }, recovered: true }],
+    ["chat:told-later", { position: { offset: 1, epoch: published.epoch }, recovered: true }],
+  ]));
+  await until(() => told.length === 2, "the missed message, replayed");
+  assert.deepEqual(told.map(([data, meta]) => [data, meta.recovered]), [["seen live", false], ["missed", true]]);
+  assert.deepEqual(seen.errors, []);
 });
 
 it("retries a channel denied as unavailable while the broker is down, and keeps its handlers", async (t) => {

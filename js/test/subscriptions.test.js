@@ -292,3 +292,117 @@ test("a reconnect asks for unavailable channels in its connect frame and cancels
   h.bus.close();
   assert.deepEqual(h.clock.pendingDelays(), []);
 });
+
+// -- the subscribed event ------------------------------------------------------
+
+test("a welcome reports each subscribed channel with its position; denied ones are not", async () => {
+  const h = harness({ channels: ["a", "b", "c"] });
+  await h.connect({
+    subscribed: ["a", "b"],
+    denied: { c: "forbidden" },
+    positions: { a: { offset: 4, epoch: "e1" }, b: { offset: 0, epoch: "e0" } },
+  });
+  assert.deepEqual(h.log.subscribed, [
+    ["a", { position: { offset: 4, epoch: "e1" } }],
+    ["b", { position: { offset: 0, epoch: "e0" } }],
+  ]);
+  assert.deepEqual(h.log.denied, [["c", "forbidden"]]);
+});
+
+test("a subscribed frame reports the channels joined later; no position, no position in meta", async () => {
+  const h = harness();
+  await h.connect({ positions: { a: { offset: 0, epoch: "e0" } } });
+  h.bus.subscribe("b");
+  h.bus.subscribe("c");
+  h.socket.receive({
+    type: "subscribed",
+    subscribed: ["b", "c"],
+    denied: {},
+    recovered: {},
+    positions: { b: { offset: 2, epoch: "e1" } },
+  });
+  assert.deepEqual(h.log.subscribed, [
+    ["a", { position: { offset: 0, epoch: "e0" } }],
+    ["b", { position: { offset: 2, epoch: "e1" } }],
+    ["c", {}],
+  ]);
+});
+
+test("after a reconnect the welcome reports every channel again, with whether it recovered", async () => {
+  const h = harness({ channels: ["a", "b"] });
+  await h.connect({ positions: { a: { offset: 0, epoch: "e1" }, b: { offset: 0, epoch: "e1" } } });
+  h.socket.receive(message("a", 1, "one"));
+  h.socket.receive(message("b", 1, "one"));
+  h.socket.drop(1006);
+  await h.clock.advance(1000);
+  await h.connect({
+    recovered: { a: true, b: false },
+    positions: { a: { offset: 1, epoch: "e1" }, b: { offset: 9, epoch: "e2" } },
+  });
+  assert.deepEqual(h.log.subscribed.slice(2), [
+    ["a", { position: { offset: 1, epoch: "e1" }, recovered: true }],
+    ["b", { position: { offset: 9, epoch: "e2" }, recovered: false }],
+  ]);
+  assert.deepEqual(h.log.recovered, [["a", true], ["b", false]]);
+});
+
+test("subscribed comes before that channel's recovered event and its replayed messages", async () => {
+  const h = harness({ channels: ["a"] });
+  const order = [];
+  h.bus.on("subscribed", (channel) => order.push(["subscribed", channel]));
+  h.bus.on("recovered", (channel, ok) => order.push(["recovered", channel, ok]));
+  h.bus.subscribe("a", (data) => order.push(["message", data]));
+  await h.connect();
+  h.socket.receive(message("a", 1, "live"));
+  h.socket.drop(1006);
+  await h.clock.advance(1000);
+  await h.connect({ recovered: { a: true }, positions: { a: { offset: 2, epoch: "e1" } } });
+  h.socket.receive(message("a", 2, "missed", { recovered: true }));
+  assert.deepEqual(order.slice(2), [
+    ["subscribed", "a"],
+    ["recovered", "a", true],
+    ["message", "missed"],
+  ]);
+});
+
+test("a channel left while the server was subscribing it is not reported", async () => {
+  const h = harness({ channels: ["a"] });
+  await h.connect();
+  h.bus.subscribe("b");
+  h.bus.unsubscribe("b"); // before the server's answer to the subscribe
+  h.socket.receive({ type: "subscribed", subscribed: ["b"], denied: {}, recovered: {}, positions: {} });
+  assert.deepEqual(
+    h.log.subscribed.map(([channel]) => channel),
+    ["a"],
+  );
+});
+
+test("a subscribed listener that closes the client stops the events of that frame", async () => {
+  const h = harness({ channels: ["a", "b"] });
+  const seen = [];
+  h.bus.on("subscribed", (channel) => {
+    seen.push(channel);
+    h.bus.close();
+  });
+  await h.connect({ recovered: {} });
+  assert.deepEqual(seen, ["a"]);
+  assert.equal(h.bus.state, "closed");
+  assert.deepEqual(h.socket.framesOfType("subscribe"), []);
+});
+
+test("a throwing subscribed listener is reported and the others still hear of every channel", async () => {
+  const h = harness({ channels: ["a", "b"] });
+  h.bus.on("subscribed", () => {
+    throw new Error("listener bug");
+  });
+  await h.connect();
+  assert.deepEqual(
+    h.log.subscribed.map(([channel]) => channel),
+    ["a", "b"],
+  );
+  assert.deepEqual(
+    h.log.errors.map((error) => error.message),
+    ["listener bug", "listener bug"],
+  );
+  assert.equal(h.bus.state, "connected");
+});

@@ -3,7 +3,7 @@
 // TypeScript recipe, importing from the served path as a page does.
 
 import { CloseCodes, WsBus } from "/ws/wsbus.js";
-import type { DenyReason, MessageMeta, WsBusOptions, WsBusState } from "/ws/wsbus.js";
+import type { ChannelPosition, DenyReason, MessageMeta, SubscribedMeta, WsBusOptions, WsBusState } from "/ws/wsbus.js";
 
 interface ChatMessage {
   text: string;
@@ -32,6 +32,11 @@ const removeHandler: () => void = bus.subscribe<ChatMessage>("chat:lobby", (mess
 removeHandler();
 bus.subscribe("chat:quiet"); // joined without a handler
 bus.on("state", (next: WsBusState) => console.log(state, next));
+bus.on("subscribed", (channel: string, meta: SubscribedMeta) => {
+  const position: ChannelPosition | undefined = meta.position;
+  const recovered: boolean | undefined = meta.recovered;
+  console.log(channel, position?.offset, position?.epoch, recovered);
+});
 bus.on("denied", (channel: string, reason: DenyReason) => console.log(channel, reason));
 const takenAway: DenyReason = "server";
 bus.on("disconnected", (reason: string) => console.log("signed out:", reason, takenAway));
@@ -55,6 +60,8 @@ new WsBus("/ws", { getToken: () => "t", connectTimeout: "10s" });
 bus.on("welcome", () => {});
 // @ts-expect-error a disconnected listener gets the reason, a string, not a close code
 bus.on("disconnected", (code: number) => console.log(code));
+// @ts-expect-error a subscribed listener's position may be missing
+bus.on("subscribed", (channel: string, meta: SubscribedMeta) => console.log(channel, meta.position.offset));
 // @ts-expect-error a denied listener gets (channel, reason), not a number
 bus.on("denied", (channel: string, reason: number) => console.log(channel, reason));
 // @ts-expect-error data is unknown until the handler says what it is
