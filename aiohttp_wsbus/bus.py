@@ -11,7 +11,7 @@ import secrets
 from collections.abc import Callable, Collection, Coroutine, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Final, TypeVar
+from typing import Any, TypeVar
 
 import aiohttp
 
@@ -34,18 +34,15 @@ from .protocol import (
     CLIENT_GONE,
     SHUTTING_DOWN,
     SLOW_CONSUMER,
-    TOKEN_REVOKED,
     Close,
-    CloseCode,
     Position,
     encode_data,
     encode_message,
-    ended,
     text_frame,
 )
-from .protocol import reconnect as protocol_reconnect
 from .registry import Connections, Registry
-from .revocations import Revocation, Revocations, check_user
+from .revocations import Revocation
+from .sessions import Sessions
 from .settings import Settings
 from .tokens import Claims, TokenVerifier
 
@@ -54,18 +51,6 @@ __all__ = ["Bus", "SubscribeResult"]
 logger = logging.getLogger("aiohttp_wsbus")
 
 _Decorated = TypeVar("_Decorated", bound=Callable[..., Any])
-MAX_CONTROL_CHANNELS: Final = 100
-MAX_REASON_BYTES: Final = 123  # what a close frame has room for
-
-
-def _check_reason(reason: object) -> str:
-    if not isinstance(reason, str) or len(reason.encode("utf-8", "surrogatepass")) > 123:
-        raise ValueError(f"reason: at most {MAX_REASON_BYTES} bytes of UTF-8")
-    try:
-        reason.encode()
-    except UnicodeEncodeError:
-        raise ValueError("reason: not valid Unicode") from None
-    return reason
 
 
 @dataclass(slots=True)
@@ -102,7 +87,7 @@ class Bus:
         self.slow_consumer_closes = 0
         self.auth_failures: collections.Counter[str] = collections.Counter()
         self.hook_errors: collections.Counter[str] = collections.Counter()
-        self.revocations = Revocations()
+        self.sessions = Sessions(self)
         self.hooks = Hooks(self, self.hook_errors)
         self.on_connect = self.hooks.on_connect
         self.on_disconnect = self.hooks.on_disconnect
@@ -160,7 +145,7 @@ class Bus:
         self._scheduler = WriteScheduler(asyncio.get_running_loop())
         await self.verifier.start(session)
         history = HistoryOptions(self.settings.history_size, self.settings.history_ttl)
-        await self.broker.start(self.deliver, history, on_control=self.apply_control)
+        await self.broker.start(self.deliver, history, on_control=self.sessions.apply)
 
     async def stop(self) -> None:
         await self.close_all(SHUTTING_DOWN)
@@ -217,11 +202,11 @@ class Bus:
     async def verify(self, token: str) -> Claims:
         """The token's Claims; InvalidToken also for a revoked token, cached or not."""
         claims = await self.verifier.verify(token)
-        if self.revocations.covers(claims):
+        if self.sessions.revocations.covers(claims):
             raise InvalidToken("revoked")
         return claims
 
-    # -- the application ends sessions -------------------------------------
+    # -- the application ends sessions (sessions.py does the work) --------
 
     async def disconnect(self, user: str, *, reconnect: bool = False, reason: str = "") -> None:
         """Close every socket of `user`, on every node: 4410 (stop), or 4012 with
@@ -230,22 +215,12 @@ class Bus:
         Raises ValueError for a bad user or reason, BrokerUnavailable if the
         broker cannot carry it.
         """
-        check_user(user)
-        close = (protocol_reconnect if reconnect else ended)(_check_reason(reason))
-        await self.broker.control(
-            {"type": "disconnect", "user": user, "code": int(close.code), "reason": close.reason}
-        )
+        await self.sessions.disconnect(user, reconnect=reconnect, reason=reason)
 
     async def unsubscribe_user(self, user: str, channels: Collection[str]) -> None:
-        """Unsubscribe every socket of `user`, on every node, from `channels`.
-
-        Each socket gets `unsubscribed` with reason `server` for those it had.
-        """
-        check_user(user)
-        names = list(dict.fromkeys(channels)) if not isinstance(channels, str) else [channels]
-        if not 0 < len(names) <= MAX_CONTROL_CHANNELS or not all(map(is_valid_channel, names)):
-            raise ValueError(f"channels: 1 to {MAX_CONTROL_CHANNELS} valid channel names")
-        await self.broker.control({"type": "unsubscribe", "user": user, "channels": names})
+        """Unsubscribe every socket of `user`, on every node, from `channels`
+        (each gets `unsubscribed` with reason `server` for those it had)."""
+        await self.sessions.unsubscribe_user(user, channels)
 
     async def revoke(
         self,
@@ -262,45 +237,9 @@ class Bus:
         and Bearer emit, cached or not; live sockets holding one are closed 4410.
         Kept across restarts by a broker that persists (Redis).
         """
-        revocation = Revocation.make(
+        return await self.sessions.revoke(
             until=until, user=user, token_id=token_id, issued_before=issued_before
         )
-        await self.broker.revoke(revocation)
-        return revocation
-
-    def apply_control(self, message: Mapping[str, Any]) -> None:
-        """Act on a control message from the broker (from this node or another)."""
-        kind = message.get("type")
-        if kind == "disconnect":
-            close = Close(CloseCode(message["code"]), message["reason"])
-            for connection in self.connections.of(message["user"]):
-                connection.close(close)
-        elif kind == "unsubscribe":
-            for connection in self.connections.of(message["user"]):
-                left = [c for c in message["channels"] if c in connection.channels]
-                if left:
-                    self._drop(connection, left)
-                    connection.send({"type": "unsubscribed", "channels": left, "reason": "server"})
-                    self._unsubscribed(connection, left, "server")
-        elif kind == "revoke":
-            revocation = Revocation.from_json(message["revocation"])
-            self.revocations.add(revocation)
-            self._close_revoked([revocation])
-        elif kind == "revocations":  # the broker (re)loaded every revocation in force
-            revocations = [Revocation.from_json(r) for r in message["revocations"]]
-            self.revocations.replace(revocations)
-            self._close_revoked(revocations)
-
-    def _close_revoked(self, revocations: list[Revocation]) -> None:
-        for revocation in revocations:
-            holders = (
-                self.connections.of(revocation.user)
-                if revocation.user is not None
-                else list(self.connections)
-            )
-            for connection in holders:
-                if revocation.covers(connection.claims):
-                    connection.close(TOKEN_REVOKED)
 
     def refused(self, what: str, reason: str) -> None:
         """Count and log one refused credential (never the credential itself)."""
@@ -415,7 +354,7 @@ class Bus:
                 failed.append(channel)
                 if not isinstance(outcome, BrokerUnavailable):
                     logger.error("broker subscribe failed: %s", channel, exc_info=outcome)
-            self._drop(connection, failed)
+            self.drop(connection, failed)
             result.denied.update(dict.fromkeys(failed, "unavailable"))
             if connection.is_closing:
                 # Closed while the broker answered: the close emptied the registry
@@ -427,7 +366,7 @@ class Bus:
             try:
                 histories = await self.broker.history({c: since.get(c) for c in accepted})
             except BrokerUnavailable:
-                self._drop(connection, accepted)
+                self.drop(connection, accepted)
                 result.denied.update(dict.fromkeys(accepted, "unavailable"))
                 accepted = []
         # Revoked or closed while the broker answered: those are gone already.
@@ -522,7 +461,7 @@ class Bus:
                 connection.allowed.add(channel)
         return accepted
 
-    def _drop(self, connection: Connection, channels: list[str]) -> None:
+    def drop(self, connection: Connection, channels: list[str]) -> None:
         for channel in channels:
             connection.release(channel)
             if connection.allowed is not None:
@@ -534,8 +473,8 @@ class Bus:
     def unsubscribe(self, connection: Connection, channels: list[str]) -> list[str]:
         """Unsubscribe from those of `channels` the connection has; return them."""
         left = [c for c in channels if c in connection.channels]
-        self._drop(connection, left)
-        self._unsubscribed(connection, left, "client")
+        self.drop(connection, left)
+        self.unsubscribed(connection, left, "client")
         return left
 
     async def refresh(self, connection: Connection, claims: Claims) -> list[str]:
@@ -563,10 +502,10 @@ class Bus:
             connection.release(channel)
         self._drop_interest(emptied)
         connection.expire_at(asyncio.get_running_loop(), claims.expires_at + self.settings.leeway)
-        self._unsubscribed(connection, revoked, "revoked")
+        self.unsubscribed(connection, revoked, "revoked")
         return revoked
 
-    def _unsubscribed(self, connection: Connection, channels: list[str], reason: str) -> None:
+    def unsubscribed(self, connection: Connection, channels: list[str], reason: str) -> None:
         if channels and self.on_unsubscribe and connection.is_announced:
             info = ConnectionInfo.of(connection)
             self.track(

@@ -48,4 +48,4 @@ async def test_readme_session_snippet_runs_against_a_bus(
     exec(f"async def snippet(bus, time):\n{body}", namespace)  # noqa: S102
     await namespace["snippet"](server.bus, time)
     assert await close_code(socket) == 4410
-    assert len(server.bus.revocations) == 1
+    assert len(server.bus.sessions.revocations) == 1

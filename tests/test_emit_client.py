@@ -213,4 +213,4 @@ async def test_sync_control_calls(
     await asyncio.to_thread(lambda: client.disconnect("alice", reconnect=True))
     assert (await close_frame(alice))[0] == 4012
     await asyncio.to_thread(lambda: client.revoke(token_id="t-1", until=time.time() + 60))
-    assert len(server.bus.revocations) == 1
+    assert len(server.bus.sessions.revocations) == 1

@@ -181,7 +181,7 @@ async def test_the_control_api_takes_an_api_key_only_and_names_bad_fields(
         {"error": "broker_unavailable"},
     )
     await nothing_more(alice)  # nothing was applied halfway
-    assert not server.bus.revocations
+    assert not server.bus.sessions.revocations
     broker.is_up = True
     assert (await post("/users/alice/unsubscribe", {"channels": ["chat:a"]}))[0] == 202
     assert (await next_frame(alice))["reason"] == "server"
