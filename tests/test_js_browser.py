@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import WSMsgType, web
 from playwright.async_api import Browser, Page
@@ -18,6 +19,8 @@ from playwright.async_api import Browser, Page
 import aiohttp_wsbus
 
 from .conftest import AUDIENCE, ISSUER, JwksServer, MakeToken
+from .redis_node import API_KEY as NODE_API_KEY
+from .redis_nodes import start_node, stop_node
 from .support import eventually
 
 WAIT_MS = 5000  # any single wait in the page
@@ -150,9 +153,12 @@ class PageServer:
     process restart) on the same port; the JWKS server lives on.
     """
 
-    def __init__(self, jwks_url: str, make_token: MakeToken) -> None:
+    def __init__(
+        self, jwks_url: str, make_token: MakeToken, broker: aiohttp_wsbus.Broker | None = None
+    ) -> None:
         self.jwks_url = jwks_url
         self.make_token = make_token
+        self.broker = broker
         self.port = 0
         self.bus: aiohttp_wsbus.Bus | None = None
         self.scripted = ScriptedSockets()
@@ -171,7 +177,12 @@ class PageServer:
     async def start(self) -> None:
         app = web.Application()
         self.bus = aiohttp_wsbus.setup(
-            app, jwks_url=self.jwks_url, issuer=ISSUER, audience=AUDIENCE, close_timeout=1.0
+            app,
+            jwks_url=self.jwks_url,
+            issuer=ISSUER,
+            audience=AUDIENCE,
+            close_timeout=1.0,
+            broker=self.broker,
         )
         app.router.add_get("/", self._page)
         app.router.add_get("/token", self._token)
@@ -497,3 +508,39 @@ async def test_page_drops_a_channel_the_application_unsubscribed_it_from(
     assert await received(page) == []
     assert await page.evaluate("window.bus.state") == "connected"
     assert await page.evaluate("window.errors") == []
+
+
+async def test_a_disconnect_on_another_node_stops_the_page_within_a_second(
+    browser: Browser,
+    jwks_server: JwksServer,
+    make_token: MakeToken,
+    redis_url: str,
+    redis_prefix: str,
+) -> None:
+    # The page's bus and a second server process share one Redis.
+    broker = aiohttp_wsbus.RedisBroker(redis_url, prefix=redis_prefix)
+    server = PageServer(jwks_server.url, make_token, broker=broker)
+    await server.start()
+    other_node = await start_node(redis_url, redis_prefix)
+    try:
+        async with load_page(browser, server.url) as opened, aiohttp.ClientSession() as session:
+            await wait_until(opened, "window.states.includes('connected')")
+
+            async def end_session(body: dict[str, Any]) -> None:
+                async with session.post(
+                    other_node.url + "/ws/users/alice/disconnect",
+                    json=body,
+                    headers={"X-API-Key": NODE_API_KEY},
+                ) as answer:
+                    assert answer.status == 202
+
+            await end_session({"reconnect": True})
+            await opened.wait_for_function(f"() => {connected_count(2)}", timeout=1000)
+            assert server.tokens_issued == 2  # back with a fresh token
+            await end_session({"reason": "banned"})
+            await opened.wait_for_function("() => window.states.at(-1) === 'closed'", timeout=1000)
+            assert await opened.evaluate("window.disconnected") == [["banned", "closed"]]
+            assert await opened.evaluate("window.bus.state") == "closed"
+    finally:
+        await stop_node(other_node)
+        await server.stop()
