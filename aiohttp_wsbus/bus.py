@@ -336,7 +336,11 @@ class Bus:
         messages, then the live ones that arrived meanwhile: no gap, no duplicate.
         """
         result = SubscribeResult()
-        accepted = await self._admit(connection, channels, result, since)
+        candidates, undecided = self._select(connection, channels, result, since)
+        allowed: set[str] = set()
+        if undecided:
+            allowed = await self._authorize_subscribe(connection, undecided, result)
+        accepted = self._admit(connection, candidates, allowed, result)
         firsts = []
         for channel in accepted:
             # Held from the moment it joins the registry until the replay is queued.
@@ -404,22 +408,21 @@ class Bus:
                 connection.enqueue(_frame(message))
                 last = message.offset
 
-    async def _admit(
+    def _select(
         self,
         connection: Connection,
         channels: list[str],
         result: SubscribeResult,
         since: Mapping[str, Position],
-    ) -> list[str]:
-        """The channels to subscribe to; the others are answered in `result`.
+    ) -> tuple[list[str], list[str]]:
+        """The channels to consider, in order, and those of them the authorizers decide.
 
-        Channels the token does not grant go to the application's authorizers;
-        those they allow are allowed for this connection only.
+        The others are answered in `result` (invalid, forbidden, already subscribed).
         """
-        if connection.is_closing:
-            return []
         candidates: list[str] = []
         undecided: list[str] = []
+        if connection.is_closing:
+            return candidates, undecided
         authorizers = self.authorizers["subscribe"]
         for channel in channels:
             if not is_valid_channel(channel):
@@ -435,17 +438,35 @@ class Bus:
                 undecided.append(channel)
             else:
                 result.denied[channel] = "forbidden"
-        allowed: set[str] = set()
-        if undecided:
-            verdicts = await self.authorize(connection.claims, undecided, "subscribe")
-            if connection.is_closing:
-                return []
-            for channel, verdict in verdicts.items():
-                if verdict == "allowed":
-                    allowed.add(channel)
-                else:
-                    result.denied[channel] = verdict
+        return candidates, undecided
+
+    async def _authorize_subscribe(
+        self, connection: Connection, channels: list[str], result: SubscribeResult
+    ) -> set[str]:
+        """Ask the application's authorizers; the allowed channels (the rest are denied)."""
+        verdicts = await self.authorize(connection.claims, channels, "subscribe")
+        allowed = set()
+        for channel, verdict in verdicts.items():
+            if verdict == "allowed":
+                allowed.add(channel)
+            else:
+                result.denied[channel] = verdict
+        return allowed
+
+    def _admit(
+        self,
+        connection: Connection,
+        candidates: list[str],
+        allowed: set[str],
+        result: SubscribeResult,
+    ) -> list[str]:
+        """The candidates within `max_channels` (denied `limit` past it).
+
+        Channels an authorizer allowed are allowed for this connection only.
+        """
         accepted: list[str] = []
+        if connection.is_closing:  # closed while the authorizers answered
+            return accepted
         room = self.settings.max_channels - len(connection.channels)
         for channel in candidates:
             if channel in result.denied:

@@ -140,7 +140,10 @@ class WebSocketHandler:
             return None
         connection = self.bus.connect(socket, transport, claims)
         try:
-            await self.bus.announce(connection)
+            if self.bus.on_connect:  # no coroutine per socket when nobody listens
+                await self.bus.announce(connection)
+            else:
+                connection.is_announced = True
         except Exception as error:  # a failure is logged and counted where it happened
             refusal = REFUSED if isinstance(error, Forbidden) else INTERNAL_ERROR
             connection.close(refusal)
