@@ -178,7 +178,9 @@ class Authorizers:
                 verdicts[channel] = "forbidden"
         if unmatched:
             asks.append(self._ask_batch(claims, unmatched, timeout, verdicts))
-        if asks:
+        if len(asks) == 1:
+            await asks[0]  # the common case: no task to make
+        elif asks:
             await asyncio.gather(*asks)
         return verdicts
 
