@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
 import secrets
 from collections.abc import Callable, Collection, Coroutine, Mapping
-from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -19,16 +17,14 @@ from .authorizers import Action, Authorizers, BatchAuthorizer, Verdict
 from .brokers.base import (
     APPLICATION,
     Broker,
-    History,
     HistoryOptions,
     Message,
     Published,
     check_publish,
     scoped_message_id,
 )
-from .connection import Connection, WriteScheduler
-from .errors import BrokerUnavailable, InvalidToken
-from .grants import is_valid_channel, may
+from .connection import Connection, WriteScheduler, message_frame
+from .errors import InvalidToken
 from .hooks import ConnectionInfo, Hooks
 from .protocol import (
     CLIENT_GONE,
@@ -37,13 +33,12 @@ from .protocol import (
     Close,
     Position,
     encode_data,
-    encode_message,
-    text_frame,
 )
 from .registry import Connections, Registry
 from .revocations import Revocation
 from .sessions import Sessions
 from .settings import Settings
+from .subscriptions import SubscribeResult, Subscriptions
 from .tokens import Claims, TokenVerifier
 
 __all__ = ["Bus", "SubscribeResult"]
@@ -51,24 +46,6 @@ __all__ = ["Bus", "SubscribeResult"]
 logger = logging.getLogger("aiohttp_wsbus")
 
 _Decorated = TypeVar("_Decorated", bound=Callable[..., Any])
-
-
-@dataclass(slots=True)
-class SubscribeResult:
-    """What became of a request to subscribe to some channels."""
-
-    subscribed: list[str] = field(default_factory=list)
-    denied: dict[str, str] = field(default_factory=dict)
-    recovered: dict[str, bool] = field(default_factory=dict)
-    positions: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "subscribed": self.subscribed,
-            "denied": self.denied,
-            "recovered": self.recovered,
-            "positions": self.positions,
-        }
 
 
 class Bus:
@@ -88,6 +65,7 @@ class Bus:
         self.auth_failures: collections.Counter[str] = collections.Counter()
         self.hook_errors: collections.Counter[str] = collections.Counter()
         self.sessions = Sessions(self)
+        self.subscriptions = Subscriptions(self)
         self.hooks = Hooks(self, self.hook_errors)
         self.on_connect = self.hooks.on_connect
         self.on_disconnect = self.hooks.on_disconnect
@@ -251,7 +229,7 @@ class Bus:
         subscribers = self.registry.subscribers(message.channel)
         if not subscribers:
             return
-        frame = _frame(message)
+        frame = message_frame(message)
         self.messages_delivered += len(subscribers)
         for connection in subscribers:
             connection.deliver(message, frame)
@@ -298,7 +276,7 @@ class Bus:
             self.track(
                 self.hooks.send("on_disconnect", self.on_disconnect, info, _code(connection))
             )
-        self._drop_interest(self.registry.remove_all(connection))
+        self.subscriptions.drop_interest(self.registry.remove_all(connection))
 
     def _start_closing(self, connection: Connection, close: Close) -> None:
         connection.closing = self.track(connection.send_close(close, self.settings.close_timeout))
@@ -310,18 +288,6 @@ class Bus:
         task.add_done_callback(self._background_tasks.discard)
         return task
 
-    def _drop_interest(self, channels: Collection[str]) -> None:
-        """Tell the broker this node no longer needs `channels`."""
-        for channel in channels:
-            self.track(self._unsubscribe_broker(channel))
-
-    async def _unsubscribe_broker(self, channel: str) -> None:
-        # A subscriber may have come back while this was scheduled.
-        if self.registry.subscribers(channel):
-            return
-        with contextlib.suppress(BrokerUnavailable):  # it forgets interest on reconnect
-            await self.broker.unsubscribe(channel)
-
     async def subscribe(
         self,
         connection: Connection,
@@ -329,217 +295,21 @@ class Bus:
         since: Mapping[str, Position],
         reply: Callable[[SubscribeResult], dict[str, Any]],
     ) -> SubscribeResult:
-        """Subscribe `connection` to the granted channels among `channels`.
-
-        Queues `reply(result)` (a welcome or subscribed frame), then, for each
-        channel with a position in `since` that can be recovered, the missed
-        messages, then the live ones that arrived meanwhile: no gap, no duplicate.
-        """
-        result = SubscribeResult()
-        candidates, undecided = self._select(connection, channels, result, since)
-        allowed: set[str] = set()
-        if undecided:
-            allowed = await self._authorize_subscribe(connection, undecided, result)
-        accepted = self._admit(connection, candidates, allowed, result)
-        firsts = []
-        for channel in accepted:
-            # Held from the moment it joins the registry until the replay is queued.
-            connection.hold(channel)
-            if self.registry.add(connection, channel):
-                firsts.append(channel)
-        if firsts:
-            outcomes = await asyncio.gather(
-                *(self.broker.subscribe(c) for c in firsts), return_exceptions=True
-            )
-            failed = []
-            for channel, outcome in zip(firsts, outcomes, strict=True):
-                if outcome is None:
-                    continue
-                failed.append(channel)
-                if not isinstance(outcome, BrokerUnavailable):
-                    logger.error("broker subscribe failed: %s", channel, exc_info=outcome)
-            self.drop(connection, failed)
-            result.denied.update(dict.fromkeys(failed, "unavailable"))
-            if connection.is_closing:
-                # Closed while the broker answered: the close emptied the registry
-                # first, so interest taken since then must be given back.
-                self._drop_interest(firsts)
-        accepted = [c for c in accepted if c in connection.channels]
-        histories: dict[str, History] = {}
-        if accepted:
-            try:
-                histories = await self.broker.history({c: since.get(c) for c in accepted})
-            except BrokerUnavailable:
-                self.drop(connection, accepted)
-                result.denied.update(dict.fromkeys(accepted, "unavailable"))
-                accepted = []
-        # Revoked or closed while the broker answered: those are gone already.
-        accepted = [c for c in accepted if c in connection.channels]
-        for channel in accepted:
-            history = histories[channel]
-            result.subscribed.append(channel)
-            result.positions[channel] = history.position.as_json()
-            if channel in since:
-                result.recovered[channel] = history.recovered
-        connection.send(reply(result))
-        for channel in accepted:
-            self._go_live(connection, channel, histories[channel], since.get(channel))
-        if accepted and self.on_subscribe and connection.is_announced:
-            info = ConnectionInfo.of(connection)
-            self.track(self.hooks.send("on_subscribe", self.on_subscribe, info, accepted))
-        return result
-
-    def _go_live(
-        self, connection: Connection, channel: str, history: History, since: Position | None
-    ) -> None:
-        held = connection.release(channel)
-        epoch = history.position.epoch
-        last = history.position.offset
-        if since is not None and history.recovered:
-            last = since.offset
-            for message in history.messages:
-                if message.offset > last:
-                    connection.enqueue(_frame(message, recovered=True))
-                    last = message.offset
-        for message in held:
-            if last == 0 and message.offset == 1:
-                epoch = message.epoch  # a channel's first message starts its epoch
-            if message.epoch == epoch and message.offset > last:
-                connection.enqueue(_frame(message))
-                last = message.offset
-
-    def _select(
-        self,
-        connection: Connection,
-        channels: list[str],
-        result: SubscribeResult,
-        since: Mapping[str, Position],
-    ) -> tuple[list[str], list[str]]:
-        """The channels to consider, in order, and those of them the authorizers decide.
-
-        The others are answered in `result` (invalid, forbidden, already subscribed).
-        """
-        candidates: list[str] = []
-        undecided: list[str] = []
-        if connection.is_closing:
-            return candidates, undecided
-        authorizers = self.authorizers["subscribe"]
-        for channel in channels:
-            if not is_valid_channel(channel):
-                result.denied[channel] = "invalid"
-            elif channel in connection.channels:
-                result.subscribed.append(channel)
-                if channel in since:  # live on this socket all along: nothing missed
-                    result.recovered[channel] = True
-            elif may(connection.claims.subscribe, channel):
-                candidates.append(channel)
-            elif authorizers:
-                candidates.append(channel)
-                undecided.append(channel)
-            else:
-                result.denied[channel] = "forbidden"
-        return candidates, undecided
-
-    async def _authorize_subscribe(
-        self, connection: Connection, channels: list[str], result: SubscribeResult
-    ) -> set[str]:
-        """Ask the application's authorizers; the allowed channels (the rest are denied)."""
-        verdicts = await self.authorize(connection.claims, channels, "subscribe")
-        allowed = set()
-        for channel, verdict in verdicts.items():
-            if verdict == "allowed":
-                allowed.add(channel)
-            else:
-                result.denied[channel] = verdict
-        return allowed
-
-    def _admit(
-        self,
-        connection: Connection,
-        candidates: list[str],
-        allowed: set[str],
-        result: SubscribeResult,
-    ) -> list[str]:
-        """The candidates within `max_channels` (denied `limit` past it).
-
-        Channels an authorizer allowed are allowed for this connection only.
-        """
-        accepted: list[str] = []
-        if connection.is_closing:  # closed while the authorizers answered
-            return accepted
-        room = self.settings.max_channels - len(connection.channels)
-        for channel in candidates:
-            if channel in result.denied:
-                continue
-            if room <= 0:
-                result.denied[channel] = "limit"
-                continue
-            accepted.append(channel)
-            room -= 1
-            if channel in allowed:
-                if connection.allowed is None:
-                    connection.allowed = set()
-                connection.allowed.add(channel)
-        return accepted
-
-    def drop(self, connection: Connection, channels: list[str]) -> None:
-        for channel in channels:
-            connection.release(channel)
-            if connection.allowed is not None:
-                connection.allowed.discard(channel)
-        if connection.allowed is not None and not connection.allowed:
-            connection.allowed = None
-        self._drop_interest([c for c in channels if self.registry.remove(connection, c)])
+        """Subscribe `connection` to the allowed channels among `channels`, recovering
+        from `since`; queue `reply(result)` first (subscriptions.py does the work)."""
+        return await self.subscriptions.subscribe(connection, channels, since, reply)
 
     def unsubscribe(self, connection: Connection, channels: list[str]) -> list[str]:
         """Unsubscribe from those of `channels` the connection has; return them."""
-        left = [c for c in channels if c in connection.channels]
-        self.drop(connection, left)
-        self.unsubscribed(connection, left, "client")
-        return left
+        return self.subscriptions.unsubscribe(connection, channels)
 
     async def refresh(self, connection: Connection, claims: Claims) -> list[str]:
-        """Switch to a refreshed token; return the channels it no longer grants.
-
-        Subscribed channels the new token does not cover are put to the
-        application's authorizers again; those they refuse (or cannot answer
-        for) are dropped with the ones no longer granted.
-        """
-        authorizers = self.authorizers["subscribe"]
-        uncovered = [c for c in connection.channels if not may(claims.subscribe, c)]
-        if authorizers and uncovered:
-            verdicts = await self.authorize(claims, uncovered, "subscribe")
-            allowed = {c for c, verdict in verdicts.items() if verdict == "allowed"}
-            connection.allowed = allowed or None
-        else:
-            connection.allowed = None
-        return self.regrant(connection, claims)
+        """Switch to a refreshed token; return the channels it no longer allows."""
+        return await self.subscriptions.refresh(connection, claims)
 
     def regrant(self, connection: Connection, claims: Claims) -> list[str]:
         """Switch to claims whose grants and allowances are already decided."""
-        connection.claims = claims
-        revoked, emptied = self.registry.regrant(connection)
-        for channel in revoked:
-            connection.release(channel)
-        self._drop_interest(emptied)
-        connection.expire_at(asyncio.get_running_loop(), claims.expires_at + self.settings.leeway)
-        self.unsubscribed(connection, revoked, "revoked")
-        return revoked
-
-    def unsubscribed(self, connection: Connection, channels: list[str], reason: str) -> None:
-        if channels and self.on_unsubscribe and connection.is_announced:
-            info = ConnectionInfo.of(connection)
-            self.track(
-                self.hooks.send("on_unsubscribe", self.on_unsubscribe, info, channels, reason)
-            )
-
-
-def _frame(message: Message, *, recovered: bool = False) -> bytes:
-    return text_frame(
-        encode_message(
-            message.channel, message.offset, message.epoch, message.data, recovered=recovered
-        )
-    )
+        return self.subscriptions.regrant(connection, claims)
 
 
 def _code(connection: Connection) -> int:

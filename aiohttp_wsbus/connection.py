@@ -12,10 +12,10 @@ from aiohttp import web
 
 from .brokers.base import Message
 from .grants import may
-from .protocol import SLOW_CONSUMER, TOKEN_EXPIRED, Close, encode, text_frame
+from .protocol import SLOW_CONSUMER, TOKEN_EXPIRED, Close, encode, encode_message, text_frame
 from .tokens import Claims
 
-__all__ = ["Connection", "WriteScheduler"]
+__all__ = ["Connection", "WriteScheduler", "message_frame"]
 
 
 class WriteScheduler:
@@ -208,3 +208,12 @@ class Connection:
         except Exception:  # the peer went away mid-close: nothing left to tell it
             with contextlib.suppress(Exception):
                 self.transport.abort()
+
+
+def message_frame(message: Message, *, recovered: bool = False) -> bytes:
+    """A published message as one ready WebSocket frame (built once per message)."""
+    return text_frame(
+        encode_message(
+            message.channel, message.offset, message.epoch, message.data, recovered=recovered
+        )
+    )

@@ -73,9 +73,9 @@ class Sessions:
             for connection in self.bus.connections.of(message["user"]):
                 left = [c for c in message["channels"] if c in connection.channels]
                 if left:
-                    self.bus.drop(connection, left)
+                    self.bus.subscriptions.drop(connection, left)
                     connection.send({"type": "unsubscribed", "channels": left, "reason": "server"})
-                    self.bus.unsubscribed(connection, left, "server")
+                    self.bus.subscriptions.unsubscribed(connection, left, "server")
         elif kind == "revoke":
             revocation = Revocation.from_json(message["revocation"])
             self.revocations.add(revocation)

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pytest_aiohttp import AiohttpClient
 
-import aiohttp_wsbus.bus
+import aiohttp_wsbus.connection
 from aiohttp_wsbus import Bus, Claims
 from aiohttp_wsbus.authorizers import ChannelPattern
 from aiohttp_wsbus.grants import may
@@ -133,7 +133,7 @@ async def test_a_message_is_encoded_once_for_all_subscribers(
         calls.append(args)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(aiohttp_wsbus.bus, "encode_message", counting)
+    monkeypatch.setattr(aiohttp_wsbus.connection, "encode_message", counting)
     await server.bus.publish("chat:a", {"big": "x" * 1000})
     for socket in sockets:
         assert (await next_frame(socket))["data"] == {"big": "x" * 1000}
