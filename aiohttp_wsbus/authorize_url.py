@@ -1,6 +1,6 @@
 """The standalone server's `--authorize-url`: the application's authorizer, over HTTP.
 
-For each subscribe frame (or Bearer emit), the channels the token does not
+For each subscribe frame (subscriptions only, never publishing), the channels the token does not
 grant are POSTed in one request:
 
     {"action": "subscribe", "user": SUB, "channels": [...], "claims": {...}}

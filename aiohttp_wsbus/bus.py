@@ -180,9 +180,17 @@ class Bus:
     async def verify(self, token: str) -> Claims:
         """The token's Claims; InvalidToken also for a revoked token, cached or not."""
         claims = await self.verifier.verify(token)
+        self.check_revoked(claims)
+        return claims
+
+    def check_revoked(self, claims: Claims) -> None:
+        """Raise InvalidToken("revoked") if a revocation now covers these claims' token.
+
+        For paths that waited after `verify` (an authorizer, a body): a
+        revocation may have arrived meanwhile.
+        """
         if self.sessions.revocations.covers(claims):
             raise InvalidToken("revoked")
-        return claims
 
     # -- the application ends sessions (sessions.py does the work) --------
 
@@ -264,19 +272,25 @@ class Bus:
                 logger.warning("on_connect hook timed out for user %r", connection.claims.subject)
                 raise
         connection.is_announced = True
+        if connection.is_closing:  # closed while on_connect ran: its _forget saw no announce
+            self._disconnected(connection)
 
     def _forget(self, connection: Connection) -> None:
         self.connections.discard(connection)
         if connection.closed_with is SLOW_CONSUMER:
             self.slow_consumer_closes += 1
         connection.pending = None
-        if connection.is_announced and self.on_disconnect:
-            # Taken before the registry forgets the channels it was on.
+        if connection.is_announced:
+            self._disconnected(connection)
+        self.subscriptions.drop_interest(self.registry.remove_all(connection))
+
+    def _disconnected(self, connection: Connection) -> None:
+        # Taken before the registry forgets the channels it was on.
+        if self.on_disconnect:
             info = ConnectionInfo.of(connection)
             self.track(
                 self.hooks.send("on_disconnect", self.on_disconnect, info, _code(connection))
             )
-        self.subscriptions.drop_interest(self.registry.remove_all(connection))
 
     def _start_closing(self, connection: Connection, close: Close) -> None:
         connection.closing = self.track(connection.send_close(close, self.settings.close_timeout))

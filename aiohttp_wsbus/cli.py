@@ -354,8 +354,9 @@ def _authorize_through(app: web.Application, bus: Bus, url: str) -> None:
     if not bus.settings.api_keys:
         raise BadSetting(f"{where}: needs an API key (--api-key or --api-key-file) to send")
     authorizer = UrlAuthorizer(url, bus.settings.api_keys[0], bus.settings.authorize_timeout)
-    for action in ("subscribe", "publish"):
-        bus.batch_authorizer(authorizer.for_action(action), action=action)
+    # Subscribe only: a webhook that answers "may they see it" must not be read as
+    # "may they publish to it".
+    bus.batch_authorizer(authorizer.for_action("subscribe"), action="subscribe")
     app.cleanup_ctx.append(authorizer.lifetime)
 
 

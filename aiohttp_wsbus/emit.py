@@ -128,6 +128,11 @@ class Endpoints:
         channels: list[str] = list(dict.fromkeys(loaded.get("channels") or [loaded["channel"]]))
         if claims is not None:
             await self._authorize(claims, channels)
+            try:  # revoked while the body or the authorizers were awaited
+                self.bus.check_revoked(claims)
+            except InvalidToken as error:
+                self.bus.refused("emit", error.reason)
+                raise _unauthorized(error.reason) from None
         try:
             data = encode_data(loaded["data"] if "data" in loaded else loaded["payload"])
         except ValueError as error:
@@ -166,11 +171,13 @@ class Endpoints:
 
     async def _control_body(self, request: web.Request, schema: Schema) -> dict[str, Any]:
         """The control request's body, after its API key (a user's token never will do)."""
-        _check_post_json(request)
         api_key = request.headers.get("X-API-Key")
-        if api_key is None or self.api_keys.publisher(api_key) is None:
+        if request.method == "POST" and (
+            api_key is None or self.api_keys.publisher(api_key) is None
+        ):
             self.bus.refused("control", "missing" if api_key is None else "api_key")
             raise _unauthorized()
+        _check_post_json(request)
         raw = await self._read_json(request)
         try:
             loaded: dict[str, Any] = schema.load({} if raw is None else raw)
@@ -208,7 +215,7 @@ class Endpoints:
             claims = await self.bus.verify(token.strip())
         except InvalidToken as error:
             self.bus.refused("emit", error.reason)
-            raise _unauthorized() from None
+            raise _unauthorized(error.reason) from None
         except KeysUnavailable:
             raise http_error(web.HTTPServiceUnavailable, "keys_unavailable") from None
         subject = hashlib.sha256(claims.subject.encode("utf-8", "surrogatepass")).digest()
@@ -235,7 +242,13 @@ class Endpoints:
             raise _too_large(limit, request.content_length)
         raw = bytearray()
         try:
-            async with asyncio.timeout(self.settings.emit_timeout) as deadline:
+            # A body that starts once shutdown has begun gets only close_timeout.
+            limit_seconds = (
+                self.settings.close_timeout
+                if self._is_shutting_down
+                else self.settings.emit_timeout
+            )
+            async with asyncio.timeout(limit_seconds) as deadline:
                 self._body_deadlines.add(deadline)
                 try:
                     async for chunk in request.content.iter_chunked(65536):
@@ -303,8 +316,10 @@ def _check_post_json(request: web.Request) -> None:
         )
 
 
-def _unauthorized() -> web.HTTPException:
-    error = http_error(web.HTTPUnauthorized, "unauthorized")
+def _unauthorized(reason: str | None = None) -> web.HTTPException:
+    # Only a revoked token is told why: the other reasons are for logs and metrics.
+    details = {"reason": reason} if reason == "revoked" else {}
+    error = http_error(web.HTTPUnauthorized, "unauthorized", **details)
     error.headers["WWW-Authenticate"] = "Bearer"
     return error
 

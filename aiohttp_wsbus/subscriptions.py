@@ -246,12 +246,14 @@ class Subscriptions:
 
         Subscribed channels the new token does not cover are put to the
         application's authorizers again; those they refuse (or cannot answer
-        for) are dropped with the ones no longer granted.
+        for) are dropped with the ones no longer granted. Raises InvalidToken
+        if the token was revoked meanwhile.
         """
         authorizers = self.bus.authorizers["subscribe"]
         uncovered = [c for c in connection.channels if not may(claims.subscribe, c)]
         if authorizers and uncovered:
             verdicts = await self.bus.authorize(claims, uncovered, "subscribe")
+            self.bus.check_revoked(claims)  # revoked while the authorizers answered
             allowed = {c for c, verdict in verdicts.items() if verdict == "allowed"}
             connection.allowed = allowed or None
         else:

@@ -219,16 +219,16 @@ class WebSocketHandler:
     async def _refresh(self, connection: Connection, token: str) -> None:
         try:
             claims = await self.bus.verify(token)
+            if claims.subject != connection.claims.subject:
+                connection.close(ANOTHER_USER)
+                return
+            revoked = await self.bus.refresh(connection, claims)
         except InvalidToken as error:
             self.bus.refused("refresh", error.reason)
             connection.close(unauthorized(error.reason))
             return
         except KeysUnavailable:
             return  # keep the current token until its own expiry; the client may retry
-        if claims.subject != connection.claims.subject:
-            connection.close(ANOTHER_USER)
-            return
-        revoked = await self.bus.refresh(connection, claims)
         if revoked:
             connection.send({"type": "unsubscribed", "channels": revoked, "reason": "revoked"})
         connection.send({"type": "refreshed", "expires_at": claims.expires_at, "revoked": revoked})

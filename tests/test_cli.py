@@ -256,6 +256,14 @@ async def test_authorize_url_decides_channels_the_token_does_not_grant(
         assert (body["user"], body["channels"]) == ("alice", ["order:1", "order:9"])
         assert body["claims"]["plan"] == "pro"
         assert token not in json.dumps(body)
+        # The webhook decides subscriptions only: its allow is no publish grant.
+        emitted = await session.post(
+            "/ws/emit",
+            json={"channel": "order:1", "data": 1},
+            headers={"Authorization": "Bearer " + make_token(sub="alice", publish=[])},
+        )
+        assert emitted.status == 403
+        assert len(application.requests) == 1
         for status, verdict in ((403, "forbidden"), (500, "unavailable")):
             application.status = status
             await socket.send_json({"type": "subscribe", "channels": ["order:2", "order:3"]})

@@ -219,3 +219,31 @@ def aiohttp_wsbus_app() -> Any:
     from aiohttp import web
 
     return web.Application()
+
+
+async def test_a_socket_closed_while_on_connect_runs_still_gets_its_on_disconnect(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
+) -> None:
+    entered = asyncio.Event()
+    leave = asyncio.Event()
+    endings: list[tuple[str, int]] = []
+
+    def prepare(bus: Bus) -> None:
+        @bus.on_connect
+        async def slow(info: ConnectionInfo) -> None:
+            entered.set()
+            await leave.wait()
+
+        @bus.on_disconnect
+        async def ended(info: ConnectionInfo, code: int) -> None:
+            endings.append((info.user, code))
+
+    server = await start_bus(aiohttp_client, jwks_server.url, prepare=prepare)
+    socket = await server.client.ws_connect("/ws")
+    await socket.send_json({"type": "connect", "token": make_token(sub="alice"), "channels": []})
+    await asyncio.wait_for(entered.wait(), WAIT)
+    await server.bus.disconnect("alice")
+    leave.set()
+    assert (await close_frame(socket))[0] == 4410
+    await eventually(lambda: bool(endings))
+    assert endings == [("alice", 4410)]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -18,6 +19,7 @@ import redis.asyncio
 from aiohttp_wsbus import BrokerUnavailable, RedisBroker, RedisPublisher, SyncRedisPublisher
 from aiohttp_wsbus.brokers import Broker, HistoryOptions, MemoryBroker, Message
 from aiohttp_wsbus.brokers.base import EmptyEpoch
+from aiohttp_wsbus.brokers.redis_control import CONTROL_CHANNEL
 from aiohttp_wsbus.brokers.redis_scripts import ChannelKeys
 from aiohttp_wsbus.protocol import MAX_EPOCH_LENGTH, Position
 from aiohttp_wsbus.revocations import Revocation
@@ -611,3 +613,25 @@ async def test_control_reaches_every_node_and_revocations_outlive_them(
     loaded = {"type": "revocations", "revocations": [revocation.as_json()]}
     await eventually(lambda: loaded in heard[2])
     assert empty not in heard[2]
+
+
+async def test_stored_revocations_keep_the_later_end_and_drop_ended_or_broken_ones(
+    make_redis_broker: RedisMaker, redis_url: str, redis_prefix: str
+) -> None:
+    heard: list[Mapping[str, Any]] = []
+    broker, _ = await make_redis_broker(on_control=heard.append)
+    long = Revocation.make(user="bob", until=time.time() + 3600)
+    await broker.revoke(long)
+    await broker.revoke(Revocation.make(user="bob", until=time.time() + 60))  # shorter: kept long
+    key = ChannelKeys.of(redis_prefix, CONTROL_CHANNEL).tag + ":revocations"
+    client = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        ended = {"until": time.time() - 1, "user": "old", "token_id": None, "issued_before": None}
+        await client.hset(key, mapping={"user:old:": json.dumps(ended), "junk": "not json"})
+        reloaded: list[Mapping[str, Any]] = []
+        await make_redis_broker(on_control=reloaded.append)
+        await eventually(lambda: bool(reloaded))
+        assert reloaded == [{"type": "revocations", "revocations": [long.as_json()]}]
+        assert await client.hlen(key) == 1  # the ended and the broken ones are gone
+    finally:
+        await client.aclose()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -15,6 +16,7 @@ from aiohttp_wsbus import MemoryBroker
 
 from .conftest import JwksServer, MakeToken
 from .support import (
+    WAIT,
     BusServer,
     SwitchableBroker,
     close_frame,
@@ -232,3 +234,59 @@ def aiohttp_wsbus_app() -> Any:
     from aiohttp import web
 
     return web.Application()
+
+
+async def test_a_token_revoked_while_its_refresh_waits_on_an_authorizer_is_refused(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
+) -> None:
+    asked = asyncio.Event()
+    answer = asyncio.Event()
+
+    def prepare(bus: aiohttp_wsbus.Bus) -> None:
+        @bus.authorizer("room:{name}")
+        async def slow(claims: aiohttp_wsbus.Claims, name: str) -> bool:
+            if claims.token_id == "second":
+                asked.set()
+                await answer.wait()
+            return True
+
+        @bus.authorizer("room:{name}", action="publish")
+        async def slow_publish(claims: aiohttp_wsbus.Claims, name: str) -> bool:
+            asked.set()
+            await answer.wait()
+            return True
+
+    server = await start_bus(aiohttp_client, jwks_server.url, prepare=prepare, api_keys=[API_KEY])
+    socket, _ = await server.open(make_token(channels=[], jti="first"), ["room:a"])
+    await socket.send_json({"type": "refresh", "token": make_token(channels=[], jti="second")})
+    await asyncio.wait_for(asked.wait(), WAIT)
+    await server.bus.revoke(token_id="second", until=time.time() + 60)
+    answer.set()
+    assert await close_frame(socket) == (4401, "token revoked")
+    # The same on a Bearer emit whose publish authorizer was still answering.
+    asked.clear()
+    answer.clear()
+    token = make_token(sub="bob", publish=[], jti="emitter")
+    emitting = asyncio.create_task(
+        server.client.post(
+            "/ws/emit",
+            json={"channel": "room:a", "data": 1},
+            headers={"Authorization": f"Bearer {token}"},
+        )
+    )
+    await asyncio.wait_for(asked.wait(), WAIT)
+    await server.bus.revoke(token_id="emitter", until=time.time() + 60)
+    answer.set()
+    response = await emitting
+    assert (response.status, await response.json()) == (
+        401,
+        {"error": "unauthorized", "reason": "revoked"},
+    )
+
+
+async def test_control_without_an_api_key_is_401_whatever_its_body(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer
+) -> None:
+    server = await bus_server(aiohttp_client, jwks_server)
+    response = await server.client.post("/ws/users/alice/disconnect", data=b"x")
+    assert response.status == 401

@@ -11,6 +11,7 @@ confirms its control subscription, so one that was cut off catches up.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Mapping
 from typing import Any, Final
@@ -22,15 +23,38 @@ from .redis_scripts import ChannelKeys, milliseconds
 
 __all__ = ["CONTROL_CHANNEL", "ControlChannel"]
 
+logger = logging.getLogger("aiohttp_wsbus")
+
 CONTROL_CHANNEL: Final = "!control"
 
 PUBLISH_SCRIPT: Final = "return redis.call(ARGV[2], KEYS[1], ARGV[1])"
-LOAD_SCRIPT: Final = "return redis.call('HGETALL', KEYS[1])"
+# KEYS[1] the revocations hash; ARGV[1] now (s). Drops ended or unreadable entries.
+LOAD_SCRIPT: Final = """
+local now = tonumber(ARGV[1])
+local stored = redis.call('HGETALL', KEYS[1])
+local held = {}
+for i = 1, #stored, 2 do
+  local ok, record = pcall(cjson.decode, stored[i + 1])
+  local ends = ok and type(record) == 'table' and tonumber(record['until'])
+  if ends and ends > now then
+    table.insert(held, stored[i + 1])
+  else
+    redis.call('HDEL', KEYS[1], stored[i])
+  end
+end
+return held
+"""
 
 # KEYS[1] the revocations hash; ARGV: field, revocation JSON, until (ms), the control
-# channel, the message, the publish command. Stored and announced in one step.
+# channel, the message, the publish command, until (s). Stored (keeping the later end
+# of two revocations of the same tokens) and announced in one step.
 REVOKE_SCRIPT: Final = """
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+local held = redis.call('HGET', KEYS[1], ARGV[1])
+local ok, record = pcall(cjson.decode, held or '')
+if not (ok and type(record) == 'table' and tonumber(record['until'])
+        and tonumber(record['until']) >= tonumber(ARGV[7])) then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+end
 if redis.call('PEXPIRETIME', KEYS[1]) < tonumber(ARGV[3]) then
   redis.call('PEXPIREAT', KEYS[1], ARGV[3])
 end
@@ -71,18 +95,19 @@ class ControlChannel:
             self.keys.pubsub,
             json.dumps(message),
             self._publish_command,
+            revocation.until,
         )
 
     async def load(self, redis: Redis | RedisCluster) -> dict[str, Any]:
         """Every revocation in force, as the control message that replaces a bus's own."""
         # A script, like every command here: a cluster client routes EVAL by its key.
-        stored = await redis.eval(LOAD_SCRIPT, 1, self.revocations_key)
-        now = time.time()
+        held = await redis.eval(LOAD_SCRIPT, 1, self.revocations_key, time.time())
         revocations = []
-        for raw in stored[1::2]:
-            revocation = Revocation.from_json(json.loads(raw))
-            if revocation.until > now:
-                revocations.append(revocation.as_json())
+        for raw in held:
+            try:
+                revocations.append(Revocation.from_json(json.loads(raw)).as_json())
+            except (ValueError, TypeError, KeyError):  # never let one record stop the rest
+                logger.warning("redis broker: skipped an unreadable stored revocation")
         return {"type": "revocations", "revocations": revocations}
 
     @staticmethod
