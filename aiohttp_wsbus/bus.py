@@ -223,9 +223,11 @@ class Bus:
         and Bearer emit, cached or not; live sockets holding one are closed 4410.
         Kept across restarts by a broker that persists (Redis).
         """
-        return await self.sessions.revoke(
+        revocation = Revocation.make(
             until=until, user=user, token_id=token_id, issued_before=issued_before
         )
+        await self.broker.revoke(revocation)  # every node's Sessions.apply takes it from there
+        return revocation
 
     def refused(self, what: str, reason: str) -> None:
         """Count and log one refused credential (never the credential itself)."""

@@ -7,7 +7,6 @@ Each call is checked here, then carried by the broker to every node's bus
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
-from datetime import datetime
 from typing import TYPE_CHECKING, Any, Final
 
 from .grants import is_valid_channel
@@ -46,21 +45,6 @@ class Sessions:
         if not 0 < len(names) <= MAX_CONTROL_CHANNELS or not all(map(is_valid_channel, names)):
             raise ValueError(f"channels: 1 to {MAX_CONTROL_CHANNELS} valid channel names")
         await self.bus.broker.control({"type": "unsubscribe", "user": user, "channels": names})
-
-    async def revoke(
-        self,
-        *,
-        until: float | datetime,
-        user: str | None = None,
-        token_id: str | None = None,
-        issued_before: float | datetime | None = None,
-    ) -> Revocation:
-        """Check, then keep and carry to every node (what it does: Bus.revoke)."""
-        revocation = Revocation.make(
-            until=until, user=user, token_id=token_id, issued_before=issued_before
-        )
-        await self.bus.broker.revoke(revocation)
-        return revocation
 
     def apply(self, message: Mapping[str, Any]) -> None:
         """Act on a control message from the broker (from this node or another)."""
