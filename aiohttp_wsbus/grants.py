@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-__all__ = ["MAX_CHANNEL_LENGTH", "is_valid_channel", "may"]
+__all__ = ["MAX_CHANNEL_LENGTH", "grant_patterns", "is_valid_channel", "is_valid_pattern", "may"]
 
 MAX_CHANNEL_LENGTH = 200
 
@@ -16,6 +16,30 @@ _CHANNEL_RE = re.compile(rf"[A-Za-z0-9_\-.:@/=]{{1,{MAX_CHANNEL_LENGTH}}}")
 def is_valid_channel(channel: object) -> bool:
     """Whether `channel` is a well-formed channel name."""
     return isinstance(channel, str) and _CHANNEL_RE.fullmatch(channel) is not None
+
+
+def is_valid_pattern(pattern: object) -> bool:
+    """Whether `pattern` is a grant pattern: a channel name, `prefix:*` or `*`."""
+    if not isinstance(pattern, str):
+        return False
+    if pattern == "*":
+        return True
+    if pattern.endswith(":*"):
+        return is_valid_channel(pattern[:-1])
+    return is_valid_channel(pattern)
+
+
+def grant_patterns(value: object) -> tuple[str, ...]:
+    """Grant patterns from a token claim: a list of strings or one space-separated string.
+
+    Lenient by design: entries that are not strings are ignored, and a pattern
+    that covers no channel simply never matches.
+    """
+    if isinstance(value, str):
+        return tuple(value.split())
+    if isinstance(value, list):
+        return tuple(entry for entry in value if isinstance(entry, str))
+    return ()
 
 
 def _pattern_covers(pattern: str, channel: str) -> bool:

@@ -7,6 +7,7 @@ Loaded by conftest.py as a pytest plugin (the `nodes` fixture); each node is
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -54,7 +55,8 @@ class Node:
         return socket, welcome
 
 
-async def start_node(redis_url: str, prefix: str) -> Node:
+async def start_node(redis_url: str, prefix: str, **settings: Any) -> Node:
+    """A node process; `settings` go to its setup() (JSON values)."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -62,6 +64,7 @@ async def start_node(redis_url: str, prefix: str) -> Node:
         redis_url,
         prefix,
         SECRET,
+        json.dumps(settings),
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         cwd=ROOT,
