@@ -49,3 +49,19 @@ async def test_readme_session_snippet_runs_against_a_bus(
     await namespace["snippet"](server.bus, time)
     assert await close_code(socket) == 4410
     assert len(server.bus.sessions.revocations) == 1
+
+
+async def test_presence_snippet_serves_who_is_online(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
+) -> None:
+    (snippet,) = python_blocks("presence.md")
+    snippet = snippet.replace("https://idp.example.com/.well-known/jwks.json", jwks_server.url)
+    namespace: dict[str, Any] = {}
+    exec(compile(snippet, "presence.md", "exec"), namespace)  # noqa: S102
+    client = await aiohttp_client(namespace["app"])
+    socket = await client.ws_connect("/ws")
+    token = make_token(sub="alice", channels=["chat:*"], iss=None, aud=None)
+    await socket.send_json({"type": "connect", "token": token, "channels": ["chat:lobby"]})
+    assert (await socket.receive_json())["type"] == "welcome"
+    response = await client.get("/rooms/lobby/online")
+    assert await response.json() == {"online": ["alice"]}
