@@ -32,7 +32,9 @@ from .system import pin_to_core, raise_fd_limit
 
 # wsbus_authz: the bus with every channel decided by an authorizer (the tokens'
 # grants are read from a claim they lack), to price authorizers against grants.
-KINDS: Final = ("wsbus", "bare", "asgi_ws", "socketio", "wsbus_authz")
+# wsbus_presence: the bus with presence kept on every bench: channel and read by
+# every token (its `channels` claim doubles as the presence grant).
+KINDS: Final = ("wsbus", "bare", "asgi_ws", "socketio", "wsbus_authz", "wsbus_presence")
 API_KEY: Final = "benchmark-api-key-0123456789"
 ISSUER: Final = "https://idp.bench/"
 AUDIENCE: Final = "wsbus"
@@ -41,6 +43,7 @@ BACKLOG: Final = 4096
 EMIT_PATH: Final = {
     "wsbus": "/ws/emit",
     "wsbus_authz": "/ws/emit",
+    "wsbus_presence": "/ws/emit",
     "bare": "/emit",
     "asgi_ws": "/ws/emmit",
     "socketio": "/emit",
@@ -98,7 +101,7 @@ def add_control_routes(app: web.Application, publish: Publish, count: Callable[[
 
 
 async def wsbus_app(
-    heartbeat: float, jwks_url: str, *, authorized: bool = False
+    heartbeat: float, jwks_url: str, *, authorized: bool = False, presence: bool = False
 ) -> web.Application:
     import aiohttp_wsbus
 
@@ -113,6 +116,8 @@ async def wsbus_app(
         max_channels=4,
         # No token carries this claim: every channel goes to the authorizers below.
         channels_claim="authorized_elsewhere" if authorized else "channels",
+        presence=["bench:*"] if presence else [],
+        presence_claim="channels",
     )
     if authorized:
 
@@ -294,10 +299,15 @@ async def serve(kind: str, heartbeat: float, keydir: Path) -> None:
         await serve_asgi_ws(heartbeat, keydir, sock)
         return
     extra: list[web.AppRunner] = []
-    if kind in ("wsbus", "wsbus_authz"):
+    if kind in ("wsbus", "wsbus_authz", "wsbus_presence"):
         jwks_runner, jwks_url = await jwks_site(keydir)
         extra.append(jwks_runner)
-        app = await wsbus_app(heartbeat, jwks_url, authorized=kind == "wsbus_authz")
+        app = await wsbus_app(
+            heartbeat,
+            jwks_url,
+            authorized=kind == "wsbus_authz",
+            presence=kind == "wsbus_presence",
+        )
     elif kind == "bare":
         app = await bare_app(heartbeat)
     elif kind == "socketio":
