@@ -46,6 +46,9 @@ class Presence:
         self.options = PresenceOptions(settings.presence_ttl, settings.max_presence_members)
         self._claim = settings.presence_claim
         self._info_claim = settings.presence_info_claim
+        # The sockets here that joined each channel and may read its presence: a
+        # join or leave goes to these without checking every subscriber's grant.
+        self._readers: dict[str, dict[Connection, None]] = {}
 
     def __bool__(self) -> bool:
         """Whether any channel keeps presence (off by default: then nothing here runs)."""
@@ -88,8 +91,10 @@ class Presence:
         """
         claims = connection.claims
         broker = self.bus.broker
-        await broker.join(connection.id, claims.subject, self.info(claims), channels)
         readable = [c for c in channels if self.may_read(claims, c)]
+        for channel in readable:  # from now on: a join racing the snapshot is held, not lost
+            self._readers.setdefault(channel, {})[connection] = None
+        await broker.join(connection.id, claims.subject, self.info(claims), channels)
         if not readable:
             return {}
         snapshots = await broker.presence(readable, limit=self.options.max_members)
@@ -98,8 +103,28 @@ class Presence:
     def leave(self, connection: Connection, channels: Collection[str]) -> None:
         """Take the socket out of those of `channels` that keep presence (in the background)."""
         present = [c for c in channels if self.keeps(c)]
-        if present:
-            self.bus.track(self._leave(connection.id, present))
+        if not present:
+            return
+        for channel in present:
+            readers = self._readers.get(channel)
+            if readers is not None:
+                readers.pop(connection, None)
+                if not readers:
+                    del self._readers[channel]
+        self.bus.track(self._leave(connection.id, present))
+
+    def regrant(self, connection: Connection) -> None:
+        """Re-read which of its presence channels a refreshed token may read."""
+        for channel in connection.channels:
+            if not self.keeps(channel):
+                continue
+            readers = self._readers.setdefault(channel, {})
+            if self.may_read(connection.claims, channel):
+                readers[connection] = None
+            else:
+                readers.pop(connection, None)
+                if not readers:
+                    del self._readers[channel]
 
     async def _leave(self, connection_id: str, channels: list[str]) -> None:
         # Unreachable now: the entries expire within presence_ttl and are swept.
@@ -109,8 +134,8 @@ class Presence:
     def on_event(self, event: PresenceEvent) -> None:
         """Hand a join or leave to the channel's subscribers who may read its presence
         (called by the broker)."""
-        subscribers = self.bus.registry.subscribers(event.channel)
-        if not subscribers:
+        readers = self._readers.get(event.channel)
+        if not readers:
             return
         frame: dict[str, Any] = {"type": "join" if event.joined else "leave"}
         frame["channel"] = event.channel
@@ -118,9 +143,8 @@ class Presence:
         if event.info is not None:
             frame["info"] = decode_info(event.info)
         data = text_frame(encode(frame))
-        for connection in list(subscribers):
-            if self.may_read(connection.claims, event.channel):
-                connection.deliver_frame(event.channel, data)
+        for connection in readers:
+            connection.deliver_frame(event.channel, data)
 
     async def members(self, channel: str) -> dict[str, Member]:
         """Everyone present in `channel`, by user."""

@@ -299,8 +299,9 @@ class Subscriptions:
         """Switch to claims whose grants and allowances are already decided."""
         connection.claims = claims
         revoked, emptied = self.bus.registry.regrant(connection)
-        if revoked and self.bus.presence_keeper:
+        if self.bus.presence_keeper:
             self.bus.presence_keeper.leave(connection, revoked)
+            self.bus.presence_keeper.regrant(connection)
         for channel in revoked:
             connection.release(channel)
         self.drop_interest(emptied)

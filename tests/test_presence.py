@@ -271,3 +271,20 @@ async def test_presence_off_adds_nothing_to_the_frames(
     await nothing_more(socket)
     with pytest.raises(ValueError, match="keeps no presence"):
         await server.bus.presence(ROOM)
+
+
+async def test_a_refresh_that_drops_the_presence_grant_stops_joins_and_leaves(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
+) -> None:
+    server = await presence_bus(aiohttp_client, jwks_server)
+    bob, _ = await server.open(member(make_token, "bob"), [ROOM])
+    assert (await next_frame(bob))["user"] == "bob"
+    await bob.send_json({"type": "refresh", "token": member(make_token, "bob", presence=None)})
+    assert (await next_frame(bob))["type"] == "refreshed"
+    await server.open(member(make_token, "carol"), [ROOM])
+    await server.bus.publish(ROOM, "after carol")
+    assert (await next_frame(bob))["data"] == "after carol"  # and no join before it
+    await bob.send_json({"type": "refresh", "token": member(make_token, "bob")})
+    assert (await next_frame(bob))["type"] == "refreshed"
+    await server.open(member(make_token, "dan"), [ROOM])
+    assert (await next_frame(bob))["user"] == "dan"  # the grant is back

@@ -169,4 +169,6 @@ class PresenceTable:
         held = self._channels.get(channel)
         if held is None:
             return PresenceSnapshot(0, {})
+        if limit is not None and len(held.users) > limit:
+            return PresenceSnapshot(len(held.users))  # without reading every entry
         return PresenceSnapshot.of(held.entries.values(), limit)
