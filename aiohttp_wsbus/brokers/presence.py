@@ -63,7 +63,8 @@ def is_announced(joined: bool, users: int, max_members: int) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Member:
-    """One user present in a channel: their info and how many sockets they have there."""
+    """One user present in a channel: their info (shared: read it, do not change it)
+    and how many sockets they have there."""
 
     info: Any
     connections: int
@@ -86,16 +87,22 @@ class PresenceSnapshot:
         return {user: member.as_json() for user, member in self.members.items()}
 
     @classmethod
-    def of(cls, entries: Iterable[tuple[str, str]], limit: int | None) -> PresenceSnapshot:
-        """Aggregate (user, info JSON) entries, one per socket, into members."""
+    def of(cls, entries: Iterable[tuple[str, Any]], limit: int | None) -> PresenceSnapshot:
+        """Aggregate (user, info) entries, one per socket, into members.
+
+        `info` is the decoded info, or its JSON text (decoded here, once per user).
+        """
         counts: dict[str, int] = {}
-        infos: dict[str, str] = {}
+        infos: dict[str, Any] = {}
         for user, info in entries:
             counts[user] = counts.get(user, 0) + 1
             infos[user] = info  # one of the user's sockets' info: the last read
         if limit is not None and len(counts) > limit:
             return cls(len(counts))
-        members = {user: Member(decode_info(infos[user]), n) for user, n in counts.items()}
+        members = {
+            user: Member(decode_info(info) if isinstance(info, str) else info, counts[user])
+            for user, info in infos.items()
+        }
         return cls(len(counts), members)
 
 
@@ -125,7 +132,8 @@ OnPresence = Callable[[PresenceEvent], None]
 
 @dataclass(slots=True)
 class _Channel:
-    entries: dict[str, tuple[str, str]] = field(default_factory=dict)  # connection -> user, info
+    # connection -> user, decoded info (decoded once, at the join, not per snapshot)
+    entries: dict[str, tuple[str, Any]] = field(default_factory=dict)
     users: dict[str, int] = field(default_factory=dict)  # user -> entries
 
 
@@ -141,7 +149,7 @@ class PresenceTable:
         held = self._channels.setdefault(channel, _Channel())
         if connection_id in held.entries:
             return None
-        held.entries[connection_id] = (user, info)
+        held.entries[connection_id] = (user, decode_info(info))
         count = held.users.get(user, 0) + 1
         held.users[user] = count
         if count == 1 and is_announced(True, len(held.users), max_members):
