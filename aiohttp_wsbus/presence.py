@@ -94,10 +94,14 @@ class Presence:
         readable = [c for c in channels if self.may_read(claims, c)]
         for channel in readable:  # from now on: a join racing the snapshot is held, not lost
             self._readers.setdefault(channel, {})[connection] = None
-        await broker.join(connection.id, claims.subject, self.info(claims), channels)
-        if not readable:
-            return {}
-        snapshots = await broker.presence(readable, limit=self.options.max_members)
+        snapshots = await broker.join(
+            connection.id,
+            claims.subject,
+            self.info(claims),
+            channels,
+            snapshot=readable,
+            limit=self.options.max_members,
+        )
         return {channel: snapshot.as_json() for channel, snapshot in snapshots.items()}
 
     def leave(self, connection: Connection, channels: Collection[str]) -> None:

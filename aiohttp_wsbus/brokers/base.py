@@ -285,9 +285,18 @@ class Broker(ABC):
         raise NotImplementedError(f"{type(self).__name__} cannot keep revocations")
 
     async def join(
-        self, connection_id: str, user: str, info: str, channels: Collection[str]
-    ) -> None:
-        """Add one socket of `user` (its info: JSON text) to each channel's presence.
+        self,
+        connection_id: str,
+        user: str,
+        info: str,
+        channels: Collection[str],
+        *,
+        snapshot: Collection[str] = (),
+        limit: int | None = None,
+    ) -> dict[str, PresenceSnapshot]:
+        """Add one socket of `user` (its info: JSON text) to each channel's presence;
+        return the `snapshot` channels' members after it (as `presence`), in the
+        same round trip.
 
         Announces the user's join (`on_presence` on every node subscribed to the
         channel) when it is their first socket there anywhere. Joining again is

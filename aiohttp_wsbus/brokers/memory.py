@@ -119,13 +119,21 @@ class MemoryBroker(Broker):
         return {"type": "revocations", "revocations": [r.as_json() for r in self._revocations]}
 
     async def join(
-        self, connection_id: str, user: str, info: str, channels: Collection[str]
-    ) -> None:
-        limit = self._presence_options.max_members
+        self,
+        connection_id: str,
+        user: str,
+        info: str,
+        channels: Collection[str],
+        *,
+        snapshot: Collection[str] = (),
+        limit: int | None = None,
+    ) -> dict[str, PresenceSnapshot]:
+        max_members = self._presence_options.max_members
         for channel in channels:
-            event = self._presence.join(channel, connection_id, user, info, limit)
+            event = self._presence.join(channel, connection_id, user, info, max_members)
             if event is not None and self._on_presence is not None:
                 self._on_presence(event)
+        return await self.presence(snapshot, limit=limit)
 
     async def leave(self, connection_id: str, channels: Collection[str]) -> None:
         limit = self._presence_options.max_members

@@ -344,11 +344,20 @@ class RedisBroker(Broker):
             raise BrokerUnavailable(f"redis: {error}") from None
 
     async def join(
-        self, connection_id: str, user: str, info: str, channels: Collection[str]
-    ) -> None:
+        self,
+        connection_id: str,
+        user: str,
+        info: str,
+        channels: Collection[str],
+        *,
+        snapshot: Collection[str] = (),
+        limit: int | None = None,
+    ) -> dict[str, PresenceSnapshot]:
         redis = self._reachable()
         try:
-            await self._presence.join(redis, connection_id, user, info, channels)
+            return await self._presence.join(
+                redis, connection_id, user, info, channels, snapshot=snapshot, limit=limit
+            )
         except UNREACHABLE as error:
             raise BrokerUnavailable(f"redis: {error}") from None
 
