@@ -8,6 +8,14 @@ from typing import TYPE_CHECKING, Any
 
 from .brokers import Broker, HistoryOptions, MemoryBroker, Published
 from .bus import Bus
+from .client import Client
+from .client_subscription import (
+    ClientClosed,
+    ClosedByServer,
+    Message,
+    Subscription,
+    SubscriptionDenied,
+)
 from .emit_client import EmitClient, EmitError, SyncEmitClient
 from .errors import (
     BrokerUnavailable,
@@ -19,7 +27,7 @@ from .errors import (
     WsBusError,
 )
 from .hooks import ConnectionInfo
-from .protocol import CloseCode
+from .protocol import CloseCode, Position
 from .tokens import Claims
 from .web import BUS_KEY, get_bus, setup
 
@@ -66,7 +74,10 @@ __all__ = [
     "BrokerUnavailable",
     "Bus",
     "Claims",
+    "Client",
+    "ClientClosed",
     "CloseCode",
+    "ClosedByServer",
     "ConnectionInfo",
     "EmitClient",
     "EmitError",
@@ -77,7 +88,11 @@ __all__ = [
     "InvalidToken",
     "KeysUnavailable",
     "MemoryBroker",
+    "Message",
+    "Position",
     "Published",
+    "Subscription",
+    "SubscriptionDenied",
     "SyncEmitClient",
     "WsBusError",
     "get_bus",
