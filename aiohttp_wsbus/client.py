@@ -16,11 +16,13 @@ import json
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final
 
 import aiohttp
 
+from .client_channels import Channels, strings
+from .client_events import Events, Listener
 from .client_policy import (
     MAX_RECONNECT_DELAY,
     MIN_RECONNECT_DELAY,
@@ -50,12 +52,8 @@ __all__ = [
 logger = logging.getLogger("aiohttp_wsbus.client")
 
 GetToken = Callable[[], str | Awaitable[str]]
-Listener = Callable[..., object]
 
 _MIN_REFRESH_DELAY: Final = 1.0  # never refresh in a tight loop, whatever the clocks say
-_EVENTS: Final = frozenset(
-    {"state", "subscribed", "denied", "recovered", "disconnected", "refreshed", "error"}
-)
 
 
 class Client:
@@ -99,12 +97,9 @@ class Client:
         self.attempt = 0  # backoff attempts since the last welcome
         self.user: str | None = None  # the token's subject, from the last welcome
         self.close_error: ClosedByServer | None = None  # why the server stopped this client
-        self._listeners: dict[str, list[Listener]] = {}
-        self._subscriptions: dict[str, list[Subscription]] = {}  # wanted channels
-        self._positions: dict[str, Position] = {}
-        self._requested: set[str] = set()  # asked of the current socket
-        self._unavailable: set[str] = set()  # denied "unavailable": asked again later
-        self._gaps: set[str] = set()  # the next message there follows a gap
+        self._events = Events()
+        self._emit = self._events.emit
+        self._channels = Channels(self._emit)
         self._socket: aiohttp.ClientWebSocketResponse | None = None
         self._is_welcomed = False
         self._has_retried_unauthorized = False
@@ -152,17 +147,7 @@ class Client:
     def on(self, event: str, listener: Listener) -> Callable[[], None]:
         """Call `listener` on "state", "subscribed", "denied", "recovered", "disconnected",
         "refreshed" or "error"; returns a function that stops it."""
-        if event not in _EVENTS:
-            raise ValueError(f"unknown event {event!r}; one of {sorted(_EVENTS)}")
-        listeners = self._listeners.setdefault(event, [])
-        entry = _Entry(listener)  # the same listener twice gets two entries
-        listeners.append(entry)
-
-        def stop() -> None:
-            if entry in listeners:
-                listeners.remove(entry)
-
-        return stop
+        return self._events.on(event, listener)
 
     def subscribe(
         self, channel: str, *, since: Position | Mapping[str, Any] | Message | None = None
@@ -179,32 +164,18 @@ class Client:
     @property
     def positions(self) -> dict[str, Position]:
         """The last position received on each channel: save it, pass it back as `since`."""
-        return dict(self._positions)
+        return dict(self._channels.positions)
 
     # -- subscriptions (called by Subscription) --------------------------
 
     async def _add(self, subscription: Subscription) -> None:
         if self.state == "closed":
             raise self.close_error or ClientClosed("the client is closed")
-        channel = subscription.channel
-        held = self._subscriptions.setdefault(channel, [])
-        held.append(subscription)
-        if len(held) > 1:
-            if channel in self._requested and self._is_welcomed:
-                subscription.ready.set()  # already subscribed on this socket
-            return
-        if subscription.since is not None:
-            self._positions[channel] = subscription.since
-        else:
-            self._positions.pop(channel, None)  # a fresh subscription starts from now
-        await self._sync()
+        if self._channels.add(subscription, is_welcomed=self._is_welcomed):
+            await self._sync()
 
     async def _remove(self, subscription: Subscription) -> None:
-        held = self._subscriptions.get(subscription.channel, [])
-        if subscription in held:
-            held.remove(subscription)
-        if not held and self._subscriptions.pop(subscription.channel, None) is not None:
-            self._unavailable.discard(subscription.channel)
+        if self._channels.remove(subscription):
             await self._sync()
 
     # -- connecting ------------------------------------------------------
@@ -250,15 +221,18 @@ class Client:
         self._socket = socket
         try:
             return await self._serve(socket, token)
+        except (aiohttp.ClientError, ConnectionError) as error:  # gone while we wrote
+            logger.debug("connection to %s lost: %r", self.url, error)
+            return CloseAction.BACKOFF
         finally:
             self._abandon_socket()
             await socket.close()
 
     async def _serve(self, socket: aiohttp.ClientWebSocketResponse, token: str) -> CloseAction:
-        channels = list(self._subscriptions)
-        self._requested = set(channels)
+        channels = list(self._channels.subscriptions)
+        self._channels.requested = set(channels)
         frame: dict[str, Any] = {"type": "connect", "token": token, "channels": channels}
-        since = self._since(channels)
+        since = self._channels.since(channels)
         if since:
             frame["since"] = since
         await socket.send_str(json.dumps(frame))
@@ -315,8 +289,7 @@ class Client:
     def _abandon_socket(self) -> None:
         self._socket = None
         self._is_welcomed = False
-        self._requested = set()
-        self._unavailable.clear()
+        self._channels.forget_socket()
         for task in self._socket_tasks:
             task.cancel()
         self._socket_tasks.clear()
@@ -334,9 +307,7 @@ class Client:
             await self._session.close()
         self._session = None
         self._set_state("closed")
-        for subscriptions in list(self._subscriptions.values()):
-            for subscription in subscriptions:
-                subscription.end(self.close_error)
+        self._channels.end_all(self.close_error)
         error = self.close_error
         if error is not None and error.code == CloseCode.SESSION_ENDED:
             self._emit("disconnected", error.reason)
@@ -357,16 +328,16 @@ class Client:
         elif kind == "subscribed":
             self._apply_subscription(frame)
         elif kind == "unsubscribed" and frame.get("reason") in ("revoked", "server"):
-            for channel in _strings(frame.get("channels")):
-                self._deny(channel, str(frame["reason"]))
+            for channel in strings(frame.get("channels")):
+                self._channels.deny(channel, str(frame["reason"]))
         elif kind == "refreshed":
             self._refresh_attempt = 0
-            for channel in _strings(frame.get("revoked")):
-                self._deny(channel, "revoked")
+            for channel in strings(frame.get("revoked")):
+                self._channels.deny(channel, "revoked")
             self._emit("refreshed", frame.get("expires_at"))
             self._schedule_refresh(frame.get("expires_at"))
         elif kind == "message":
-            await self._message(frame)
+            await self._channels.deliver(frame)
         # "pong", and frame types newer than this client: nothing to do
 
     async def _welcome(self, frame: dict[str, Any]) -> None:
@@ -380,81 +351,10 @@ class Client:
         await self._sync()
 
     def _apply_subscription(self, frame: dict[str, Any]) -> None:
-        denied, positions = _mapping(frame, "denied"), _mapping(frame, "positions")
-        recovered = _mapping(frame, "recovered")
-        if "unavailable" not in denied.values():
-            self._resubscribe_attempt = 0
-        for channel, reason in denied.items():
-            self._deny(channel, str(reason))
-        for channel, raw in positions.items():
-            position = as_position(raw)
-            if channel not in self._subscriptions or position is None:
-                continue
-            if channel not in recovered:
-                self._advance(channel, position)  # fresh: recover from here next time
-            elif recovered[channel] is not True:
-                # Too far behind, or a new epoch: continue from the server's position.
-                self._positions[channel] = position
-        for channel in _strings(frame.get("subscribed")):
-            for subscription in self._subscriptions.get(channel, []):
-                subscription.ready.set()
-            if channel in self._subscriptions:
-                self._emit("subscribed", channel)
-        for channel, ok in recovered.items():
-            if channel in self._subscriptions:
-                if ok is not True:
-                    self._gaps.add(channel)
-                self._emit("recovered", channel, ok is True)
-
-    async def _message(self, frame: dict[str, Any]) -> None:
-        channel, offset, epoch = frame.get("channel"), frame.get("offset"), frame.get("epoch")
-        subscriptions = self._subscriptions.get(channel) if isinstance(channel, str) else None
-        if not subscriptions or not isinstance(channel, str):
-            return  # left it; the server has not caught up yet
-        after_gap = channel in self._gaps
-        if isinstance(offset, int) and isinstance(epoch, str):
-            last = self._positions.get(channel)
-            if last is not None and last.epoch == epoch and offset <= last.offset:
-                return  # seen it already
-            self._positions[channel] = Position(offset, epoch)
-            # A new epoch or a hole on a live socket: messages may be gone, say so. A
-            # channel never published to (offset 0) continues with offset 1 in any epoch.
-            is_gap = last is not None and (last.epoch != epoch or offset > last.offset + 1)
-            if is_gap and not (last is not None and last.offset == 0 and offset == 1):
-                after_gap = True
-                self._emit("recovered", channel, False)
-        self._gaps.discard(channel)
-        message = Message(
-            channel,
-            offset if isinstance(offset, int) else -1,
-            epoch if isinstance(epoch, str) else "",
-            frame.get("data"),
-            recovered=frame.get("recovered") is True,
-            after_gap=after_gap,
-        )
-        for subscription in list(subscriptions):
-            await subscription.put(message)  # waits while the application is behind
-
-    def _deny(self, channel: str, reason: str) -> None:
-        self._requested.discard(channel)
-        subscriptions = self._subscriptions.get(channel)
-        if subscriptions is None:
-            return
-        if reason == "unavailable":
-            # The server's broker is down: keep the channel and its position, ask again later.
-            self._unavailable.add(channel)
+        if self._channels.apply(frame):
             self._schedule_resubscribe()
         else:
-            del self._subscriptions[channel]
-            self._gaps.discard(channel)
-            for subscription in subscriptions:
-                subscription.end(SubscriptionDenied(channel, reason))
-        self._emit("denied", channel, reason)
-
-    def _advance(self, channel: str, position: Position) -> None:
-        last = self._positions.get(channel)
-        if last is None or last.epoch != position.epoch or last.offset < position.offset:
-            self._positions[channel] = position
+            self._resubscribe_attempt = 0  # the broker answers again
 
     # -- sending ---------------------------------------------------------
 
@@ -463,22 +363,15 @@ class Client:
         socket = self._socket
         if not self._is_welcomed or socket is None:
             return
-        asked = self._requested | self._unavailable
-        added = [c for c in self._subscriptions if c not in asked]
-        removed = [c for c in self._requested if c not in self._subscriptions]
+        added, removed = self._channels.changes()
         if removed:
-            self._requested.difference_update(removed)
             await self._send(socket, {"type": "unsubscribe", "channels": removed})
         if added:
-            self._requested.update(added)
             frame: dict[str, Any] = {"type": "subscribe", "channels": added}
-            since = self._since(added)
+            since = self._channels.since(added)
             if since:
                 frame["since"] = since
             await self._send(socket, frame)
-
-    def _since(self, channels: Iterable[str]) -> dict[str, Any]:
-        return {c: self._positions[c].as_json() for c in channels if c in self._positions}
 
     async def _send(self, socket: aiohttp.ClientWebSocketResponse, frame: dict[str, Any]) -> None:
         if socket.closed:
@@ -530,7 +423,7 @@ class Client:
         self._resubscribe_attempt += 1
 
         async def resubscribe() -> None:
-            self._unavailable.clear()
+            self._channels.unavailable.clear()
             await self._sync()
 
         self._resubscribe = self._spawn(self._backoff(self._resubscribe_attempt), resubscribe)
@@ -546,34 +439,3 @@ class Client:
         self.state = state
         self._state_changed.set()
         self._emit("state", state)
-
-    def _emit(self, event: str, *args: object) -> None:
-        for listener in list(self._listeners.get(event, ())):
-            try:
-                listener(*args)
-            except Exception as error:
-                if event == "error":
-                    logger.exception("an error listener failed")
-                else:
-                    self._emit("error", error)
-
-
-class _Entry:
-    """One registration of a listener."""
-
-    __slots__ = ("listener",)
-
-    def __init__(self, listener: Listener) -> None:
-        self.listener = listener
-
-    def __call__(self, *args: object) -> object:
-        return self.listener(*args)
-
-
-def _mapping(frame: dict[str, Any], key: str) -> dict[str, Any]:
-    value = frame.get(key)
-    return value if isinstance(value, dict) else {}
-
-
-def _strings(value: object) -> list[str]:
-    return [item for item in value if isinstance(item, str)] if isinstance(value, list) else []
