@@ -13,8 +13,16 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import Algorithm, RSAAlgorithm
 from pytest_aiohttp import AiohttpServer
 
-# `browser`; Redis servers; server processes on Redis (`nodes`)
-pytest_plugins = ["tests.browser", "tests.redis_server", "tests.redis_nodes"]
+# `browser`; Redis servers; server processes on Redis (`nodes`); the kit applications use
+# (named here too, in case the entry point is not installed); pytester, which runs
+# docs/testing.md's sample application's own suite.
+pytest_plugins = [
+    "tests.browser",
+    "tests.redis_server",
+    "tests.redis_nodes",
+    "aiohttp_wsbus.testing",
+    "pytester",
+]
 
 ISSUER = "https://idp.test/"
 AUDIENCE = "wsbus"
