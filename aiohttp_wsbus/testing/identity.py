@@ -9,12 +9,14 @@ from typing import Any
 import jwt
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
-from jwt.algorithms import RSAAlgorithm
+from jwt.algorithms import Algorithm, RSAAlgorithm
 
 __all__ = ["IdentityProvider", "JwksServer", "public_jwk"]
 
 
-def public_jwk(private_key: Any, kid: str, algorithm: Any = RSAAlgorithm) -> dict[str, Any]:
+def public_jwk(
+    private_key: Any, kid: str, algorithm: type[Algorithm] = RSAAlgorithm
+) -> dict[str, Any]:
     """The public JWK of a cryptography private key, with `kid`."""
     jwk: dict[str, Any] = algorithm.to_jwk(private_key.public_key(), as_dict=True)
     jwk["kid"] = kid
