@@ -14,7 +14,7 @@ from pytest_aiohttp import AiohttpClient
 import aiohttp_wsbus
 from aiohttp_wsbus.testing import ClientFactory, IdentityProvider, drop_sockets, expire_tokens
 
-from .support import WAIT, BusServer, start_bus
+from .support import WAIT, BusServer, eventually, start_bus
 
 POLICY: dict[str, Any] = json.loads(
     (Path(__file__).parent.parent / "js" / "test-support" / "policy-vectors.json").read_text()
@@ -275,3 +275,64 @@ async def test_a_denied_channel_raises_on_subscribe(
     async with client.subscribe("chat:lobby") as lobby:  # the client carries on
         await server.bus.publish("chat:lobby", "hi")
         assert (await lobby.receive(WAIT)).data == "hi"
+
+
+async def test_leaving_a_subscription_unsubscribes_and_two_on_one_channel_both_receive(
+    aiohttp_client: AiohttpClient, wsbus_idp: IdentityProvider, wsbus_client: ClientFactory
+) -> None:
+    server = await bus_for(aiohttp_client, wsbus_idp)
+    client = await wsbus_client(server.client, "alice", channels=["chat:*"])
+    async with client.subscribe("chat:lobby") as first:
+        async with client.subscribe("chat:lobby") as second:
+            await server.bus.publish("chat:lobby", "both")
+            assert (await first.receive(WAIT)).data == (await second.receive(WAIT)).data == "both"
+        await server.bus.publish("chat:lobby", "first only")
+        assert (await first.receive(WAIT)).data == "first only"
+        assert len(server.bus.registry.subscribers("chat:lobby")) == 1
+    await eventually(lambda: not server.bus.registry.subscribers("chat:lobby"))
+
+
+async def test_a_channel_the_application_takes_away_ends_its_iteration_with_the_reason(
+    aiohttp_client: AiohttpClient, wsbus_idp: IdentityProvider, wsbus_client: ClientFactory
+) -> None:
+    server = await bus_for(aiohttp_client, wsbus_idp)
+    client = await wsbus_client(server.client, "alice", channels=["chat:*"])
+    async with client.subscribe("chat:staff") as staff:
+        await server.bus.publish("chat:staff", "before")
+        await server.bus.unsubscribe_user("alice", ["chat:staff"])
+        assert (await staff.receive(WAIT)).data == "before"
+        with pytest.raises(aiohttp_wsbus.SubscriptionDenied) as denied:
+            await staff.receive(WAIT)
+    assert denied.value.reason == "server"
+    assert client.state == "connected"
+
+
+async def test_closing_the_client_ends_iteration_quietly() -> None:
+    client = aiohttp_wsbus.Client("ws://127.0.0.1:9/ws", get_token=lambda: "unused")
+    async with client:
+        entering = asyncio.create_task(client.subscribe("chat:lobby").__aenter__())
+        await asyncio.sleep(0)  # let it register
+    async with asyncio.timeout(WAIT):
+        subscription = await entering
+    assert [message async for message in subscription] == []
+    assert client.state == "closed"
+
+
+async def test_a_subscription_the_application_does_not_read_holds_the_reader_back() -> None:
+    client = aiohttp_wsbus.Client("ws://127.0.0.1:9/ws", get_token=lambda: "unused", max_queued=2)
+    subscription = client.subscribe("feed")
+    messages = [aiohttp_wsbus.Message("feed", n, "e", n) for n in range(1, 4)]
+    await subscription.put(messages[0])
+    await subscription.put(messages[1])
+    third = asyncio.create_task(subscription.put(messages[2]))
+    await asyncio.sleep(0)
+    assert not third.done(), "a full queue makes the reader wait (the server's buffer fills)"
+    assert await subscription.receive(WAIT) == messages[0]
+    async with asyncio.timeout(WAIT):
+        await third
+    stuck = asyncio.create_task(subscription.put(aiohttp_wsbus.Message("feed", 4, "e", 4)))
+    await asyncio.sleep(0)
+    subscription.end(None)  # the application left: the reader is let go
+    async with asyncio.timeout(WAIT):
+        await stuck
+    assert [m.offset async for m in subscription] == [2, 3]
