@@ -236,24 +236,29 @@ class Client:
         if since:
             frame["since"] = since
         await socket.send_str(json.dumps(frame))
-        del token, frame
         try:
-            async with asyncio.timeout(self._connect_timeout) as welcome_deadline:
+            async with asyncio.timeout(self._connect_timeout):
                 while not self._is_welcomed:
-                    message = await socket.receive()
-                    if message.type != aiohttp.WSMsgType.TEXT:
-                        return self._closed(socket, message)
-                    await self._receive(message.data)
-                welcome_deadline.reschedule(None)
-                while True:
-                    message = await socket.receive()
-                    if message.type != aiohttp.WSMsgType.TEXT:
-                        return self._closed(socket, message)
-                    await self._receive(message.data)
+                    if (action := await self._read(socket)) is not None:
+                        return action
         except TimeoutError:
             late = f"no welcome from the server within {self._connect_timeout} s"
             self._emit("error", TimeoutError(late))
             return CloseAction.BACKOFF
+        while (action := await self._read(socket)) is None:
+            pass
+        return action
+
+    async def _read(self, socket: aiohttp.ClientWebSocketResponse) -> CloseAction | None:
+        """Handle the next frame; once the socket closes, what to do next."""
+        message = await socket.receive()
+        if message.type == aiohttp.WSMsgType.TEXT:
+            await self._receive(message.data)
+            return None
+        if message.type == aiohttp.WSMsgType.BINARY:
+            self._emit("error", ValueError("the server sent a binary frame: ignored"))
+            return None
+        return self._closed(socket, message)
 
     def _closed(
         self, socket: aiohttp.ClientWebSocketResponse, message: aiohttp.WSMessage

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from pytest_aiohttp import AiohttpClient
 
 import aiohttp_wsbus
@@ -336,3 +337,31 @@ async def test_a_subscription_the_application_does_not_read_holds_the_reader_bac
     async with asyncio.timeout(WAIT):
         await stuck
     assert [m.offset async for m in subscription] == [2, 3]
+
+
+async def test_no_welcome_within_connect_timeout_is_an_error_and_a_backoff(
+    aiohttp_client: AiohttpClient,
+) -> None:
+    async def silent(request: web.Request) -> web.WebSocketResponse:
+        socket = web.WebSocketResponse()
+        await socket.prepare(request)
+        async for _ in socket:  # reads the connect frame, never answers
+            pass
+        return socket
+
+    app = web.Application()
+    app.router.add_get("/ws", silent)
+    http = await aiohttp_client(app)
+    client = aiohttp_wsbus.Client(
+        str(http.make_url("/ws")),
+        get_token=lambda: "token",
+        connect_timeout=0.2,
+        min_reconnect_delay=600,
+    )
+    events = Recorder(client)
+    async with client:
+        await events.wait_for("state", "disconnected")
+        (error,) = events.of("error")
+        assert isinstance(error[0], TimeoutError)
+        assert "no welcome from the server within 0.2 s" in str(error[0])
+        assert (client.attempt, client.state) == (1, "disconnected")
