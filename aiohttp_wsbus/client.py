@@ -61,7 +61,11 @@ class Client:
 
     `get_token` (sync or async) is called for every connection attempt and
     before the token expires; `url` is the bus's WebSocket (ws://, wss://, or
-    http(s):// switched to ws(s)://).
+    http(s):// switched to ws(s)://). Delays and timeouts are in seconds:
+    backoff between `min_reconnect_delay` and `max_reconnect_delay` (as the JS
+    client), the refresh `refresh_before` the token's exp, `connect_timeout`
+    from the socket to the welcome. A subscription holds at most `max_queued`
+    unread messages; then reading the socket waits for the application.
     """
 
     def __init__(
