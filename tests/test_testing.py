@@ -15,7 +15,8 @@ from typing import Any
 import aiohttp
 import jwt
 import pytest
-from pytest_aiohttp import AiohttpClient
+from aiohttp import web
+from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 import aiohttp_wsbus
 from aiohttp_wsbus.testing import (
@@ -227,3 +228,16 @@ def test_the_kit_imports_without_pytest_and_leaves_the_fixtures_out() -> None:
         [sys.executable, "-c", WITHOUT_PYTEST], cwd=ROOT, capture_output=True, text=True, timeout=60
     )
     assert (done.returncode, done.stdout.strip()) == (0, "ok"), done.stderr
+
+
+async def test_wsbus_client_takes_an_aiohttp_server_and_reads_the_bus_path_from_its_app(
+    aiohttp_server: AiohttpServer, wsbus_idp: IdentityProvider, wsbus_client: ClientFactory
+) -> None:
+    app = web.Application()
+    bus = aiohttp_wsbus.setup(app, base_path="/bus", **wsbus_idp.settings)
+    server = await aiohttp_server(app)
+    client = await wsbus_client(server, "carol", channels=["team:*"])
+    assert client.url.endswith("/bus") and client.user == "carol"
+    async with client.subscribe("team:red") as team:
+        await bus.publish("team:red", "go")
+        assert (await team.receive(WAIT)).data == "go"
