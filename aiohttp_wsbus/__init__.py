@@ -2,6 +2,7 @@
 
 `setup(app, jwks_url=...)` adds a WebSocket endpoint that pushes channel
 messages to clients whose JWT grants them, and an HTTP emit endpoint.
+`Client` subscribes from Python; `aiohttp_wsbus.testing` is the test kit.
 """
 
 from typing import TYPE_CHECKING, Any
