@@ -216,15 +216,17 @@ class Client:
             return CloseAction.BACKOFF
         if self._session is None:
             self._session = aiohttp.ClientSession()
+        # One deadline from the socket to the welcome, as the JS client's connectTimeout.
+        deadline = asyncio.get_running_loop().time() + self._connect_timeout
         try:
-            async with asyncio.timeout(self._connect_timeout):
+            async with asyncio.timeout_at(deadline):
                 socket = await self._session.ws_connect(self.url, heartbeat=self._heartbeat)
         except (aiohttp.ClientError, OSError, TimeoutError) as error:
             logger.debug("connect to %s failed: %r", self.url, error)
             return CloseAction.BACKOFF
         self._socket = socket
         try:
-            return await self._serve(socket, token)
+            return await self._serve(socket, token, deadline)
         except (aiohttp.ClientError, ConnectionError) as error:  # gone while we wrote
             logger.debug("connection to %s lost: %r", self.url, error)
             return CloseAction.BACKOFF
@@ -232,7 +234,9 @@ class Client:
             self._abandon_socket()
             await socket.close()
 
-    async def _serve(self, socket: aiohttp.ClientWebSocketResponse, token: str) -> CloseAction:
+    async def _serve(
+        self, socket: aiohttp.ClientWebSocketResponse, token: str, welcome_by: float
+    ) -> CloseAction:
         channels = list(self._channels.subscriptions)
         self._channels.requested = set(channels)
         frame: dict[str, Any] = {"type": "connect", "token": token, "channels": channels}
@@ -241,7 +245,7 @@ class Client:
             frame["since"] = since
         await socket.send_str(json.dumps(frame))
         try:
-            async with asyncio.timeout(self._connect_timeout):
+            async with asyncio.timeout_at(welcome_by):
                 while not self._is_welcomed:
                     if (action := await self._read(socket)) is not None:
                         return action
