@@ -17,7 +17,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Final
+from typing import Any
 
 import aiohttp
 
@@ -29,6 +29,7 @@ from .client_policy import (
     CloseAction,
     backoff_delay,
     decide,
+    refresh_delay,
 )
 from .client_subscription import (
     ClientClosed,
@@ -52,8 +53,6 @@ __all__ = [
 logger = logging.getLogger("aiohttp_wsbus.client")
 
 GetToken = Callable[[], str | Awaitable[str]]
-
-_MIN_REFRESH_DELAY: Final = 1.0  # never refresh in a tight loop, whatever the clocks say
 
 
 class Client:
@@ -409,13 +408,8 @@ class Client:
         return task
 
     def _schedule_refresh(self, expires_at: object) -> None:
-        if not isinstance(expires_at, int | float) or isinstance(expires_at, bool):
-            return
-        remaining = expires_at - time.time()
-        delay = remaining - self._refresh_before
-        if delay < 0:  # a token shorter-lived than refresh_before: refresh halfway
-            delay = max(remaining / 2, _MIN_REFRESH_DELAY)
-        self._spawn(delay, self._refresh)
+        if isinstance(expires_at, int | float) and not isinstance(expires_at, bool):
+            self._spawn(refresh_delay(expires_at, time.time(), self._refresh_before), self._refresh)
 
     async def _refresh(self) -> None:
         socket = self._socket

@@ -20,10 +20,12 @@ __all__ = [
     "CloseDecision",
     "backoff_delay",
     "decide",
+    "refresh_delay",
 ]
 
 MIN_RECONNECT_DELAY: Final = 0.5  # seconds
 MAX_RECONNECT_DELAY: Final = 20.0
+MIN_REFRESH_DELAY: Final = 1.0  # never refresh in a tight loop, whatever the clocks say
 
 # Codes after which reconnecting cannot help: the client stops.
 _FATAL: Final = frozenset(
@@ -81,3 +83,11 @@ def backoff_delay(
     [minimum, min(maximum, minimum * 2^n)] seconds; `random_value` is in [0, 1]."""
     ceiling = min(maximum, minimum * 2.0 ** min(attempt, 64))  # 2^64 is past any maximum
     return minimum + random_value * (max(ceiling, minimum) - minimum)
+
+
+def refresh_delay(expires_at: float, now: float, refresh_before: float) -> float:
+    """Seconds until the token expiring at `expires_at` is refreshed: `refresh_before` its
+    exp, or halfway for a token that lives less (never sooner than a second)."""
+    remaining = expires_at - now
+    delay = remaining - refresh_before
+    return delay if delay >= 0 else max(remaining / 2, MIN_REFRESH_DELAY)

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from aiohttp_wsbus import client_policy
-from aiohttp_wsbus.client_policy import CloseAction, backoff_delay, decide
+from aiohttp_wsbus.client_policy import CloseAction, backoff_delay, decide, refresh_delay
 
 VECTORS: dict[str, Any] = json.loads(
     (Path(__file__).parent.parent / "js" / "test-support" / "policy-vectors.json").read_text()
@@ -47,3 +47,11 @@ def test_default_delays_are_the_shared_ones() -> None:
 
 def test_backoff_of_a_huge_attempt_is_the_maximum() -> None:
     assert backoff_delay(10**6, 1.0) == client_policy.MAX_RECONNECT_DELAY
+
+
+@pytest.mark.parametrize(
+    "case", VECTORS["refresh"]["cases"], ids=lambda c: f"expires-in-{c['expires_in_s']}"
+)
+def test_refresh_delay_is_the_shared_one(case: dict[str, Any]) -> None:
+    delay = refresh_delay(1000.0 + case["expires_in_s"], 1000.0, case["refresh_before_s"])
+    assert delay == case["delay_s"]

@@ -74,3 +74,13 @@ test("the defaults are the vectors' delays", async () => {
   h.socket.drop(1006);
   assert.deepEqual(h.clock.pendingDelays(), [backoff.attempts[0].max_ms]);
 });
+
+for (const { expires_in_s: expiresIn, refresh_before_s: refreshBefore, delay_s: delay } of vectors.refresh
+  .cases) {
+  test(`a token expiring in ${expiresIn} s is refreshed after ${delay} s`, async () => {
+    const h = harness({ refreshBefore });
+    await h.open();
+    h.welcome({ expires_at: h.clock.now() / 1000 + expiresIn });
+    assert.deepEqual(h.clock.pendingDelays(), [delay * 1000]);
+  });
+}
