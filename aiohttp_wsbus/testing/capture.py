@@ -45,29 +45,32 @@ class _BrokerTap:
         if self.outages:
             raise BrokerUnavailable("broker made unavailable by aiohttp_wsbus.testing")
 
-    async def publish(self, channel: str, data: str, *, message_id: str | None = None) -> Published:
+    # Arguments pass through as given: the tap follows the broker contract as it grows.
+    async def publish(self, channel: str, data: str, **options: Any) -> Published:
         self._check()
-        published = await self.real.publish(channel, data, message_id=message_id)
+        published = await self.real.publish(channel, data, **options)
         if not published.is_repeat:
             for recorder in self.captures:
                 recorder.record(CapturedMessage(channel, json.loads(data), published.offset))
         return published
 
-    async def subscribe(self, channel: str) -> None:
+    async def subscribe(self, channel: str, *args: Any, **options: Any) -> None:
         self._check()
-        await self.real.subscribe(channel)
+        await self.real.subscribe(channel, *args, **options)
 
-    async def history(self, since: Mapping[str, Position | None]) -> dict[str, History]:
+    async def history(
+        self, since: Mapping[str, Position | None], **options: Any
+    ) -> dict[str, History]:
         self._check()
-        return await self.real.history(since)
+        return await self.real.history(since, **options)
 
-    async def control(self, message: Mapping[str, Any]) -> None:
+    async def control(self, message: Mapping[str, Any], **options: Any) -> None:
         self._check()
-        await self.real.control(message)
+        await self.real.control(message, **options)
 
-    async def revoke(self, revocation: Revocation) -> None:
+    async def revoke(self, revocation: Revocation, **options: Any) -> None:
         self._check()
-        await self.real.revoke(revocation)
+        await self.real.revoke(revocation, **options)
 
 
 def _tap(bus: Bus) -> _BrokerTap:
