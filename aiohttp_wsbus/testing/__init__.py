@@ -40,6 +40,7 @@ __all__ = [
     "drop_sockets",
     "expire_tokens",
     "public_jwk",
+    "shared_key",
 ]
 
 _key: rsa.RSAPrivateKey | None = None
