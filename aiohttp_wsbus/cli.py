@@ -29,6 +29,7 @@ from .bus import Bus
 from .errors import InvalidSettings
 from .settings import Settings, setting_help
 from .web import setup
+from .workers import MAX_WORKERS, reserve_port, run_workers
 
 __all__ = ["AccessLogger", "main"]
 
@@ -142,6 +143,11 @@ def build_parser(prog: str = "wsbus") -> argparse.ArgumentParser:
         "[env WSBUS_REDIS_URL, default: in-process memory broker]",
     )
     server.add_argument(
+        "--workers",
+        help=f"server processes sharing the port (SO_REUSEPORT), 1 to {MAX_WORKERS}; more than "
+        "one needs --redis-url [env WSBUS_WORKERS, default 1]",
+    )
+    server.add_argument(
         "--authorize-url",
         help="ask this URL (POST, with the first API key) about channels a token does not "
         "grant; see docs/authorization.md [env WSBUS_AUTHORIZE_URL]",
@@ -223,6 +229,7 @@ class ServerConfig:
     authorize_url: str | None
     log_level: str
     access_log: bool
+    workers: int = 1
 
 
 def resolve(args: argparse.Namespace, environ: Mapping[str, str]) -> ServerConfig:
@@ -251,6 +258,7 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str]) -> ServerConfi
     if not 0 <= port_number <= 65535:
         raise BadSetting(f"--port / WSBUS_PORT: must be 0 to 65535, got {port_number}")
     access_log = given("access_log")
+    workers = _workers(given("workers"), redis_url=given("redis_url"), path=given("path"))
     return ServerConfig(
         settings=settings,
         host=given("host") or "127.0.0.1",
@@ -262,7 +270,26 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str]) -> ServerConfi
         access_log=True
         if access_log is None
         else _boolean("--access-log / WSBUS_ACCESS_LOG", access_log),
+        workers=workers,
     )
+
+
+def _workers(raw: str | None, *, redis_url: str | None, path: str | None) -> int:
+    where = "--workers / WSBUS_WORKERS"
+    try:
+        count = 1 if raw is None else int(raw)
+    except ValueError:
+        raise BadSetting(f"{where}: not a number: {raw!r}") from None
+    if not 1 <= count <= MAX_WORKERS:
+        raise BadSetting(f"{where}: must be 1 to {MAX_WORKERS}, got {count}")
+    if count > 1 and redis_url is None:
+        raise BadSetting(
+            f"{where}: {count} processes need --redis-url: each would otherwise have its "
+            "own in-process broker, and a message would reach only one process's clients"
+        )
+    if count > 1 and path is not None:
+        raise BadSetting(f"{where}: several processes listen on host:port, not on --path")
+    return count
 
 
 def _convert(option: Option, raw: Any) -> Any:
@@ -428,24 +455,41 @@ def main(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        sock, address = listen(config)
+        if config.workers > 1:
+            sock, address = reserve_port(config.host, config.port)
+        else:
+            sock, address = listen(config)
     except OSError as error:
         where = config.path or f"{config.host}:{config.port}"
         print(f"{prog}: cannot listen on {where}: {error.strerror or error}", file=sys.stderr)
         return EXIT_CANNOT_LISTEN
     base_path = config.settings.get("base_path", "/ws")
-    logger.info("listening on %s (WebSocket at %s)", address, base_path)
-    try:
-        web.run_app(
-            app,
-            sock=sock,
-            print=None,
-            access_log=logging.getLogger("aiohttp.access") if config.access_log else None,
-            access_log_class=AccessLogger,
-        )
-    finally:
-        if config.path is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(config.path)
+
+    def ready() -> None:
+        workers = f" in {config.workers} processes" if config.workers > 1 else ""
+        logger.info("listening on %s (WebSocket at %s)%s", address, base_path, workers)
+
+    if config.workers > 1:
+        status = run_workers(config.workers, sock, lambda own: _serve(app, own, config), ready)
+    else:
+        ready()
+        try:
+            status = _serve(app, sock, config)
+        finally:
+            if config.path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(config.path)
     logger.info("stopped")
+    return status
+
+
+def _serve(app: web.Application, sock: socket.socket, config: ServerConfig) -> int:
+    """Serve `app` on `sock` until SIGTERM or SIGINT."""
+    web.run_app(
+        app,
+        sock=sock,
+        print=None,
+        access_log=logging.getLogger("aiohttp.access") if config.access_log else None,
+        access_log_class=AccessLogger,
+    )
     return 0
