@@ -64,6 +64,7 @@ class Bus:
         self.slow_consumer_closes = 0
         self.auth_failures: collections.Counter[str] = collections.Counter()
         self.hook_errors: collections.Counter[str] = collections.Counter()
+        self.rate_limited: collections.Counter[str] = collections.Counter()  # by limit
         self.sessions = Sessions(self)
         self.subscriptions = Subscriptions(self)
         self.hooks = Hooks(self, self.hook_errors)
@@ -279,6 +280,8 @@ class Bus:
 
     def _forget(self, connection: Connection) -> None:
         self.connections.discard(connection)
+        if self.settings.max_connections_per_user is not None:
+            self.broker.release_connection(connection.claims.subject)
         if connection.closed_with is SLOW_CONSUMER:
             self.slow_consumer_closes += 1
         connection.pending = None

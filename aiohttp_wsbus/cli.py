@@ -70,7 +70,7 @@ class Option:
     """One setup() setting as the command line and the environment spell it."""
 
     name: str
-    kind: type  # str, int, float, bool or list (of str)
+    kind: type  # str, int, float, bool, list (of str) or tuple (a rate: per second, burst)
     is_optional: bool
     flag: str
     env: str
@@ -111,6 +111,8 @@ def _kind_of(hint: Any) -> tuple[type, bool]:
         return hint, is_optional
     if get_args(hint) == (str, ...):
         return list, is_optional
+    if get_args(hint) == (float, int):
+        return tuple, is_optional
     raise TypeError(f"the command line cannot express a setting of type {hint}")
 
 
@@ -189,7 +191,7 @@ def _metavar(option: Option) -> str:
     if option.name == "base_path":
         return "PATH"
     # Every float setting is a duration; every int one a size or a count.
-    return {str: "TEXT", int: "N", float: "SECONDS"}[option.kind]
+    return {str: "TEXT", int: "N", float: "SECONDS", tuple: "RATE,BURST"}[option.kind]
 
 
 def _help(option: Option) -> str:
@@ -197,13 +199,13 @@ def _help(option: Option) -> str:
     notes = []
     if option.kind is list:
         notes.append("repeat for several" if option.name in _SINGULAR_FLAGS else "comma-separated")
-    if option.is_optional and option.kind in (int, float):
+    if option.is_optional and option.kind in (int, float, tuple):
         notes.append("`none` for None")
     if option.name in _SAFER_SOURCE:
         notes.append(f"prefer {_SAFER_SOURCE[option.name]}: flags show in `ps`")
     default = option.default
     if isinstance(default, tuple):
-        default = ",".join(default)
+        default = ",".join(str(item) for item in default)
     elif isinstance(default, bool):
         default = "on" if default else "off"
     where = f"env {option.env}" + ("" if default in (None, "") else f", default {default}")
@@ -276,10 +278,13 @@ def _convert(option: Option, raw: Any) -> Any:
     if option.kind is str:
         return raw
     try:
+        if option.kind is tuple:
+            rate, burst = raw.split(",")
+            return [float(rate), int(burst)]
         return option.kind(raw)
     except ValueError:
-        kind = "an integer" if option.kind is int else "a number"
-        raise BadSetting(f"{option.where}: {raw!r} is not {kind}") from None
+        kind = {int: "an integer", float: "a number", tuple: "RATE,BURST (as 20,100)"}
+        raise BadSetting(f"{option.where}: {raw!r} is not {kind[option.kind]}") from None
 
 
 def _boolean(where: str, raw: Any) -> bool:

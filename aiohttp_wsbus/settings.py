@@ -57,6 +57,17 @@ def _positive(name: str) -> validate.Range:
     return validate.Range(min=0, min_inclusive=False, error=f"{name} must be greater than 0")
 
 
+def _rate(name: str) -> mf.Tuple:
+    """A token bucket: (refills per second > 0, burst >= 1), or None for no limit."""
+    return mf.Tuple(
+        (
+            mf.Float(validate=_positive(f"{name}'s rate")),
+            mf.Integer(strict=True, validate=validate.Range(min=1)),
+        ),
+        allow_none=True,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Everything that shapes one bus, validated."""
@@ -163,6 +174,30 @@ class Settings:
         None,
         mf.Integer(strict=True, allow_none=True, validate=validate.Range(min=1)),
         help="sockets this process accepts (closed with 1013 above it; None: no limit)",
+    )
+    max_connections_per_user: int | None = setting(
+        None,
+        mf.Integer(strict=True, allow_none=True, validate=validate.Range(min=1)),
+        help="sockets one user (`sub`) may hold, on every node with Redis (closed with 4408 "
+        "above it; None: no limit)",
+    )
+    client_rate: tuple[float, int] | None = setting(
+        (20, 100),
+        _rate("client_rate"),
+        help="frames per second and burst one socket may send, pings included "
+        "(closed with 4429 above it; None: no limit)",
+    )
+    subscribe_rate: tuple[float, int] | None = setting(
+        (50, 256),
+        _rate("subscribe_rate"),
+        help="channels per second and burst in one socket's subscribe and unsubscribe "
+        "frames, the connect frame's free (closed with 4429 above it; None: no limit)",
+    )
+    emit_rate: tuple[float, int] | None = setting(
+        None,
+        _rate("emit_rate"),
+        help="emits per second and burst per API key or token subject "
+        "(429 with `Retry-After` above it; None: no limit)",
     )
     send_buffer_limit: int = setting(
         1 << 20,

@@ -437,6 +437,14 @@ def test_none_turns_off_an_optional_number() -> None:
     assert config.settings == {"heartbeat": None}
 
 
+def test_a_rate_is_two_numbers_or_none() -> None:
+    args = build_parser().parse_args(["--emit-rate", "2.5,10"])
+    config = resolve(args, {"WSBUS_CLIENT_RATE": "none"})
+    assert config.settings == {"client_rate": None, "emit_rate": [2.5, 10]}
+    with pytest.raises(BadSetting, match="--subscribe-rate / WSBUS_SUBSCRIBE_RATE"):
+        resolve(build_parser().parse_args(["--subscribe-rate", "50"]), {})
+
+
 @pytest.mark.parametrize(("raw", "expected"), [("1", True), ("off", False), ("Yes", True)])
 def test_boolean_variables(raw: str, expected: bool) -> None:
     config = resolve(build_parser().parse_args([]), {"WSBUS_ALLOW_QUERY_TOKEN": raw})

@@ -41,7 +41,13 @@ def test_setup_takes_every_setting_with_its_default() -> None:
 
 
 # What marshmallow loads for each annotated type (a Url is a String).
-BOUNDS_BY_TYPE = {str: mf.String, int: mf.Integer, float: mf.Float, bool: mf.Boolean}
+BOUNDS_BY_TYPE = {
+    str: mf.String,
+    int: mf.Integer,
+    float: mf.Float,
+    bool: mf.Boolean,
+    tuple[float, int]: mf.Tuple,  # a rate: per second, burst
+}
 
 
 @pytest.mark.parametrize("field", fields(Settings), ids=lambda field: field.name)
@@ -82,6 +88,8 @@ def test_each_setting_has_bounds_of_its_type_and_a_meaning(field: Any) -> None:
         ({"jwks_url": JWKS, "leeway": 3600}, "leeway"),
         ({"jwks_url": JWKS, "history_ttl": 0}, "history_ttl"),
         ({"jwks_url": JWKS, "send_buffer_limit": 10}, "send_buffer_limit"),
+        ({"jwks_url": JWKS, "max_connections_per_user": 0}, "max_connections_per_user"),
+        ({"jwks_url": JWKS, "client_rate": (20, 0)}, "client_rate"),
     ],
 )
 def test_bad_settings_raise_value_error_naming_them(given: dict[str, Any], named: str) -> None:

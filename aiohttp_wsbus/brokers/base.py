@@ -276,6 +276,16 @@ class Broker(ABC):
         hand it to every node's bus as {"type": "revoke", "revocation": {...}}."""
         raise NotImplementedError(f"{type(self).__name__} cannot keep revocations")
 
+    async def admit_connection(self, user: str, limit: int, here: int) -> bool:
+        """Take one of the `limit` sockets `user` may hold on every node; False if all are
+        taken. `here` is how many this node holds (all there are, for a broker in one
+        process: the default). Raises BrokerUnavailable when it cannot count."""
+        return here < limit
+
+    def release_connection(self, user: str) -> None:
+        """Give back a socket admit_connection took (it closed)."""
+        return  # one process counts the bus's own connections: nothing to give back
+
     @property
     @abstractmethod
     def is_available(self) -> bool:
