@@ -1,15 +1,17 @@
 """One bus server process on a RedisBroker, for the multi-node tests.
 
-    python -m tests.redis_node REDIS_URL PREFIX JWT_SECRET
+    python -m tests.redis_node REDIS_URL PREFIX JWT_SECRET [SETTINGS_JSON]
 
 Listens on a free loopback port, prints it on one line, and serves until its
-stdin closes. Emit accepts the API key API_KEY.
+stdin closes. Emit accepts the API key API_KEY. SETTINGS_JSON adds setup() settings.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
+from typing import Any
 
 from aiohttp import web
 
@@ -20,7 +22,7 @@ ISSUER = "https://idp.test/"
 AUDIENCE = "wsbus"
 
 
-async def serve(redis_url: str, prefix: str, secret: str) -> None:
+async def serve(redis_url: str, prefix: str, secret: str, settings: dict[str, Any]) -> None:
     app = web.Application()
     aiohttp_wsbus.setup(
         app,
@@ -29,6 +31,7 @@ async def serve(redis_url: str, prefix: str, secret: str) -> None:
         audience=AUDIENCE,
         api_keys=[API_KEY],
         broker=aiohttp_wsbus.RedisBroker(redis_url, prefix=prefix),
+        **settings,
     )
     runner = web.AppRunner(app)
     await runner.setup()
@@ -42,4 +45,6 @@ async def serve(redis_url: str, prefix: str, secret: str) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(serve(*sys.argv[1:4]))
+    settings = json.loads(sys.argv[4]) if len(sys.argv) > 4 else {}
+    redis_url, prefix, secret = sys.argv[1:4]
+    asyncio.run(serve(redis_url, prefix, secret, settings))

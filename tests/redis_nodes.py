@@ -7,6 +7,7 @@ Loaded by conftest.py as a pytest plugin (the `nodes` fixture); each node is
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -44,17 +45,26 @@ class Node:
             offset: int = (await response.json())["published"][0]["offset"]
             return offset
 
+    async def open_raw(
+        self, session: aiohttp.ClientSession, token: str, channels: list[str] | None = None
+    ) -> ClientWebSocketResponse:
+        """A socket that has sent its connect frame; what the node answers is the test's."""
+        socket = await session.ws_connect(self.url + "/ws")
+        frame = {"type": "connect", "token": token, "channels": channels or []}
+        await socket.send_json(frame)
+        return socket
+
     async def open(
         self, session: aiohttp.ClientSession, token: str, channels: list[str]
     ) -> tuple[ClientWebSocketResponse, dict[str, Any]]:
-        socket = await session.ws_connect(self.url + "/ws")
-        await socket.send_json({"type": "connect", "token": token, "channels": channels})
+        socket = await self.open_raw(session, token, channels)
         welcome = await next_frame(socket)
         assert welcome["type"] == "welcome", welcome
         return socket, welcome
 
 
-async def start_node(redis_url: str, prefix: str) -> Node:
+async def start_node(redis_url: str, prefix: str, **settings: Any) -> Node:
+    """A node on `redis_url`; `settings` go to its setup() (as JSON)."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -62,6 +72,7 @@ async def start_node(redis_url: str, prefix: str) -> Node:
         redis_url,
         prefix,
         SECRET,
+        json.dumps(settings),
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         cwd=ROOT,

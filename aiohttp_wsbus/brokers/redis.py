@@ -16,7 +16,6 @@ import contextlib
 import functools
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from redis.asyncio import Redis, RedisCluster
@@ -32,7 +31,6 @@ from .base import (
     DEFAULT_HISTORY,
     Broker,
     Deliver,
-    EmptyEpoch,
     History,
     HistoryOptions,
     Message,
@@ -47,27 +45,18 @@ from .redis_scripts import (
     PUBLISH_SCRIPT,
     UNREACHABLE,
     ChannelKeys,
+    Top,
     check_prefix,
-    entry_offset,
     milliseconds,
     parse_published,
+    parse_top,
     publish_arguments,
-    text,
 )
+from .redis_users import UserSockets
 
 __all__ = ["RedisBroker"]
 
 logger = logging.getLogger("aiohttp_wsbus")
-
-
-@dataclass(slots=True)
-class _Top:
-    """A channel's stream as HISTORY_SCRIPT saw it (`now`: the empty epoch of the read)."""
-
-    position: Position
-    first: int
-    now: EmptyEpoch | None
-    messages: list[Message] = field(default_factory=list)
 
 
 class RedisBroker(Broker):
@@ -124,6 +113,7 @@ class RedisBroker(Broker):
         self._tasks: list[asyncio.Task[None]] = []
         self._on_control: OnControl | None = None
         self._control = ControlChannel(self.prefix, sharded=self.sharded)
+        self._users = UserSockets(self.prefix)
 
     # -- lifetime --------------------------------------------------------
 
@@ -160,6 +150,7 @@ class RedisBroker(Broker):
             name = _address(pool.connection_kwargs)
             self._listeners[""] = self._new_listener(name, pool.make_connection)
             self._topology_read.set()
+        self._tasks.append(loop.create_task(self._users.keep(self._redis)))
         if on_control is not None:
             # Held for good; its confirmation (again after each reconnect) loads revocations.
             # On a cluster, placing subscriptions on their shards (_follow_topology) adds it.
@@ -331,6 +322,12 @@ class RedisBroker(Broker):
         except Exception:  # a bad message must not take the listener down
             logger.exception("redis broker: control message %r failed", message.get("type"))
 
+    async def admit_connection(self, user: str, limit: int, here: int) -> bool:
+        return await self._users.take(self._redis, user, limit)
+
+    def release_connection(self, user: str) -> None:
+        self._users.release(user)
+
     async def publish(self, channel: str, data: str, *, message_id: str | None = None) -> Published:
         if not self.is_available or self._redis is None:
             raise BrokerUnavailable("redis is not reachable")
@@ -368,7 +365,7 @@ class RedisBroker(Broker):
             for channel, t in tops.items()
         }
 
-    async def _read(self, since: Mapping[str, tuple[Position | None, bool]]) -> dict[str, _Top]:
+    async def _read(self, since: Mapping[str, tuple[Position | None, bool]]) -> dict[str, Top]:
         """Run HISTORY_SCRIPT for each channel in one round trip."""
         if self._redis is None:
             raise BrokerUnavailable("the broker is not started")
@@ -388,7 +385,7 @@ class RedisBroker(Broker):
                 )
             answers = await pipe.execute()
         pairs = zip(since, answers, strict=True)
-        return {channel: _parse_top(channel, answer) for channel, answer in pairs}
+        return {channel: parse_top(channel, answer) for channel, answer in pairs}
 
     async def _keep(self) -> None:
         """Keep subscribed channels' history and epoch alive past the TTL, like MemoryBroker.
@@ -481,13 +478,3 @@ def _is_gap(last: Position, epoch: str, offset: int) -> bool:
     if last.offset == 0 and offset == 1:
         return False
     return epoch != last.epoch or offset > last.offset + 1
-
-
-def _parse_top(channel: str, answer: list[Any]) -> _Top:
-    epoch = text(answer[0])
-    now = EmptyEpoch.parse(text(answer[3]))
-    top = _Top(Position(int(answer[1]), epoch), int(answer[2]), now)
-    for entry_id, fields in answer[4:]:
-        values = dict(zip(fields[::2], fields[1::2], strict=True))
-        top.messages.append(Message(channel, entry_offset(entry_id), epoch, text(values[b"d"])))
-    return top

@@ -10,25 +10,28 @@ import math
 import re
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 from redis.exceptions import ClusterDownError, RedisClusterException
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .base import HistoryOptions, Published
+from ..protocol import Position
+from .base import EmptyEpoch, HistoryOptions, Message, Published
 
 __all__ = [
     "HISTORY_SCRIPT",
     "PUBLISH_SCRIPT",
     "UNREACHABLE",
     "ChannelKeys",
+    "Top",
     "check_prefix",
     "entry_offset",
     "milliseconds",
     "new_epoch",
     "parse_published",
+    "parse_top",
     "publish_arguments",
     "text",
 ]
@@ -181,6 +184,27 @@ def publish_arguments(
             "SPUBLISH" if sharded else "PUBLISH",
         ],
     )
+
+
+@dataclass(slots=True)
+class Top:
+    """A channel's stream as HISTORY_SCRIPT saw it (`now`: the empty epoch of the read)."""
+
+    position: Position
+    first: int
+    now: EmptyEpoch | None
+    messages: list[Message] = field(default_factory=list)
+
+
+def parse_top(channel: str, answer: list[Any]) -> Top:
+    """HISTORY_SCRIPT's answer for `channel`."""
+    epoch = text(answer[0])
+    now = EmptyEpoch.parse(text(answer[3]))
+    top = Top(Position(int(answer[1]), epoch), int(answer[2]), now)
+    for entry_id, fields in answer[4:]:
+        values = dict(zip(fields[::2], fields[1::2], strict=True))
+        top.messages.append(Message(channel, entry_offset(entry_id), epoch, text(values[b"d"])))
+    return top
 
 
 def parse_published(channel: str, answer: Sequence[Any]) -> Published:
