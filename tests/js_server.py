@@ -14,7 +14,10 @@ restarted server on the same port accepts the tokens of the one before). On P:
   close frame), answers `{"killed": N}`;
 - `POST /test/broker` `{"available": false}`: subscribing to a channel then
   fails as `unavailable` (as with a Redis broker that is down), until `true`;
-- `GET /test/subscribers/{channel}`: `{"count": N}`, the sockets subscribed to it.
+- `GET /test/subscribers/{channel}`: `{"count": N}`, the sockets subscribed to it;
+- `GET /test/rate_limited`: `{kind: N}`, the sockets and emits a limit refused.
+
+`--settings JSON` adds setup() settings (limits, for instance).
 
 The JWKS the bus verifies with is served on a second port. The process stops
 on SIGTERM or SIGINT, or when its standard input closes (so it never outlives
@@ -87,7 +90,9 @@ def jwks_app(minter: TokenMinter) -> web.Application:
     return app
 
 
-def bus_app(minter: TokenMinter, jwks_url: str, api_key: str) -> web.Application:
+def bus_app(
+    minter: TokenMinter, jwks_url: str, api_key: str, settings: dict[str, Any]
+) -> web.Application:
     app = web.Application()
     broker = SwitchableBroker()
     bus = aiohttp_wsbus.setup(
@@ -99,6 +104,7 @@ def bus_app(minter: TokenMinter, jwks_url: str, api_key: str) -> web.Application
         api_keys=[api_key],
         leeway=0,
         close_timeout=1.0,
+        **settings,
     )
 
     async def token(request: web.Request) -> web.Response:
@@ -129,7 +135,12 @@ def bus_app(minter: TokenMinter, jwks_url: str, api_key: str) -> web.Application
     app.router.add_post("/test/broker", broker_state)
     app.router.add_post("/test/kill", kill)
     app.router.add_get("/test/subscribers/{channel}", subscribers)
+    app.router.add_get("/test/rate_limited", lambda _: _json_response(dict(bus.rate_limited)))
     return app
+
+
+async def _json_response(body: dict[str, Any]) -> web.Response:
+    return web.json_response(body)
 
 
 async def start(app: web.Application, port: int = 0) -> tuple[web.AppRunner, int]:
@@ -161,12 +172,14 @@ async def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m tests.js_server")
     parser.add_argument("--port", type=int, default=0, help="the bus's port (default: a free one)")
     parser.add_argument("--key-file", help="PEM RSA private key to sign tokens with")
+    parser.add_argument("--settings", default="{}", help="JSON: more setup() settings")
     arguments = parser.parse_args()
     minter = TokenMinter(load_key(arguments.key_file) if arguments.key_file else None)
     api_key = secrets.token_urlsafe(24)
     jwks_runner, jwks_port = await start(jwks_app(minter))
     jwks_url = f"http://{HOST}:{jwks_port}/jwks.json"
-    bus_runner, port = await start(bus_app(minter, jwks_url, api_key), arguments.port)
+    settings = json.loads(arguments.settings)
+    bus_runner, port = await start(bus_app(minter, jwks_url, api_key, settings), arguments.port)
     print(json.dumps({"port": port, "api_key": api_key}), flush=True)
 
     stop = asyncio.Event()

@@ -1,0 +1,42 @@
+// What the client does when the server's limits close it: 4408 (too many connections)
+// stops with an error; 4429 (too many requests) reconnects after 5 s or more.
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { CloseCodes } from "../wsbus.js";
+import { harness, settle } from "../test-support/fakes.js";
+
+test("4408 (too many connections) stops with an error and never reconnects", async () => {
+  const h = harness();
+  await h.open();
+  h.socket.drop(CloseCodes.TOO_MANY_CONNECTIONS, "too many connections");
+  assert.equal(h.bus.state, "closed");
+  assert.equal(h.log.errors.length, 1);
+  assert.equal(h.log.errors[0].code, 4408);
+  assert.equal(h.log.errors[0].reason, "too many connections");
+  assert.deepEqual(h.log.disconnected, [], "not the application's decision");
+  assert.deepEqual(h.clock.pendingDelays(), []);
+  await h.clock.advance(3600 * 1000);
+  assert.equal(h.sockets.length, 1);
+});
+
+test("4429 (too many requests) waits at least 5 s, whatever the backoff says, then reconnects", async () => {
+  const h = harness({ minReconnectDelay: 20, maxReconnectDelay: 100, random: () => 1 });
+  await h.connect();
+  h.socket.drop(CloseCodes.TOO_MANY_REQUESTS, "too many requests");
+  assert.equal(h.bus.state, "disconnected");
+  assert.deepEqual(h.log.errors, [], "a reconnect, not a failure");
+  assert.deepEqual(h.clock.pendingDelays(), [5000]);
+  await h.clock.advance(4999);
+  assert.equal(h.sockets.length, 1, "not before 5 s");
+  await h.clock.advance(1);
+  await settle();
+  assert.equal(h.sockets.length, 2);
+});
+
+test("after 4429 a longer backoff is kept", async () => {
+  const h = harness({ minReconnectDelay: 8000, maxReconnectDelay: 60000, random: () => 1 });
+  await h.connect();
+  h.socket.drop(CloseCodes.TOO_MANY_REQUESTS);
+  const [delay] = h.clock.pendingDelays();
+  assert.equal(delay, 16000);
+});
