@@ -26,6 +26,7 @@ from .brokers.base import (
 from .connection import Connection, WriteScheduler, message_frame
 from .errors import InvalidToken
 from .hooks import ConnectionInfo, Hooks
+from .namespaces import Namespaces
 from .protocol import (
     CLIENT_GONE,
     SHUTTING_DOWN,
@@ -56,6 +57,8 @@ class Bus:
         self.broker = broker
         self.verifier = verifier
         self.registry = Registry()
+        history = HistoryOptions(settings.history_size, settings.history_ttl)
+        self.namespaces = Namespaces(settings.channels, history)  # each channel's options
         self.connections = Connections()  # every authenticated socket, by user
         self.open_sockets = 0  # upgraded sockets, authenticated or not
         # Plain counters, read by the metrics collector at scrape time.
@@ -123,8 +126,10 @@ class Bus:
             authorizers.freeze()
         self._scheduler = WriteScheduler(asyncio.get_running_loop())
         await self.verifier.start(session)
-        history = HistoryOptions(self.settings.history_size, self.settings.history_ttl)
-        await self.broker.start(self.deliver, history, on_control=self.sessions.apply)
+        await self.broker.start(
+            self.deliver, self.namespaces.default.history, on_control=self.sessions.apply
+        )
+        await self.broker.share_options(self.namespaces.writers_view())
 
     async def stop(self) -> None:
         await self.close_all(SHUTTING_DOWN)
@@ -173,7 +178,10 @@ class Bus:
         """
         if message_id is not None:
             message_id = scoped_message_id(publisher, message_id)
-        published = await self.broker.publish(channel, data, message_id=message_id)
+        history = self.namespaces.history_of(channel)
+        published = await self.broker.publish(
+            channel, data, message_id=message_id, history=history
+        )
         if not published.is_repeat:
             self.messages_published += 1
         return published

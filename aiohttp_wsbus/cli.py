@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import json
 import logging
 import os
 import socket
@@ -41,6 +42,8 @@ REDIS_URL_SCHEMES: Final = ("redis://", "rediss://", "unix://")
 
 # Plural settings whose flag names one item.
 _SINGULAR_FLAGS: Final = {"api_keys": "--api-key"}
+# Settings a flag cannot spell: they come from a JSON file (a server flag) instead.
+_FILE_SETTINGS: Final = {"channels": "--channels-file"}
 # Secrets, and the safer way to give them: a command line shows in `ps`.
 _SAFER_SOURCE: Final = {"jwt_secret": "WSBUS_JWT_SECRET", "api_keys": "--api-key-file"}
 _TRUE: Final = frozenset({"1", "true", "yes", "on"})
@@ -87,6 +90,8 @@ def setting_options() -> list[Option]:
     hints = get_type_hints(Settings)
     options = []
     for field in fields(Settings):
+        if field.name in _FILE_SETTINGS:
+            continue
         kind, is_optional = _kind_of(hints[field.name])
         options.append(
             Option(
@@ -152,6 +157,11 @@ def build_parser(prog: str = "wsbus") -> argparse.ArgumentParser:
         "--api-key-file",
         help="file of API keys, one per line ('#' comments allowed); added to --api-key "
         "[env WSBUS_API_KEY_FILE]",
+    )
+    server.add_argument(
+        "--channels-file",
+        help="JSON file of options per grant pattern, the `channels` setting: "
+        '{"typing:*": {"history_size": 0}}; see docs/limits.md [env WSBUS_CHANNELS_FILE]',
     )
     server.add_argument(
         "--log-level",
@@ -245,6 +255,9 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str]) -> ServerConfi
     key_file = given("api_key_file")
     if key_file is not None:
         settings["api_keys"] = [*settings.get("api_keys", []), *_read_key_file(key_file)]
+    channels_file = given("channels_file")
+    if channels_file is not None:
+        settings["channels"] = _read_channels_file(channels_file)
     port = given("port")
     try:
         port_number = 8080 if port is None else int(port)
@@ -310,6 +323,17 @@ def _read_key_file(path: str) -> list[str]:
     return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
+def _read_channels_file(path: str) -> Any:
+    where = "--channels-file / WSBUS_CHANNELS_FILE"
+    try:
+        with open(path, encoding="utf-8") as file:
+            return json.load(file)
+    except OSError as error:
+        raise BadSetting(f"{where}: cannot read {path}: {error.strerror}") from None
+    except ValueError as error:  # UnicodeDecodeError included
+        raise BadSetting(f"{where}: {path} is not JSON: {error}") from None
+
+
 def make_broker(redis_url: str | None) -> Broker | None:
     """A RedisBroker for `redis_url`, or None for setup()'s default MemoryBroker.
 
@@ -367,6 +391,7 @@ def _authorize_through(app: web.Application, bus: Bus, url: str) -> None:
 
 def _name_flags(message: str) -> str:
     named = [o.where for o in setting_options() if f"{o.name}:" in message]
+    named += [flag for name, flag in _FILE_SETTINGS.items() if f"{name}:" in message]
     message = " ".join(message.split())  # one line, always
     return f"{message} (set by {', '.join(named)})" if named else message
 

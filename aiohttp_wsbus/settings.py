@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
@@ -27,6 +28,7 @@ from marshmallow import fields as mf
 from .brokers.base import MAX_HISTORY_SIZE
 from .errors import InvalidSettings
 from .jwks import KEY_TYPE_BY_ALGORITHM, SECRET_ALGORITHMS
+from .namespaces import ChannelsField
 
 __all__ = ["Settings", "SettingsSchema", "load_settings", "setting_bounds", "setting_help"]
 
@@ -233,6 +235,12 @@ class Settings:
         300.0,
         mf.Float(validate=_positive("history_ttl")),
         help="seconds a channel's history is kept",
+    )
+    channels: Mapping[str, Mapping[str, Any]] | None = setting(
+        None,
+        ChannelsField(allow_none=True),
+        help="options per grant pattern (`history_size`, `history_ttl`, `recovery`) for "
+        "the channels it covers, the most specific pattern winning; see docs/recovery.md",
     )
     jwks_refetch_interval: float = setting(
         30.0,

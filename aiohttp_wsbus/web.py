@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -68,6 +68,7 @@ def setup(
     emit_timeout: float = 10.0,
     history_size: int = 100,
     history_ttl: float = 300.0,
+    channels: Mapping[str, Mapping[str, Any]] | None = None,
     jwks_refetch_interval: float = 30.0,
     jwks_refresh_interval: float = 300.0,
     metrics: bool = False,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import types
+from collections.abc import Mapping
 from dataclasses import fields
 from typing import Any, get_args, get_type_hints
 
@@ -12,6 +13,7 @@ from aiohttp import web
 from marshmallow import fields as mf
 
 import aiohttp_wsbus
+from aiohttp_wsbus.namespaces import ChannelsField
 from aiohttp_wsbus.settings import Settings, load_settings, setting_bounds, setting_help
 
 JWKS = "https://idp.example.com/.well-known/jwks.json"
@@ -47,6 +49,7 @@ BOUNDS_BY_TYPE = {
     float: mf.Float,
     bool: mf.Boolean,
     tuple[float, int]: mf.Tuple,  # a rate: per second, burst
+    Mapping[str, Mapping[str, Any]]: ChannelsField,  # options per grant pattern
 }
 
 

@@ -39,9 +39,11 @@ from .base import (
     recover,
 )
 from .redis_control import CONTROL_CHANNEL, ControlChannel
-from .redis_listener import Listener, ListenerOptions, Subscription
+from .redis_listener import Listener, ListenerOptions, Subscription, address, is_gap
+from .redis_options import share_options, shortest_ttl
 from .redis_scripts import (
     HISTORY_SCRIPT,
+    KEEP_SCRIPT,
     PUBLISH_SCRIPT,
     UNREACHABLE,
     ChannelKeys,
@@ -114,6 +116,7 @@ class RedisBroker(Broker):
         self._on_control: OnControl | None = None
         self._control = ControlChannel(self.prefix, sharded=self.sharded)
         self._users = UserSockets(self.prefix)
+        self._keep_every: float | None = None  # seconds; the shortest TTL / 3
 
     # -- lifetime --------------------------------------------------------
 
@@ -147,7 +150,7 @@ class RedisBroker(Broker):
                 **options,
             )
             self._redis = Redis.from_pool(pool)
-            name = _address(pool.connection_kwargs)
+            name = address(pool.connection_kwargs)
             self._listeners[""] = self._new_listener(name, pool.make_connection)
             self._topology_read.set()
         self._tasks.append(loop.create_task(self._users.keep(self._redis)))
@@ -328,14 +331,27 @@ class RedisBroker(Broker):
     def release_connection(self, user: str) -> None:
         self._users.release(user)
 
-    async def publish(self, channel: str, data: str, *, message_id: str | None = None) -> Published:
+    async def share_options(self, writers_view: Mapping[str, Any]) -> None:
+        await share_options(self._redis, self.prefix, writers_view)
+        self._keep_every = shortest_ttl(writers_view) / 3  # _keep starts again with it
+        self._tasks[0].cancel()
+        self._tasks[0] = asyncio.get_running_loop().create_task(self._keep())
+
+    async def publish(
+        self,
+        channel: str,
+        data: str,
+        *,
+        message_id: str | None = None,
+        history: HistoryOptions | None = None,
+    ) -> Published:
         if not self.is_available or self._redis is None:
             raise BrokerUnavailable("redis is not reachable")
         keys, args = publish_arguments(
             ChannelKeys.of(self.prefix, channel),
             data,
             message_id,
-            self._history,
+            history or self._history,
             sharded=self.sharded,
         )
         try:
@@ -345,7 +361,12 @@ class RedisBroker(Broker):
             raise BrokerUnavailable(f"redis: {error}") from None
         return parse_published(channel, answer)
 
-    async def history(self, since: Mapping[str, Position | None]) -> dict[str, History]:
+    async def history(
+        self,
+        since: Mapping[str, Position | None],
+        *,
+        options: Mapping[str, HistoryOptions] | None = None,
+    ) -> dict[str, History]:
         # A subscribe still waiting for Redis must land first, or this read
         # could miss a message published between it and the subscription.
         waiting = [
@@ -359,10 +380,10 @@ class RedisBroker(Broker):
             tops = await self._read({c: (p, False) for c, p in since.items()})
         except UNREACHABLE as error:
             raise BrokerUnavailable(f"redis: {error}") from None
-        ttl = self._history.ttl
+        ttls = {c: (options or {}).get(c, self._history).ttl for c in tops}
         return {
-            channel: recover(since[channel], t.position, t.first, t.messages, now=t.now, ttl=ttl)
-            for channel, t in tops.items()
+            c: recover(since[c], t.position, t.first, t.messages, now=t.now, ttl=ttls[c])
+            for c, t in tops.items()
         }
 
     async def _read(self, since: Mapping[str, tuple[Position | None, bool]]) -> dict[str, Top]:
@@ -395,7 +416,7 @@ class RedisBroker(Broker):
         """
         ttl = milliseconds(self._history.ttl)
         while True:
-            await asyncio.sleep(self._history.ttl / 3)
+            await asyncio.sleep(self._keep_every or self._history.ttl / 3)
             channels = [c for c in self._subscriptions if c != CONTROL_CHANNEL]
             for start in range(0, len(channels), 500):
                 with contextlib.suppress(*UNREACHABLE):
@@ -407,8 +428,7 @@ class RedisBroker(Broker):
         async with self._connection_slots, self._redis.pipeline(transaction=False) as pipe:
             for channel in channels:
                 keys = ChannelKeys.of(self.prefix, channel)
-                pipe.pexpire(keys.meta, ttl)
-                pipe.pexpire(keys.stream, ttl)
+                pipe.eval(KEEP_SCRIPT, 2, keys.meta, keys.stream, ttl)  # by its own TTL
             await pipe.execute()
 
     async def on_message(self, subscription: Subscription, payload: bytes) -> None:
@@ -419,7 +439,7 @@ class RedisBroker(Broker):
         epoch_bytes, offset_bytes, data = payload.split(b" ", 2)
         epoch, offset = epoch_bytes.decode(), int(offset_bytes)
         last = subscription.last
-        if last is not None and _is_gap(last, epoch, offset):
+        if last is not None and is_gap(last, epoch, offset):
             # Something was missed (a new epoch, or a gap): take it from the stream.
             await self._catch_up(subscription)
             last = subscription.last
@@ -462,19 +482,3 @@ class RedisBroker(Broker):
         if self._deliver is not None and self._subscriptions.get(message.channel) is subscription:
             self._deliver(message)
 
-
-def _address(options: Mapping[str, Any]) -> str:
-    """host:port/db (or the socket path) of a connection, for logs: never its password."""
-    where = options.get("path") or f"{options.get('host', 'localhost')}:{options.get('port', 6379)}"
-    return f"{where}/{options.get('db', 0)}"
-
-
-def _is_gap(last: Position, epoch: str, offset: int) -> bool:
-    """Whether a live message skips some after `last`.
-
-    At offset 0 (a channel that held nothing) offset 1 of any epoch follows:
-    the channel's first message starts the epoch.
-    """
-    if last.offset == 0 and offset == 1:
-        return False
-    return epoch != last.epoch or offset > last.offset + 1

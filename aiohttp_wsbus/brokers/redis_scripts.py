@@ -22,6 +22,7 @@ from .base import EmptyEpoch, HistoryOptions, Message, Published
 
 __all__ = [
     "HISTORY_SCRIPT",
+    "KEEP_SCRIPT",
     "PUBLISH_SCRIPT",
     "UNREACHABLE",
     "ChannelKeys",
@@ -52,7 +53,9 @@ _PREFIX_RE: Final = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 # ttl ms, pub/sub channel, message id ('' for none), publish command.
 # Only a publish makes a channel's state. A missing meta hash (never published,
 # idle past the TTL, or a Redis that lost its data) is a new epoch, ARGV[1],
-# and the stream that counted in the old one goes with it.
+# and the stream that counted in the old one goes with it. The meta hash keeps
+# the TTL of the last publish, for reads and keep-alives. History size 0 keeps
+# no stream and no ids: the meta hash alone counts offsets.
 # Returns {epoch, offset, 1 if the id was already published else 0}.
 PUBLISH_SCRIPT: Final = """
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
@@ -62,7 +65,9 @@ if not epoch then
   redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0)
 end
 local ttl = tonumber(ARGV[4])
-if ARGV[6] ~= '' then
+local keeps = tonumber(ARGV[3]) > 0
+redis.call('HSET', KEYS[1], 'ttl', ttl)
+if ARGV[6] ~= '' and keeps then
   local seen = redis.call('GET', KEYS[3])
   if seen then
     local seen_epoch, seen_offset = string.match(seen, '^(%S+) (%d+)$')
@@ -74,18 +79,32 @@ if ARGV[6] ~= '' then
   end
 end
 local offset = redis.call('HINCRBY', KEYS[1], 'offset', 1)
-redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[3], offset .. '-0', 'd', ARGV[2])
+if keeps then
+  redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[3], offset .. '-0', 'd', ARGV[2])
+  redis.call('PEXPIRE', KEYS[2], ttl)
+else
+  redis.call('DEL', KEYS[2])
+end
 redis.call('PEXPIRE', KEYS[1], ttl)
-redis.call('PEXPIRE', KEYS[2], ttl)
-if ARGV[6] ~= '' then
+if ARGV[6] ~= '' and keeps then
   redis.call('SET', KEYS[3], epoch .. ' ' .. offset, 'PX', ttl)
 end
 redis.call(ARGV[7], ARGV[5], epoch .. ' ' .. offset .. ' ' .. ARGV[2])
 return {epoch, offset, 0}
 """
 
-# KEYS: meta hash, stream. ARGV: ttl ms, since epoch, since offset, '1' to read
-# the whole stream when the epoch is not the one asked for.
+# KEYS: meta hash, stream. ARGV: ttl ms for a channel whose meta hash has none.
+# Extends a subscribed channel's state by its own TTL (if it has state).
+KEEP_SCRIPT: Final = """
+local ttl = redis.call('HGET', KEYS[1], 'ttl') or ARGV[1]
+redis.call('PEXPIRE', KEYS[1], ttl)
+redis.call('PEXPIRE', KEYS[2], ttl)
+return 0
+"""
+
+# KEYS: meta hash, stream. ARGV: ttl ms (the meta hash's own wins), since
+# epoch, since offset, '1' to read the whole stream when the epoch is not the
+# one asked for.
 # Returns {epoch, top offset, first offset kept, now, entries after since...}.
 # It writes nothing but the expiry of keys that exist: a channel with no state
 # answers offset 0 of the empty epoch of now (base.EmptyEpoch: Redis's clock,
@@ -106,8 +125,9 @@ if not epoch then
   return {now, 0, 1, now}
 end
 local top = tonumber(redis.call('HGET', KEYS[1], 'offset'))
-redis.call('PEXPIRE', KEYS[1], ARGV[1])
-redis.call('PEXPIRE', KEYS[2], ARGV[1])
+local ttl = redis.call('HGET', KEYS[1], 'ttl') or ARGV[1]
+redis.call('PEXPIRE', KEYS[1], ttl)
+redis.call('PEXPIRE', KEYS[2], ttl)
 local first = top + 1
 local head = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
 if #head > 0 then
