@@ -25,9 +25,11 @@ def is_valid_pattern(pattern: object) -> bool:
     """Whether `pattern` is a grant pattern: a channel name, `prefix:*` or `*`."""
     if not isinstance(pattern, str):
         return False
-    if pattern == "*" or is_valid_channel(pattern):
+    if pattern == "*":
         return True
-    return pattern.endswith(":*") and is_valid_channel(pattern[:-1] + "x")
+    if pattern.endswith(":*"):
+        return is_valid_channel(pattern[:-1])
+    return is_valid_channel(pattern)
 
 
 def _pattern_covers(pattern: str, channel: str) -> bool:

@@ -8,6 +8,7 @@ the Redis publishers load the same mapping through the same schema.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +23,10 @@ __all__ = ["ChannelOptions", "ChannelOptionsSchema", "ChannelsField", "Namespace
 
 
 class ChannelOptionsSchema(Schema):
-    """The options one pattern may set; adding one is a line here and in ChannelOptions."""
+    """The options one pattern may set.
+
+    Adding one is a line here and a field (with its default) in ChannelOptions.
+    """
 
     class Meta:
         unknown = RAISE
@@ -42,7 +46,10 @@ _SCHEMA = ChannelOptionsSchema()
 
 @dataclass(frozen=True, slots=True)
 class ChannelOptions:
-    """What one channel gets: its history, and whether clients may recover it."""
+    """What one channel gets: its history, and whether clients may recover it.
+
+    Every field but `history` is an option of ChannelOptionsSchema by the same name.
+    """
 
     history: HistoryOptions
     recovery: bool = True
@@ -114,11 +121,13 @@ class Namespaces:
 
 
 def _options(given: Mapping[str, Any], default: ChannelOptions) -> ChannelOptions:
+    # The history options make one value; every other option is a ChannelOptions field.
     history = HistoryOptions(
         given.get("history_size", default.history.size),
         given.get("history_ttl", default.history.ttl),
     )
-    return ChannelOptions(history, given.get("recovery", default.recovery))
+    rest = {name: value for name, value in given.items() if not name.startswith("history_")}
+    return dataclasses.replace(default, history=history, **rest)
 
 
 def _history_json(history: HistoryOptions) -> list[float]:

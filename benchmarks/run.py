@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
 from . import workloads
-from .servers import AUDIENCE, ISSUER, KEY_ID, KINDS, is_available
+from .servers import AUDIENCE, DEFAULT_KINDS, ISSUER, KEY_ID, KINDS, is_available
 from .system import pin_to_core, raise_fd_limit
 from .workloads import Keys, Result
 
@@ -300,8 +300,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--servers",
-        default=",".join(KINDS),
-        help=f"comma-separated, from {','.join(KINDS)} (default: all importable)",
+        default=",".join(DEFAULT_KINDS),
+        help=f"comma-separated, from {','.join(KINDS)} "
+        f"(default: those of {','.join(DEFAULT_KINDS)} that are importable)",
     )
     parser.add_argument(
         "--workloads",

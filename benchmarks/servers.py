@@ -32,7 +32,30 @@ from .system import pin_to_core, raise_fd_limit
 
 # wsbus_authz: the bus with every channel decided by an authorizer (the tokens'
 # grants are read from a claim they lack), to price authorizers against grants.
-KINDS: Final = ("wsbus", "bare", "asgi_ws", "socketio", "wsbus_authz")
+# wsbus_limits / wsbus_unlimited: the bus with every abuse limit on (the socket
+# rates, sockets per user, the emit rate, none of them reached) / every one off,
+# to price the limits.
+KINDS: Final = (
+    "wsbus",
+    "bare",
+    "asgi_ws",
+    "socketio",
+    "wsbus_authz",
+    "wsbus_limits",
+    "wsbus_unlimited",
+)
+# The comparisons run when asked for by name (--servers).
+DEFAULT_KINDS: Final = ("wsbus", "bare", "asgi_ws", "socketio")
+# What the limits kinds add to setup(): on, but far above what the workloads do.
+LIMITS: Final[dict[str, dict[str, Any]]] = {
+    "wsbus_limits": {
+        "client_rate": (20, 100),
+        "subscribe_rate": (50, 256),
+        "max_connections_per_user": 1_000_000,
+        "emit_rate": (1e9, 1_000_000_000),
+    },
+    "wsbus_unlimited": {"client_rate": None, "subscribe_rate": None},
+}
 API_KEY: Final = "benchmark-api-key-0123456789"
 ISSUER: Final = "https://idp.bench/"
 AUDIENCE: Final = "wsbus"
@@ -41,6 +64,8 @@ BACKLOG: Final = 4096
 EMIT_PATH: Final = {
     "wsbus": "/ws/emit",
     "wsbus_authz": "/ws/emit",
+    "wsbus_limits": "/ws/emit",
+    "wsbus_unlimited": "/ws/emit",
     "bare": "/emit",
     "asgi_ws": "/ws/emmit",
     "socketio": "/emit",
@@ -98,7 +123,7 @@ def add_control_routes(app: web.Application, publish: Publish, count: Callable[[
 
 
 async def wsbus_app(
-    heartbeat: float, jwks_url: str, *, authorized: bool = False
+    heartbeat: float, jwks_url: str, *, authorized: bool = False, **limits: Any
 ) -> web.Application:
     import aiohttp_wsbus
 
@@ -113,6 +138,7 @@ async def wsbus_app(
         max_channels=4,
         # No token carries this claim: every channel goes to the authorizers below.
         channels_claim="authorized_elsewhere" if authorized else "channels",
+        **limits,
     )
     if authorized:
 
@@ -294,10 +320,12 @@ async def serve(kind: str, heartbeat: float, keydir: Path) -> None:
         await serve_asgi_ws(heartbeat, keydir, sock)
         return
     extra: list[web.AppRunner] = []
-    if kind in ("wsbus", "wsbus_authz"):
+    if kind.startswith("wsbus"):
         jwks_runner, jwks_url = await jwks_site(keydir)
         extra.append(jwks_runner)
-        app = await wsbus_app(heartbeat, jwks_url, authorized=kind == "wsbus_authz")
+        app = await wsbus_app(
+            heartbeat, jwks_url, authorized=kind == "wsbus_authz", **LIMITS.get(kind, {})
+        )
     elif kind == "bare":
         app = await bare_app(heartbeat)
     elif kind == "socketio":

@@ -4,6 +4,7 @@ Redis publishers refuse options that differ from the servers'."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -13,10 +14,11 @@ from pytest_aiohttp import AiohttpClient
 
 import aiohttp_wsbus
 from aiohttp_wsbus import RedisBroker, RedisPublisher, SyncRedisPublisher
-from aiohttp_wsbus.brokers import HistoryOptions
+from aiohttp_wsbus.brokers import HistoryOptions, Message
 from aiohttp_wsbus.namespaces import ChannelOptions, Namespaces
 
 from .conftest import JwksServer, MakeToken
+from .redis_server import until
 from .support import BusServer, next_frame, start_bus
 
 CHANNELS: dict[str, dict[str, Any]] = {
@@ -153,3 +155,30 @@ async def test_a_publisher_with_other_options_than_the_servers_is_refused(
     assert published.offset == 1
     with pytest.raises(ValueError, match="channels: 'typing:\\*': history_size"):
         RedisPublisher(redis_url, prefix=redis_prefix, channels={"typing:*": {"history_size": -1}})
+
+
+@pytest.mark.redis
+async def test_a_subscribed_channel_is_kept_alive_by_its_own_ttl(
+    make_redis_broker: Callable[..., Awaitable[tuple[RedisBroker, list[Message]]]],
+    redis_url: str,
+    redis_prefix: str,
+) -> None:
+    broker, _ = await make_redis_broker(size=100, ttl=300.0)
+    await broker.publish("chat:a", '"x"', history=HistoryOptions(10, 3600.0))
+    await broker.subscribe("chat:a")
+    client = redis.asyncio.Redis.from_url(redis_url)
+    stream = f"{{{redis_prefix}:chat:a}}:stream"
+    try:
+        await client.pexpire(stream, 1000)
+        # A view whose shortest TTL is 0.3 s: the keep-alive runs every 0.1 s.
+        view = {"history": [100, 300.0], "channels": {"fast:*": [1, 0.3]}}
+        await broker.share_options(view)
+        await until(lambda: _longer_than(client, stream, 3_000_000))
+        assert await client.get(f"{redis_prefix}:options") is not None
+    finally:
+        await client.aclose()
+
+
+async def _longer_than(client: redis.asyncio.Redis, key: str, milliseconds: int) -> bool:
+    ttl: int = await client.pttl(key)
+    return ttl > milliseconds

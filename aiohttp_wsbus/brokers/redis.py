@@ -333,9 +333,10 @@ class RedisBroker(Broker):
 
     async def share_options(self, writers_view: Mapping[str, Any]) -> None:
         await share_options(self._redis, self.prefix, writers_view)
-        self._keep_every = shortest_ttl(writers_view) / 3  # _keep starts again with it
-        self._tasks[0].cancel()
-        self._tasks[0] = asyncio.get_running_loop().create_task(self._keep())
+        self._keep_every = shortest_ttl(writers_view) / 3
+        if self._tasks:  # started: _keep starts again with it
+            self._tasks[0].cancel()
+            self._tasks[0] = asyncio.get_running_loop().create_task(self._keep())
 
     async def publish(
         self,
