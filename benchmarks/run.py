@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import jwt
 from cryptography.hazmat.primitives import serialization
@@ -251,6 +251,28 @@ def table(results: list[Result], kinds: list[str]) -> str:
     return "\n".join(lines)
 
 
+# Kinds compared with each other rather than with the bare loop: (this, against it).
+PAIRS: Final = {"limits on / off": ("wsbus_limits", "wsbus_unlimited")}
+
+
+def paired(results: list[Result], kinds: list[str]) -> str:
+    """Each pair of kinds that ran, as one ratio per figure ("limits on / off")."""
+    lines = []
+    for title, (this, other) in PAIRS.items():
+        if this not in kinds or other not in kinds:
+            continue
+        values = {(r.key, r.server): r for r in results if r.workload != "error"}
+        lines += ["", f"| workload | N | metric | {title} |", "|---|---|---|---|"]
+        for key in dict.fromkeys(r.key for r in results if r.workload != "error"):
+            mine, theirs = values.get((key, this)), values.get((key, other))
+            if mine is None or theirs is None or not theirs.value:
+                continue
+            workload, size, metric = key
+            ratio = mine.value / theirs.value
+            lines.append(f"| {workload} | {size} | {metric} | {ratio:.2f}{TIMES} |")
+    return "\n".join(lines)
+
+
 def plot(results: list[Result], kinds: list[str], path: Path) -> None:
     """A bar chart of every figure as a ratio to the bare aiohttp loop."""
     matplotlib: Any = importlib.import_module("matplotlib")
@@ -348,6 +370,7 @@ def main(argv: list[str] | None = None) -> None:
         f"load average after {os.getloadavg()[0]:.2f}\n"
     )
     print(table(results, kinds))
+    print(paired(results, kinds))
     if args.json:
         args.json.write_text(workloads.dump(results))
     if args.plot:
