@@ -47,6 +47,7 @@ class WebSocketHandler:
     def __init__(self, bus: Bus) -> None:
         self.bus = bus
         self.settings = bus.settings
+        self._rates = (self.settings.client_rate, self.settings.subscribe_rate)
         # Upgraded sockets that have not authenticated yet: the bus does not know them.
         self._unauthenticated: dict[web.WebSocketResponse, asyncio.Transport] = {}
 
@@ -94,11 +95,14 @@ class WebSocketHandler:
             # The receive loop lives in this frame on purpose: one coroutine per idle
             # socket, not a stack of them, is memory every connection pays.
             if connection is not None:
-                limits = SocketLimits.of(settings.client_rate, settings.subscribe_rate)
+                limits: SocketLimits | None = None
                 async for message in socket:
                     if connection.is_closing:
                         break
                     try:
+                        # Made at the first frame, so an idle socket holds no buckets; they
+                        # start full, as buckets made at the connect would be by now.
+                        limits = limits or SocketLimits.of(*self._rates)
                         if limits is not None and (broken := limits.frame()):
                             self._rate_limited(connection, broken)
                             continue
