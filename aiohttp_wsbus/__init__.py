@@ -7,6 +7,7 @@ messages to clients whose JWT grants them, and an HTTP emit endpoint.
 from typing import TYPE_CHECKING, Any
 
 from .brokers import Broker, HistoryOptions, MemoryBroker, Published
+from .brokers.presence import Member
 from .bus import Bus
 from .emit_client import EmitClient, EmitError, SyncEmitClient
 from .errors import (
@@ -76,6 +77,7 @@ __all__ = [
     "InvalidSettings",
     "InvalidToken",
     "KeysUnavailable",
+    "Member",
     "MemoryBroker",
     "Published",
     "SyncEmitClient",

@@ -23,10 +23,12 @@ from .brokers.base import (
     check_publish,
     scoped_message_id,
 )
+from .brokers.presence import Member
 from .connection import Connection, WriteScheduler, message_frame
 from .errors import InvalidToken
 from .hooks import ConnectionInfo, Hooks
 from .namespaces import Namespaces
+from .presence import Presence
 from .protocol import (
     CLIENT_GONE,
     SHUTTING_DOWN,
@@ -70,6 +72,7 @@ class Bus:
         self.rate_limited: collections.Counter[str] = collections.Counter()  # by limit
         self.sessions = Sessions(self)
         self.subscriptions = Subscriptions(self)
+        self.presence_keeper = Presence(self)
         self.hooks = Hooks(self, self.hook_errors)
         self.on_connect = self.hooks.on_connect
         self.on_disconnect = self.hooks.on_disconnect
@@ -127,7 +130,11 @@ class Bus:
         self._scheduler = WriteScheduler(asyncio.get_running_loop())
         await self.verifier.start(session)
         await self.broker.start(
-            self.deliver, self.namespaces.default.history, on_control=self.sessions.apply
+            self.deliver,
+            self.namespaces.default.history,
+            on_control=self.sessions.apply,
+            on_presence=self.presence_keeper.on_event if self.presence_keeper else None,
+            presence=self.presence_keeper.options,
         )
         await self.broker.share_options(self.namespaces.writers_view())
 
@@ -238,6 +245,20 @@ class Bus:
         await self.broker.revoke(revocation)  # every node's Sessions.apply takes it from there
         return revocation
 
+    # -- presence (presence.py does the work) ------------------------------
+
+    async def presence(self, channel: str) -> dict[str, Member]:
+        """Who is present in `channel` (one of the `presence` patterns), cluster-wide.
+
+        Raises InvalidChannel for a bad name, ValueError for a channel that
+        keeps no presence, BrokerUnavailable when the broker is down.
+        """
+        return await self.presence_keeper.members(channel)
+
+    async def presence_count(self, channel: str) -> int:
+        """How many users are present in `channel`, cluster-wide (raises as `presence`)."""
+        return await self.presence_keeper.count(channel)
+
     def refused(self, what: str, reason: str) -> None:
         """Count and log one refused credential (never the credential itself)."""
         logger.info("%s refused: %s", what, reason)
@@ -293,6 +314,8 @@ class Bus:
         if connection.closed_with is SLOW_CONSUMER:
             self.slow_consumer_closes += 1
         connection.pending = None
+        if self.presence_keeper:
+            self.presence_keeper.leave(connection, connection.channels)
         if connection.is_announced:
             self._disconnected(connection)
         self.subscriptions.drop_interest(self.registry.remove_all(connection))

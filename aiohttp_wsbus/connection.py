@@ -89,9 +89,10 @@ class Connection:
         # Channels an authorizer allowed this socket (None: none; most sockets).
         self.allowed: set[str] | None = None
         self.is_announced = False  # on_connect accepted it: on_disconnect will follow
-        # Channels being recovered: live messages wait here until the replay is out.
-        # Made only while a subscribe is in flight: idle sockets carry no dict.
-        self.pending: dict[str, list[Message]] | None = None
+        # Channels being recovered: live messages (and presence frames, as bytes)
+        # wait here until the replay is out. Made only while a subscribe is in
+        # flight: idle sockets carry no dict.
+        self.pending: dict[str, list[Message | bytes]] | None = None
         self.is_closing = False
         self.closed_with: Close | None = None
         self.closing: asyncio.Task[None] | None = None  # the close being sent
@@ -139,7 +140,7 @@ class Connection:
             self.pending = {}
         self.pending[channel] = []
 
-    def release(self, channel: str) -> list[Message]:
+    def release(self, channel: str) -> list[Message | bytes]:
         """Stop holding `channel`; return what was held, in order."""
         if self.pending is None:
             return []
@@ -153,6 +154,15 @@ class Connection:
         held = self.pending.get(message.channel) if self.pending else None
         if held is not None:
             held.append(message)
+        else:
+            self.enqueue(frame)
+
+    def deliver_frame(self, channel: str, frame: bytes) -> None:
+        """Queue a ready frame about `channel` (a join, a leave), after its replay if
+        one is being sent."""
+        held = self.pending.get(channel) if self.pending else None
+        if held is not None:
+            held.append(frame)
         else:
             self.enqueue(frame)
 

@@ -126,7 +126,7 @@ class Endpoints:
         """POST {base_path}/emit."""
         _check_post_json(request)
         # Credentials first, from the headers: a stranger's body is never read.
-        publisher, claims = await self._authenticate(request)
+        publisher, claims = await self.authenticate(request, "emit")
         self._check_rate(publisher)
         loaded = self._validate(await self._read_json(request))
         channels: list[str] = list(dict.fromkeys(loaded.get("channels") or [loaded["channel"]]))
@@ -213,23 +213,27 @@ class Endpoints:
             raise http_error(web.HTTPServiceUnavailable, "broker_unavailable") from None
         return web.json_response({"accepted": True}, status=202)
 
-    async def _authenticate(self, request: web.Request) -> tuple[str, Claims | None]:
-        """The publisher's idempotency scope, and the claims of a Bearer token."""
+    async def authenticate(self, request: web.Request, what: str) -> tuple[str, Claims | None]:
+        """The publisher's idempotency scope, and the claims of a Bearer token.
+
+        Raises 401 for a missing or refused credential (counted as `what`), 503
+        when the keys to check a token are unavailable.
+        """
         api_key = request.headers.get("X-API-Key")
         if api_key is not None:
             publisher = self.api_keys.publisher(api_key)
             if publisher is None:
-                self.bus.refused("emit", "api_key")
+                self.bus.refused(what, "api_key")
                 raise _unauthorized()
             return publisher, None
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            self.bus.refused("emit", "missing")
+            self.bus.refused(what, "missing")
             raise _unauthorized()
         try:
             claims = await self.bus.verify(token.strip())
         except InvalidToken as error:
-            self.bus.refused("emit", error.reason)
+            self.bus.refused(what, error.reason)
             raise _unauthorized(error.reason) from None
         except KeysUnavailable:
             raise http_error(web.HTTPServiceUnavailable, "keys_unavailable") from None

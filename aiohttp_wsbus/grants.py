@@ -6,7 +6,14 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Generic, TypeVar
 
-__all__ = ["MAX_CHANNEL_LENGTH", "PatternTable", "is_valid_channel", "is_valid_pattern", "may"]
+__all__ = [
+    "MAX_CHANNEL_LENGTH",
+    "PatternTable",
+    "grant_patterns",
+    "is_valid_channel",
+    "is_valid_pattern",
+    "may",
+]
 
 T = TypeVar("T")
 
@@ -30,6 +37,19 @@ def is_valid_pattern(pattern: object) -> bool:
     if pattern.endswith(":*"):
         return is_valid_channel(pattern[:-1])
     return is_valid_channel(pattern)
+
+
+def grant_patterns(value: object) -> tuple[str, ...]:
+    """Grant patterns from a token claim: a list of strings or one space-separated string.
+
+    Lenient by design: entries that are not strings are ignored, and a pattern
+    that covers no channel simply never matches.
+    """
+    if isinstance(value, str):
+        return tuple(value.split())
+    if isinstance(value, list):
+        return tuple(entry for entry in value if isinstance(entry, str))
+    return ()
 
 
 def _pattern_covers(pattern: str, channel: str) -> bool:

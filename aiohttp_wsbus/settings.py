@@ -27,8 +27,10 @@ from marshmallow import fields as mf
 
 from .brokers.base import MAX_HISTORY_SIZE
 from .errors import InvalidSettings
+from .grants import is_valid_pattern
 from .jwks import KEY_TYPE_BY_ALGORITHM, SECRET_ALGORITHMS
 from .namespaces import ChannelsField
+from .presence import MAX_INFO_SIZE
 
 __all__ = ["Settings", "SettingsSchema", "load_settings", "setting_bounds", "setting_help"]
 
@@ -68,6 +70,13 @@ def _rate(name: str) -> mf.Tuple:
         ),
         allow_none=True,
     )
+
+
+def _grant_pattern(pattern: str) -> None:
+    if not is_valid_pattern(pattern):
+        raise ValidationError(
+            f"{pattern!r} is not a grant pattern: a channel name, 'prefix:*' or '*'"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,6 +250,35 @@ class Settings:
         ChannelsField(allow_none=True),
         help="options per grant pattern (`history_size`, `history_ttl`, `recovery`) for "
         "the channels it covers, the most specific pattern winning; see docs/recovery.md",
+    )
+    presence: tuple[str, ...] = setting(
+        (),
+        mf.List(mf.String(validate=_grant_pattern)),
+        help="grant patterns of the channels that keep presence: who is subscribed, "
+        "with join and leave (none by default: no cost)",
+    )
+    presence_claim: str = setting(
+        "presence",
+        mf.String(validate=validate.Length(min=1)),
+        help="claim listing the channel patterns whose presence a token may read",
+    )
+    presence_info_claim: str = setting(
+        "info",
+        mf.String(validate=validate.Length(min=1)),
+        help=f"claim holding a JSON object (at most {MAX_INFO_SIZE} bytes) shown as the "
+        "member's info",
+    )
+    presence_ttl: float = setting(
+        60.0,
+        mf.Float(validate=validate.Range(min=0.3, max=86400)),
+        help="seconds a crashed node's members stay listed at most (nodes refresh "
+        "theirs every third of it)",
+    )
+    max_presence_members: int = setting(
+        1000,
+        mf.Integer(strict=True, validate=validate.Range(min=0)),
+        help="users a channel lists; above it subscribers get only the count and no "
+        "join or leave",
     )
     jwks_refetch_interval: float = setting(
         30.0,

@@ -35,14 +35,19 @@ class SubscribeResult:
     denied: dict[str, str] = field(default_factory=dict)
     recovered: dict[str, bool] = field(default_factory=dict)
     positions: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Snapshots of the presence channels the token may read (frame form).
+    presence: dict[str, Any] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
-        return {
+        frame = {
             "subscribed": self.subscribed,
             "denied": self.denied,
             "recovered": self.recovered,
             "positions": self.positions,
         }
+        if self.presence:
+            frame["presence"] = self.presence
+        return frame
 
 
 class Subscriptions:
@@ -116,6 +121,8 @@ class Subscriptions:
                 accepted = []
         # Revoked or closed while the broker answered: those are gone already.
         accepted = [c for c in accepted if c in connection.channels]
+        if accepted and self.bus.presence_keeper:
+            accepted = await self._join_presence(connection, accepted, result)
         for channel in accepted:
             history = histories[channel]
             result.subscribed.append(channel)
@@ -143,6 +150,28 @@ class Subscriptions:
             options={c: o.history for c, o in options.items() if o is not namespaces.default},
         )
 
+    async def _join_presence(
+        self, connection: Connection, accepted: list[str], result: SubscribeResult
+    ) -> list[str]:
+        """Join the presence of those of `accepted` that keep it; the channels still accepted."""
+        presence = self.bus.presence_keeper
+        present = [c for c in accepted if presence.keeps(c)]
+        if not present:
+            return accepted
+        try:
+            result.presence = await presence.join(connection, present)
+        except BrokerUnavailable:
+            self.drop(connection, present)
+            result.denied.update(dict.fromkeys(present, "unavailable"))
+        # Left while joining (closed, unsubscribed, revoked): that leave may have
+        # reached the broker before the join did, so leave again.
+        gone = [c for c in present if c not in connection.channels]
+        if gone:
+            presence.leave(connection, gone)
+            for channel in gone:
+                result.presence.pop(channel, None)
+        return [c for c in accepted if c in connection.channels]
+
     def _go_live(
         self, connection: Connection, channel: str, history: History, since: Position | None
     ) -> None:
@@ -155,7 +184,11 @@ class Subscriptions:
                 if message.offset > last:
                     connection.enqueue(message_frame(message, recovered=True))
                     last = message.offset
-        for message in held:
+        for item in held:
+            if isinstance(item, bytes):  # a join or leave: after the snapshot, in order
+                connection.enqueue(item)
+                continue
+            message = item
             if last == 0 and message.offset == 1:
                 epoch = message.epoch  # a channel's first message starts its epoch
             if message.epoch == epoch and message.offset > last:
@@ -237,6 +270,8 @@ class Subscriptions:
         return accepted
 
     def drop(self, connection: Connection, channels: list[str]) -> None:
+        if self.bus.presence_keeper:
+            self.bus.presence_keeper.leave(connection, channels)
         for channel in channels:
             connection.release(channel)
             if connection.allowed is not None:
@@ -275,6 +310,9 @@ class Subscriptions:
         """Switch to claims whose grants and allowances are already decided."""
         connection.claims = claims
         revoked, emptied = self.bus.registry.regrant(connection)
+        if self.bus.presence_keeper:
+            self.bus.presence_keeper.leave(connection, revoked)
+            self.bus.presence_keeper.regrant(connection)
         for channel in revoked:
             connection.release(channel)
         self.drop_interest(emptied)

@@ -43,6 +43,7 @@ import jwt
 from jwt.types import Options
 
 from .errors import InvalidSettings, InvalidToken, KeysUnavailable
+from .grants import grant_patterns
 from .jwks import PUBLIC_KEY_ALGORITHMS, SECRET_ALGORITHMS, JwksKey, JwksKeySet, PublicKey
 
 __all__ = ["Claims", "ClaimsCache", "JwksVerifier", "SecretVerifier", "TokenVerifier"]
@@ -205,8 +206,8 @@ class TokenVerifier(ABC):
         return Claims(
             subject=subject,
             expires_at=int(expires_at),
-            subscribe=_grant_patterns(payload.get(self.channels_claim)),
-            publish=_grant_patterns(payload.get(self.publish_claim)),
+            subscribe=grant_patterns(payload.get(self.channels_claim)),
+            publish=grant_patterns(payload.get(self.publish_claim)),
             token_hash=token_hash,
             token_id=token_id if isinstance(token_id, str) else None,
             issued_at=_numeric_date(payload, "iat"),
@@ -420,11 +421,3 @@ def _numeric_date(payload: Mapping[str, Any], name: str) -> float | None:
         raise InvalidToken("claims")
     return number
 
-
-def _grant_patterns(value: object) -> tuple[str, ...]:
-    """Grant patterns from a claim: lenient by design (see the module docstring)."""
-    if isinstance(value, str):
-        return tuple(value.split())
-    if isinstance(value, list):
-        return tuple(entry for entry in value if isinstance(entry, str))
-    return ()

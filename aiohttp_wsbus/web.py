@@ -16,6 +16,7 @@ from .bus import Bus
 from .emit import ApiKeys, Endpoints
 from .errors import InvalidSettings, http_error
 from .protocol import SHUTTING_DOWN
+from .queries import Queries
 from .settings import Settings, load_settings
 from .tokens import JwksVerifier, SecretVerifier, TokenVerifier
 from .websocket import WebSocketHandler
@@ -69,6 +70,11 @@ def setup(
     history_size: int = 100,
     history_ttl: float = 300.0,
     channels: Mapping[str, Mapping[str, Any]] | None = None,
+    presence: Sequence[str] = (),
+    presence_claim: str = "presence",
+    presence_info_claim: str = "info",
+    presence_ttl: float = 60.0,
+    max_presence_members: int = 1000,
     jwks_refetch_interval: float = 30.0,
     jwks_refresh_interval: float = 300.0,
     metrics: bool = False,
@@ -97,6 +103,8 @@ def setup(
     app.router.add_route("*", base + "/users/{user}/disconnect", routes.http.disconnect)
     app.router.add_route("*", base + "/users/{user}/unsubscribe", routes.http.unsubscribe)
     app.router.add_route("*", base + "/revocations", routes.http.revoke)
+    # Channel names may hold '/': the name is everything up to the last segment.
+    app.router.add_route("*", base + "/channels/{channel:.+}/presence", routes.queries.presence)
     for name in STATIC_FILES:
         app.router.add_get(f"{base}/{name}", routes.static)
     app.router.add_get(base + "/health", routes.health)
@@ -146,6 +154,7 @@ class _Routes:
         self.api_keys = ApiKeys(self.settings.api_keys)
         self.websocket = WebSocketHandler(bus)
         self.http = Endpoints(bus, self.api_keys)
+        self.queries = Queries(bus, self.http)
         self._metrics: CollectorRegistry | None = None
         if self.settings.metrics:
             from .metrics import registry_for  # prometheus-client is an optional extra

@@ -17,9 +17,16 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 # The kinds that speak the bus's own protocol (a connect frame, then a welcome).
-BUS_KINDS: Final = ("wsbus", "wsbus_authz", "wsbus_limits", "wsbus_unlimited")
+BUS_KINDS: Final = (
+    "wsbus",
+    "wsbus_authz",
+    "wsbus_presence",
+    "wsbus_limits",
+    "wsbus_unlimited",
+)
 
 _MASK: Final = b"\x00\x00\x00\x00"  # a zero mask: frames go out as they are
+_MESSAGE: Final = b'{"type":"message"'
 
 
 def client_frame(payload: bytes, opcode: int = 0x1) -> bytes:
@@ -93,6 +100,8 @@ class WsClient(asyncio.Protocol):
         self.buffer = bytearray()
         self.upgraded = False
         self.is_ready = False
+        # With presence, join and leave frames arrive too: only messages count.
+        self.counts_every_frame = dialect.kind != "wsbus_presence"
 
     # -- asyncio.Protocol --------------------------------------------------
 
@@ -183,7 +192,8 @@ class WsClient(asyncio.Protocol):
                 break
             opcode = first & 0x0F
             if opcode == 0x1 and self.is_ready and self.dialect.kind != "socketio":
-                messages += 1
+                if self.counts_every_frame or buffer.startswith(_MESSAGE, start):
+                    messages += 1
                 if self.stats.measure_latency:
                     self._latency(buffer, start, end, now_ns)
             else:

@@ -32,6 +32,8 @@ from .system import pin_to_core, raise_fd_limit
 
 # wsbus_authz: the bus with every channel decided by an authorizer (the tokens'
 # grants are read from a claim they lack), to price authorizers against grants.
+# wsbus_presence: the bus with presence kept on every bench: channel and read by
+# every token (its `channels` claim doubles as the presence grant).
 # wsbus_limits / wsbus_unlimited: the bus with every abuse limit on (the socket
 # rates, sockets per user, the emit rate, none of them reached) / every one off,
 # to price the limits.
@@ -41,6 +43,7 @@ KINDS: Final = (
     "asgi_ws",
     "socketio",
     "wsbus_authz",
+    "wsbus_presence",
     "wsbus_limits",
     "wsbus_unlimited",
 )
@@ -66,6 +69,7 @@ EMIT_PATH: Final = {
     "wsbus_authz": "/ws/emit",
     "wsbus_limits": "/ws/emit",
     "wsbus_unlimited": "/ws/emit",
+    "wsbus_presence": "/ws/emit",
     "bare": "/emit",
     "asgi_ws": "/ws/emmit",
     "socketio": "/emit",
@@ -123,7 +127,12 @@ def add_control_routes(app: web.Application, publish: Publish, count: Callable[[
 
 
 async def wsbus_app(
-    heartbeat: float, jwks_url: str, *, authorized: bool = False, **limits: Any
+    heartbeat: float,
+    jwks_url: str,
+    *,
+    authorized: bool = False,
+    presence: bool = False,
+    **limits: Any,
 ) -> web.Application:
     import aiohttp_wsbus
 
@@ -138,6 +147,8 @@ async def wsbus_app(
         max_channels=4,
         # No token carries this claim: every channel goes to the authorizers below.
         channels_claim="authorized_elsewhere" if authorized else "channels",
+        presence=["bench:*"] if presence else [],
+        presence_claim="channels",
         **limits,
     )
     if authorized:
@@ -324,7 +335,11 @@ async def serve(kind: str, heartbeat: float, keydir: Path) -> None:
         jwks_runner, jwks_url = await jwks_site(keydir)
         extra.append(jwks_runner)
         app = await wsbus_app(
-            heartbeat, jwks_url, authorized=kind == "wsbus_authz", **LIMITS.get(kind, {})
+            heartbeat,
+            jwks_url,
+            authorized=kind == "wsbus_authz",
+            presence=kind == "wsbus_presence",
+            **LIMITS.get(kind, {}),
         )
     elif kind == "bare":
         app = await bare_app(heartbeat)

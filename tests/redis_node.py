@@ -45,6 +45,6 @@ async def serve(redis_url: str, prefix: str, secret: str, settings: dict[str, An
 
 
 if __name__ == "__main__":
-    settings = json.loads(sys.argv[4]) if len(sys.argv) > 4 else {}
     redis_url, prefix, secret = sys.argv[1:4]
-    asyncio.run(serve(redis_url, prefix, secret, settings))
+    extra = json.loads(sys.argv[4]) if len(sys.argv) > 4 else {}
+    asyncio.run(serve(redis_url, prefix, secret, extra))

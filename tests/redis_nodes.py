@@ -64,7 +64,7 @@ class Node:
 
 
 async def start_node(redis_url: str, prefix: str, **settings: Any) -> Node:
-    """A node on `redis_url`; `settings` go to its setup() (as JSON)."""
+    """A node process; `settings` go to its setup() (JSON values)."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",

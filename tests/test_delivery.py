@@ -22,6 +22,7 @@ from .support import WAIT, RawClient, close_code, eventually, next_frame, start_
 
 CHANNELS = ["chat:a", "chat:b", "user:x", "user:y", "news"]
 PATTERNS = ["chat:*", "chat:a", "user:x", "user:*", "news", "*"]
+PRESENCE = ["chat:*", "news"]  # the channels that keep presence in the property test
 
 
 async def frames_until_pong(socket: ClientWebSocketResponse) -> list[dict[str, Any]]:
@@ -38,6 +39,7 @@ users = st.lists(
         st.sets(st.sampled_from(PATTERNS), max_size=3),  # grants at connect
         st.sets(st.sampled_from(CHANNELS), max_size=5),  # channels asked for
         st.none() | st.sets(st.sampled_from(PATTERNS), max_size=2),  # grants after a refresh
+        st.sets(st.sampled_from(PATTERNS), max_size=2),  # presence it may read
     ),
     min_size=1,
     max_size=4,
@@ -70,7 +72,7 @@ async def test_no_socket_ever_receives_a_channel_its_token_or_the_application_do
     aiohttp_client: AiohttpClient,
     jwks_server: JwksServer,
     make_token: MakeToken,
-    people: list[tuple[set[str], set[str], set[str] | None]],
+    people: list[tuple[set[str], set[str], set[str] | None, set[str]]],
     table: dict[str, set[int]],
     published: list[str],
 ) -> None:
@@ -82,27 +84,36 @@ async def test_no_socket_ever_receives_a_channel_its_token_or_the_application_do
 
             bus.authorizer(pattern)(decide)
 
-    server = await start_bus(aiohttp_client, jwks_server.url, prepare=prepare)
+    server = await start_bus(aiohttp_client, jwks_server.url, prepare=prepare, presence=PRESENCE)
     sockets = []
-    for n, (grants, wanted, _) in enumerate(people):
-        token = make_token(sub=f"user{n}", channels=sorted(grants))
-        sockets.append((await server.open(token, sorted(wanted)))[0])
-    for n, (_, _, later) in enumerate(people):
+    # Presence data (snapshots, joins, leaves) each socket received, by channel.
+    presence_seen: list[set[str]] = []
+    for n, (grants, wanted, _, reads) in enumerate(people):
+        token = make_token(sub=f"user{n}", channels=sorted(grants), presence=sorted(reads))
+        socket, welcome = await server.open(token, sorted(wanted))
+        sockets.append(socket)
+        presence_seen.append(set(welcome.get("presence", {})))
+    frames: list[list[dict[str, Any]]] = [[] for _ in people]
+    for n, (_, _, later, reads) in enumerate(people):
         if later is not None:
-            await sockets[n].send_json(
-                {"type": "refresh", "token": make_token(sub=f"user{n}", channels=sorted(later))}
-            )
-            while (await next_frame(sockets[n]))["type"] != "refreshed":
-                pass
+            token = make_token(sub=f"user{n}", channels=sorted(later), presence=sorted(reads))
+            await sockets[n].send_json({"type": "refresh", "token": token})
+            while (frame := await next_frame(sockets[n]))["type"] != "refreshed":
+                frames[n].append(frame)
     for channel in published:
         await server.bus.publish(channel, channel)
-    for n, (grants, wanted, later) in enumerate(people):
+    for n, (grants, wanted, later, reads) in enumerate(people):
         current = set(later) if later is not None else grants
 
         def allowed_by(patterns: set[str], channel: str, n: int = n) -> bool:
             return may(patterns, channel) or authorizer_allows(table, n, channel)
 
-        received = [f["channel"] for f in await frames_until_pong(sockets[n])]
+        frames[n] += await frames_until_pong(sockets[n])
+        presence_seen[n] |= {f["channel"] for f in frames[n] if f["type"] in ("join", "leave")}
+        for channel in presence_seen[n]:  # read only where it subscribed and may read
+            assert channel in wanted and allowed_by(grants, channel), (channel, grants)
+            assert may(reads, channel) and may(PRESENCE, channel), (channel, reads)
+        received = [f["channel"] for f in frames[n] if f["type"] == "message"]
         for channel in received:
             assert allowed_by(grants, channel) and allowed_by(current, channel), (
                 channel,

@@ -72,3 +72,19 @@ def test_limits_page_shows_each_limits_default_as_settings_declares_it() -> None
     assert f"| token | {MAX_TOKEN_LENGTH} characters |" in fixed
     assert f"| channels in one control request | {MAX_CONTROL_CHANNELS} |" in fixed
     assert f"1 to {MAX_CHANNEL_LENGTH} of" in fixed
+
+
+async def test_presence_snippet_serves_who_is_online(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
+) -> None:
+    (snippet,) = python_blocks("presence.md")
+    snippet = snippet.replace("https://idp.example.com/.well-known/jwks.json", jwks_server.url)
+    namespace: dict[str, Any] = {}
+    exec(compile(snippet, "presence.md", "exec"), namespace)  # noqa: S102
+    client = await aiohttp_client(namespace["app"])
+    socket = await client.ws_connect("/ws")
+    token = make_token(sub="alice", channels=["chat:*"], iss=None, aud=None)
+    await socket.send_json({"type": "connect", "token": token, "channels": ["chat:lobby"]})
+    assert (await socket.receive_json())["type"] == "welcome"
+    response = await client.get("/rooms/lobby/online")
+    assert await response.json() == {"online": ["alice"]}

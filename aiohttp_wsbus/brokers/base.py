@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -17,6 +17,7 @@ from ..errors import InvalidChannel
 from ..grants import is_valid_channel
 from ..protocol import Position
 from ..revocations import Revocation
+from .presence import DEFAULT_PRESENCE, OnPresence, PresenceOptions, PresenceSnapshot
 
 __all__ = [
     "APPLICATION",
@@ -231,11 +232,18 @@ class Broker(ABC):
 
     @abstractmethod
     async def start(
-        self, deliver: Deliver, history: HistoryOptions, *, on_control: OnControl | None = None
+        self,
+        deliver: Deliver,
+        history: HistoryOptions,
+        *,
+        on_control: OnControl | None = None,
+        on_presence: OnPresence | None = None,
+        presence: PresenceOptions = DEFAULT_PRESENCE,
     ) -> None:
         """Connect; from now on call `deliver` for each message on a subscribed channel,
-        in offset order per channel, and `on_control` for each control message; keep
-        each channel's history as `history` says."""
+        in offset order per channel, `on_control` for each control message and
+        `on_presence` for each join or leave on a subscribed channel; keep each
+        channel's history as `history` says, and presence as `presence` says."""
 
     @abstractmethod
     async def stop(self) -> None:
@@ -294,6 +302,38 @@ class Broker(ABC):
         """Keep `revocation` until it ends (across restarts, if the engine persists) and
         hand it to every node's bus as {"type": "revoke", "revocation": {...}}."""
         raise NotImplementedError(f"{type(self).__name__} cannot keep revocations")
+
+    async def join(
+        self,
+        connection_id: str,
+        user: str,
+        info: str,
+        channels: Collection[str],
+        *,
+        snapshot: Collection[str] = (),
+        limit: int | None = None,
+    ) -> dict[str, PresenceSnapshot]:
+        """Add one socket of `user` (its info: JSON text) to each channel's presence;
+        return the `snapshot` channels' members after it (as `presence`), in the
+        same round trip.
+
+        Announces the user's join (`on_presence` on every node subscribed to the
+        channel) when it is their first socket there anywhere. Joining again is
+        harmless. Raises BrokerUnavailable when the engine cannot be reached.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot keep presence")
+
+    async def leave(self, connection_id: str, channels: Collection[str]) -> None:
+        """Remove one socket from each channel's presence; announce the user's leave
+        when it was their last socket there. Leaving a channel not joined is harmless."""
+        raise NotImplementedError(f"{type(self).__name__} cannot keep presence")
+
+    async def presence(
+        self, channels: Collection[str], *, limit: int | None = None
+    ) -> dict[str, PresenceSnapshot]:
+        """Each channel's members; only their count for a channel with more than
+        `limit` users."""
+        raise NotImplementedError(f"{type(self).__name__} cannot keep presence")
 
     async def share_options(self, writers_view: Mapping[str, Any]) -> None:
         """Leave the history options every channel writer must use where the application's

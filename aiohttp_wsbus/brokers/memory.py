@@ -7,7 +7,7 @@ import math
 import secrets
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +24,13 @@ from .base import (
     OnControl,
     Published,
     recover,
+)
+from .presence import (
+    DEFAULT_PRESENCE,
+    OnPresence,
+    PresenceOptions,
+    PresenceSnapshot,
+    PresenceTable,
 )
 
 __all__ = ["MemoryBroker"]
@@ -66,17 +73,28 @@ class MemoryBroker(Broker):
         self._deliver: Deliver | None = None
         self._on_control: OnControl | None = None
         self._revocations: list[Revocation] = []
+        self._on_presence: OnPresence | None = None
+        self._presence_options = DEFAULT_PRESENCE
+        self._presence = PresenceTable()
         self._history = DEFAULT_HISTORY
         self._generation = secrets.token_hex(8)
         # Least recently touched first, so expiring idle channels is a scan of the head.
         self._streams: OrderedDict[str, _Stream] = OrderedDict()
 
     async def start(
-        self, deliver: Deliver, history: HistoryOptions, *, on_control: OnControl | None = None
+        self,
+        deliver: Deliver,
+        history: HistoryOptions,
+        *,
+        on_control: OnControl | None = None,
+        on_presence: OnPresence | None = None,
+        presence: PresenceOptions = DEFAULT_PRESENCE,
     ) -> None:
         self._deliver = deliver
         self._history = history
         self._on_control = on_control
+        self._on_presence = on_presence
+        self._presence_options = presence
         if on_control is not None and self._revocations:
             # Revocations outlive a bus stopped and started again on this broker.
             on_control(self._revocations_message())
@@ -84,6 +102,8 @@ class MemoryBroker(Broker):
     async def stop(self) -> None:
         self._deliver = None
         self._on_control = None
+        self._on_presence = None
+        self._presence = PresenceTable()  # the sockets were this process's: all gone
 
     async def control(self, message: Mapping[str, Any]) -> None:
         if self._on_control is not None:
@@ -98,6 +118,35 @@ class MemoryBroker(Broker):
         now = time.time()
         self._revocations = [r for r in self._revocations if r.until > now]
         return {"type": "revocations", "revocations": [r.as_json() for r in self._revocations]}
+
+    async def join(
+        self,
+        connection_id: str,
+        user: str,
+        info: str,
+        channels: Collection[str],
+        *,
+        snapshot: Collection[str] = (),
+        limit: int | None = None,
+    ) -> dict[str, PresenceSnapshot]:
+        max_members = self._presence_options.max_members
+        for channel in channels:
+            event = self._presence.join(channel, connection_id, user, info, max_members)
+            if event is not None and self._on_presence is not None:
+                self._on_presence(event)
+        return await self.presence(snapshot, limit=limit)
+
+    async def leave(self, connection_id: str, channels: Collection[str]) -> None:
+        limit = self._presence_options.max_members
+        for channel in channels:
+            event = self._presence.leave(channel, connection_id, limit)
+            if event is not None and self._on_presence is not None:
+                self._on_presence(event)
+
+    async def presence(
+        self, channels: Collection[str], *, limit: int | None = None
+    ) -> dict[str, PresenceSnapshot]:
+        return {channel: self._presence.snapshot(channel, limit) for channel in channels}
 
     async def subscribe(self, channel: str) -> None:
         # Every message is local; interest only keeps the stream (and its epoch) alive.

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from redis.asyncio import Redis, RedisCluster
@@ -38,9 +38,11 @@ from .base import (
     Published,
     recover,
 )
+from .presence import DEFAULT_PRESENCE, OnPresence, PresenceOptions, PresenceSnapshot
 from .redis_control import CONTROL_CHANNEL, ControlChannel
 from .redis_listener import Listener, ListenerOptions, Subscription, address, is_gap
 from .redis_options import share_options, shortest_ttl
+from .redis_presence import PRESENCE_MARK, RedisPresence
 from .redis_scripts import (
     HISTORY_SCRIPT,
     KEEP_SCRIPT,
@@ -117,15 +119,30 @@ class RedisBroker(Broker):
         self._control = ControlChannel(self.prefix, sharded=self.sharded)
         self._users = UserSockets(self.prefix)
         self._keep_every: float | None = None  # seconds; the shortest TTL / 3
+        self._on_presence: OnPresence | None = None
+        self._presence = self._new_presence(DEFAULT_PRESENCE)
+
+    def _new_presence(self, options: PresenceOptions) -> RedisPresence:
+        return RedisPresence(
+            self.prefix, options, sharded=self.sharded, slots=self._connection_slots
+        )
 
     # -- lifetime --------------------------------------------------------
 
     async def start(
-        self, deliver: Deliver, history: HistoryOptions, *, on_control: OnControl | None = None
+        self,
+        deliver: Deliver,
+        history: HistoryOptions,
+        *,
+        on_control: OnControl | None = None,
+        on_presence: OnPresence | None = None,
+        presence: PresenceOptions = DEFAULT_PRESENCE,
     ) -> None:
         self._deliver = deliver
         self._history = history
         self._on_control = on_control
+        self._on_presence = on_presence
+        self._presence = self._new_presence(presence)
         options: dict[str, Any] = {
             "socket_timeout": self._socket_timeout,
             "socket_connect_timeout": self._socket_timeout,
@@ -134,6 +151,8 @@ class RedisBroker(Broker):
         }
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._keep())]
+        if on_presence is not None:
+            self._tasks.append(loop.create_task(self._presence.keep(lambda: self._redis)))
         if self.cluster:
             # A cluster node refuses connections beyond max_connections instead of
             # queueing them; _connection_slot keeps publishes within it.
@@ -171,6 +190,7 @@ class RedisBroker(Broker):
     async def stop(self) -> None:
         self._deliver = None
         self._on_control = None
+        self._on_presence = None
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -317,6 +337,45 @@ class RedisBroker(Broker):
         except UNREACHABLE as error:
             raise BrokerUnavailable(f"redis: {error}") from None
 
+    async def join(
+        self,
+        connection_id: str,
+        user: str,
+        info: str,
+        channels: Collection[str],
+        *,
+        snapshot: Collection[str] = (),
+        limit: int | None = None,
+    ) -> dict[str, PresenceSnapshot]:
+        redis = self._reachable()
+        try:
+            return await self._presence.join(
+                redis, connection_id, user, info, channels, snapshot=snapshot, limit=limit
+            )
+        except UNREACHABLE as error:
+            raise BrokerUnavailable(f"redis: {error}") from None
+
+    async def leave(self, connection_id: str, channels: Collection[str]) -> None:
+        redis = self._reachable()
+        try:
+            await self._presence.leave(redis, connection_id, channels)
+        except UNREACHABLE as error:
+            raise BrokerUnavailable(f"redis: {error}") from None
+
+    async def presence(
+        self, channels: Collection[str], *, limit: int | None = None
+    ) -> dict[str, PresenceSnapshot]:
+        redis = self._reachable()
+        try:
+            return await self._presence.read(redis, channels, limit)
+        except UNREACHABLE as error:
+            raise BrokerUnavailable(f"redis: {error}") from None
+
+    def _reachable(self) -> Redis | RedisCluster:
+        if not self.is_available or self._redis is None:
+            raise BrokerUnavailable("redis is not reachable")
+        return self._redis
+
     def _to_bus(self, message: Mapping[str, Any] | None) -> None:
         if message is None or self._on_control is None:
             return
@@ -436,6 +495,11 @@ class RedisBroker(Broker):
         """Deliver a live message, catching up first if one was missed (ListenerHandler)."""
         if subscription.channel == CONTROL_CHANNEL:
             self._to_bus(self._control.parse(payload))
+            return
+        if payload[:1] == PRESENCE_MARK:
+            event = RedisPresence.parse(subscription.channel, payload)
+            if event is not None and self._on_presence is not None:
+                self._on_presence(event)
             return
         epoch_bytes, offset_bytes, data = payload.split(b" ", 2)
         epoch, offset = epoch_bytes.decode(), int(offset_bytes)

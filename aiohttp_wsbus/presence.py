@@ -1,0 +1,173 @@
+"""Presence on this node: which channels keep it, who may read it, this node's
+sockets as members, and the joins and leaves handed to subscribers.
+
+The broker keeps the members and decides joins and leaves cluster-wide (see
+brokers/presence.py); this module only speaks for this node's sockets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Collection
+from typing import TYPE_CHECKING, Any, Final
+
+from .brokers.presence import (
+    Member,
+    PresenceEvent,
+    PresenceOptions,
+    PresenceSnapshot,
+    decode_info,
+)
+from .errors import BrokerUnavailable, InvalidChannel
+from .grants import grant_patterns, is_valid_channel, may
+from .protocol import encode, encode_data, text_frame
+from .tokens import Claims
+
+if TYPE_CHECKING:
+    from .bus import Bus
+    from .connection import Connection
+
+__all__ = ["MAX_INFO_SIZE", "Presence"]
+
+logger = logging.getLogger("aiohttp_wsbus")
+
+MAX_INFO_SIZE: Final = 1024  # bytes of a member's info, as JSON
+_NO_INFO: Final = "{}"
+
+
+class Presence:
+    """The `presence` settings at work on one bus."""
+
+    def __init__(self, bus: Bus) -> None:
+        settings = bus.settings
+        self.bus = bus
+        self.patterns = settings.presence
+        self.options = PresenceOptions(settings.presence_ttl, settings.max_presence_members)
+        self._claim = settings.presence_claim
+        self._info_claim = settings.presence_info_claim
+        # The sockets here that joined each channel and may read its presence: a
+        # join or leave goes to these without checking every subscriber's grant.
+        self._readers: dict[str, dict[Connection, None]] = {}
+
+    def __bool__(self) -> bool:
+        """Whether any channel keeps presence (off by default: then nothing here runs)."""
+        return bool(self.patterns)
+
+    def keeps(self, channel: str) -> bool:
+        """Whether `channel` keeps presence."""
+        return may(self.patterns, channel)
+
+    def may_read(self, claims: Claims, channel: str) -> bool:
+        """Whether the token's presence grant covers `channel`."""
+        return may(grant_patterns(claims.extra.get(self._claim)), channel)
+
+    def info(self, claims: Claims) -> str:
+        """The member info the token carries, as JSON text (`{}` without a usable one)."""
+        value = claims.extra.get(self._info_claim)
+        if value is None:
+            return _NO_INFO
+        try:
+            info = encode_data(value) if isinstance(value, dict) else None
+        except ValueError:
+            info = None
+        if info is None or len(info.encode()) > MAX_INFO_SIZE:
+            # The identity provider's mistake, not the user's: say so, keep the socket.
+            logger.warning(
+                "presence: claim %r of user %r is not a JSON object of at most %d bytes; "
+                "its info is left empty",
+                self._info_claim,
+                claims.subject,
+                MAX_INFO_SIZE,
+            )
+            return _NO_INFO
+        return info
+
+    async def join(self, connection: Connection, channels: list[str]) -> dict[str, Any]:
+        """Make the socket a member of `channels`; the snapshots (frame form, taken
+        after it joined) of those whose presence its token may read.
+
+        Raises BrokerUnavailable when the broker cannot take it.
+        """
+        claims = connection.claims
+        broker = self.bus.broker
+        readable = [c for c in channels if self.may_read(claims, c)]
+        for channel in readable:  # from now on: a join racing the snapshot is held, not lost
+            self._readers.setdefault(channel, {})[connection] = None
+        snapshots = await broker.join(
+            connection.id,
+            claims.subject,
+            self.info(claims),
+            channels,
+            snapshot=readable,
+            limit=self.options.max_members,
+        )
+        return {channel: snapshot.as_json() for channel, snapshot in snapshots.items()}
+
+    def leave(self, connection: Connection, channels: Collection[str]) -> None:
+        """Take the socket out of those of `channels` that keep presence (in the background)."""
+        present = [c for c in channels if self.keeps(c)]
+        if not present:
+            return
+        for channel in present:
+            readers = self._readers.get(channel)
+            if readers is not None:
+                readers.pop(connection, None)
+                if not readers:
+                    del self._readers[channel]
+        self.bus.track(self._leave(connection.id, present))
+
+    def regrant(self, connection: Connection) -> None:
+        """Re-read which of its presence channels a refreshed token may read."""
+        for channel in connection.channels:
+            if not self.keeps(channel):
+                continue
+            readers = self._readers.setdefault(channel, {})
+            if self.may_read(connection.claims, channel):
+                readers[connection] = None
+            else:
+                readers.pop(connection, None)
+                if not readers:
+                    del self._readers[channel]
+
+    async def _leave(self, connection_id: str, channels: list[str]) -> None:
+        # Unreachable now: the entries expire within presence_ttl and are swept.
+        with contextlib.suppress(BrokerUnavailable):
+            await self.bus.broker.leave(connection_id, channels)
+
+    def on_event(self, event: PresenceEvent) -> None:
+        """Hand a join or leave to the channel's subscribers who may read its presence
+        (called by the broker)."""
+        readers = self._readers.get(event.channel)
+        if not readers:
+            return
+        frame: dict[str, Any] = {"type": "join" if event.joined else "leave"}
+        frame["channel"] = event.channel
+        frame["user"] = event.user
+        if event.info is not None:
+            frame["info"] = decode_info(event.info)
+        data = text_frame(encode(frame))
+        for connection in readers:
+            connection.deliver_frame(event.channel, data)
+
+    async def members(self, channel: str) -> dict[str, Member]:
+        """Everyone present in `channel`, by user."""
+        snapshot = (await self.bus.broker.presence([self._checked(channel)]))[channel]
+        return snapshot.members or {}
+
+    async def count(self, channel: str) -> int:
+        """How many users are present in `channel`."""
+        snapshots = await self.bus.broker.presence([self._checked(channel)], limit=0)
+        return snapshots[channel].count
+
+    async def snapshot(self, channel: str) -> PresenceSnapshot:
+        """`channel`'s members as subscribers see them (a count above max_presence_members)."""
+        channels = [self._checked(channel)]
+        return (await self.bus.broker.presence(channels, limit=self.options.max_members))[channel]
+
+    def _checked(self, channel: str) -> str:
+        if not is_valid_channel(channel):
+            raise InvalidChannel(f"invalid channel name: {channel!r}")
+        if not self.keeps(channel):
+            raise ValueError(f"channel {channel!r} keeps no presence: no `presence` pattern")
+        return channel
