@@ -14,6 +14,7 @@ from pytest_aiohttp import AiohttpClient
 import aiohttp_wsbus
 from aiohttp_wsbus.emit import MAX_EMIT_CHANNELS
 from aiohttp_wsbus.grants import MAX_CHANNEL_LENGTH
+from aiohttp_wsbus.presence import MAX_INFO_SIZE
 from aiohttp_wsbus.sessions import MAX_CONTROL_CHANNELS
 from aiohttp_wsbus.settings import Settings
 from aiohttp_wsbus.tokens import MAX_TOKEN_LENGTH
@@ -72,6 +73,7 @@ def test_limits_page_shows_each_limits_default_as_settings_declares_it() -> None
     assert f"| token | {MAX_TOKEN_LENGTH} characters |" in fixed
     assert f"| channels in one control request | {MAX_CONTROL_CHANNELS} |" in fixed
     assert f"1 to {MAX_CHANNEL_LENGTH} of" in fixed
+    assert f"| {MAX_INFO_SIZE} bytes of JSON |" in fixed
 
 
 async def test_presence_snippet_serves_who_is_online(
