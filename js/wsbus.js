@@ -482,9 +482,22 @@ export class WsBus {
 
   // -- sending ----------------------------------------------------------------
 
-  /** Brings the server's subscriptions in line with what the app wants (only once welcomed). */
+  /**
+   * Brings the server's subscriptions in line with what the app wants (only once welcomed),
+   * at the end of the current task: subscribe() and unsubscribe() calls made together
+   * leave in one frame each way, within the server's client_rate however many there are.
+   */
   _sync() {
-    if (!this._isWelcomed) return; // the connect frame carries everything
+    if (!this._isWelcomed || this._isSyncQueued) return; // the connect frame carries everything
+    this._isSyncQueued = true;
+    queueMicrotask(() => {
+      this._isSyncQueued = false;
+      this._syncNow();
+    });
+  }
+
+  _syncNow() {
+    if (!this._isWelcomed) return;
     const added = [...this._wanted].filter(
       (channel) => !this._requested.has(channel) && !this._unavailable.has(channel),
     );

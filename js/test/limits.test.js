@@ -40,3 +40,18 @@ test("after 4429 a longer backoff is kept", async () => {
   const [delay] = h.clock.pendingDelays();
   assert.equal(delay, 16000);
 });
+
+test("subscribe() and unsubscribe() calls made together leave in one frame each way", async () => {
+  const h = harness({ channels: ["a", "b"] });
+  await h.connect();
+  for (let n = 0; n < 128; n += 1) h.bus.subscribe(`c${n}`);
+  h.bus.unsubscribe("a");
+  h.bus.unsubscribe("b");
+  assert.equal(h.socket.sent.length, 1, "nothing before the end of the task");
+  await settle();
+  const [unsubscribe, subscribe] = h.socket.sent.slice(1);
+  assert.deepEqual(unsubscribe, { type: "unsubscribe", channels: ["a", "b"] });
+  assert.equal(subscribe.type, "subscribe");
+  assert.equal(subscribe.channels.length, 128);
+  assert.equal(h.socket.sent.length, 3);
+});
