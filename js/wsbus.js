@@ -74,6 +74,7 @@ export class WsBus {
     this._requested = new Set(); // channels asked of the current connection
     this._positions = new Map(); // channel -> {offset, epoch}: where to recover from
     this._unavailable = new Set(); // channels the server could not subscribe yet: asked again on a timer
+    this._presence = new Map(); // channel -> {members: Map user -> member, or null, count}: this connection's
     for (const channel of options.channels ?? []) this._wanted.add(channel);
 
     this._ws = null;
@@ -114,7 +115,7 @@ export class WsBus {
     this._open();
   }
 
-  /** Listens to "state", "subscribed", "denied", "disconnected", "error", "recovered" or "message"; returns a function that stops listening. */
+  /** Listens to "state", "subscribed", "denied", "disconnected", "error", "recovered", "message", "presence", "join" or "leave"; returns a function that stops listening. */
   on(event, listener) {
     let listeners = this._listeners.get(event);
     if (!listeners) this._listeners.set(event, (listeners = new Set()));
@@ -149,6 +150,23 @@ export class WsBus {
   unsubscribe(channel) {
     this._forget(channel);
     this._sync();
+  }
+
+  /**
+   * Who is in `channel` now: a new Map, user -> {info, connections}, or null when this
+   * connection holds no list for it (no presence data, a channel above the server's
+   * max_presence_members: see presenceCount, or not connected).
+   */
+  members(channel) {
+    const members = this._presence.get(channel)?.members;
+    return members ? new Map(members) : null;
+  }
+
+  /** How many users are in `channel`: the list's size, or the count a snapshot gave; null without presence data. */
+  presenceCount(channel) {
+    const presence = this._presence.get(channel);
+    if (!presence) return null;
+    return presence.members ? presence.members.size : presence.count;
   }
 
   /** Stops for good: closes the socket, cancels every timer, removes browser listeners. */
@@ -295,6 +313,7 @@ export class WsBus {
     this._clearConnectTimer();
     this._clearRefreshTimer();
     this._unavailable.clear(); // the next connect frame asks for every wanted channel
+    this._presence.clear(); // stale once the socket is gone: the next welcome brings fresh snapshots
     this._clearResubscribeTimer();
     const ws = this._ws;
     this._ws = null;
@@ -339,6 +358,10 @@ export class WsBus {
         return this._handleRefreshed(frame);
       case "message":
         return this._handleMessage(frame);
+      case "join":
+        return this._handleJoin(frame);
+      case "leave":
+        return this._handleLeave(frame);
       default:
         return; // "pong" and frame types newer than this client
     }
@@ -372,6 +395,13 @@ export class WsBus {
     if (!Object.values(denied).includes("unavailable")) this._resubscribeAttempt = 0; // the broker answers again
     for (const channel of Object.keys(denied)) this._deny(channel, denied[channel]);
     if (generation !== this._generation) return; // a denied listener called close()
+    const snapshots = [];
+    for (const [channel, snapshot] of Object.entries(frame.presence ?? {})) {
+      if (!this._wanted.has(channel)) continue;
+      const presence = readSnapshot(snapshot);
+      this._presence.set(channel, presence);
+      snapshots.push([channel, presence]);
+    }
     for (const channel of Object.keys(positions)) {
       if (!this._wanted.has(channel) || channel in recovered) continue;
       this._advance(channel, positions[channel]); // fresh subscription: recover from here next time
@@ -392,6 +422,11 @@ export class WsBus {
       if (isPosition(position)) meta.position = { offset: position.offset, epoch: position.epoch };
       if (typeof recovered[channel] === "boolean") meta.recovered = recovered[channel];
       this._emit("subscribed", channel, meta);
+    }
+    for (const [channel, presence] of snapshots) {
+      if (generation !== this._generation) return;
+      if (this._presence.get(channel) !== presence) continue; // left or replaced meanwhile
+      this._emit("presence", channel, this.members(channel), presence.count);
     }
     for (const channel of Object.keys(recovered)) {
       if (generation !== this._generation) return;
@@ -440,9 +475,32 @@ export class WsBus {
     this._emit("message", channel, frame.data, meta);
   }
 
+  // Joins and leaves follow the channel's snapshot. A join for a listed user (the
+  // socket's own, or one the snapshot already counted) only updates the info; a leave
+  // for an unlisted one changes nothing. In count mode the server announces neither.
+  _handleJoin(frame) {
+    const members = this._presence.get(frame.channel)?.members;
+    if (!members || typeof frame.user !== "string") return;
+    const info = frame.info ?? {};
+    const member = members.get(frame.user);
+    if (member) {
+      members.set(frame.user, presenceMember(info, member.connections));
+      return;
+    }
+    members.set(frame.user, presenceMember(info, 1)); // a join is a user's first socket
+    this._emit("join", frame.channel, frame.user, info);
+  }
+
+  _handleLeave(frame) {
+    const members = this._presence.get(frame.channel)?.members;
+    if (!members || !members.delete(frame.user)) return;
+    this._emit("leave", frame.channel, frame.user);
+  }
+
   /** Stops asking for `channel` and tells the app why, once; "unavailable" is retried instead. */
   _deny(channel, reason) {
     this._requested.delete(channel); // the server does not hold it; never unsubscribe it
+    this._presence.delete(channel); // not subscribed, so no joins or leaves follow
     if (!this._wanted.has(channel)) return;
     if (reason === "unavailable") {
       // The server's broker is down: keep the channel, its handlers and position, ask again later.
@@ -467,6 +525,7 @@ export class WsBus {
 
   _forget(channel) {
     this._wanted.delete(channel);
+    this._presence.delete(channel);
     this._unavailable.delete(channel);
     this._handlers.delete(channel);
     this._positions.delete(channel);
@@ -620,6 +679,25 @@ export class WsBus {
 
 function isPosition(value) {
   return value !== null && typeof value === "object" && typeof value.offset === "number";
+}
+
+/**
+ * A snapshot from a welcome or subscribed frame: {user: {info, connections}}, or
+ * {count: N} above the server's max_presence_members (a user named "count" maps to an
+ * object, never to a number).
+ */
+function readSnapshot(snapshot) {
+  if (snapshot && typeof snapshot.count === "number") return { members: null, count: snapshot.count };
+  const members = new Map();
+  for (const [user, member] of Object.entries(snapshot ?? {})) {
+    members.set(user, presenceMember(member?.info ?? {}, member?.connections ?? 1));
+  }
+  return { members, count: members.size };
+}
+
+/** A member as members() hands it out: frozen, so an app cannot change the client's list. */
+function presenceMember(info, connections) {
+  return Object.freeze({ info, connections });
 }
 
 function wrapError(error, message) {

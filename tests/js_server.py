@@ -6,10 +6,12 @@ signed with a key made at start, or the PEM RSA key in `--key-file F` (so a
 restarted server on the same port accepts the tokens of the one before). On P:
 
 - `{base_path}` (`/ws`): the bus itself (MemoryBroker, `leeway=0` so short-lived
-  tokens really expire), with `api_key` accepted by `POST /ws/emit`;
-- `POST /test/token` `{"sub", "channels", "publish", "exp_in"}` (all optional):
-  mints a token the bus accepts for at least `exp_in` seconds (at most one
-  more: `exp` is whole seconds), answers `{"token": T, "expires_at": EXP}`;
+  tokens really expire, presence kept on `chat:*` with at most
+  `--max-presence-members` listed), with `api_key` accepted by `POST /ws/emit`;
+- `POST /test/token` `{"sub", "channels", "publish", "exp_in", "presence", "info"}`
+  (all optional): mints a token the bus accepts for at least `exp_in` seconds (at
+  most one more: `exp` is whole seconds), with the `presence` grant (default none)
+  and the member `info` (default none) given, answers `{"token": T, "expires_at": EXP}`;
 - `POST /test/kill`: aborts every bus socket's transport (a network drop, no
   close frame), answers `{"killed": N}`;
 - `POST /test/broker` `{"available": false}`: subscribing to a channel then
@@ -63,12 +65,18 @@ class TokenMinter:
         return {"keys": [jwk]}
 
     def mint(
-        self, sub: str, channels: list[str], publish: list[str], exp_in: int
+        self,
+        sub: str,
+        channels: list[str],
+        publish: list[str],
+        exp_in: int,
+        extra: dict[str, Any] | None = None,
     ) -> tuple[str, int]:
         now = int(time.time())
         # Rounded up: int() alone could leave a 2 s token barely 1 s to live.
         exp = now + 1 + exp_in
-        claims = {
+        claims: dict[str, Any] = {
+            **(extra or {}),
             "sub": sub,
             "iss": ISSUER,
             "aud": AUDIENCE,
@@ -104,16 +112,19 @@ def bus_app(
         api_keys=[api_key],
         leeway=0,
         close_timeout=1.0,
+        presence=["chat:*"],
         **settings,
     )
 
     async def token(request: web.Request) -> web.Response:
         body: dict[str, Any] = await request.json() if request.can_read_body else {}
+        extra: dict[str, Any] = {c: body[c] for c in ("presence", "info") if c in body}
         minted, expires_at = minter.mint(
             str(body.get("sub", "alice")),
             list(body.get("channels", ["chat:*"])),
             list(body.get("publish", [])),
             int(body.get("exp_in", 300)),
+            extra,
         )
         return web.json_response({"token": minted, "expires_at": expires_at})
 
@@ -172,13 +183,20 @@ async def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m tests.js_server")
     parser.add_argument("--port", type=int, default=0, help="the bus's port (default: a free one)")
     parser.add_argument("--key-file", help="PEM RSA private key to sign tokens with")
+    parser.add_argument(
+        "--max-presence-members",
+        type=int,
+        default=1000,
+        help="users a channel lists before its snapshot is a count (default 1000)",
+    )
     parser.add_argument("--settings", default="{}", help="JSON: more setup() settings")
     arguments = parser.parse_args()
     minter = TokenMinter(load_key(arguments.key_file) if arguments.key_file else None)
     api_key = secrets.token_urlsafe(24)
     jwks_runner, jwks_port = await start(jwks_app(minter))
     jwks_url = f"http://{HOST}:{jwks_port}/jwks.json"
-    settings = json.loads(arguments.settings)
+    settings = {"max_presence_members": arguments.max_presence_members}
+    settings.update(json.loads(arguments.settings))
     bus_runner, port = await start(bus_app(minter, jwks_url, api_key, settings), arguments.port)
     print(json.dumps({"port": port, "api_key": api_key}), flush=True)
 

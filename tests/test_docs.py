@@ -3,6 +3,8 @@ test does not have, at least compile)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
 import time
 from dataclasses import fields
@@ -17,10 +19,11 @@ from aiohttp_wsbus.grants import MAX_CHANNEL_LENGTH
 from aiohttp_wsbus.presence import MAX_INFO_SIZE
 from aiohttp_wsbus.sessions import MAX_CONTROL_CHANNELS
 from aiohttp_wsbus.settings import Settings
+from aiohttp_wsbus.testing import IdentityProvider
 from aiohttp_wsbus.tokens import MAX_TOKEN_LENGTH
 
 from .conftest import JwksServer, MakeToken
-from .support import close_code, start_bus
+from .support import WAIT, close_code, eventually, start_bus
 
 ROOT = Path(__file__).parent.parent
 
@@ -90,3 +93,51 @@ async def test_presence_snippet_serves_who_is_online(
     assert (await socket.receive_json())["type"] == "welcome"
     response = await client.get("/rooms/lobby/online")
     assert await response.json() == {"online": ["alice"]}
+
+
+async def test_readme_worker_resumes_from_its_saved_position_after_a_restart(
+    aiohttp_client: AiohttpClient, wsbus_idp: IdentityProvider, tmp_path: Path
+) -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    (worker,) = [
+        b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if b.startswith("# worker.py:")
+    ]
+    server = await start_bus(
+        aiohttp_client, wsbus_idp.jwks_url, issuer=wsbus_idp.issuer, audience=wsbus_idp.audience
+    )
+    url = str(server.client.make_url("/ws"))
+    for old, new in [
+        ('"wss://bus.example.com/ws"', repr(url)),
+        ('Path("positions.json")', f"Path({str(tmp_path / 'positions.json')!r})"),
+        ("    ...  # ask your identity provider", "    return TOKEN  # ask your identity provider"),
+        ("asyncio.run(main())", ""),
+    ]:
+        assert old in worker, f"README's worker no longer has {old!r}"
+        worker = worker.replace(old, new)
+    printed: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
+    namespace: dict[str, Any] = {
+        "TOKEN": wsbus_idp.issue("worker", channels=["orders:*"]),
+        "print": lambda *args: printed.put_nowait(args),
+    }
+    exec(compile(worker, "README.md", "exec"), namespace)  # noqa: S102
+
+    async def run_until_printed(count: int) -> list[tuple[Any, ...]]:
+        """Run the worker until it printed `count` lines, then stop it (a process ending)."""
+        worker_task = asyncio.create_task(namespace["main"]())
+        try:
+            await eventually(lambda: bool(server.bus.registry.subscribers("orders:42")))
+            if count == 2:
+                await server.bus.publish("orders:42", "paid")
+                await server.bus.publish("orders:42", "packed")
+            async with asyncio.timeout(WAIT):
+                return [await printed.get() for _ in range(count)]
+        finally:
+            worker_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await worker_task
+
+    assert await run_until_printed(2) == [(1, "paid"), (2, "packed")]
+    await server.bus.publish("orders:42", "shipped")  # while the worker is down
+    await eventually(lambda: not server.bus.registry.subscribers("orders:42"))
+    assert await run_until_printed(1) == [(3, "shipped")]
+    assert printed.empty()
