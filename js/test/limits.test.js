@@ -2,8 +2,14 @@
 // stops with an error; 4429 (too many requests) reconnects after 5 s or more.
 import { test } from "node:test";
 import assert from "node:assert/strict";
+import { readFileSync } from "node:fs";
 import { CloseCodes } from "../wsbus.js";
 import { harness, settle } from "../test-support/fakes.js";
+
+// The pause after 4429, shared with the Python client's tests.
+const { min_wait_ms: PAUSE } = JSON.parse(
+  readFileSync(new URL("../test-support/policy-vectors.json", import.meta.url), "utf8"),
+).rate_limited;
 
 test("4408 (too many connections) stops with an error and never reconnects", async () => {
   const h = harness();
@@ -25,9 +31,9 @@ test("4429 (too many requests) waits at least 5 s, whatever the backoff says, th
   h.socket.drop(CloseCodes.TOO_MANY_REQUESTS, "too many requests");
   assert.equal(h.bus.state, "disconnected");
   assert.deepEqual(h.log.errors, [], "a reconnect, not a failure");
-  assert.deepEqual(h.clock.pendingDelays(), [5000]);
-  await h.clock.advance(4999);
-  assert.equal(h.sockets.length, 1, "not before 5 s");
+  assert.deepEqual(h.clock.pendingDelays(), [PAUSE]);
+  await h.clock.advance(PAUSE - 1);
+  assert.equal(h.sockets.length, 1, "not before the pause");
   await h.clock.advance(1);
   await settle();
   assert.equal(h.sockets.length, 2);
