@@ -6,9 +6,13 @@ import asyncio
 
 import aiohttp
 import pytest
+import redis.asyncio
+
+from aiohttp_wsbus.brokers.redis_users import UserSockets
 
 from .conftest import MakeToken
 from .redis_nodes import Node, hs256, start_node, stop_node
+from .redis_server import until
 from .support import WAIT, close_frame, next_frame
 
 pytestmark = pytest.mark.redis
@@ -52,3 +56,26 @@ async def test_a_users_socket_limit_holds_across_two_nodes(
             assert await next_frame(socket) == {"type": "pong"}
     finally:
         await asyncio.gather(stop_node(first), stop_node(second))
+
+
+async def test_a_dead_nodes_share_expires_and_a_live_nodes_share_is_kept(
+    redis_url: str, redis_prefix: str
+) -> None:
+    client = redis.asyncio.Redis.from_url(redis_url)
+    live = UserSockets(redis_prefix, refresh=0.2)
+    dead = UserSockets(redis_prefix, refresh=0.2)
+    keeping = asyncio.get_running_loop().create_task(live.keep(client))
+    try:
+        assert await live.take(client, "alice", 2)
+        assert await dead.take(client, "alice", 2)  # this node then dies: no release
+        assert not await live.take(client, "alice", 2)
+        # The dead node's share expires after three refreshes it never made; the live
+        # node's, rewritten all along, stays: one place frees up, not two.
+        await until(lambda: live.take(client, "alice", 2))
+        assert not await live.take(client, "alice", 2)
+        live.release("alice")
+        await until(lambda: live.take(client, "alice", 2))
+    finally:
+        keeping.cancel()
+        await asyncio.wait({keeping})
+        await client.aclose()

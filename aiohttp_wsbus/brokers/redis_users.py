@@ -4,7 +4,7 @@ A user's count is one hash, `{prefix:user:<user>}:sockets`: one field per node,
 "<count> <expires ms>". A node takes a socket with one script (atomic, so two
 nodes never both take the last one) and gives it back when it closes; every
 REFRESH seconds it rewrites its fields, so a node that died without giving its
-sockets back stops counting after EXPIRES seconds. Sockets whose peers vanished
+sockets back stops counting after three times that. Sockets whose peers vanished
 count until the heartbeat drops them: the count is exact for live sockets and
 approximate, within one heartbeat, for dead ones.
 """
@@ -25,8 +25,7 @@ if TYPE_CHECKING:
 
 __all__ = ["UserSockets"]
 
-REFRESH: Final = 10.0  # seconds between a node's rewrites of its counts
-EXPIRES: Final = 3 * REFRESH  # seconds a node's counts outlive its last rewrite
+REFRESH: Final = 10.0  # seconds between a node's rewrites of its counts, which outlive it 3x
 
 # KEYS: the user's hash. ARGV: this node, the limit, expiry ms.
 # Drops expired nodes' fields; takes a socket for this node unless the live
@@ -70,8 +69,9 @@ return 1
 class UserSockets:
     """This node's share of every user's socket count in Redis."""
 
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, *, refresh: float = REFRESH) -> None:
         self.prefix = prefix
+        self.refresh = refresh  # seconds between rewrites; a share outlives its last by 3x
         self.node = secrets.token_hex(8)
         self.counts: collections.Counter[str] = collections.Counter()
         self._dirty: set[str] = set()
@@ -84,7 +84,7 @@ class UserSockets:
         """Take one of `user`'s `limit` sockets; raise BrokerUnavailable if Redis is down."""
         if redis is None:
             raise BrokerUnavailable("the broker is not started")
-        expires = int(EXPIRES * 1000)
+        expires = int(self.refresh * 3000)
         try:
             taken = await redis.eval(TAKE_SCRIPT, 1, self.key(user), self.node, limit, expires)
         except UNREACHABLE as error:
@@ -106,7 +106,7 @@ class UserSockets:
     async def keep(self, redis: Redis | RedisCluster) -> None:
         """Write released sockets as they come, and every count every REFRESH seconds."""
         loop = asyncio.get_running_loop()
-        next_refresh = loop.time() + REFRESH
+        next_refresh = loop.time() + self.refresh
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout_at(next_refresh):
@@ -114,7 +114,7 @@ class UserSockets:
             self._wake.clear()
             if loop.time() >= next_refresh:
                 users, self._dirty = set(self.counts) | self._dirty, set()
-                next_refresh = loop.time() + REFRESH
+                next_refresh = loop.time() + self.refresh
             else:
                 users, self._dirty = self._dirty, set()
             try:
@@ -123,7 +123,7 @@ class UserSockets:
                 self._dirty |= users  # the next refresh writes them again
 
     async def _write(self, redis: Redis | RedisCluster, users: set[str]) -> None:
-        expires = int(EXPIRES * 1000)
+        expires = int(self.refresh * 3000)
         listed = list(users)
         for start in range(0, len(listed), 500):
             async with redis.pipeline(transaction=False) as pipe:
