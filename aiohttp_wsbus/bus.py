@@ -27,6 +27,7 @@ from .brokers.presence import Member
 from .connection import Connection, WriteScheduler, message_frame
 from .errors import InvalidToken
 from .hooks import ConnectionInfo, Hooks
+from .namespaces import Namespaces
 from .presence import Presence
 from .protocol import (
     CLIENT_GONE,
@@ -58,6 +59,8 @@ class Bus:
         self.broker = broker
         self.verifier = verifier
         self.registry = Registry()
+        history = HistoryOptions(settings.history_size, settings.history_ttl)
+        self.namespaces = Namespaces(settings.channels, history)  # each channel's options
         self.connections = Connections()  # every authenticated socket, by user
         self.open_sockets = 0  # upgraded sockets, authenticated or not
         # Plain counters, read by the metrics collector at scrape time.
@@ -66,6 +69,7 @@ class Bus:
         self.slow_consumer_closes = 0
         self.auth_failures: collections.Counter[str] = collections.Counter()
         self.hook_errors: collections.Counter[str] = collections.Counter()
+        self.rate_limited: collections.Counter[str] = collections.Counter()  # by limit
         self.sessions = Sessions(self)
         self.subscriptions = Subscriptions(self)
         self.presence_keeper = Presence(self)
@@ -125,14 +129,14 @@ class Bus:
             authorizers.freeze()
         self._scheduler = WriteScheduler(asyncio.get_running_loop())
         await self.verifier.start(session)
-        history = HistoryOptions(self.settings.history_size, self.settings.history_ttl)
         await self.broker.start(
             self.deliver,
-            history,
+            self.namespaces.default.history,
             on_control=self.sessions.apply,
             on_presence=self.presence_keeper.on_event if self.presence_keeper else None,
             presence=self.presence_keeper.options,
         )
+        await self.broker.share_options(self.namespaces.writers_view())
 
     async def stop(self) -> None:
         await self.close_all(SHUTTING_DOWN)
@@ -181,7 +185,10 @@ class Bus:
         """
         if message_id is not None:
             message_id = scoped_message_id(publisher, message_id)
-        published = await self.broker.publish(channel, data, message_id=message_id)
+        history = self.namespaces.history_of(channel)
+        published = await self.broker.publish(
+            channel, data, message_id=message_id, history=history
+        )
         if not published.is_repeat:
             self.messages_published += 1
         return published
@@ -302,6 +309,8 @@ class Bus:
 
     def _forget(self, connection: Connection) -> None:
         self.connections.discard(connection)
+        if self.settings.max_connections_per_user is not None:
+            self.broker.release_connection(connection.claims.subject)
         if connection.closed_with is SLOW_CONSUMER:
             self.slow_consumer_closes += 1
         connection.pending = None

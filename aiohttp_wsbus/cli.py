@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import json
 import logging
 import os
 import socket
@@ -42,6 +43,8 @@ REDIS_URL_SCHEMES: Final = ("redis://", "rediss://", "unix://")
 
 # Plural settings whose flag names one item.
 _SINGULAR_FLAGS: Final = {"api_keys": "--api-key"}
+# Settings a flag cannot spell: they come from a JSON file (a server flag) instead.
+_FILE_SETTINGS: Final = {"channels": "--channels-file"}
 # Secrets, and the safer way to give them: a command line shows in `ps`.
 _SAFER_SOURCE: Final = {"jwt_secret": "WSBUS_JWT_SECRET", "api_keys": "--api-key-file"}
 _TRUE: Final = frozenset({"1", "true", "yes", "on"})
@@ -71,7 +74,7 @@ class Option:
     """One setup() setting as the command line and the environment spell it."""
 
     name: str
-    kind: type  # str, int, float, bool or list (of str)
+    kind: type  # str, int, float, bool, list (of str) or tuple (a rate: per second, burst)
     is_optional: bool
     flag: str
     env: str
@@ -88,6 +91,8 @@ def setting_options() -> list[Option]:
     hints = get_type_hints(Settings)
     options = []
     for field in fields(Settings):
+        if field.name in _FILE_SETTINGS:
+            continue
         kind, is_optional = _kind_of(hints[field.name])
         options.append(
             Option(
@@ -112,6 +117,8 @@ def _kind_of(hint: Any) -> tuple[type, bool]:
         return hint, is_optional
     if get_args(hint) == (str, ...):
         return list, is_optional
+    if get_args(hint) == (float, int):
+        return tuple, is_optional
     raise TypeError(f"the command line cannot express a setting of type {hint}")
 
 
@@ -158,6 +165,11 @@ def build_parser(prog: str = "wsbus") -> argparse.ArgumentParser:
         "[env WSBUS_API_KEY_FILE]",
     )
     server.add_argument(
+        "--channels-file",
+        help="JSON file of options per grant pattern, the `channels` setting: "
+        '{"typing:*": {"history_size": 0}}; see docs/limits.md [env WSBUS_CHANNELS_FILE]',
+    )
+    server.add_argument(
         "--log-level",
         choices=["debug", "info", "warning", "error"],
         help="[env WSBUS_LOG_LEVEL, default info]",
@@ -195,7 +207,7 @@ def _metavar(option: Option) -> str:
     if option.name == "base_path":
         return "PATH"
     # Every float setting is a duration; every int one a size or a count.
-    return {str: "TEXT", int: "N", float: "SECONDS"}[option.kind]
+    return {str: "TEXT", int: "N", float: "SECONDS", tuple: "RATE,BURST"}[option.kind]
 
 
 def _help(option: Option) -> str:
@@ -203,13 +215,13 @@ def _help(option: Option) -> str:
     notes = []
     if option.kind is list:
         notes.append("repeat for several" if option.name in _SINGULAR_FLAGS else "comma-separated")
-    if option.is_optional and option.kind in (int, float):
+    if option.is_optional and option.kind in (int, float, tuple):
         notes.append("`none` for None")
     if option.name in _SAFER_SOURCE:
         notes.append(f"prefer {_SAFER_SOURCE[option.name]}: flags show in `ps`")
     default = option.default
     if isinstance(default, tuple):
-        default = ",".join(default)
+        default = ",".join(str(item) for item in default)
     elif isinstance(default, bool):
         default = "on" if default else "off"
     where = f"env {option.env}" + ("" if default in (None, "") else f", default {default}")
@@ -250,6 +262,9 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str]) -> ServerConfi
     key_file = given("api_key_file")
     if key_file is not None:
         settings["api_keys"] = [*settings.get("api_keys", []), *_read_key_file(key_file)]
+    channels_file = given("channels_file")
+    if channels_file is not None:
+        settings["channels"] = _read_channels_file(channels_file)
     port = given("port")
     try:
         port_number = 8080 if port is None else int(port)
@@ -303,10 +318,13 @@ def _convert(option: Option, raw: Any) -> Any:
     if option.kind is str:
         return raw
     try:
+        if option.kind is tuple:
+            rate, burst = raw.split(",")
+            return [float(rate), int(burst)]
         return option.kind(raw)
     except ValueError:
-        kind = "an integer" if option.kind is int else "a number"
-        raise BadSetting(f"{option.where}: {raw!r} is not {kind}") from None
+        kind = {int: "an integer", float: "a number", tuple: "RATE,BURST (as 20,100)"}
+        raise BadSetting(f"{option.where}: {raw!r} is not {kind[option.kind]}") from None
 
 
 def _boolean(where: str, raw: Any) -> bool:
@@ -330,6 +348,17 @@ def _read_key_file(path: str) -> list[str]:
             f"--api-key-file / WSBUS_API_KEY_FILE: cannot read {path}: {reason}"
         ) from None
     return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _read_channels_file(path: str) -> Any:
+    where = "--channels-file / WSBUS_CHANNELS_FILE"
+    try:
+        with open(path, encoding="utf-8") as file:
+            return json.load(file)
+    except OSError as error:
+        raise BadSetting(f"{where}: cannot read {path}: {error.strerror}") from None
+    except ValueError as error:  # UnicodeDecodeError included
+        raise BadSetting(f"{where}: {path} is not JSON: {error}") from None
 
 
 def make_broker(redis_url: str | None) -> Broker | None:
@@ -389,6 +418,7 @@ def _authorize_through(app: web.Application, bus: Bus, url: str) -> None:
 
 def _name_flags(message: str) -> str:
     named = [o.where for o in setting_options() if f"{o.name}:" in message]
+    named += [flag for name, flag in _FILE_SETTINGS.items() if f"{name}:" in message]
     message = " ".join(message.split())  # one line, always
     return f"{message} (set by {', '.join(named)})" if named else message
 

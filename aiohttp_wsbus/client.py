@@ -106,6 +106,7 @@ class Client:
         self._socket: aiohttp.ClientWebSocketResponse | None = None
         self._is_welcomed = False
         self._has_retried_unauthorized = False
+        self._wait_at_least = 0.0  # seconds the next backoff waits at the least
         self._refresh_attempt = 0
         self._resubscribe_attempt = 0
         self._socket_tasks: set[asyncio.Task[None]] = set()  # refresh, resubscribe
@@ -191,9 +192,13 @@ class Client:
                     break
                 if action is CloseAction.BACKOFF:
                     self.attempt += 1
-                    self.retry_delay = backoff_delay(
-                        self.attempt, self._random(), self._min_delay, self._max_delay
+                    self.retry_delay = max(
+                        self._wait_at_least,  # 4429: the server asks for a pause
+                        backoff_delay(
+                            self.attempt, self._random(), self._min_delay, self._max_delay
+                        ),
                     )
+                self._wait_at_least = 0.0
                 self._set_state("disconnected")
                 if action is CloseAction.BACKOFF and self.retry_delay is not None:
                     with contextlib.suppress(TimeoutError):
@@ -282,6 +287,7 @@ class Client:
             has_retried_unauthorized=self._has_retried_unauthorized,
         )
         error = ClosedByServer(code, reason)
+        self._wait_at_least = decision.at_least
         if decision.is_error:
             self._emit("error", error)
         if code == CloseCode.UNAUTHORIZED:

@@ -16,6 +16,7 @@ from .protocol import CloseCode
 __all__ = [
     "MAX_RECONNECT_DELAY",
     "MIN_RECONNECT_DELAY",
+    "RATE_LIMITED_DELAY",
     "CloseAction",
     "CloseDecision",
     "backoff_delay",
@@ -26,6 +27,7 @@ __all__ = [
 MIN_RECONNECT_DELAY: Final = 0.5  # seconds
 MAX_RECONNECT_DELAY: Final = 20.0
 MIN_REFRESH_DELAY: Final = 1.0  # never refresh in a tight loop, whatever the clocks say
+RATE_LIMITED_DELAY: Final = 5.0  # after 4429 the protocol asks for at least this long
 
 # Codes after which reconnecting cannot help: the client stops.
 _FATAL: Final = frozenset(
@@ -36,6 +38,7 @@ _FATAL: Final = frozenset(
         CloseCode.MESSAGE_TOO_BIG,
         CloseCode.BAD_REQUEST,
         CloseCode.FORBIDDEN,
+        CloseCode.TOO_MANY_CONNECTIONS,
         CloseCode.SESSION_ENDED,
     }
 )
@@ -57,6 +60,7 @@ class CloseAction(enum.Enum):
 class CloseDecision:
     action: CloseAction
     is_error: bool  # reported to the application's "error" listeners
+    at_least: float = 0.0  # seconds the backoff waits at the least
 
 
 def decide(code: int, *, was_welcomed: bool, has_retried_unauthorized: bool) -> CloseDecision:
@@ -70,6 +74,8 @@ def decide(code: int, *, was_welcomed: bool, has_retried_unauthorized: bool) -> 
         return CloseDecision(CloseAction.RECONNECT_NOW, is_error=False)
     if code in _FRESH_TOKEN and was_welcomed:
         return CloseDecision(CloseAction.RECONNECT_NOW, is_error=False)
+    if code == CloseCode.TOO_MANY_REQUESTS:
+        return CloseDecision(CloseAction.BACKOFF, is_error=False, at_least=RATE_LIMITED_DELAY)
     return CloseDecision(CloseAction.BACKOFF, is_error=False)
 
 

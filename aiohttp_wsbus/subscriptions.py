@@ -114,7 +114,7 @@ class Subscriptions:
         histories: dict[str, History] = {}
         if accepted:
             try:
-                histories = await self.bus.broker.history({c: since.get(c) for c in accepted})
+                histories = await self._history(accepted, since)
             except BrokerUnavailable:
                 self.drop(connection, accepted)
                 result.denied.update(dict.fromkeys(accepted, "unavailable"))
@@ -138,6 +138,17 @@ class Subscriptions:
                 self.bus.hooks.send("on_subscribe", self.bus.on_subscribe, info, accepted)
             )
         return result
+
+    async def _history(
+        self, channels: list[str], since: Mapping[str, Position]
+    ) -> dict[str, History]:
+        """Each channel's top, and what was missed since its position where it is recoverable."""
+        namespaces = self.bus.namespaces
+        options = {c: namespaces.of(c) for c in channels}
+        return await self.bus.broker.history(
+            {c: since.get(c) if o.is_recoverable else None for c, o in options.items()},
+            options={c: o.history for c, o in options.items() if o is not namespaces.default},
+        )
 
     async def _join_presence(
         self, connection: Connection, accepted: list[str], result: SubscribeResult

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import jwt
 from cryptography.hazmat.primitives import serialization
@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
 from . import workloads
-from .servers import AUDIENCE, ISSUER, KEY_ID, KINDS, is_available
+from .servers import AUDIENCE, DEFAULT_KINDS, ISSUER, KEY_ID, KINDS, is_available
 from .system import pin_to_core, raise_fd_limit
 from .workloads import Keys, Result
 
@@ -251,6 +251,28 @@ def table(results: list[Result], kinds: list[str]) -> str:
     return "\n".join(lines)
 
 
+# Kinds compared with each other rather than with the bare loop: (this, against it).
+PAIRS: Final = {"limits on / off": ("wsbus_limits", "wsbus_unlimited")}
+
+
+def paired(results: list[Result], kinds: list[str]) -> str:
+    """Each pair of kinds that ran, as one ratio per figure ("limits on / off")."""
+    lines = []
+    for title, (this, other) in PAIRS.items():
+        if this not in kinds or other not in kinds:
+            continue
+        values = {(r.key, r.server): r for r in results if r.workload != "error"}
+        lines += ["", f"| workload | N | metric | {title} |", "|---|---|---|---|"]
+        for key in dict.fromkeys(r.key for r in results if r.workload != "error"):
+            mine, theirs = values.get((key, this)), values.get((key, other))
+            if mine is None or theirs is None or not theirs.value:
+                continue
+            workload, size, metric = key
+            ratio = mine.value / theirs.value
+            lines.append(f"| {workload} | {size} | {metric} | {ratio:.2f}{TIMES} |")
+    return "\n".join(lines)
+
+
 def times_better(result: Result, base: Result) -> float:
     """How many times better than the bare loop: value / base, or base / value for a
     cost (lower is better), so that above 1 is always better."""
@@ -336,8 +358,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--servers",
-        default=",".join(KINDS),
-        help=f"comma-separated, from {','.join(KINDS)} (default: all importable)",
+        default=",".join(DEFAULT_KINDS),
+        help=f"comma-separated, from {','.join(KINDS)} "
+        f"(default: those of {','.join(DEFAULT_KINDS)} that are importable)",
     )
     parser.add_argument(
         "--workloads",
@@ -383,6 +406,7 @@ def main(argv: list[str] | None = None) -> None:
         f"load average after {os.getloadavg()[0]:.2f}\n"
     )
     print(table(results, kinds))
+    print(paired(results, kinds))
     if args.json:
         args.json.write_text(workloads.dump(results))
     if args.plot:

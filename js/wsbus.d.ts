@@ -19,8 +19,12 @@ export declare const CloseCodes: Readonly<{
   BAD_REQUEST: 4400;
   UNAUTHORIZED: 4401;
   FORBIDDEN: 4403;
+  /** The user holds as many sockets as the server allows: the client stops (with an `error`). */
+  TOO_MANY_CONNECTIONS: 4408;
   /** The application ended this session (sign-out, ban, revoked token): the client stops. */
   SESSION_ENDED: 4410;
+  /** The socket sent frames or channels too fast: the client reconnects after 5 s or more. */
+  TOO_MANY_REQUESTS: 4429;
 }>;
 
 export type WsBusState = "connecting" | "connected" | "disconnected" | "closed";

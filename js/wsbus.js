@@ -18,7 +18,9 @@ export const CloseCodes = Object.freeze({
   BAD_REQUEST: 4400,
   UNAUTHORIZED: 4401,
   FORBIDDEN: 4403,
+  TOO_MANY_CONNECTIONS: 4408,
   SESSION_ENDED: 4410,
+  TOO_MANY_REQUESTS: 4429,
 });
 
 // Codes after which reconnecting cannot help: the client goes to "closed".
@@ -29,6 +31,7 @@ const FATAL_CODES = new Set([
   CloseCodes.MESSAGE_TOO_BIG,
   CloseCodes.BAD_REQUEST,
   CloseCodes.FORBIDDEN,
+  CloseCodes.TOO_MANY_CONNECTIONS,
   CloseCodes.SESSION_ENDED,
 ]);
 
@@ -37,6 +40,7 @@ const INTENDED_CODES = new Set([CloseCodes.NORMAL, CloseCodes.SESSION_ENDED]);
 
 const OPEN = 1; // WebSocket.OPEN, without relying on the implementation's statics
 const MIN_REFRESH_DELAY = 1000; // never refresh in a tight loop, whatever the clocks say
+const RATE_LIMITED_DELAY = 5000; // after 4429 the protocol asks for at least this long
 const noop = () => {};
 
 /** A real-time channel bus connection: subscribe to channels, survive drops, keep the token fresh. */
@@ -274,11 +278,13 @@ export class WsBus {
     // user's permissions. A new token fixes either at once, once per welcome: without a
     // welcome first, an immediate retry could spin, so back off instead.
     const wantsFreshToken = code === CloseCodes.TOKEN_EXPIRED || code === CloseCodes.RECONNECT;
-    this._disconnected({ isImmediate: wantsFreshToken && wasWelcomed });
+    // 4429: this socket sent too much; the next one waits at least 5 s.
+    const atLeast = code === CloseCodes.TOO_MANY_REQUESTS ? RATE_LIMITED_DELAY : 0;
+    this._disconnected({ isImmediate: wantsFreshToken && wasWelcomed, atLeast });
   }
 
-  /** Goes to "disconnected", then reconnects at once or after the next backoff delay. */
-  _disconnected({ isImmediate = false } = {}) {
+  /** Goes to "disconnected", then reconnects at once or after the next backoff delay (at least `atLeast` ms). */
+  _disconnected({ isImmediate = false, atLeast = 0 } = {}) {
     this._setState("disconnected");
     if (this._isClosed) return; // a state listener may have called close()
     if (isImmediate) {
@@ -286,7 +292,7 @@ export class WsBus {
       return;
     }
     this._attempt += 1;
-    const wait = this._backoffDelay(this._attempt);
+    const wait = Math.max(atLeast, this._backoffDelay(this._attempt));
     this._clearReconnectTimer();
     this._reconnectTimer = this._timers.setTimeout(() => {
       this._reconnectTimer = null;
@@ -535,9 +541,22 @@ export class WsBus {
 
   // -- sending ----------------------------------------------------------------
 
-  /** Brings the server's subscriptions in line with what the app wants (only once welcomed). */
+  /**
+   * Brings the server's subscriptions in line with what the app wants (only once welcomed),
+   * at the end of the current task: subscribe() and unsubscribe() calls made together
+   * leave in one frame each way, within the server's client_rate however many there are.
+   */
   _sync() {
-    if (!this._isWelcomed) return; // the connect frame carries everything
+    if (!this._isWelcomed || this._isSyncQueued) return; // the connect frame carries everything
+    this._isSyncQueued = true;
+    queueMicrotask(() => {
+      this._isSyncQueued = false;
+      this._syncNow();
+    });
+  }
+
+  _syncNow() {
+    if (!this._isWelcomed) return;
     const added = [...this._wanted].filter(
       (channel) => !this._requested.has(channel) && !this._unavailable.has(channel),
     );

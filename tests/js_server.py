@@ -16,7 +16,10 @@ restarted server on the same port accepts the tokens of the one before). On P:
   close frame), answers `{"killed": N}`;
 - `POST /test/broker` `{"available": false}`: subscribing to a channel then
   fails as `unavailable` (as with a Redis broker that is down), until `true`;
-- `GET /test/subscribers/{channel}`: `{"count": N}`, the sockets subscribed to it.
+- `GET /test/subscribers/{channel}`: `{"count": N}`, the sockets subscribed to it;
+- `GET /test/rate_limited`: `{kind: N}`, the sockets and emits a limit refused.
+
+`--settings JSON` adds setup() settings (limits, for instance).
 
 The JWKS the bus verifies with is served on a second port. The process stops
 on SIGTERM or SIGINT, or when its standard input closes (so it never outlives
@@ -96,7 +99,7 @@ def jwks_app(minter: TokenMinter) -> web.Application:
 
 
 def bus_app(
-    minter: TokenMinter, jwks_url: str, api_key: str, max_presence_members: int = 1000
+    minter: TokenMinter, jwks_url: str, api_key: str, settings: dict[str, Any]
 ) -> web.Application:
     app = web.Application()
     broker = SwitchableBroker()
@@ -110,7 +113,7 @@ def bus_app(
         leeway=0,
         close_timeout=1.0,
         presence=["chat:*"],
-        max_presence_members=max_presence_members,
+        **settings,
     )
 
     async def token(request: web.Request) -> web.Response:
@@ -143,7 +146,12 @@ def bus_app(
     app.router.add_post("/test/broker", broker_state)
     app.router.add_post("/test/kill", kill)
     app.router.add_get("/test/subscribers/{channel}", subscribers)
+    app.router.add_get("/test/rate_limited", lambda _: _json_response(dict(bus.rate_limited)))
     return app
+
+
+async def _json_response(body: dict[str, Any]) -> web.Response:
+    return web.json_response(body)
 
 
 async def start(app: web.Application, port: int = 0) -> tuple[web.AppRunner, int]:
@@ -181,13 +189,15 @@ async def main() -> None:
         default=1000,
         help="users a channel lists before its snapshot is a count (default 1000)",
     )
+    parser.add_argument("--settings", default="{}", help="JSON: more setup() settings")
     arguments = parser.parse_args()
     minter = TokenMinter(load_key(arguments.key_file) if arguments.key_file else None)
     api_key = secrets.token_urlsafe(24)
     jwks_runner, jwks_port = await start(jwks_app(minter))
     jwks_url = f"http://{HOST}:{jwks_port}/jwks.json"
-    app = bus_app(minter, jwks_url, api_key, arguments.max_presence_members)
-    bus_runner, port = await start(app, arguments.port)
+    settings = {"max_presence_members": arguments.max_presence_members}
+    settings.update(json.loads(arguments.settings))
+    bus_runner, port = await start(bus_app(minter, jwks_url, api_key, settings), arguments.port)
     print(json.dumps({"port": port, "api_key": api_key}), flush=True)
 
     stop = asyncio.Event()

@@ -366,3 +366,45 @@ async def test_no_welcome_within_connect_timeout_is_an_error_and_a_backoff(
         assert isinstance(error[0], TimeoutError)
         assert "no welcome from the server within 0.2 s" in str(error[0])
         assert (client.attempt, client.state) == (1, "disconnected")
+
+
+async def test_4408_too_many_connections_stops_with_an_error(
+    aiohttp_client: AiohttpClient, wsbus_idp: IdentityProvider
+) -> None:
+    server = await bus_for(aiohttp_client, wsbus_idp, max_connections_per_user=1)
+    occupant, _ = await server.open(wsbus_idp.issue("alice"), [])
+    client = aiohttp_wsbus.Client(ws_url(server), get_token=lambda: wsbus_idp.issue("alice"))
+    events = Recorder(client)
+    async with client:
+        await events.wait_for("state", "closed")
+    assert client.close_error is not None and client.close_error.code == 4408
+    assert [error.code for (error,) in events.of("error")] == [4408]
+    await occupant.close()
+
+
+async def test_4429_too_many_requests_waits_at_least_the_shared_pause(
+    aiohttp_client: AiohttpClient, wsbus_idp: IdentityProvider
+) -> None:
+    server = await bus_for(aiohttp_client, wsbus_idp, client_rate=(0.001, 2))
+    client = aiohttp_wsbus.Client(
+        ws_url(server),
+        get_token=lambda: wsbus_idp.issue("alice", channels=["chat:*"]),
+        random_value=lambda: 0.0,
+    )
+    waits: list[float | None] = []
+
+    def on_state(state: str) -> None:
+        if state == "disconnected":
+            waits.append(client.retry_delay)
+
+    client.on("state", on_state)
+    events = Recorder(client)
+    async with client:
+        await client.wait_connected(WAIT)
+        async with client.subscribe("chat:a"), client.subscribe("chat:b"):  # the burst: 2
+            third = asyncio.create_task(client.subscribe("chat:c").__aenter__())
+            await events.wait_for("state", "disconnected")
+            third.cancel()
+            await asyncio.wait({third})
+    assert waits == [POLICY["rate_limited"]["min_wait_ms"] / 1000]
+    assert events.of("error") == [], "a pause, not a failure"

@@ -55,3 +55,11 @@ def test_backoff_of_a_huge_attempt_is_the_maximum() -> None:
 def test_refresh_delay_is_the_shared_one(case: dict[str, Any]) -> None:
     delay = refresh_delay(1000.0 + case["expires_in_s"], 1000.0, case["refresh_before_s"])
     assert delay == case["delay_s"]
+
+
+def test_a_rate_limited_close_waits_at_least_the_shared_pause() -> None:
+    rate_limited = VECTORS["rate_limited"]
+    decision = decide(rate_limited["code"], was_welcomed=True, has_retried_unauthorized=False)
+    assert decision.action is CloseAction.BACKOFF
+    assert decision.at_least == rate_limited["min_wait_ms"] / 1000
+    assert decide(1006, was_welcomed=True, has_retried_unauthorized=False).at_least == 0

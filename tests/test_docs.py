@@ -7,13 +7,20 @@ import asyncio
 import contextlib
 import re
 import time
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from pytest_aiohttp import AiohttpClient
 
 import aiohttp_wsbus
+from aiohttp_wsbus.emit import MAX_EMIT_CHANNELS
+from aiohttp_wsbus.grants import MAX_CHANNEL_LENGTH
+from aiohttp_wsbus.presence import MAX_INFO_SIZE
+from aiohttp_wsbus.sessions import MAX_CONTROL_CHANNELS
+from aiohttp_wsbus.settings import Settings
 from aiohttp_wsbus.testing import IdentityProvider
+from aiohttp_wsbus.tokens import MAX_TOKEN_LENGTH
 
 from .conftest import JwksServer, MakeToken
 from .support import WAIT, close_code, eventually, start_bus
@@ -52,6 +59,24 @@ async def test_readme_session_snippet_runs_against_a_bus(
     await namespace["snippet"](server.bus, time)
     assert await close_code(socket) == 4410
     assert len(server.bus.sessions.revocations) == 1
+
+
+def test_limits_page_shows_each_limits_default_as_settings_declares_it() -> None:
+    text = (ROOT / "docs" / "limits.md").read_text(encoding="utf-8")
+    section = text.split("## Settings\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split(" | ")[:2] for line in section.splitlines() if line.startswith("| `")]
+    defaults = {field.name: field.default for field in fields(Settings)}
+    shown = {name.strip("| `"): default for name, default in rows}
+    for name, default in shown.items():
+        assert default == f"`{defaults[name]!r}`", name
+    limits = {"max_connections_per_user", "client_rate", "subscribe_rate", "emit_rate"}
+    assert limits | {"max_channels", "max_message_size", "max_connections"} <= set(shown)
+    fixed = text.split("## Fixed bounds\n", 1)[1]
+    assert f"| channels in one emit | {MAX_EMIT_CHANNELS} |" in fixed
+    assert f"| token | {MAX_TOKEN_LENGTH} characters |" in fixed
+    assert f"| channels in one control request | {MAX_CONTROL_CHANNELS} |" in fixed
+    assert f"1 to {MAX_CHANNEL_LENGTH} of" in fixed
+    assert f"| {MAX_INFO_SIZE} bytes of JSON |" in fixed
 
 
 async def test_presence_snippet_serves_who_is_online(

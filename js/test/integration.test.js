@@ -515,6 +515,59 @@ it("reconnects after the server is killed and restarted on the same port", async
   assert.deepEqual(seen.errors, []);
 });
 
+it("a reconnect storm under the default limits: every client comes back, none is refused", async (t) => {
+  const clients = [];
+  for (let i = 0; i < 30; i += 1) {
+    const { bus, seen } = connect(t, { claims: { sub: `storm-${i % 3}` } });
+    const received = record(bus, "chat:storm");
+    clients.push({ bus, seen, received });
+  }
+  await until(() => clients.every(({ bus }) => bus.state === "connected"), "all connected");
+  // Each also joins channels one subscribe() at a time on the live socket.
+  for (const { bus } of clients) for (let n = 0; n < 20; n += 1) bus.subscribe(`chat:storm-${n}`);
+  await server.untilSubscribers("chat:storm-19", 30);
+  for (let drop = 1; drop <= 5; drop += 1) {
+    await server.kill();
+    const welcomes = drop + 1;
+    await until(
+      () => clients.every(({ seen }) => seen.states.filter((s) => s === "connected").length === welcomes),
+      `every client back after drop ${drop}`,
+    );
+  }
+  await server.untilSubscribers("chat:storm", 30);
+  await server.publish("chat:storm", "after the storm");
+  await until(() => clients.every(({ received }) => received.length === 1), "every client got it");
+  for (const { seen } of clients) assert.deepEqual(seen.errors, []);
+  const response = await fetch(`${server.base}/test/rate_limited`, { signal: AbortSignal.timeout(WAIT) });
+  assert.deepEqual(await response.json(), {}, "no limit was reached");
+});
+
+it("a user's socket beyond max_connections_per_user is closed 4408: that client stops with an error", async (t) => {
+  const limited = new Server();
+  await limited.start(["--settings", JSON.stringify({ max_connections_per_user: 1 })]);
+  t.after(() => limited.stop());
+  const { token } = await limited.token({ sub: "alice" });
+  const open = (seen) => {
+    const bus = new WsBus(limited.base + "/ws", { ...FAST, getToken: async () => token, autoConnect: false });
+    t.after(() => bus.close());
+    bus.on("state", (state) => seen.states.push(state));
+    bus.on("error", (error) => seen.errors.push(error));
+    bus.connect();
+    return bus;
+  };
+  const first = { states: [], errors: [] };
+  const firstBus = open(first);
+  await until(() => firstBus.state === "connected", "the first socket connected");
+  const second = { states: [], errors: [] };
+  const secondBus = open(second);
+  await until(() => secondBus.state === "closed", "the second client stopped");
+  assert.equal(second.errors.length, 1);
+  assert.equal(second.errors[0].code, 4408);
+  assert.deepEqual(second.states, ["connecting", "closed"]);
+  assert.equal(firstBus.state, "connected");
+  assert.deepEqual(first.errors, []);
+});
+
 function deferred() {
   let resolve;
   const promise = new Promise((r) => (resolve = r));
