@@ -39,6 +39,7 @@ class ChannelOptionsSchema(Schema):
         validate=validate.Range(min=0, min_inclusive=False, error="must be greater than 0"),
     )
     recovery = mf.Boolean(truthy={True}, falsy={False})
+    presence = mf.Boolean(truthy={True}, falsy={False})
 
 
 _SCHEMA = ChannelOptionsSchema()
@@ -53,6 +54,7 @@ class ChannelOptions:
 
     history: HistoryOptions
     recovery: bool = True
+    presence: bool | None = None  # None: as the `presence` setting's patterns say
 
     @property
     def is_recoverable(self) -> bool:

@@ -44,6 +44,11 @@ class Presence:
         settings = bus.settings
         self.bus = bus
         self.patterns = settings.presence
+        self._namespaces = bus.namespaces
+        # A namespace's `presence` option wins over the patterns for its channels.
+        self._is_on = bool(self.patterns) or any(
+            options.presence for options in bus.namespaces.patterns.values()
+        )
         self.options = PresenceOptions(settings.presence_ttl, settings.max_presence_members)
         self._claim = settings.presence_claim
         self._info_claim = settings.presence_info_claim
@@ -57,11 +62,13 @@ class Presence:
 
     def __bool__(self) -> bool:
         """Whether any channel keeps presence (off by default: then nothing here runs)."""
-        return bool(self.patterns)
+        return self._is_on
 
     def keeps(self, channel: str) -> bool:
-        """Whether `channel` keeps presence."""
-        return may(self.patterns, channel)
+        """Whether `channel` keeps presence: its namespace's `presence` option, or else
+        whether a `presence` pattern covers it."""
+        decided = self._namespaces.of(channel).presence
+        return may(self.patterns, channel) if decided is None else decided
 
     def may_read(self, claims: Claims, channel: str) -> bool:
         """Whether the token's presence grant covers `channel`."""
@@ -190,5 +197,7 @@ class Presence:
         if not is_valid_channel(channel):
             raise InvalidChannel(f"invalid channel name: {channel!r}")
         if not self.keeps(channel):
-            raise ValueError(f"channel {channel!r} keeps no presence: no `presence` pattern")
+            raise ValueError(
+                f"channel {channel!r} keeps no presence: no `presence` pattern or namespace"
+            )
         return channel

@@ -248,8 +248,9 @@ class Settings:
     channels: Mapping[str, Mapping[str, Any]] | None = setting(
         None,
         ChannelsField(allow_none=True),
-        help="options per grant pattern (`history_size`, `history_ttl`, `recovery`) for "
-        "the channels it covers, the most specific pattern winning; see docs/recovery.md",
+        help="options per grant pattern (`history_size`, `history_ttl`, `recovery`, "
+        "`presence`) for the channels it covers, the most specific pattern winning; see "
+        "docs/recovery.md",
     )
     presence: tuple[str, ...] = setting(
         (),

@@ -45,7 +45,7 @@ def test_the_most_specific_pattern_wins_and_unmatched_channels_take_the_settings
 @pytest.mark.parametrize(
     ("channels", "named"),
     [
-        ({"chat:*": {"presence": True}}, "'chat:\\*': presence: Unknown field"),
+        ({"chat:*": {"presents": True}}, "'chat:\\*': presents: Unknown field"),
         ({"chat:*": {"history_size": -1}}, "'chat:\\*': history_size"),
         ({"chat:*": {"history_ttl": 0}}, "'chat:\\*': history_ttl: must be greater than 0"),
         ({"chat:*": {"recovery": "yes"}}, "'chat:\\*': recovery"),

@@ -321,3 +321,28 @@ async def test_subscribing_again_while_the_leave_is_on_its_way_stays_present(
     async with asyncio.timeout(WAIT):
         await broker.left.wait()
     assert set(await server.bus.presence(ROOM)) == {"bob"}
+
+
+async def test_a_namespace_switches_presence_on_or_off_for_its_channels(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
+) -> None:
+    server = await presence_bus(
+        aiohttp_client,
+        jwks_server,
+        channels={"room:*": {"presence": True}, "chat:big": {"presence": False}},
+    )
+    token = member(make_token, "alice", channels=["*"], presence=["*"])
+    _, welcome = await server.open(token, ["room:a", "chat:big", ROOM])
+    assert set(welcome["presence"]) == {"room:a", ROOM}  # chat:big opted out of chat:*
+    assert set(await server.bus.presence("room:a")) == {"alice"}
+    with pytest.raises(ValueError, match="keeps no presence"):
+        await server.bus.presence("chat:big")
+
+
+def test_a_namespace_presence_option_must_be_a_boolean() -> None:
+    from aiohttp import web
+
+    with pytest.raises(InvalidSettings, match=r"room:\*.*presence"):
+        aiohttp_wsbus.setup(
+            web.Application(), jwt_secret="s" * 32, channels={"room:*": {"presence": "yes"}}
+        )
