@@ -11,6 +11,7 @@ from .brokers import Broker, HistoryOptions, MemoryBroker, Published
 from .brokers.presence import Member
 from .bus import Bus
 from .client import Client
+from .client_requests import RequestError
 from .client_subscription import (
     ClientClosed,
     ClosedByServer,
@@ -94,6 +95,7 @@ __all__ = [
     "Message",
     "Position",
     "Published",
+    "RequestError",
     "Subscription",
     "SubscriptionDenied",
     "SyncEmitClient",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import json
 import logging
@@ -31,6 +32,7 @@ from .client_policy import (
     decide,
     refresh_delay,
 )
+from .client_requests import ANSWERS, Requests
 from .client_subscription import (
     ClientClosed,
     ClosedByServer,
@@ -103,6 +105,7 @@ class Client:
         self._events = Events()
         self._emit = self._events.emit
         self._channels = Channels(self._emit)
+        self._requests = Requests()
         self._socket: aiohttp.ClientWebSocketResponse | None = None
         self._is_welcomed = False
         self._has_retried_unauthorized = False
@@ -164,6 +167,45 @@ class Client:
         if not isinstance(channel, str):
             raise TypeError("channel must be a string")
         return Subscription(self, channel, as_position(since))
+
+    async def publish(
+        self,
+        channel: str,
+        data: Any,
+        *,
+        id: str | None = None,
+        ephemeral: bool = False,
+        timeout: float = 10.0,
+    ) -> dict[str, Any]:
+        """Publish over the socket (the server needs `client_publish=True`); the
+        `published` answer ({"offset", "epoch"}, none for an ephemeral message).
+
+        With an `id` a publish lost with its socket is sent again after the
+        reconnect (the server publishes it once); without one it fails with
+        RequestError("disconnected"). Raises RequestError with the server's code.
+        """
+        frame: dict[str, Any] = {"type": "publish", "channel": channel, "data": data}
+        if id is not None:
+            frame["id"] = id
+        if ephemeral:
+            frame["ephemeral"] = True
+        return await self._requests.request(frame, timeout=timeout, is_repeatable=id is not None)
+
+    async def rpc(self, method: str, data: Any = None, *, timeout: float = 10.0) -> Any:
+        """Call the application's `bus.rpc(method)` handler; what it returned."""
+        frame = {"type": "rpc", "method": method, "data": data}
+        answer = await self._requests.request(frame, timeout=timeout, is_repeatable=False)
+        return answer.get("data")
+
+    async def history(
+        self, channel: str, *, limit: int = 50, before: int | None = None, timeout: float = 10.0
+    ) -> dict[str, Any]:
+        """The channel's last `limit` messages below offset `before`:
+        {"channel", "position", "messages": [{"offset", "data"}, ...]}, oldest first."""
+        frame: dict[str, Any] = {"type": "history", "channel": channel, "limit": limit}
+        if before is not None:
+            frame["before"] = before
+        return await self._requests.request(frame, timeout=timeout, is_repeatable=True)
 
     @property
     def positions(self) -> dict[str, Position]:
@@ -307,6 +349,7 @@ class Client:
     def _abandon_socket(self) -> None:
         self._socket = None
         self._is_welcomed = False
+        self._requests.disconnected()
         self._channels.forget_socket()
         for task in self._socket_tasks:
             task.cancel()
@@ -325,6 +368,7 @@ class Client:
             await self._session.close()
         self._session = None
         self._set_state("closed")
+        self._requests.close()
         self._channels.end_all(self.close_error)
         error = self.close_error
         if error is not None and error.code == CloseCode.SESSION_ENDED:
@@ -356,6 +400,8 @@ class Client:
             self._schedule_refresh(frame.get("expires_at"))
         elif kind == "message":
             await self._channels.deliver(frame)
+        elif kind in ANSWERS:
+            self._requests.answer(frame)
         # "pong", and frame types newer than this client: nothing to do
 
     async def _welcome(self, frame: dict[str, Any]) -> None:
@@ -367,6 +413,9 @@ class Client:
         self._set_state("connected")
         self._apply_subscription(frame)
         await self._sync()
+        socket = self._socket
+        if socket is not None:
+            await self._requests.welcomed(functools.partial(self._send, socket))
 
     def _apply_subscription(self, frame: dict[str, Any]) -> None:
         if self._channels.apply(frame):
