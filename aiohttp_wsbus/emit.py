@@ -17,7 +17,7 @@ from aiohttp import web
 from marshmallow import Schema, ValidationError, validate, validates_schema
 from marshmallow import fields as mf
 
-from .brokers.base import is_valid_message_id
+from .brokers.base import is_valid_message_id, subject_publisher
 from .bus import Bus
 from .errors import BrokerUnavailable, InvalidToken, KeysUnavailable, http_error
 from .grants import is_valid_channel, may
@@ -56,6 +56,7 @@ class _EmitSchema(Schema):
     data = mf.Raw(allow_none=True)
     payload = mf.Raw(allow_none=True)  # asgi_ws's name for data
     id = mf.String()
+    ephemeral = mf.Boolean(truthy={True}, falsy={False}, load_default=False)
 
     @validates_schema
     def _one_target(self, body: dict[str, Any], **_: Any) -> None:
@@ -70,6 +71,8 @@ class _EmitSchema(Schema):
                 raise ValidationError(f"invalid channel name: {channel!r}", "channels")
         if "id" in body and not is_valid_message_id(body["id"]):
             raise ValidationError("id must be 1 to 128 printable ASCII characters", "id")
+        if "id" in body and body.get("ephemeral"):
+            raise ValidationError("an ephemeral message takes no id", "id")
 
 
 _EMIT_SCHEMA: Final = _EmitSchema()
@@ -140,6 +143,10 @@ class Endpoints:
         published: list[dict[str, Any]] = []
         try:
             for channel in channels:
+                if loaded["ephemeral"]:
+                    await self.bus.publish_ephemeral(channel, data)
+                    published.append({"channel": channel, "ephemeral": True})
+                    continue
                 result = await self.bus.publish_checked(channel, data, loaded.get("id"), publisher)
                 published.append(
                     {"channel": result.channel, "offset": result.offset, "epoch": result.epoch}
@@ -222,8 +229,7 @@ class Endpoints:
             raise _unauthorized(error.reason) from None
         except KeysUnavailable:
             raise http_error(web.HTTPServiceUnavailable, "keys_unavailable") from None
-        subject = hashlib.sha256(claims.subject.encode("utf-8", "surrogatepass")).digest()
-        return "user:" + subject[:8].hex(), claims
+        return subject_publisher(claims.subject), claims
 
     async def _authorize(self, claims: Claims, channels: list[str]) -> None:
         """Refuse channels that neither the token's publish grants nor an authorizer allow."""

@@ -208,6 +208,17 @@ class Settings:
         mf.Float(validate=_positive("history_ttl")),
         help="seconds a channel's history is kept",
     )
+    client_publish: bool = setting(
+        False,
+        mf.Boolean(),
+        help="accept `publish` frames from clients whose `publish` grant or publish "
+        "authorizers cover the channel (off: answered `disabled`)",
+    )
+    rpc_timeout: float = setting(
+        10.0,
+        mf.Float(validate=_positive("rpc_timeout")),
+        help="seconds an RPC handler (`bus.rpc`) has to answer (then the client gets `timeout`)",
+    )
     presence: tuple[str, ...] = setting(
         (),
         mf.List(mf.String(validate=_grant_pattern)),

@@ -74,12 +74,14 @@ class Subscriptions:
         channels: list[str],
         since: Mapping[str, Position],
         reply: Callable[[SubscribeResult], dict[str, Any]],
+        rewind: Mapping[str, int] | None = None,
     ) -> SubscribeResult:
         """Subscribe `connection` to the granted channels among `channels`.
 
         Queues `reply(result)` (a welcome or subscribed frame), then, for each
         channel with a position in `since` that can be recovered, the missed
-        messages, then the live ones that arrived meanwhile: no gap, no duplicate.
+        messages (or, with no `since`, the last `rewind[channel]` ones), then
+        the live ones that arrived meanwhile: no gap, no duplicate.
         """
         result = SubscribeResult()
         candidates, undecided = self._select(connection, channels, result, since)
@@ -112,9 +114,12 @@ class Subscriptions:
                 self.drop_interest(firsts)
         accepted = [c for c in accepted if c in connection.channels]
         histories: dict[str, History] = {}
+        reads: dict[str, Position | None] = {c: since.get(c) for c in accepted}
         if accepted:
             try:
-                histories = await self.bus.broker.history({c: since.get(c) for c in accepted})
+                if rewind:
+                    reads.update(await self._rewind_from(accepted, since, rewind))
+                histories = await self.bus.broker.history(reads)
             except BrokerUnavailable:
                 self.drop(connection, accepted)
                 result.denied.update(dict.fromkeys(accepted, "unavailable"))
@@ -131,13 +136,29 @@ class Subscriptions:
                 result.recovered[channel] = history.recovered
         connection.send(reply(result))
         for channel in accepted:
-            self._go_live(connection, channel, histories[channel], since.get(channel))
+            self._go_live(connection, channel, histories[channel], reads.get(channel))
         if accepted and self.bus.on_subscribe and connection.is_announced:
             info = ConnectionInfo.of(connection)
             self.bus.track(
                 self.bus.hooks.send("on_subscribe", self.bus.on_subscribe, info, accepted)
             )
         return result
+
+    async def _rewind_from(
+        self, accepted: list[str], since: Mapping[str, Position], rewind: Mapping[str, int]
+    ) -> dict[str, Position]:
+        """Where to replay from for the channels to rewind: `rewind[channel]` messages
+        (at most `history_size`) before their current top."""
+        counts = {c: rewind[c] for c in accepted if c not in since and rewind.get(c)}
+        if not counts:
+            return {}
+        kept = self.bus.settings.history_size
+        tops = await self.bus.broker.history(dict.fromkeys(counts))
+        starts = {}
+        for channel, count in counts.items():
+            top = tops[channel].position
+            starts[channel] = Position(max(0, top.offset - min(count, kept)), top.epoch)
+        return starts
 
     async def _join_presence(
         self, connection: Connection, accepted: list[str], result: SubscribeResult

@@ -21,16 +21,22 @@ from .protocol import (
     REFUSED,
     SHUTTING_DOWN,
     BadFrame,
+    ClientPublish,
     Close,
     Connect,
+    HistoryRead,
+    InvalidRequest,
     Ping,
     Refresh,
+    RequestError,
+    RpcCall,
     Subscribe,
     Unsubscribe,
     bad_request,
     parse_client_frame,
     unauthorized,
 )
+from .requests import error_frame
 from .tokens import Claims
 
 __all__ = ["WebSocketHandler"]
@@ -100,6 +106,8 @@ class WebSocketHandler:
                         await self._handle(connection, parse_client_frame(message.data))
                     except BadFrame as error:
                         connection.close(bad_request(error))
+                    except InvalidRequest as error:
+                        connection.send(error_frame(error.ref, error))
         finally:
             self.bus.open_sockets -= 1
             if connection is not None:
@@ -156,6 +164,7 @@ class WebSocketHandler:
                 connect.channels,
                 connect.since,
                 lambda result: _welcome(connection, claims, result),
+                connect.rewind,
             )
         except BaseException:
             connection.close(INTERNAL_ERROR)
@@ -184,6 +193,8 @@ class WebSocketHandler:
                 raise BadFrame("the first frame must be connect")
         except BadFrame as error:
             return bad_request(error)
+        except RequestError:
+            return bad_request(BadFrame("the first frame must be connect"))
         return frame
 
     async def _refuse(
@@ -201,12 +212,15 @@ class WebSocketHandler:
         bus = self.bus
         if isinstance(frame, Ping):
             connection.send({"type": "pong"})
+        elif isinstance(frame, ClientPublish | RpcCall | HistoryRead):
+            bus.requests.start(connection, frame)
         elif isinstance(frame, Subscribe):
             await bus.subscribe(
                 connection,
                 frame.channels,
                 frame.since,
                 lambda result: {"type": "subscribed", **result.as_json()},
+                frame.rewind,
             )
         elif isinstance(frame, Unsubscribe):
             left = bus.unsubscribe(connection, frame.channels)

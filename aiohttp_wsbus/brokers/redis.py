@@ -37,11 +37,13 @@ from .base import (
     HistoryOptions,
     Message,
     OnControl,
+    OnEphemeral,
     Published,
     recover,
 )
 from .presence import DEFAULT_PRESENCE, OnPresence, PresenceOptions, PresenceSnapshot
 from .redis_control import CONTROL_CHANNEL, ControlChannel
+from .redis_ephemeral import parse_ephemeral, publish_ephemeral
 from .redis_listener import Listener, ListenerOptions, Subscription
 from .redis_presence import PRESENCE_MARK, RedisPresence
 from .redis_scripts import (
@@ -127,6 +129,7 @@ class RedisBroker(Broker):
         self._on_control: OnControl | None = None
         self._control = ControlChannel(self.prefix, sharded=self.sharded)
         self._on_presence: OnPresence | None = None
+        self._on_ephemeral: OnEphemeral | None = None
         self._presence = self._new_presence(DEFAULT_PRESENCE)
 
     def _new_presence(self, options: PresenceOptions) -> RedisPresence:
@@ -144,11 +147,13 @@ class RedisBroker(Broker):
         on_control: OnControl | None = None,
         on_presence: OnPresence | None = None,
         presence: PresenceOptions = DEFAULT_PRESENCE,
+        on_ephemeral: OnEphemeral | None = None,
     ) -> None:
         self._deliver = deliver
         self._history = history
         self._on_control = on_control
         self._on_presence = on_presence
+        self._on_ephemeral = on_ephemeral
         self._presence = self._new_presence(presence)
         options: dict[str, Any] = {
             "socket_timeout": self._socket_timeout,
@@ -197,6 +202,7 @@ class RedisBroker(Broker):
         self._deliver = None
         self._on_control = None
         self._on_presence = None
+        self._on_ephemeral = None
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -398,6 +404,15 @@ class RedisBroker(Broker):
             raise BrokerUnavailable(f"redis: {error}") from None
         return parse_published(channel, answer)
 
+    async def publish_ephemeral(self, channel: str, data: str) -> None:
+        redis = self._reachable()
+        keys = ChannelKeys.of(self.prefix, channel)
+        try:
+            async with self._connection_slots:
+                await publish_ephemeral(redis, keys, data, sharded=self.sharded)
+        except UNREACHABLE as error:
+            raise BrokerUnavailable(f"redis: {error}") from None
+
     async def history(self, since: Mapping[str, Position | None]) -> dict[str, History]:
         # A subscribe still waiting for Redis must land first, or this read
         # could miss a message published between it and the subscription.
@@ -473,6 +488,11 @@ class RedisBroker(Broker):
             event = RedisPresence.parse(subscription.channel, payload)
             if event is not None and self._on_presence is not None:
                 self._on_presence(event)
+            return
+        ephemeral = parse_ephemeral(payload)
+        if ephemeral is not None:
+            if self._on_ephemeral is not None:
+                self._on_ephemeral(subscription.channel, ephemeral)
             return
         epoch_bytes, offset_bytes, data = payload.split(b" ", 2)
         epoch, offset = epoch_bytes.decode(), int(offset_bytes)
