@@ -246,6 +246,11 @@ class SwitchableBroker(aiohttp_wsbus.MemoryBroker):
             raise BrokerUnavailable("taken down by the test")
         await super().control(message)
 
+    async def history(self, since: Mapping[str, Position | None]) -> dict[str, History]:
+        if not self.is_up:
+            raise BrokerUnavailable("taken down by the test")
+        return await super().history(since)
+
     async def revoke(self, revocation: Revocation) -> None:
         if not self.is_up:
             raise BrokerUnavailable("taken down by the test")
