@@ -13,7 +13,7 @@ from pytest_aiohttp import AiohttpClient
 import aiohttp_wsbus
 
 from .conftest import JwksServer, MakeToken
-from .support import close_code, start_bus
+from .support import close_code, next_frame, start_bus
 
 ROOT = Path(__file__).parent.parent
 
@@ -65,3 +65,32 @@ async def test_presence_snippet_serves_who_is_online(
     assert (await socket.receive_json())["type"] == "welcome"
     response = await client.get("/rooms/lobby/online")
     assert await response.json() == {"online": ["alice"]}
+
+
+async def test_readme_two_way_snippet_stamps_and_answers(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
+) -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Two-way sockets", 1)[1].split("\n## ", 1)[0]
+    (snippet,) = re.findall(r"```python\n(.*?)```", section, re.S)
+
+    def prepare(bus: aiohttp_wsbus.Bus) -> None:
+        exec(compile(snippet, "README.md", "exec"), {"bus": bus})  # noqa: S102
+
+    server = await start_bus(aiohttp_client, jwks_server.url, prepare=prepare, client_publish=True)
+    socket, _ = await server.open(make_token(sub="alice"), ["chat:lobby"])
+    spoofed = {
+        "type": "publish",
+        "ref": 1,
+        "channel": "chat:lobby",
+        "data": {"text": "hi", "from": "bob"},
+    }
+    await socket.send_json(spoofed)
+    frames = [await next_frame(socket), await next_frame(socket)]
+    assert frames[0]["data"] == {"text": "hi", "from": "alice"}
+    assert frames[1]["type"] == "published"
+    await socket.send_json({"type": "publish", "ref": 2, "channel": "chat:lobby", "data": 5})
+    assert (await next_frame(socket))["error"] == "invalid"
+    await socket.send_json({"type": "rpc", "ref": 3, "method": "whoami"})
+    answer = await next_frame(socket)
+    assert answer["data"] == {"user": "alice", "channels": ["chat:lobby"]}
