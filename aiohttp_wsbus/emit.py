@@ -21,7 +21,7 @@ from .brokers.base import is_valid_message_id, subject_publisher
 from .bus import Bus
 from .errors import BrokerUnavailable, InvalidToken, KeysUnavailable, http_error
 from .grants import is_valid_channel, may
-from .protocol import encode_data
+from .protocol import RequestError, encode_data
 from .tokens import Claims
 
 __all__ = ["ApiKeys", "Endpoints"]
@@ -136,13 +136,15 @@ class Endpoints:
             except InvalidToken as error:
                 self.bus.refused("emit", error.reason)
                 raise _unauthorized(error.reason) from None
-        try:
-            data = encode_data(loaded["data"] if "data" in loaded else loaded["payload"])
-        except ValueError as error:
-            raise _invalid("data", str(error)) from None
+        value = loaded["data"] if "data" in loaded else loaded["payload"]
+        values = dict.fromkeys(channels, value)
+        if claims is not None and self.bus.requests.publish_hooks:
+            values = await self._rewrite(claims, values)
+        texts = _encode_each(values)
         published: list[dict[str, Any]] = []
         try:
             for channel in channels:
+                data = texts[channel]
                 if loaded["ephemeral"]:
                     await self.bus.publish_ephemeral(channel, data)
                     published.append({"channel": channel, "ephemeral": True})
@@ -156,6 +158,23 @@ class Endpoints:
                 web.HTTPServiceUnavailable, "broker_unavailable", published=published
             ) from None
         return web.json_response({"published": published}, status=202)
+
+    async def _rewrite(self, claims: Claims, values: dict[str, Any]) -> dict[str, Any]:
+        """What the on_publish hooks make of each channel's data: a Bearer emit is a
+        client's publish too, so nobody speaks for someone else over HTTP either."""
+        rewritten = {}
+        for channel, value in values.items():
+            try:
+                rewritten[channel] = await self.bus.requests.rewrite(claims, channel, value)
+            except RequestError as error:
+                if error.error == "forbidden":
+                    raise http_error(web.HTTPForbidden, "forbidden", channels=[channel]) from None
+                if error.error == "invalid":
+                    raise _invalid("data", error.reason) from None
+                raise http_error(
+                    web.HTTPServiceUnavailable, "authorizer_unavailable", channels=[channel]
+                ) from None
+        return rewritten
 
     async def disconnect(self, request: web.Request) -> web.Response:
         """POST {base_path}/users/{user}/disconnect {"reconnect": false, "reason": ""}."""
@@ -310,6 +329,20 @@ class _RevocationSchema(Schema):
 _DISCONNECT_SCHEMA: Final = _DisconnectSchema()
 _UNSUBSCRIBE_SCHEMA: Final = _UnsubscribeSchema()
 _REVOCATION_SCHEMA: Final = _RevocationSchema()
+
+
+def _encode_each(values: dict[str, Any]) -> dict[str, str]:
+    """Each channel's data as JSON text; data shared by several channels is encoded once."""
+    texts: dict[int, str] = {}
+    encoded = {}
+    for channel, value in values.items():
+        if id(value) not in texts:
+            try:
+                texts[id(value)] = encode_data(value)
+            except ValueError as error:
+                raise _invalid("data", str(error)) from None
+        encoded[channel] = texts[id(value)]
+    return encoded
 
 
 def _check_post_json(request: web.Request) -> None:

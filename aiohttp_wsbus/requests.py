@@ -32,6 +32,7 @@ from .protocol import (
     encode_data,
     text_frame,
 )
+from .tokens import Claims
 
 if TYPE_CHECKING:
     from .bus import Bus
@@ -145,7 +146,7 @@ class Requests:
             verdict = (await self.bus.authorize(claims, [channel], "publish"))[channel]
             if verdict != "allowed":
                 raise RequestError(verdict)
-        data = await self._rewrite(connection, channel, request.data)
+        data = await self.rewrite(claims, channel, request.data)
         try:
             text = encode_data(data)
         except ValueError as error:
@@ -168,15 +169,19 @@ class Requests:
             "epoch": published.epoch,
         }
 
-    async def _rewrite(self, connection: Connection, channel: str, data: Any) -> Any:
-        """What the on_publish hook for `channel` makes of `data` (no hook: `data`)."""
+    async def rewrite(self, claims: Claims, channel: str, data: Any) -> Any:
+        """What the on_publish hook for `channel` makes of `data` (no hook: `data`).
+
+        Every publish a token holder makes goes through it: publish frames and
+        Bearer emits. Raises RequestError (forbidden, invalid, unavailable).
+        """
         found = self.publish_hooks.find(channel)
         if found is None:
             return data
         hook, parameters = found
         try:
             async with asyncio.timeout(self.bus.settings.authorize_timeout):
-                rewritten = await hook(connection.claims, data, **parameters)
+                rewritten = await hook(claims, data, **parameters)
         except Forbidden:
             raise RequestError("forbidden", "refused by the application") from None
         except ValueError as error:  # the application's words for the client

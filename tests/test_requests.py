@@ -132,6 +132,40 @@ async def test_the_publish_hook_stamps_the_verified_subject_or_refuses(
     await nothing_more(listener)
 
 
+async def test_a_bearer_emit_goes_through_the_publish_hook_too(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
+) -> None:
+    def prepare(bus: Bus) -> None:
+        @bus.on_publish("chat:{room}")
+        async def stamp(claims: Claims, data: Any, room: str) -> Any:
+            if data == "refuse":
+                raise Forbidden()
+            if data == "bad":
+                raise ValueError("not like that")
+            return {"said": data, "from": claims.subject}
+
+    server = await start_bus(aiohttp_client, jwks_server.url, prepare=prepare, api_keys=["k" * 16])
+    listener, _ = await server.open(make_token(sub="bob"), ["chat:lobby", "chat:other"])
+    bearer = {"Authorization": f"Bearer {make_token(publish=['chat:*'])}"}
+    body = {"channels": ["chat:lobby", "chat:other"], "data": "hi"}
+    response = await server.client.post("/ws/emit", json=body, headers=bearer)
+    assert response.status == 202
+    frames = [await next_frame(listener), await next_frame(listener)]
+    assert [f["data"] for f in frames] == [{"said": "hi", "from": "alice"}] * 2
+    refused = await server.client.post("/ws/emit", json={**body, "data": "refuse"}, headers=bearer)
+    assert (refused.status, await refused.json()) == (
+        403,
+        {"error": "forbidden", "channels": ["chat:lobby"]},
+    )
+    bad = await server.client.post("/ws/emit", json={**body, "data": "bad"}, headers=bearer)
+    assert bad.status == 400
+    assert (await bad.json())["fields"] == {"data": ["not like that"]}
+    # The application's own emits (the API key) are its to shape.
+    keyed = await server.client.post("/ws/emit", json=body, headers={"X-API-Key": "k" * 16})
+    assert keyed.status == 202
+    assert (await next_frame(listener))["data"] == "hi"
+
+
 async def test_a_failing_publish_hook_answers_unavailable_and_is_counted(
     aiohttp_client: AiohttpClient,
     jwks_server: JwksServer,
