@@ -118,6 +118,7 @@ async def wsbus_app(
         channels_claim="authorized_elsewhere" if authorized else "channels",
         presence=["bench:*"] if presence else [],
         presence_claim="channels",
+        client_publish=True,  # the two-way workload
     )
     if authorized:
 
