@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import secrets
 from collections.abc import Callable, Collection, Coroutine, Mapping
@@ -25,9 +26,8 @@ from .brokers.base import (
 )
 from .brokers.presence import Member
 from .connection import Connection, WriteScheduler, message_frame
-from .errors import InvalidChannel, InvalidToken
-from .grants import is_valid_channel, may
-from .history import HistoryPage, check_page, read_history, read_positions
+from .errors import InvalidToken
+from .history import HistoryPage, read_history, read_positions
 from .hooks import ConnectionInfo, Hooks
 from .presence import Presence
 from .protocol import (
@@ -128,39 +128,19 @@ class Bus:
     def rpc(self, name: str) -> Callable[[_Decorated], _Decorated]:
         """Register `async def f(info: ConnectionInfo, data) -> data` as the RPC method `name`.
 
-        Clients call it with an `rpc` frame. Raising ValueError answers `invalid`
-        (with its message), Forbidden `forbidden`; taking over `rpc_timeout`
-        answers `timeout`, anything else `internal` (logged, never sent).
+        ValueError answers the client `invalid` (with its message), Forbidden
+        `forbidden`, over `rpc_timeout` `timeout`, anything else `internal` (logged).
         """
-
-        def register(handler: _Decorated) -> _Decorated:
-            self.requests.add_method(name, handler)
-            return handler
-
-        return register
+        return functools.partial(_registered, self.requests.add_method, name)
 
     def on_publish(self, pattern: str) -> Callable[[_Decorated], _Decorated]:
-        """Register `async def f(claims, data, **parameters)` for client publishes to
-        channels matching `pattern` (as for `authorizer`; the most specific decides).
+        """Register `async def f(claims, data, **parameters) -> data | None` for what token
+        holders publish (frames, Bearer emits) to channels matching `pattern`.
 
-        It runs after the grant check and returns the data to publish (None:
-        `data` unchanged), for example stamped with the verified subject. Raising
-        Forbidden refuses the publish (`forbidden`), ValueError too (`invalid`,
-        with its message).
+        After the grant check it returns the data to publish (None: unchanged), e.g.
+        stamped with the verified subject; Forbidden or ValueError refuses it.
         """
-
-        def register(hook: _Decorated) -> _Decorated:
-            self.requests.add_publish_hook(pattern, hook)
-            return hook
-
-        return register
-
-    async def may_read(self, claims: Claims, channel: str) -> Verdict:
-        """Whether `claims` may read `channel` (its history, its presence): subscribe
-        grants, else the application's subscribe authorizers."""
-        if may(claims.subscribe, channel):
-            return "allowed"
-        return (await self.authorize(claims, [channel], "subscribe"))[channel]
+        return functools.partial(_registered, self.requests.add_publish_hook, pattern)
 
     async def start(self, session: aiohttp.ClientSession | None) -> None:
         self.hooks.freeze()
@@ -225,8 +205,7 @@ class Bus:
         return await self.publish_checked(channel, encode_data(data), id, APPLICATION)
 
     async def publish_ephemeral(self, channel: str, data: str) -> Published:
-        """Publish JSON text as an ephemeral message to a channel whose name the caller
-        has checked."""
+        """Publish JSON text, ephemeral, to a channel whose name the caller has checked."""
         await self.broker.publish_ephemeral(channel, data)
         self.messages_published += 1
         return Published(channel, 0, "", is_ephemeral=True)
@@ -315,31 +294,21 @@ class Bus:
     # -- positions and history (history.py does the work) ------------------
 
     async def position(self, channel: str) -> Position:
-        """The channel's last position: the offset and epoch a client subscribing now
-        would continue from (offset 0 of an empty epoch: nothing held).
+        """The channel's last offset and epoch (offset 0 of an empty epoch: nothing held).
 
         Raises InvalidChannel for a bad name, BrokerUnavailable when the broker is down.
         """
         return (await self.positions([channel]))[channel]
 
     async def positions(self, channels: Collection[str]) -> dict[str, Position]:
-        """`position` of each channel, in one broker read: for a page handler to embed
-        in the HTML it renders (the JS client's `since`)."""
-        for channel in channels:
-            _check_channel(channel)
-        return await read_positions(self.broker, list(dict.fromkeys(channels)))
+        """`position` of each channel in one read: for a page to embed (the JS `since`)."""
+        return await read_positions(self.broker, channels)
 
     async def history(
         self, channel: str, *, limit: int = 50, before: int | None = None
     ) -> HistoryPage:
-        """The channel's last `limit` messages (with offsets below `before`, if given),
-        oldest first, and its position; at most what `history_size` keeps.
-
-        Raises InvalidChannel, ValueError for a bad limit or before ("limit: ..."),
-        BrokerUnavailable when the broker is down.
-        """
-        _check_channel(channel)
-        check_page(limit, before)
+        """The channel's last `limit` messages (offsets below `before`), oldest first, and
+        its position; raises as `position`, and ValueError naming a bad limit or before."""
         kept = self.settings.history_size
         return await read_history(self.broker, channel, limit=limit, before=before, kept=kept)
 
@@ -456,9 +425,10 @@ class Bus:
         return self.subscriptions.regrant(connection, claims)
 
 
-def _check_channel(channel: str) -> None:
-    if not is_valid_channel(channel):
-        raise InvalidChannel(f"invalid channel name: {channel!r}")
+def _registered(add: Callable[[str, Any], None], key: str, function: _Decorated) -> _Decorated:
+    """Decorator body: `add(key, function)`, then `function` itself."""
+    add(key, function)
+    return function
 
 
 def _code(connection: Connection) -> int:

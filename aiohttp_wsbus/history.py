@@ -4,10 +4,11 @@ the `history` frame and `GET {base_path}/channels/{channel}/history`."""
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, Final
 
-from .brokers.base import MAX_HISTORY_SIZE, Broker, Message
+from .brokers.base import MAX_HISTORY_SIZE, Broker, Message, check_publish
 from .protocol import MAX_OFFSET, Position
 
 __all__ = ["DEFAULT_HISTORY_LIMIT", "HistoryPage", "check_page", "read_history", "read_positions"]
@@ -48,8 +49,13 @@ def check_page(limit: int, before: int | None) -> None:
         raise ValueError("before: must be an offset from 1 to 2^63 - 1")
 
 
-async def read_positions(broker: Broker, channels: list[str]) -> dict[str, Position]:
-    """Each channel's last position (offset 0 of an empty epoch: nothing held), in one read."""
+async def read_positions(broker: Broker, channels: Collection[str]) -> dict[str, Position]:
+    """Each channel's last position (offset 0 of an empty epoch: nothing held), in one read.
+
+    Raises InvalidChannel for a bad name.
+    """
+    for channel in channels:
+        check_publish(channel, None)
     answers = await broker.history(dict.fromkeys(channels))
     return {channel: answer.position for channel, answer in answers.items()}
 
@@ -60,8 +66,11 @@ async def read_history(
     """The last `limit` messages of `channel` with offsets below `before` (all: None).
 
     `kept` is the history size: the broker holds at most the last `kept`
-    messages, so the read starts no further back than that.
+    messages, so the read starts no further back than that. Raises
+    InvalidChannel, or ValueError naming a bad limit or before.
     """
+    check_publish(channel, None)
+    check_page(limit, before)
     position = (await broker.history({channel: None}))[channel].position
     for _ in range(_READS):
         end = position.offset if before is None else min(position.offset, before - 1)

@@ -89,7 +89,7 @@ class Queries:
 
     async def _may_subscribe(self, claims: Claims, channel: str) -> None:
         """Refuse a token that could not subscribe to `channel`: what it holds is private."""
-        verdict = await self.bus.may_read(claims, channel)
+        verdict = await self.bus.subscriptions.may_read(claims, channel)
         if verdict == "forbidden":
             raise http_error(web.HTTPForbidden, "forbidden", channels=[channel])
         if verdict == "unavailable":

@@ -230,7 +230,7 @@ class Requests:
         if not is_valid_channel(channel):
             raise RequestError("invalid", f"invalid channel name: {channel[:200]!r}")
         if not connection.may_subscribe(channel):
-            verdict = await self.bus.may_read(connection.claims, channel)
+            verdict = await self.bus.subscriptions.may_read(connection.claims, channel)
             if verdict != "allowed":
                 raise RequestError(verdict)
         limit = DEFAULT_HISTORY_LIMIT if request.limit is None else request.limit

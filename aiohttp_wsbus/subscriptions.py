@@ -11,6 +11,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .authorizers import Verdict
 from .brokers.base import History
 from .connection import Connection, message_frame
 from .errors import BrokerUnavailable
@@ -55,6 +56,13 @@ class Subscriptions:
 
     def __init__(self, bus: Bus) -> None:
         self.bus = bus
+
+    async def may_read(self, claims: Claims, channel: str) -> Verdict:
+        """Whether `claims` may read `channel` (its history, its presence): subscribe
+        grants, else the application's subscribe authorizers."""
+        if may(claims.subscribe, channel):
+            return "allowed"
+        return (await self.bus.authorize(claims, [channel], "subscribe"))[channel]
 
     def drop_interest(self, channels: Collection[str]) -> None:
         """Tell the broker this node no longer needs `channels`."""
