@@ -19,8 +19,9 @@ from .errors import (
     KeysUnavailable,
     WsBusError,
 )
+from .history import HistoryPage
 from .hooks import ConnectionInfo
-from .protocol import CloseCode
+from .protocol import CloseCode, Position
 from .tokens import Claims
 from .web import BUS_KEY, get_bus, setup
 
@@ -73,12 +74,14 @@ __all__ = [
     "EmitError",
     "Forbidden",
     "HistoryOptions",
+    "HistoryPage",
     "InvalidChannel",
     "InvalidSettings",
     "InvalidToken",
     "KeysUnavailable",
     "Member",
     "MemoryBroker",
+    "Position",
     "Published",
     "SyncEmitClient",
     "WsBusError",
