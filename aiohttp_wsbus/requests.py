@@ -14,7 +14,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
 
-from .authorizers import ChannelPattern
+from .authorizers import PatternTable
 from .brokers.base import check_publish, subject_publisher
 from .connection import Connection
 from .errors import BrokerUnavailable, Forbidden
@@ -37,7 +37,7 @@ from .tokens import Claims
 if TYPE_CHECKING:
     from .bus import Bus
 
-__all__ = ["MAX_METHOD_LENGTH", "PublishHook", "PublishHooks", "Requests", "RpcHandler"]
+__all__ = ["MAX_METHOD_LENGTH", "PublishHook", "Requests", "RpcHandler"]
 
 logger = logging.getLogger("aiohttp_wsbus")
 
@@ -48,35 +48,14 @@ RpcHandler = Callable[[ConnectionInfo, Any], Awaitable[Any]]
 PublishHook = Callable[..., Awaitable[Any]]
 
 
-class PublishHooks:
-    """The application's on_publish hooks; the most specific pattern decides, as for
-    authorizers."""
-
-    def __init__(self) -> None:
-        self._entries: list[tuple[ChannelPattern, PublishHook]] = []
-
-    def __bool__(self) -> bool:
-        return bool(self._entries)
-
-    def add(self, pattern: str, hook: PublishHook) -> None:
-        self._entries.append((ChannelPattern.parse(pattern), hook))
-        self._entries.sort(key=lambda entry: -entry[0].literal_length)
-
-    def find(self, channel: str) -> tuple[PublishHook, dict[str, str]] | None:
-        for pattern, hook in self._entries:
-            parameters = pattern.match(channel)
-            if parameters is not None:
-                return hook, parameters
-        return None
-
-
 class Requests:
     """One bus's RPC methods and publish hooks, and the serving of request frames."""
 
     def __init__(self, bus: Bus) -> None:
         self.bus = bus
         self.methods: dict[str, RpcHandler] = {}
-        self.publish_hooks = PublishHooks()
+        # The application's on_publish hooks: the most specific pattern decides, as for authorizers.
+        self.publish_hooks: PatternTable[PublishHook] = PatternTable()
         self._in_flight: collections.Counter[str] = collections.Counter()  # by connection id
         self._is_frozen = False
 
