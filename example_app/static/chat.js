@@ -232,7 +232,8 @@ function loader(channel, name, handle) {
     if (loads > 1) addNote(name, "Reconnected. Messages sent while you were away could not be replayed: here is what the server holds.");
     const epoch = page.position.epoch;
     for (const message of page.messages) {
-      handle(message.data, { channel, offset: message.offset, epoch, recovered: false });
+      // Loaded, not new: no unread count for it.
+      handle(message.data, { channel, offset: message.offset, epoch, recovered: false, isLoaded: true });
     }
     return page.position;
   };
@@ -521,14 +522,14 @@ function addMessage(name, data, meta) {
   }
   if (state && message.from) state.typing.delete(message.from); // they sent it: no longer typing
   if (message.kind === "notice") {
-    append(name, noticeItem(message));
+    append(name, noticeItem(message), { isQuiet: meta?.isLoaded });
   } else if (message.kind === "member") {
     const room = session.privateRooms.get(name);
     if (room && Array.isArray(message.members)) room.members = message.members;
-    append(name, eventItem(message));
+    append(name, eventItem(message), { isQuiet: meta?.isLoaded });
     refreshView(name);
   } else {
-    append(name, messageItem(message, meta));
+    append(name, messageItem(message, meta), { isQuiet: meta?.isLoaded });
   }
 }
 
