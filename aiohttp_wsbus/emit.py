@@ -19,9 +19,9 @@ from marshmallow import fields as mf
 
 from .brokers.base import is_valid_message_id, subject_publisher
 from .bus import Bus
-from .errors import BrokerUnavailable, InvalidToken, KeysUnavailable, http_error
+from .errors import BrokerUnavailable, InvalidToken, KeysUnavailable, RequestError, http_error
 from .grants import is_valid_channel, may
-from .protocol import RequestError, encode_data
+from .protocol import encode_data
 from .tokens import Claims
 
 __all__ = ["ApiKeys", "Endpoints"]

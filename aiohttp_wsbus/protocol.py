@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from .errors import InvalidRequest
+
 __all__ = [
     "ANOTHER_USER",
     "BROKER_UNAVAILABLE",
@@ -35,12 +37,10 @@ __all__ = [
     "CloseCode",
     "Connect",
     "HistoryRead",
-    "InvalidRequest",
     "Ping",
     "Position",
     "Refresh",
     "Request",
-    "RequestError",
     "RpcCall",
     "Subscribe",
     "Unsubscribe",
@@ -135,27 +135,6 @@ def bad_request(error: BadFrame) -> Close:
 
 class BadFrame(Exception):
     """A client frame that is malformed or unexpected (close code 4400)."""
-
-
-class RequestError(Exception):
-    """A request frame (publish, rpc, history) that failed: answered with an `error` frame.
-
-    `error` is one of docs/protocol.md's request error codes; `reason`, for
-    people, says what was wrong (never a traceback).
-    """
-
-    def __init__(self, error: str, reason: str = "") -> None:
-        super().__init__(f"{error}: {reason}" if reason else error)
-        self.error = error
-        self.reason = reason
-
-
-class InvalidRequest(RequestError):
-    """A request frame with a usable `ref` but a bad field: answered `invalid`, not closed."""
-
-    def __init__(self, ref: int, reason: str) -> None:
-        super().__init__("invalid", reason)
-        self.ref = ref
 
 
 @dataclass(frozen=True, slots=True)

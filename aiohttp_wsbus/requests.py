@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Final
 from .authorizers import PatternTable
 from .brokers.base import check_publish, subject_publisher
 from .connection import Connection
-from .errors import BrokerUnavailable, Forbidden
+from .errors import BrokerUnavailable, Forbidden, RequestError
 from .grants import is_valid_channel, may
 from .history import DEFAULT_HISTORY_LIMIT
 from .hooks import ConnectionInfo
@@ -26,7 +26,6 @@ from .protocol import (
     ClientPublish,
     HistoryRead,
     Request,
-    RequestError,
     RpcCall,
     encode,
     encode_data,

@@ -9,7 +9,14 @@ from aiohttp import WSMsgType, web
 
 from .bus import Bus, SubscribeResult
 from .connection import Connection
-from .errors import Forbidden, InvalidToken, KeysUnavailable, http_error
+from .errors import (
+    Forbidden,
+    InvalidRequest,
+    InvalidToken,
+    KeysUnavailable,
+    RequestError,
+    http_error,
+)
 from .protocol import (
     ANOTHER_USER,
     BROKER_UNAVAILABLE,
@@ -25,10 +32,8 @@ from .protocol import (
     Close,
     Connect,
     HistoryRead,
-    InvalidRequest,
     Ping,
     Refresh,
-    RequestError,
     RpcCall,
     Subscribe,
     Unsubscribe,
