@@ -9,14 +9,7 @@ from aiohttp import WSMsgType, web
 
 from .bus import Bus, SubscribeResult
 from .connection import Connection
-from .errors import (
-    Forbidden,
-    InvalidRequest,
-    InvalidToken,
-    KeysUnavailable,
-    RequestError,
-    http_error,
-)
+from .errors import Forbidden, InvalidRequest, InvalidToken, KeysUnavailable, http_error
 from .protocol import (
     ANOTHER_USER,
     BROKER_UNAVAILABLE,
@@ -198,7 +191,7 @@ class WebSocketHandler:
                 raise BadFrame("the first frame must be connect")
         except BadFrame as error:
             return bad_request(error)
-        except RequestError:
+        except InvalidRequest:  # a request frame: answerable, but not before connect
             return bad_request(BadFrame("the first frame must be connect"))
         return frame
 
