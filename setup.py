@@ -18,7 +18,12 @@ setup(
     # The served JS client is js/wsbus.js itself: one source, no copy that can drift.
     # static/wsbus.js is a symlink to js/wsbus.js: the build copies its bytes in.
     package_data={"aiohttp_wsbus": ["py.typed", "static/wsbus.js", "static/wsbus.d.ts"]},
-    entry_points={"console_scripts": ["wsbus = aiohttp_wsbus.cli:main"]},
+    entry_points={
+        "console_scripts": ["wsbus = aiohttp_wsbus.cli:main"],
+        # The test kit's fixtures, in every pytest run of an environment that installs us;
+        # named as the module, so `-p aiohttp_wsbus.testing` does not register it twice.
+        "pytest11": ["aiohttp_wsbus.testing = aiohttp_wsbus.testing"],
+    },
     install_requires=[
         "aiohttp>=3.11",
         "aiosignal>=1.4",  # the hooks are aiohttp-style signals
@@ -29,6 +34,8 @@ setup(
     extras_require={
         "redis": ["redis>=5.2"],
         "metrics": ["prometheus-client>=0.20"],
+        # aiohttp_wsbus.testing's fixtures (the rest of it needs only the runtime install).
+        "testing": ["pytest>=8", "pytest-aiohttp>=1.1"],
         # The benchmark's peers and tools: python -m benchmarks (benchmarks/README.md).
         "bench": [
             "matplotlib",

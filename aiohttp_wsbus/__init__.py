@@ -2,6 +2,7 @@
 
 `setup(app, jwks_url=...)` adds a WebSocket endpoint that pushes channel
 messages to clients whose JWT grants them, and an HTTP emit endpoint.
+`Client` subscribes from Python; `aiohttp_wsbus.testing` is the test kit.
 """
 
 from typing import TYPE_CHECKING, Any
@@ -9,6 +10,14 @@ from typing import TYPE_CHECKING, Any
 from .brokers import Broker, HistoryOptions, MemoryBroker, Published
 from .brokers.presence import Member
 from .bus import Bus
+from .client import Client
+from .client_subscription import (
+    ClientClosed,
+    ClosedByServer,
+    Message,
+    Subscription,
+    SubscriptionDenied,
+)
 from .emit_client import EmitClient, EmitError, SyncEmitClient
 from .errors import (
     BrokerUnavailable,
@@ -68,7 +77,10 @@ __all__ = [
     "BrokerUnavailable",
     "Bus",
     "Claims",
+    "Client",
+    "ClientClosed",
     "CloseCode",
+    "ClosedByServer",
     "ConnectionInfo",
     "EmitClient",
     "EmitError",
@@ -81,8 +93,11 @@ __all__ = [
     "KeysUnavailable",
     "Member",
     "MemoryBroker",
+    "Message",
     "Position",
     "Published",
+    "Subscription",
+    "SubscriptionDenied",
     "SyncEmitClient",
     "WsBusError",
     "get_bus",

@@ -29,6 +29,7 @@ from .connection import Connection, WriteScheduler, message_frame
 from .errors import InvalidToken
 from .history import HistoryPage, read_history, read_positions
 from .hooks import ConnectionInfo, Hooks
+from .namespaces import Namespaces
 from .presence import Presence
 from .protocol import (
     CLIENT_GONE,
@@ -63,6 +64,8 @@ class Bus:
         self.broker = broker
         self.verifier = verifier
         self.registry = Registry()
+        history = HistoryOptions(settings.history_size, settings.history_ttl)
+        self.namespaces = Namespaces(settings.channels, history)  # each channel's options
         self.connections = Connections()  # every authenticated socket, by user
         self.open_sockets = 0  # upgraded sockets, authenticated or not
         # Plain counters, read by the metrics collector at scrape time.
@@ -71,6 +74,7 @@ class Bus:
         self.slow_consumer_closes = 0
         self.auth_failures: collections.Counter[str] = collections.Counter()
         self.hook_errors: collections.Counter[str] = collections.Counter()
+        self.rate_limited: collections.Counter[str] = collections.Counter()  # by limit
         self.sessions = Sessions(self)
         self.subscriptions = Subscriptions(self)
         self.presence_keeper = Presence(self)
@@ -149,15 +153,15 @@ class Bus:
             authorizers.freeze()
         self._scheduler = WriteScheduler(asyncio.get_running_loop())
         await self.verifier.start(session)
-        history = HistoryOptions(self.settings.history_size, self.settings.history_ttl)
         await self.broker.start(
             self.deliver,
-            history,
+            self.namespaces.default.history,
             on_control=self.sessions.apply,
             on_presence=self.presence_keeper.on_event if self.presence_keeper else None,
             presence=self.presence_keeper.options,
             on_ephemeral=self.deliver_ephemeral,
         )
+        await self.broker.share_options(self.namespaces.writers_view())
 
     async def stop(self) -> None:
         await self.close_all(SHUTTING_DOWN)
@@ -220,7 +224,10 @@ class Bus:
         """
         if message_id is not None:
             message_id = scoped_message_id(publisher, message_id)
-        published = await self.broker.publish(channel, data, message_id=message_id)
+        history = self.namespaces.history_of(channel)
+        published = await self.broker.publish(
+            channel, data, message_id=message_id, history=history
+        )
         if not published.is_repeat:
             self.messages_published += 1
         return published
@@ -302,15 +309,18 @@ class Bus:
 
     async def positions(self, channels: Collection[str]) -> dict[str, Position]:
         """`position` of each channel in one read: for a page to embed (the JS `since`)."""
-        return await read_positions(self.broker, channels)
+        options = {c: self.namespaces.history_of(c) for c in channels}
+        return await read_positions(self.broker, channels, options=options)
 
     async def history(
         self, channel: str, *, limit: int = 50, before: int | None = None
     ) -> HistoryPage:
         """The channel's last `limit` messages (offsets below `before`), oldest first, and
         its position; raises as `position`, and ValueError naming a bad limit or before."""
-        kept = self.settings.history_size
-        return await read_history(self.broker, channel, limit=limit, before=before, kept=kept)
+        history = self.namespaces.history_of(channel)
+        return await read_history(
+            self.broker, channel, limit=limit, before=before, history=history
+        )
 
     def refused(self, what: str, reason: str) -> None:
         """Count and log one refused credential (never the credential itself)."""
@@ -372,6 +382,8 @@ class Bus:
 
     def _forget(self, connection: Connection) -> None:
         self.connections.discard(connection)
+        if self.settings.max_connections_per_user is not None:
+            self.broker.release_connection(connection.claims.subject)
         if connection.closed_with is SLOW_CONSUMER:
             self.slow_consumer_closes += 1
         connection.pending = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import json
 import logging
 import os
 import socket
@@ -29,6 +30,7 @@ from .bus import Bus
 from .errors import InvalidSettings
 from .settings import Settings, setting_help
 from .web import setup
+from .workers import MAX_WORKERS, reserve_port, run_workers
 
 __all__ = ["AccessLogger", "main"]
 
@@ -41,6 +43,8 @@ REDIS_URL_SCHEMES: Final = ("redis://", "rediss://", "unix://")
 
 # Plural settings whose flag names one item.
 _SINGULAR_FLAGS: Final = {"api_keys": "--api-key"}
+# Settings a flag cannot spell: they come from a JSON file (a server flag) instead.
+_FILE_SETTINGS: Final = {"channels": "--channels-file"}
 # Secrets, and the safer way to give them: a command line shows in `ps`.
 _SAFER_SOURCE: Final = {"jwt_secret": "WSBUS_JWT_SECRET", "api_keys": "--api-key-file"}
 _TRUE: Final = frozenset({"1", "true", "yes", "on"})
@@ -70,7 +74,7 @@ class Option:
     """One setup() setting as the command line and the environment spell it."""
 
     name: str
-    kind: type  # str, int, float, bool or list (of str)
+    kind: type  # str, int, float, bool, list (of str) or tuple (a rate: per second, burst)
     is_optional: bool
     flag: str
     env: str
@@ -87,6 +91,8 @@ def setting_options() -> list[Option]:
     hints = get_type_hints(Settings)
     options = []
     for field in fields(Settings):
+        if field.name in _FILE_SETTINGS:
+            continue
         kind, is_optional = _kind_of(hints[field.name])
         options.append(
             Option(
@@ -111,6 +117,8 @@ def _kind_of(hint: Any) -> tuple[type, bool]:
         return hint, is_optional
     if get_args(hint) == (str, ...):
         return list, is_optional
+    if get_args(hint) == (float, int):
+        return tuple, is_optional
     raise TypeError(f"the command line cannot express a setting of type {hint}")
 
 
@@ -142,6 +150,11 @@ def build_parser(prog: str = "wsbus") -> argparse.ArgumentParser:
         "[env WSBUS_REDIS_URL, default: in-process memory broker]",
     )
     server.add_argument(
+        "--workers",
+        help=f"server processes sharing the port (SO_REUSEPORT), 1 to {MAX_WORKERS}; more than "
+        "one needs --redis-url [env WSBUS_WORKERS, default 1]",
+    )
+    server.add_argument(
         "--authorize-url",
         help="ask this URL (POST, with the first API key) about channels a token does not "
         "grant; see docs/authorization.md [env WSBUS_AUTHORIZE_URL]",
@@ -150,6 +163,11 @@ def build_parser(prog: str = "wsbus") -> argparse.ArgumentParser:
         "--api-key-file",
         help="file of API keys, one per line ('#' comments allowed); added to --api-key "
         "[env WSBUS_API_KEY_FILE]",
+    )
+    server.add_argument(
+        "--channels-file",
+        help="JSON file of options per grant pattern, the `channels` setting: "
+        '{"typing:*": {"history_size": 0}}; see docs/limits.md [env WSBUS_CHANNELS_FILE]',
     )
     server.add_argument(
         "--log-level",
@@ -189,7 +207,7 @@ def _metavar(option: Option) -> str:
     if option.name == "base_path":
         return "PATH"
     # Every float setting is a duration; every int one a size or a count.
-    return {str: "TEXT", int: "N", float: "SECONDS"}[option.kind]
+    return {str: "TEXT", int: "N", float: "SECONDS", tuple: "RATE,BURST"}[option.kind]
 
 
 def _help(option: Option) -> str:
@@ -197,13 +215,13 @@ def _help(option: Option) -> str:
     notes = []
     if option.kind is list:
         notes.append("repeat for several" if option.name in _SINGULAR_FLAGS else "comma-separated")
-    if option.is_optional and option.kind in (int, float):
+    if option.is_optional and option.kind in (int, float, tuple):
         notes.append("`none` for None")
     if option.name in _SAFER_SOURCE:
         notes.append(f"prefer {_SAFER_SOURCE[option.name]}: flags show in `ps`")
     default = option.default
     if isinstance(default, tuple):
-        default = ",".join(default)
+        default = ",".join(str(item) for item in default)
     elif isinstance(default, bool):
         default = "on" if default else "off"
     where = f"env {option.env}" + ("" if default in (None, "") else f", default {default}")
@@ -223,6 +241,7 @@ class ServerConfig:
     authorize_url: str | None
     log_level: str
     access_log: bool
+    workers: int = 1
 
 
 def resolve(args: argparse.Namespace, environ: Mapping[str, str]) -> ServerConfig:
@@ -243,6 +262,9 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str]) -> ServerConfi
     key_file = given("api_key_file")
     if key_file is not None:
         settings["api_keys"] = [*settings.get("api_keys", []), *_read_key_file(key_file)]
+    channels_file = given("channels_file")
+    if channels_file is not None:
+        settings["channels"] = _read_channels_file(channels_file)
     port = given("port")
     try:
         port_number = 8080 if port is None else int(port)
@@ -251,6 +273,7 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str]) -> ServerConfi
     if not 0 <= port_number <= 65535:
         raise BadSetting(f"--port / WSBUS_PORT: must be 0 to 65535, got {port_number}")
     access_log = given("access_log")
+    workers = _workers(given("workers"), redis_url=given("redis_url"), path=given("path"))
     return ServerConfig(
         settings=settings,
         host=given("host") or "127.0.0.1",
@@ -262,7 +285,26 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str]) -> ServerConfi
         access_log=True
         if access_log is None
         else _boolean("--access-log / WSBUS_ACCESS_LOG", access_log),
+        workers=workers,
     )
+
+
+def _workers(raw: str | None, *, redis_url: str | None, path: str | None) -> int:
+    where = "--workers / WSBUS_WORKERS"
+    try:
+        count = 1 if raw is None else int(raw)
+    except ValueError:
+        raise BadSetting(f"{where}: not a number: {raw!r}") from None
+    if not 1 <= count <= MAX_WORKERS:
+        raise BadSetting(f"{where}: must be 1 to {MAX_WORKERS}, got {count}")
+    if count > 1 and redis_url is None:
+        raise BadSetting(
+            f"{where}: {count} processes need --redis-url: each would otherwise have its "
+            "own in-process broker, and a message would reach only one process's clients"
+        )
+    if count > 1 and path is not None:
+        raise BadSetting(f"{where}: several processes listen on host:port, not on --path")
+    return count
 
 
 def _convert(option: Option, raw: Any) -> Any:
@@ -276,10 +318,13 @@ def _convert(option: Option, raw: Any) -> Any:
     if option.kind is str:
         return raw
     try:
+        if option.kind is tuple:
+            rate, burst = raw.split(",")
+            return [float(rate), int(burst)]
         return option.kind(raw)
     except ValueError:
-        kind = "an integer" if option.kind is int else "a number"
-        raise BadSetting(f"{option.where}: {raw!r} is not {kind}") from None
+        kind = {int: "an integer", float: "a number", tuple: "RATE,BURST (as 20,100)"}
+        raise BadSetting(f"{option.where}: {raw!r} is not {kind[option.kind]}") from None
 
 
 def _boolean(where: str, raw: Any) -> bool:
@@ -303,6 +348,17 @@ def _read_key_file(path: str) -> list[str]:
             f"--api-key-file / WSBUS_API_KEY_FILE: cannot read {path}: {reason}"
         ) from None
     return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _read_channels_file(path: str) -> Any:
+    where = "--channels-file / WSBUS_CHANNELS_FILE"
+    try:
+        with open(path, encoding="utf-8") as file:
+            return json.load(file)
+    except OSError as error:
+        raise BadSetting(f"{where}: cannot read {path}: {error.strerror}") from None
+    except ValueError as error:  # UnicodeDecodeError included
+        raise BadSetting(f"{where}: {path} is not JSON: {error}") from None
 
 
 def make_broker(redis_url: str | None) -> Broker | None:
@@ -362,6 +418,7 @@ def _authorize_through(app: web.Application, bus: Bus, url: str) -> None:
 
 def _name_flags(message: str) -> str:
     named = [o.where for o in setting_options() if f"{o.name}:" in message]
+    named += [flag for name, flag in _FILE_SETTINGS.items() if f"{name}:" in message]
     message = " ".join(message.split())  # one line, always
     return f"{message} (set by {', '.join(named)})" if named else message
 
@@ -428,24 +485,41 @@ def main(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        sock, address = listen(config)
+        if config.workers > 1:
+            sock, address = reserve_port(config.host, config.port)
+        else:
+            sock, address = listen(config)
     except OSError as error:
         where = config.path or f"{config.host}:{config.port}"
         print(f"{prog}: cannot listen on {where}: {error.strerror or error}", file=sys.stderr)
         return EXIT_CANNOT_LISTEN
     base_path = config.settings.get("base_path", "/ws")
-    logger.info("listening on %s (WebSocket at %s)", address, base_path)
-    try:
-        web.run_app(
-            app,
-            sock=sock,
-            print=None,
-            access_log=logging.getLogger("aiohttp.access") if config.access_log else None,
-            access_log_class=AccessLogger,
-        )
-    finally:
-        if config.path is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(config.path)
+
+    def ready() -> None:
+        workers = f" in {config.workers} processes" if config.workers > 1 else ""
+        logger.info("listening on %s (WebSocket at %s)%s", address, base_path, workers)
+
+    if config.workers > 1:
+        status = run_workers(config.workers, sock, lambda own: _serve(app, own, config), ready)
+    else:
+        ready()
+        try:
+            status = _serve(app, sock, config)
+        finally:
+            if config.path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(config.path)
     logger.info("stopped")
+    return status
+
+
+def _serve(app: web.Application, sock: socket.socket, config: ServerConfig) -> int:
+    """Serve `app` on `sock` until SIGTERM or SIGINT."""
+    web.run_app(
+        app,
+        sock=sock,
+        print=None,
+        access_log=logging.getLogger("aiohttp.access") if config.access_log else None,
+        access_log_class=AccessLogger,
+    )
     return 0

@@ -21,6 +21,7 @@ from .brokers.base import is_valid_message_id, subject_publisher
 from .bus import Bus
 from .errors import BrokerUnavailable, InvalidToken, KeysUnavailable, RequestError, http_error
 from .grants import is_valid_channel, may
+from .limits import PublisherLimits
 from .protocol import encode_data
 from .tokens import Claims
 
@@ -112,6 +113,8 @@ class Endpoints:
         self.api_keys = api_keys
         self._body_deadlines: set[asyncio.Timeout] = set()
         self._is_shutting_down = False
+        rate = self.settings.emit_rate
+        self._limits = None if rate is None else PublisherLimits(*rate)
 
     async def shutdown(self) -> None:
         """Give bodies still arriving at most close_timeout more, then answer them 503."""
@@ -127,6 +130,7 @@ class Endpoints:
         _check_post_json(request)
         # Credentials first, from the headers: a stranger's body is never read.
         publisher, claims = await self.authenticate(request, "emit")
+        self._check_rate(publisher)
         loaded = self._validate(await self._read_json(request))
         channels: list[str] = list(dict.fromkeys(loaded.get("channels") or [loaded["channel"]]))
         if claims is not None:
@@ -175,6 +179,17 @@ class Endpoints:
                     web.HTTPServiceUnavailable, "authorizer_unavailable", channels=[channel]
                 ) from None
         return rewritten
+
+    def _check_rate(self, publisher: str) -> None:
+        """429 with Retry-After when `publisher` is over emit_rate (before its body is read)."""
+        if self._limits is None:
+            return
+        retry_after = self._limits.retry_after(publisher)
+        if retry_after is not None:
+            self.bus.rate_limited["emit"] += 1
+            error = http_error(web.HTTPTooManyRequests, "rate_limited", retry_after=retry_after)
+            error.headers["Retry-After"] = str(retry_after)
+            raise error
 
     async def disconnect(self, request: web.Request) -> web.Response:
         """POST {base_path}/users/{user}/disconnect {"reconnect": false, "reason": ""}."""

@@ -3,7 +3,8 @@
 Both send `POST {base_url}{base_path}/emit` (and, with an API key, the control
 endpoints: disconnect, unsubscribe a user, revoke), retry a bounded number of
 times when the bus (or a proxy before it) answers 502/503/504 or cannot be
-reached, and raise EmitError for anything else. Every emit carries an
+reached, and after a 429 once its `Retry-After` has passed (when that is at most
+their `timeout`), and raise EmitError for anything else. Every emit carries an
 idempotency id (a random one unless given), so a retry never publishes a
 message twice; the control calls are safe to repeat as they are.
 """
@@ -30,6 +31,7 @@ from .errors import WsBusError
 __all__ = ["EmitClient", "EmitError", "SyncEmitClient"]
 
 RETRY_STATUSES: Final = frozenset({502, 503, 504})
+TOO_MANY_REQUESTS: Final = 429
 
 
 class EmitError(WsBusError):
@@ -108,6 +110,24 @@ class _Emitter:
 
     def delay(self, attempt: int) -> float:
         return float(min(self.max_backoff, self.backoff * 2**attempt))
+
+    def retry_delay(self, attempt: int, status: int, retry_after: str | None) -> float | None:
+        """Seconds to wait before retrying an answer, or None to keep the answer.
+
+        A 429 waits its Retry-After (seconds), if that is within `timeout`:
+        a longer wait is the caller's to decide, with the EmitError it gets.
+        """
+        if status in RETRY_STATUSES:
+            return self.delay(attempt)
+        if status != TOO_MANY_REQUESTS:
+            return None
+        try:
+            wait = float(retry_after) if retry_after is not None else self.delay(attempt)
+        except ValueError:  # an HTTP date: not something the bus sends
+            return None
+        if not 0 <= wait <= self.timeout:
+            return None
+        return max(wait, self.delay(attempt))
 
     @staticmethod
     def published(status: int, raw: bytes) -> list[Published]:
@@ -216,13 +236,16 @@ class EmitClient:
                 ) as response:
                     raw = await response.read()
                     status = response.status
+                    retry_after = response.headers.get("Retry-After")
             except (aiohttp.ClientConnectionError, TimeoutError) as error:
                 if is_last:
                     raise EmitError(None, "unreachable", {"detail": str(error)}) from error
+                await asyncio.sleep(emitter.delay(attempt))
             else:
-                if status not in RETRY_STATUSES or is_last:
+                wait = emitter.retry_delay(attempt, status, retry_after)
+                if wait is None or is_last:
                     return status, raw
-            await asyncio.sleep(emitter.delay(attempt))
+                await asyncio.sleep(wait)
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     def _get_session(self) -> aiohttp.ClientSession:
@@ -320,10 +343,13 @@ class SyncEmitClient:
                     return response.status, response.read()
             except urllib.error.HTTPError as error:
                 with error:
-                    if error.code not in RETRY_STATUSES or is_last:
+                    retry_after = error.headers.get("Retry-After")
+                    wait = emitter.retry_delay(attempt, error.code, retry_after)
+                    if wait is None or is_last:
                         return error.code, error.read()
             except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
                 if is_last:
                     raise EmitError(None, "unreachable", {"detail": str(error)}) from error
-            time.sleep(emitter.delay(attempt))
+                wait = emitter.delay(attempt)
+            time.sleep(wait)
         raise AssertionError("unreachable: the last attempt returns or raises")

@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Generic, TypeVar
 
-__all__ = ["MAX_CHANNEL_LENGTH", "grant_patterns", "is_valid_channel", "is_valid_pattern", "may"]
+__all__ = [
+    "MAX_CHANNEL_LENGTH",
+    "PatternTable",
+    "grant_patterns",
+    "is_valid_channel",
+    "is_valid_pattern",
+    "may",
+]
+
+T = TypeVar("T")
 
 MAX_CHANNEL_LENGTH = 200
 
@@ -60,3 +70,35 @@ def may(patterns: Iterable[str], channel: str) -> bool:
     if not is_valid_channel(channel):
         return False
     return any(_pattern_covers(pattern, channel) for pattern in patterns)
+
+
+class PatternTable(Generic[T]):
+    """Values by grant pattern; `find` answers the most specific pattern covering a channel.
+
+    An exact name beats any `prefix:*`, a longer prefix a shorter one, and `*`
+    comes last; a channel no pattern covers gets `default`. `find` looks up
+    the channel's own prefixes (one per ':' in it), whatever the table's size.
+    """
+
+    def __init__(self, values: Mapping[str, T], default: T) -> None:
+        invalid = [p for p in values if not is_valid_pattern(p)]
+        if invalid:
+            raise ValueError(f"not a grant pattern: {invalid[0]!r}")
+        self.default = default
+        self._exact = {p: v for p, v in values.items() if not p.endswith("*")}
+        self._prefixes = {p[:-1]: v for p, v in values.items() if p.endswith(":*")}
+        self._everything = values.get("*", default)
+
+    def find(self, channel: str) -> T:
+        value = self._exact.get(channel)
+        if value is not None:
+            return value
+        if self._prefixes:
+            # A prefix ends with ':' and leaves at least one character after it.
+            colon = channel.rfind(":", 0, len(channel) - 1)
+            while colon >= 0:
+                value = self._prefixes.get(channel[: colon + 1])
+                if value is not None:
+                    return value
+                colon = channel.rfind(":", 0, colon)
+        return self._everything

@@ -4,11 +4,11 @@ the `history` frame and `GET {base_path}/channels/{channel}/history`."""
 from __future__ import annotations
 
 import json
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from .brokers.base import MAX_HISTORY_SIZE, Broker, Message, check_publish
+from .brokers.base import MAX_HISTORY_SIZE, Broker, HistoryOptions, Message, check_publish
 from .protocol import MAX_OFFSET, Position
 
 __all__ = ["DEFAULT_HISTORY_LIMIT", "HistoryPage", "check_page", "read_history", "read_positions"]
@@ -49,35 +49,44 @@ def check_page(limit: int, before: int | None) -> None:
         raise ValueError("before: must be an offset from 1 to 2^63 - 1")
 
 
-async def read_positions(broker: Broker, channels: Collection[str]) -> dict[str, Position]:
+async def read_positions(
+    broker: Broker,
+    channels: Collection[str],
+    *,
+    options: Mapping[str, HistoryOptions] | None = None,
+) -> dict[str, Position]:
     """Each channel's last position (offset 0 of an empty epoch: nothing held), in one read.
 
-    Raises InvalidChannel for a bad name.
+    `options` as for `Broker.history`. Raises InvalidChannel for a bad name.
     """
     for channel in channels:
         check_publish(channel, None)
-    answers = await broker.history(dict.fromkeys(channels))
+    answers = await broker.history(dict.fromkeys(channels), options=options)
     return {channel: answer.position for channel, answer in answers.items()}
 
 
 async def read_history(
-    broker: Broker, channel: str, *, limit: int, before: int | None, kept: int
+    broker: Broker, channel: str, *, limit: int, before: int | None, history: HistoryOptions
 ) -> HistoryPage:
     """The last `limit` messages of `channel` with offsets below `before` (all: None).
 
-    `kept` is the history size: the broker holds at most the last `kept`
-    messages, so the read starts no further back than that. Raises
+    `history` is the channel's history options: the broker holds at most the
+    last `history.size` messages, so the read starts no further back than
+    that. Raises
     InvalidChannel, or ValueError naming a bad limit or before.
     """
     check_publish(channel, None)
     check_page(limit, before)
-    position = (await broker.history({channel: None}))[channel].position
+    options = {channel: history}
+    kept = history.size
+    position = (await broker.history({channel: None}, options=options))[channel].position
     for _ in range(_READS):
         end = position.offset if before is None else min(position.offset, before - 1)
         start = max(0, end - limit, position.offset - kept)
         if end <= start:
             return HistoryPage(channel, position, [])
-        answer = (await broker.history({channel: Position(start, position.epoch)}))[channel]
+        since = {channel: Position(start, position.epoch)}
+        answer = (await broker.history(since, options=options))[channel]
         if answer.recovered:
             messages = [m for m in answer.messages if before is None or m.offset < before]
             return HistoryPage(channel, answer.position, messages[-limit:])

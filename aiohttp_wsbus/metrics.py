@@ -70,6 +70,13 @@ class BusCollector(Collector):
             "hook",
             bus.hook_errors,
         )
+        yield _labelled(
+            "wsbus_rate_limited",
+            "Sockets and emits refused by a limit, by kind: user_connections (4408), "
+            "client and subscribe (4429), emit (429).",
+            "kind",
+            bus.rate_limited,
+        )
         yield _counter("wsbus_jwks_fetches", "JWKS fetch attempts.", bus.verifier.fetch_count)
         yield _counter(
             "wsbus_jwks_fetch_failures", "JWKS fetches that failed.", bus.verifier.fetch_failures

@@ -7,6 +7,7 @@ brokers/presence.py); this module only speaks for this node's sockets.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import Collection
@@ -49,6 +50,10 @@ class Presence:
         # The sockets here that joined each channel and may read its presence: a
         # join or leave goes to these without checking every subscriber's grant.
         self._readers: dict[str, dict[Connection, None]] = {}
+        # Leaves still on their way to the broker, by connection: a join of the
+        # same socket (unsubscribed, then subscribed again) waits for them, or
+        # the late leave would take the new entry away.
+        self._leaving: dict[str, asyncio.Task[None]] = {}
 
     def __bool__(self) -> bool:
         """Whether any channel keeps presence (off by default: then nothing here runs)."""
@@ -89,15 +94,22 @@ class Presence:
 
         Raises BrokerUnavailable when the broker cannot take it.
         """
+        leaving = self._leaving.get(connection.id)
+        if leaving is not None:
+            await asyncio.wait({leaving})
         claims = connection.claims
         broker = self.bus.broker
         readable = [c for c in channels if self.may_read(claims, c)]
         for channel in readable:  # from now on: a join racing the snapshot is held, not lost
             self._readers.setdefault(channel, {})[connection] = None
-        await broker.join(connection.id, claims.subject, self.info(claims), channels)
-        if not readable:
-            return {}
-        snapshots = await broker.presence(readable, limit=self.options.max_members)
+        snapshots = await broker.join(
+            connection.id,
+            claims.subject,
+            self.info(claims),
+            channels,
+            snapshot=readable,
+            limit=self.options.max_members,
+        )
         return {channel: snapshot.as_json() for channel, snapshot in snapshots.items()}
 
     def leave(self, connection: Connection, channels: Collection[str]) -> None:
@@ -111,7 +123,16 @@ class Presence:
                 readers.pop(connection, None)
                 if not readers:
                     del self._readers[channel]
-        self.bus.track(self._leave(connection.id, present))
+        connection_id = connection.id
+        earlier = self._leaving.get(connection_id)
+        task = self.bus.track(self._leave(connection_id, present, earlier))
+        self._leaving[connection_id] = task
+
+        def done(task: asyncio.Task[None]) -> None:
+            if self._leaving.get(connection_id) is task:
+                del self._leaving[connection_id]
+
+        task.add_done_callback(done)
 
     def regrant(self, connection: Connection) -> None:
         """Re-read which of its presence channels a refreshed token may read."""
@@ -126,7 +147,11 @@ class Presence:
                 if not readers:
                     del self._readers[channel]
 
-    async def _leave(self, connection_id: str, channels: list[str]) -> None:
+    async def _leave(
+        self, connection_id: str, channels: list[str], earlier: asyncio.Task[None] | None
+    ) -> None:
+        if earlier is not None:  # in the order they were decided
+            await asyncio.wait({earlier})
         # Unreachable now: the entries expire within presence_ttl and are swept.
         with contextlib.suppress(BrokerUnavailable):
             await self.bus.broker.leave(connection_id, channels)

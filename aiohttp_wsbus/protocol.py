@@ -25,11 +25,13 @@ __all__ = [
     "MAX_REF",
     "MAX_REQUESTS_IN_FLIGHT",
     "NO_CONNECT_FRAME",
+    "RATE_LIMITED",
     "REFUSED",
     "SHUTTING_DOWN",
     "SLOW_CONSUMER",
     "TOKEN_EXPIRED",
     "TOKEN_REVOKED",
+    "USER_CONNECTION_LIMIT",
     "BadFrame",
     "ClientFrame",
     "ClientPublish",
@@ -80,7 +82,9 @@ class CloseCode(enum.IntEnum):
     BAD_REQUEST = 4400  # stop
     UNAUTHORIZED = 4401  # fetch a fresh token, retry once, then stop
     FORBIDDEN = 4403  # stop
+    TOO_MANY_CONNECTIONS = 4408  # the user holds max_connections_per_user sockets: stop
     SESSION_ENDED = 4410  # the application ended this session (logout, ban, revoke): stop
+    TOO_MANY_REQUESTS = 4429  # over client_rate or subscribe_rate: reconnect after 5 s or more
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +112,8 @@ SLOW_CONSUMER: Final = Close(CloseCode.SLOW_CONSUMER, "slow consumer")
 NO_CONNECT_FRAME: Final = Close(CloseCode.UNAUTHORIZED, "no connect frame")
 ANOTHER_USER: Final = Close(CloseCode.FORBIDDEN, "refresh token is for another user")
 REFUSED: Final = Close(CloseCode.FORBIDDEN, "refused by the application")
+USER_CONNECTION_LIMIT: Final = Close(CloseCode.TOO_MANY_CONNECTIONS, "too many connections")
+RATE_LIMITED: Final = Close(CloseCode.TOO_MANY_REQUESTS, "too many requests")
 
 
 TOKEN_REVOKED: Final = Close(CloseCode.SESSION_ENDED, "token revoked")

@@ -83,8 +83,8 @@ class Queries:
         except BrokerUnavailable:
             raise http_error(web.HTTPServiceUnavailable, "broker_unavailable") from None
         answer: dict[str, Any] = {"channel": channel, "count": snapshot.count}
-        if snapshot.members is not None:
-            answer["members"] = {user: m.as_json() for user, m in snapshot.members.items()}
+        if snapshot.listed is not None:
+            answer["members"] = snapshot.listed
         return _no_store(answer)
 
     async def _may_subscribe(self, claims: Claims, channel: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
@@ -28,6 +29,7 @@ from .brokers.base import MAX_HISTORY_SIZE
 from .errors import InvalidSettings
 from .grants import is_valid_pattern
 from .jwks import KEY_TYPE_BY_ALGORITHM, SECRET_ALGORITHMS
+from .namespaces import ChannelsField
 from .presence import MAX_INFO_SIZE
 
 __all__ = ["Settings", "SettingsSchema", "load_settings", "setting_bounds", "setting_help"]
@@ -57,6 +59,17 @@ def setting_help(field: dataclasses.Field[Any]) -> str:
 
 def _positive(name: str) -> validate.Range:
     return validate.Range(min=0, min_inclusive=False, error=f"{name} must be greater than 0")
+
+
+def _rate(name: str) -> mf.Tuple:
+    """A token bucket: (refills per second > 0, burst >= 1), or None for no limit."""
+    return mf.Tuple(
+        (
+            mf.Float(validate=_positive(f"{name}'s rate")),
+            mf.Integer(strict=True, validate=validate.Range(min=1)),
+        ),
+        allow_none=True,
+    )
 
 
 def _grant_pattern(pattern: str) -> None:
@@ -173,6 +186,30 @@ class Settings:
         mf.Integer(strict=True, allow_none=True, validate=validate.Range(min=1)),
         help="sockets this process accepts (closed with 1013 above it; None: no limit)",
     )
+    max_connections_per_user: int | None = setting(
+        None,
+        mf.Integer(strict=True, allow_none=True, validate=validate.Range(min=1)),
+        help="sockets one user (`sub`) may hold, on every node with Redis (closed with 4408 "
+        "above it; None: no limit)",
+    )
+    client_rate: tuple[float, int] | None = setting(
+        (20, 100),
+        _rate("client_rate"),
+        help="frames per second and burst one socket may send, pings included "
+        "(closed with 4429 above it; None: no limit)",
+    )
+    subscribe_rate: tuple[float, int] | None = setting(
+        (50, 256),
+        _rate("subscribe_rate"),
+        help="channels per second and burst in one socket's subscribe and unsubscribe "
+        "frames, the connect frame's free (closed with 4429 above it; None: no limit)",
+    )
+    emit_rate: tuple[float, int] | None = setting(
+        None,
+        _rate("emit_rate"),
+        help="emits per second and burst per API key or token subject "
+        "(429 with `Retry-After` above it; None: no limit)",
+    )
     send_buffer_limit: int = setting(
         1 << 20,
         mf.Integer(strict=True, validate=validate.Range(min=1024)),
@@ -218,6 +255,12 @@ class Settings:
         10.0,
         mf.Float(validate=_positive("rpc_timeout")),
         help="seconds an RPC handler (`bus.rpc`) has to answer (then the client gets `timeout`)",
+    )
+    channels: Mapping[str, Mapping[str, Any]] | None = setting(
+        None,
+        ChannelsField(allow_none=True),
+        help="options per grant pattern (`history_size`, `history_ttl`, `recovery`) for "
+        "the channels it covers, the most specific pattern winning; see docs/recovery.md",
     )
     presence: tuple[str, ...] = setting(
         (),

@@ -122,12 +122,10 @@ class Subscriptions:
                 self.drop_interest(firsts)
         accepted = [c for c in accepted if c in connection.channels]
         histories: dict[str, History] = {}
-        reads: dict[str, Position | None] = {c: since.get(c) for c in accepted}
+        reads: dict[str, Position | None] = {}
         if accepted:
             try:
-                if rewind:
-                    reads.update(await self._rewind_from(accepted, since, rewind))
-                histories = await self.bus.broker.history(reads)
+                reads, histories = await self._history(accepted, since, rewind or {})
             except BrokerUnavailable:
                 self.drop(connection, accepted)
                 result.denied.update(dict.fromkeys(accepted, "unavailable"))
@@ -152,21 +150,35 @@ class Subscriptions:
             )
         return result
 
-    async def _rewind_from(
-        self, accepted: list[str], since: Mapping[str, Position], rewind: Mapping[str, int]
-    ) -> dict[str, Position]:
-        """Where to replay from for the channels to rewind: `rewind[channel]` messages
-        (at most `history_size`) before their current top."""
-        counts = {c: rewind[c] for c in accepted if c not in since and rewind.get(c)}
-        if not counts:
-            return {}
-        kept = self.bus.settings.history_size
-        tops = await self.bus.broker.history(dict.fromkeys(counts))
-        starts = {}
-        for channel, count in counts.items():
-            top = tops[channel].position
-            starts[channel] = Position(max(0, top.offset - min(count, kept)), top.epoch)
-        return starts
+    async def _history(
+        self, channels: list[str], since: Mapping[str, Position], rewind: Mapping[str, int]
+    ) -> tuple[dict[str, Position | None], dict[str, History]]:
+        """Where each channel is read from, and its top with what was missed since then.
+
+        A channel reads from its `since` position where it is recoverable; one
+        to rewind (no `since`) from `rewind[channel]` messages (at most its
+        history size) before its current top.
+        """
+        namespaces = self.bus.namespaces
+        options = {c: namespaces.of(c) for c in channels}
+        own = {c: o.history for c, o in options.items() if o is not namespaces.default}
+        reads: dict[str, Position | None] = {
+            c: since.get(c) if o.is_recoverable else None for c, o in options.items()
+        }
+        counts = {
+            c: min(rewind[c], options[c].history.size)
+            for c in channels
+            if c not in since and rewind.get(c)
+        }
+        counts = {c: n for c, n in counts.items() if n > 0}
+        if counts:
+            tops = await self.bus.broker.history(
+                dict.fromkeys(counts), options={c: h for c, h in own.items() if c in counts}
+            )
+            for channel, count in counts.items():
+                top = tops[channel].position
+                reads[channel] = Position(max(0, top.offset - count), top.epoch)
+        return reads, await self.bus.broker.history(reads, options=own)
 
     async def _join_presence(
         self, connection: Connection, accepted: list[str], result: SubscribeResult

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -58,6 +58,10 @@ def setup(
     max_message_size: int = 65536,
     max_channels: int = 128,
     max_connections: int | None = None,
+    max_connections_per_user: int | None = None,
+    client_rate: tuple[float, int] | None = (20, 100),
+    subscribe_rate: tuple[float, int] | None = (50, 256),
+    emit_rate: tuple[float, int] | None = None,
     send_buffer_limit: int = 1 << 20,
     allowed_origins: Sequence[str] | None = None,
     allow_query_token: bool = False,
@@ -67,6 +71,7 @@ def setup(
     history_ttl: float = 300.0,
     client_publish: bool = False,
     rpc_timeout: float = 10.0,
+    channels: Mapping[str, Mapping[str, Any]] | None = None,
     presence: Sequence[str] = (),
     presence_claim: str = "presence",
     presence_info_claim: str = "info",

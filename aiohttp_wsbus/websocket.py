@@ -9,7 +9,15 @@ from aiohttp import WSMsgType, web
 
 from .bus import Bus, SubscribeResult
 from .connection import Connection
-from .errors import Forbidden, InvalidRequest, InvalidToken, KeysUnavailable, http_error
+from .errors import (
+    BrokerUnavailable,
+    Forbidden,
+    InvalidRequest,
+    InvalidToken,
+    KeysUnavailable,
+    http_error,
+)
+from .limits import SocketLimits
 from .protocol import (
     ANOTHER_USER,
     BROKER_UNAVAILABLE,
@@ -18,8 +26,10 @@ from .protocol import (
     INTERNAL_ERROR,
     KEYS_UNAVAILABLE,
     NO_CONNECT_FRAME,
+    RATE_LIMITED,
     REFUSED,
     SHUTTING_DOWN,
+    USER_CONNECTION_LIMIT,
     BadFrame,
     ClientPublish,
     Close,
@@ -48,6 +58,7 @@ class WebSocketHandler:
     def __init__(self, bus: Bus) -> None:
         self.bus = bus
         self.settings = bus.settings
+        self._rates = (self.settings.client_rate, self.settings.subscribe_rate)
         # Upgraded sockets that have not authenticated yet: the bus does not know them.
         self._unauthenticated: dict[web.WebSocketResponse, asyncio.Transport] = {}
 
@@ -95,13 +106,24 @@ class WebSocketHandler:
             # The receive loop lives in this frame on purpose: one coroutine per idle
             # socket, not a stack of them, is memory every connection pays.
             if connection is not None:
+                limits: SocketLimits | None = None
                 async for message in socket:
                     if connection.is_closing:
                         break
                     try:
+                        # Made at the first frame, so an idle socket holds no buckets; they
+                        # start full, as buckets made at the connect would be by now.
+                        limits = limits or SocketLimits.of(*self._rates)
+                        if limits is not None and (broken := limits.frame()):
+                            self._rate_limited(connection, broken)
+                            continue
                         if message.type != WSMsgType.TEXT:
                             raise BadFrame("frames must be text")
-                        await self._handle(connection, parse_client_frame(message.data))
+                        frame = parse_client_frame(message.data)
+                        if limits is not None and (broken := limits.channels(frame)):
+                            self._rate_limited(connection, broken)
+                            continue
+                        await self._handle(connection, frame)
                     except BadFrame as error:
                         connection.close(bad_request(error))
                     except InvalidRequest as error:
@@ -144,7 +166,18 @@ class WebSocketHandler:
             return None
         if transport.is_closing():
             return None
+        try:
+            if not await self._take_user_slot(claims.subject):
+                await self._refuse(socket, transport, USER_CONNECTION_LIMIT)
+                return None
+        except BrokerUnavailable:
+            await self._refuse(socket, transport, BROKER_UNAVAILABLE)
+            return None
+        # From here the bus gives the slot back when the connection closes.
         connection = self.bus.connect(socket, transport, claims)
+        if transport.is_closing():  # the peer left while the slot was taken
+            connection.close(CLIENT_GONE)
+            return None
         try:
             if self.bus.on_connect:  # no coroutine per socket when nobody listens
                 await self.bus.announce(connection)
@@ -168,6 +201,22 @@ class WebSocketHandler:
             connection.close(INTERNAL_ERROR)
             raise
         return connection
+
+    async def _take_user_slot(self, user: str) -> bool:
+        """Take one of the user's max_connections_per_user sockets (on every node with
+        Redis); False when they are all taken. Raises BrokerUnavailable."""
+        limit = self.settings.max_connections_per_user
+        if limit is None:
+            return True
+        here = len(self.bus.connections.of(user))
+        if await self.bus.broker.admit_connection(user, limit, here):
+            return True
+        self.bus.rate_limited["user_connections"] += 1
+        return False
+
+    def _rate_limited(self, connection: Connection, kind: str) -> None:
+        self.bus.rate_limited[kind] += 1
+        connection.close(RATE_LIMITED)
 
     async def _receive_connect(
         self, request: web.Request, socket: web.WebSocketResponse

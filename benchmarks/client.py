@@ -17,7 +17,13 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 # The kinds that speak the bus's own protocol (a connect frame, then a welcome).
-BUS_KINDS: Final = ("wsbus", "wsbus_authz", "wsbus_presence")
+BUS_KINDS: Final = (
+    "wsbus",
+    "wsbus_authz",
+    "wsbus_presence",
+    "wsbus_limits",
+    "wsbus_unlimited",
+)
 
 _MASK: Final = b"\x00\x00\x00\x00"  # a zero mask: frames go out as they are
 _MESSAGE: Final = b'{"type":"message"'

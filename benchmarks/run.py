@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import jwt
 from cryptography.hazmat.primitives import serialization
@@ -22,7 +22,7 @@ from jwt.algorithms import RSAAlgorithm
 
 from . import two_way, workloads
 from .client import BUS_KINDS
-from .servers import AUDIENCE, ISSUER, KEY_ID, KINDS, is_available
+from .servers import AUDIENCE, DEFAULT_KINDS, ISSUER, KEY_ID, KINDS, is_available
 from .system import pin_to_core, raise_fd_limit
 from .workloads import Keys, Result
 
@@ -263,32 +263,90 @@ def table(results: list[Result], kinds: list[str]) -> str:
     return "\n".join(lines)
 
 
+# Kinds compared with each other rather than with the bare loop: (this, against it).
+PAIRS: Final = {"limits on / off": ("wsbus_limits", "wsbus_unlimited")}
+
+
+def paired(results: list[Result], kinds: list[str]) -> str:
+    """Each pair of kinds that ran, as one ratio per figure ("limits on / off")."""
+    lines = []
+    for title, (this, other) in PAIRS.items():
+        if this not in kinds or other not in kinds:
+            continue
+        values = {(r.key, r.server): r for r in results if r.workload != "error"}
+        lines += ["", f"| workload | N | metric | {title} |", "|---|---|---|---|"]
+        for key in dict.fromkeys(r.key for r in results if r.workload != "error"):
+            mine, theirs = values.get((key, this)), values.get((key, other))
+            if mine is None or theirs is None or not theirs.value:
+                continue
+            workload, size, metric = key
+            ratio = mine.value / theirs.value
+            lines.append(f"| {workload} | {size} | {metric} | {ratio:.2f}{TIMES} |")
+    return "\n".join(lines)
+
+
+def times_better(result: Result, base: Result) -> float:
+    """How many times better than the bare loop: value / base, or base / value for a
+    cost (lower is better), so that above 1 is always better."""
+    if result.better == "higher":
+        return result.value / base.value
+    return base.value / result.value
+
+
+def family(workload: str) -> str:
+    """The chart panel a workload goes in: its name before a comma or "via", storms together."""
+    name = workload.split(",")[0].split(" via ")[0]
+    return "connect storms" if "storm" in name else name
+
+
 def plot(results: list[Result], kinds: list[str], path: Path) -> None:
-    """A bar chart of every figure as a ratio to the bare aiohttp loop."""
+    """One panel per workload family, every figure as times better than the bare loop."""
     matplotlib: Any = importlib.import_module("matplotlib")
     matplotlib.use("Agg")
     pyplot: Any = importlib.import_module("matplotlib.pyplot")
-    rows: dict[tuple[str, int, str], dict[str, float]] = {}
+    ticker: Any = importlib.import_module("matplotlib.ticker")
+    rows: dict[tuple[str, int, str], dict[str, Result]] = {}
     for result in results:
-        if result.workload != "error" and not math.isnan(result.value):
-            rows.setdefault(result.key, {})[result.server] = result.value
-    rows = {key: row for key, row in rows.items() if row.get(BASELINE)}
+        if result.workload != "error" and not math.isnan(result.value) and result.value:
+            rows.setdefault(result.key, {})[result.server] = result
+    rows = {key: row for key, row in rows.items() if BASELINE in row}
+    panels: dict[str, list[tuple[str, dict[str, Result]]]] = {}
+    for (workload, size, metric), row in rows.items():
+        label = f"{workload} N={size}\n{metric}"
+        panels.setdefault(family(workload), []).append((label, row))
     others = [kind for kind in kinds if kind != BASELINE]
-    labels = [f"{workload} N={size}\n{metric}" for workload, size, metric in rows]
-    figure, axes = pyplot.subplots(figsize=(12, max(4, 0.3 * len(rows) * max(1, len(others)))))
-    height = 0.8 / max(1, len(others))
-    for index, kind in enumerate(others):
-        ratios = [row.get(kind, math.nan) / row[BASELINE] for row in rows.values()]
-        positions = [n + index * height for n in range(len(rows))]
-        axes.barh(positions, ratios, height=height, label=kind)
-    axes.set_xscale("log")  # 0.5x and 2x sit equally far from the floor
-    axes.axvline(1.0, color="black", linewidth=1)
-    axes.set_yticks([n + 0.4 - height / 2 for n in range(len(rows))])
-    axes.set_yticklabels(labels, fontsize=7)
-    axes.invert_yaxis()
-    axes.set_xlabel("ratio to the bare aiohttp loop (same run)")
-    axes.set_title("aiohttp-wsbus benchmarks: each figure / bare aiohttp loop")
-    axes.legend()
+    if not panels or not others:
+        return
+    heights = [max(1.5, 0.35 * len(entries) * len(others)) for entries in panels.values()]
+    figure, all_axes = pyplot.subplots(
+        len(panels),
+        1,
+        figsize=(12, sum(heights) + 1),
+        gridspec_kw={"height_ratios": heights},
+        squeeze=False,
+    )
+    bar = 0.8 / len(others)
+    for axes, (name, entries) in zip(all_axes[:, 0], panels.items(), strict=True):
+        for index, kind in enumerate(others):
+            ratios = [
+                times_better(row[kind], row[BASELINE]) if kind in row else math.nan
+                for _, row in entries
+            ]
+            positions = [n + index * bar for n in range(len(entries))]
+            axes.barh(positions, ratios, height=bar, label=kind)
+        axes.set_xscale("log")  # 0.5x and 2x sit equally far from the floor
+        axes.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}{TIMES}"))
+        axes.xaxis.set_minor_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        axes.axvline(1.0, color="black", linewidth=1)
+        axes.set_yticks([n + 0.4 - bar / 2 for n in range(len(entries))])
+        axes.set_yticklabels([label for label, _ in entries], fontsize=7)
+        axes.invert_yaxis()
+        axes.set_title(name, fontsize=9, loc="left")
+    all_axes[-1, 0].set_xlabel(
+        "times better than the bare aiohttp loop, same run (right is better; costs as bare / bus)"
+    )
+    all_axes[0, 0].legend(fontsize=8)
+    figure.suptitle("aiohttp-wsbus benchmarks against the bare aiohttp loop")
     figure.tight_layout()
     figure.savefig(path, dpi=110, bbox_inches="tight")
 
@@ -312,8 +370,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--servers",
-        default=",".join(KINDS),
-        help=f"comma-separated, from {','.join(KINDS)} (default: all importable)",
+        default=",".join(DEFAULT_KINDS),
+        help=f"comma-separated, from {','.join(KINDS)} "
+        f"(default: those of {','.join(DEFAULT_KINDS)} that are importable)",
     )
     parser.add_argument(
         "--workloads",
@@ -359,6 +418,7 @@ def main(argv: list[str] | None = None) -> None:
         f"load average after {os.getloadavg()[0]:.2f}\n"
     )
     print(table(results, kinds))
+    print(paired(results, kinds))
     if args.json:
         args.json.write_text(workloads.dump(results))
     if args.plot:

@@ -34,7 +34,31 @@ from .system import pin_to_core, raise_fd_limit
 # grants are read from a claim they lack), to price authorizers against grants.
 # wsbus_presence: the bus with presence kept on every bench: channel and read by
 # every token (its `channels` claim doubles as the presence grant).
-KINDS: Final = ("wsbus", "bare", "asgi_ws", "socketio", "wsbus_authz", "wsbus_presence")
+# wsbus_limits / wsbus_unlimited: the bus with every abuse limit on (the socket
+# rates, sockets per user, the emit rate, none of them reached) / every one off,
+# to price the limits.
+KINDS: Final = (
+    "wsbus",
+    "bare",
+    "asgi_ws",
+    "socketio",
+    "wsbus_authz",
+    "wsbus_presence",
+    "wsbus_limits",
+    "wsbus_unlimited",
+)
+# The comparisons run when asked for by name (--servers).
+DEFAULT_KINDS: Final = ("wsbus", "bare", "asgi_ws", "socketio")
+# What the limits kinds add to setup(): on, but far above what the workloads do.
+LIMITS: Final[dict[str, dict[str, Any]]] = {
+    "wsbus_limits": {
+        "client_rate": (20, 100),
+        "subscribe_rate": (50, 256),
+        "max_connections_per_user": 1_000_000,
+        "emit_rate": (1e9, 1_000_000_000),
+    },
+    "wsbus_unlimited": {"client_rate": None, "subscribe_rate": None},
+}
 API_KEY: Final = "benchmark-api-key-0123456789"
 ISSUER: Final = "https://idp.bench/"
 AUDIENCE: Final = "wsbus"
@@ -43,6 +67,8 @@ BACKLOG: Final = 4096
 EMIT_PATH: Final = {
     "wsbus": "/ws/emit",
     "wsbus_authz": "/ws/emit",
+    "wsbus_limits": "/ws/emit",
+    "wsbus_unlimited": "/ws/emit",
     "wsbus_presence": "/ws/emit",
     "bare": "/emit",
     "asgi_ws": "/ws/emmit",
@@ -101,7 +127,12 @@ def add_control_routes(app: web.Application, publish: Publish, count: Callable[[
 
 
 async def wsbus_app(
-    heartbeat: float, jwks_url: str, *, authorized: bool = False, presence: bool = False
+    heartbeat: float,
+    jwks_url: str,
+    *,
+    authorized: bool = False,
+    presence: bool = False,
+    **limits: Any,
 ) -> web.Application:
     import aiohttp_wsbus
 
@@ -119,6 +150,7 @@ async def wsbus_app(
         presence=["bench:*"] if presence else [],
         presence_claim="channels",
         client_publish=True,  # the two-way workload
+        **limits,
     )
     if authorized:
 
@@ -300,7 +332,7 @@ async def serve(kind: str, heartbeat: float, keydir: Path) -> None:
         await serve_asgi_ws(heartbeat, keydir, sock)
         return
     extra: list[web.AppRunner] = []
-    if kind in ("wsbus", "wsbus_authz", "wsbus_presence"):
+    if kind.startswith("wsbus"):
         jwks_runner, jwks_url = await jwks_site(keydir)
         extra.append(jwks_runner)
         app = await wsbus_app(
@@ -308,6 +340,7 @@ async def serve(kind: str, heartbeat: float, keydir: Path) -> None:
             jwks_url,
             authorized=kind == "wsbus_authz",
             presence=kind == "wsbus_presence",
+            **LIMITS.get(kind, {}),
         )
     elif kind == "bare":
         app = await bare_app(heartbeat)

@@ -22,7 +22,8 @@ Routes:
   through `POST /ws/emit` with an API key, over HTTP, like a service in another language.
   It asks for no credentials (it is a demo trigger, and the app listens on loopback by
   default); the API key itself never leaves the server.
-- `/ws`, `/ws/emit`, `/ws/wsbus.js`: the bus
+- `/ws`, `/ws/emit`, `/ws/wsbus.js`: the bus, keeping presence on `chat:*` and `room:*`
+  (each room's "online" list: tokens carry the `presence` grant and `info` {"name"})
 """
 
 from __future__ import annotations
@@ -45,7 +46,15 @@ import aiohttp_wsbus
 from aiohttp_wsbus.grants import may
 
 from .bans import MAX_BAN_MINUTES, BanLimit, Bans
-from .identity import AUDIENCE, LOBBY, STAFF_ROLE, STAFF_ROOM, IdentityProvider, check_user_name
+from .identity import (
+    AUDIENCE,
+    LOBBY,
+    PRESENCE,
+    STAFF_ROLE,
+    STAFF_ROOM,
+    IdentityProvider,
+    check_user_name,
+)
 from .messages import CHAT_PREFIXES, MAX_TEXT_LENGTH, chat_message, now_ms, stamper
 from .rooms import (
     ROOM_PREFIX,
@@ -130,6 +139,7 @@ def make_app(
         api_keys=[settings.api_key],
         broker=broker,
         client_publish=True,  # pages send their messages on the socket
+        presence=PRESENCE,  # each room's "online" list: who is subscribed to it now
     )
     # Private rooms are in no token: for room:NAME the bus asks the app, at subscribe
     # time (and again at each token refresh), and before a member publishes there.

@@ -18,12 +18,22 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
-__all__ = ["AUDIENCE", "STAFF_ROLE", "IdentityProvider", "IssuedToken", "check_user_name"]
+__all__ = [
+    "AUDIENCE",
+    "PRESENCE",
+    "STAFF_ROLE",
+    "IdentityProvider",
+    "IssuedToken",
+    "check_user_name",
+]
 
 AUDIENCE: Final = "wsbus"
 LOBBY: Final = "chat:lobby"
 STAFF_ROOM: Final = "chat:staff"
 STAFF_ROLE: Final = "staff"  # in the `roles` claim of staff tokens: what staff-only routes check
+# The rooms whose "online" list the bus keeps (its `presence` setting) and every token
+# may read (the `presence` claim); a page only ever gets the lists of rooms it joined.
+PRESENCE: Final = ("chat:*", "room:*")
 
 # User names become channel names (user:NAME), so they are kept to a safe alphabet.
 _USER_NAME_RE: Final = re.compile(r"[a-z0-9_-]{1,32}")
@@ -101,6 +111,8 @@ class IdentityProvider:
             # app's on_publish hooks stamp the verified sender on every such message.
             "publish": self.publish_for(user),
             "roles": [STAFF_ROLE] if is_staff else [],
+            "presence": list(PRESENCE),
+            "info": {"name": user},  # what the others' "online" lists show
         }
         token = jwt.encode(
             claims, self._private_key, algorithm="RS256", headers={"kid": self.key_id}

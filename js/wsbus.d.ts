@@ -19,8 +19,12 @@ export declare const CloseCodes: Readonly<{
   BAD_REQUEST: 4400;
   UNAUTHORIZED: 4401;
   FORBIDDEN: 4403;
+  /** The user holds as many sockets as the server allows: the client stops (with an `error`). */
+  TOO_MANY_CONNECTIONS: 4408;
   /** The application ended this session (sign-out, ban, revoked token): the client stops. */
   SESSION_ENDED: 4410;
+  /** The socket sent frames or channels too fast: the client reconnects after 5 s or more. */
+  TOO_MANY_REQUESTS: 4429;
 }>;
 
 export type WsBusState = "connecting" | "connected" | "disconnected" | "closed";
@@ -125,6 +129,17 @@ export interface SubscribedMeta {
   recovered?: boolean;
 }
 
+/** One user present in a channel (a presence channel the token may read). */
+export interface PresenceMember {
+  /** The member's info: the `info` claim of their token (a JSON object; `{}` without one). */
+  readonly info: Record<string, unknown>;
+  /**
+   * How many sockets the user had in the channel when the snapshot was taken (1 for a
+   * user who joined since): the server announces a user's first socket and last one only.
+   */
+  readonly connections: number;
+}
+
 /**
  * The part of the WebSocket API the client uses. Handler parameters are `any` so that
  * both the DOM WebSocket and Node implementations (e.g. `ws`) are accepted.
@@ -206,6 +221,18 @@ export interface WsBusEvents {
   recovered: (channel: string, ok: boolean) => void;
   /** Every message, whatever the channel. */
   message: (channel: string, data: unknown, meta: MessageMeta) => void;
+  /**
+   * A presence snapshot of `channel` arrived (after its `subscribed`: on every connect and
+   * reconnect, and for each presence channel joined later); it replaces the list.
+   * `members` is that list (a copy), or null when the channel has more users than the
+   * server lists (`max_presence_members`): then only `count` is known, and it is not
+   * kept up to date. Rebuild the whole list here; `join` and `leave` are the changes after it.
+   */
+  presence: (channel: string, members: Map<string, PresenceMember> | null, count: number) => void;
+  /** `user` joined `channel` (their first socket there), after its snapshot. Not for users already listed. */
+  join: (channel: string, user: string, info: Record<string, unknown>) => void;
+  /** `user` left `channel` (their last socket there went). Only for listed users. */
+  leave: (channel: string, user: string) => void;
 }
 
 /** A connection to an aiohttp-wsbus server. */
@@ -245,6 +272,17 @@ export declare class WsBus {
 
   /** Leaves `channel` and drops its handlers. */
   unsubscribe(channel: string): void;
+
+  /**
+   * Who is in `channel` now, by user: a new Map each call. Null when this connection holds
+   * no list for it: a channel without presence, a token without the presence grant, no
+   * snapshot yet, not connected (lists are dropped with the socket and on `unsubscribe`
+   * and `denied`), or a channel above the server's `max_presence_members` (see `presenceCount`).
+   */
+  members(channel: string): Map<string, PresenceMember> | null;
+
+  /** How many users are in `channel`: the list's size, or the snapshot's count above `max_presence_members`; null when `members` has no list and no count. */
+  presenceCount(channel: string): number | null;
 
   /** Stops for good: closes the socket, cancels timers, removes browser listeners. */
   close(): void;

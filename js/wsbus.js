@@ -18,7 +18,9 @@ export const CloseCodes = Object.freeze({
   BAD_REQUEST: 4400,
   UNAUTHORIZED: 4401,
   FORBIDDEN: 4403,
+  TOO_MANY_CONNECTIONS: 4408,
   SESSION_ENDED: 4410,
+  TOO_MANY_REQUESTS: 4429,
 });
 
 // Codes after which reconnecting cannot help: the client goes to "closed".
@@ -29,6 +31,7 @@ const FATAL_CODES = new Set([
   CloseCodes.MESSAGE_TOO_BIG,
   CloseCodes.BAD_REQUEST,
   CloseCodes.FORBIDDEN,
+  CloseCodes.TOO_MANY_CONNECTIONS,
   CloseCodes.SESSION_ENDED,
 ]);
 
@@ -38,6 +41,7 @@ const INTENDED_CODES = new Set([CloseCodes.NORMAL, CloseCodes.SESSION_ENDED]);
 const OPEN = 1; // WebSocket.OPEN, without relying on the implementation's statics
 const MAX_REQUESTS_IN_FLIGHT = 16; // the server answers "limit" past it: the rest wait here
 const MIN_REFRESH_DELAY = 1000; // never refresh in a tight loop, whatever the clocks say
+const RATE_LIMITED_DELAY = 5000; // after 4429 the protocol asks for at least this long
 const noop = () => {};
 
 /** A real-time channel bus connection: subscribe to channels, survive drops, keep the token fresh. */
@@ -78,6 +82,7 @@ export class WsBus {
     this._requestTimeout = options.requestTimeout ?? 10000;
     this._requests = new Map(); // ref -> a publish, rpc or history request waiting for its answer
     this._nextRef = 0;
+    this._presence = new Map(); // channel -> {members: Map user -> member, or null, count}: this connection's
     for (const channel of options.channels ?? []) this._wanted.add(channel);
 
     this._ws = null;
@@ -118,7 +123,7 @@ export class WsBus {
     this._open();
   }
 
-  /** Listens to "state", "subscribed", "denied", "disconnected", "error", "recovered" or "message"; returns a function that stops listening. */
+  /** Listens to "state", "subscribed", "denied", "disconnected", "error", "recovered", "message", "presence", "join" or "leave"; returns a function that stops listening. */
   on(event, listener) {
     let listeners = this._listeners.get(event);
     if (!listeners) this._listeners.set(event, (listeners = new Set()));
@@ -208,6 +213,23 @@ export class WsBus {
     if (limit !== undefined) frame.limit = limit;
     if (before !== undefined) frame.before = before;
     return this._request(frame, timeout, true).then(({ position, messages }) => ({ channel, position, messages }));
+  }
+
+  /**
+   * Who is in `channel` now: a new Map, user -> {info, connections}, or null when this
+   * connection holds no list for it (no presence data, a channel above the server's
+   * max_presence_members: see presenceCount, or not connected).
+   */
+  members(channel) {
+    const members = this._presence.get(channel)?.members;
+    return members ? new Map(members) : null;
+  }
+
+  /** How many users are in `channel`: the list's size, or the count a snapshot gave; null without presence data. */
+  presenceCount(channel) {
+    const presence = this._presence.get(channel);
+    if (!presence) return null;
+    return presence.members ? presence.members.size : presence.count;
   }
 
   /** Stops for good: closes the socket, cancels every timer, removes browser listeners. */
@@ -319,11 +341,13 @@ export class WsBus {
     // user's permissions. A new token fixes either at once, once per welcome: without a
     // welcome first, an immediate retry could spin, so back off instead.
     const wantsFreshToken = code === CloseCodes.TOKEN_EXPIRED || code === CloseCodes.RECONNECT;
-    this._disconnected({ isImmediate: wantsFreshToken && wasWelcomed });
+    // 4429: this socket sent too much; the next one waits at least 5 s.
+    const atLeast = code === CloseCodes.TOO_MANY_REQUESTS ? RATE_LIMITED_DELAY : 0;
+    this._disconnected({ isImmediate: wantsFreshToken && wasWelcomed, atLeast });
   }
 
-  /** Goes to "disconnected", then reconnects at once or after the next backoff delay. */
-  _disconnected({ isImmediate = false } = {}) {
+  /** Goes to "disconnected", then reconnects at once or after the next backoff delay (at least `atLeast` ms). */
+  _disconnected({ isImmediate = false, atLeast = 0 } = {}) {
     this._setState("disconnected");
     if (this._isClosed) return; // a state listener may have called close()
     if (isImmediate) {
@@ -331,7 +355,7 @@ export class WsBus {
       return;
     }
     this._attempt += 1;
-    const wait = this._backoffDelay(this._attempt);
+    const wait = Math.max(atLeast, this._backoffDelay(this._attempt));
     this._clearReconnectTimer();
     this._reconnectTimer = this._timers.setTimeout(() => {
       this._reconnectTimer = null;
@@ -352,6 +376,7 @@ export class WsBus {
     this._clearConnectTimer();
     this._clearRefreshTimer();
     this._unavailable.clear(); // the next connect frame asks for every wanted channel
+    this._presence.clear(); // stale once the socket is gone: the next welcome brings fresh snapshots
     this._clearResubscribeTimer();
     // A request sent on this socket may or may not have been done: only those safe to repeat go again.
     for (const [ref, request] of this._requests) {
@@ -407,6 +432,10 @@ export class WsBus {
       case "history_result":
       case "error":
         return this._handleAnswer(frame);
+      case "join":
+        return this._handleJoin(frame);
+      case "leave":
+        return this._handleLeave(frame);
       default:
         return; // "pong" and frame types newer than this client
     }
@@ -441,6 +470,13 @@ export class WsBus {
     if (!Object.values(denied).includes("unavailable")) this._resubscribeAttempt = 0; // the broker answers again
     for (const channel of Object.keys(denied)) this._deny(channel, denied[channel]);
     if (generation !== this._generation) return; // a denied listener called close()
+    const snapshots = [];
+    for (const [channel, snapshot] of Object.entries(frame.presence ?? {})) {
+      if (!this._wanted.has(channel)) continue;
+      const presence = readSnapshot(snapshot);
+      this._presence.set(channel, presence);
+      snapshots.push([channel, presence]);
+    }
     for (const channel of Object.keys(positions)) {
       if (!this._wanted.has(channel) || channel in recovered) continue;
       // A rewind replays messages up to this position next: they set it, one by one.
@@ -472,6 +508,11 @@ export class WsBus {
       if (isPosition(position)) meta.position = { offset: position.offset, epoch: position.epoch };
       if (typeof recovered[channel] === "boolean") meta.recovered = recovered[channel];
       this._emit("subscribed", channel, meta);
+    }
+    for (const [channel, presence] of snapshots) {
+      if (generation !== this._generation) return;
+      if (this._presence.get(channel) !== presence) continue; // left or replaced meanwhile
+      this._emit("presence", channel, this.members(channel), presence.count);
     }
     for (const channel of Object.keys(recovered)) {
       if (generation !== this._generation) return;
@@ -576,9 +617,32 @@ export class WsBus {
     this._load(channel);
   }
 
+  // Joins and leaves follow the channel's snapshot. A join for a listed user (the
+  // socket's own, or one the snapshot already counted) only updates the info; a leave
+  // for an unlisted one changes nothing. In count mode the server announces neither.
+  _handleJoin(frame) {
+    const members = this._presence.get(frame.channel)?.members;
+    if (!members || typeof frame.user !== "string") return;
+    const info = frame.info ?? {};
+    const member = members.get(frame.user);
+    if (member) {
+      members.set(frame.user, presenceMember(info, member.connections));
+      return;
+    }
+    members.set(frame.user, presenceMember(info, 1)); // a join is a user's first socket
+    this._emit("join", frame.channel, frame.user, info);
+  }
+
+  _handleLeave(frame) {
+    const members = this._presence.get(frame.channel)?.members;
+    if (!members || !members.delete(frame.user)) return;
+    this._emit("leave", frame.channel, frame.user);
+  }
+
   /** Stops asking for `channel` and tells the app why, once; "unavailable" is retried instead. */
   _deny(channel, reason) {
     this._requested.delete(channel); // the server does not hold it; never unsubscribe it
+    this._presence.delete(channel); // not subscribed, so no joins or leaves follow
     if (!this._wanted.has(channel)) return;
     if (reason === "unavailable") {
       // The server's broker is down: keep the channel, its handlers and position, ask again later.
@@ -603,6 +667,7 @@ export class WsBus {
 
   _forget(channel) {
     this._wanted.delete(channel);
+    this._presence.delete(channel);
     this._unavailable.delete(channel);
     this._loaders.delete(channel);
     this._loading.delete(channel);
@@ -622,9 +687,22 @@ export class WsBus {
 
   // -- sending ----------------------------------------------------------------
 
-  /** Brings the server's subscriptions in line with what the app wants (only once welcomed). */
+  /**
+   * Brings the server's subscriptions in line with what the app wants (only once welcomed),
+   * at the end of the current task: subscribe() and unsubscribe() calls made together
+   * leave in one frame each way, within the server's client_rate however many there are.
+   */
   _sync() {
-    if (!this._isWelcomed) return; // the connect frame carries everything
+    if (!this._isWelcomed || this._isSyncQueued) return; // the connect frame carries everything
+    this._isSyncQueued = true;
+    queueMicrotask(() => {
+      this._isSyncQueued = false;
+      this._syncNow();
+    });
+  }
+
+  _syncNow() {
+    if (!this._isWelcomed) return;
     const added = [...this._wanted].filter(
       (channel) => !this._requested.has(channel) && !this._unavailable.has(channel) && !this._loading.has(channel),
     );
@@ -805,6 +883,25 @@ export class WsBusRequestError extends Error {
 
 function isPosition(value) {
   return value !== null && typeof value === "object" && typeof value.offset === "number";
+}
+
+/**
+ * A snapshot from a welcome or subscribed frame: {user: {info, connections}}, or
+ * {count: N} above the server's max_presence_members (a user named "count" maps to an
+ * object, never to a number).
+ */
+function readSnapshot(snapshot) {
+  if (snapshot && typeof snapshot.count === "number") return { members: null, count: snapshot.count };
+  const members = new Map();
+  for (const [user, member] of Object.entries(snapshot ?? {})) {
+    members.set(user, presenceMember(member?.info ?? {}, member?.connections ?? 1));
+  }
+  return { members, count: members.size };
+}
+
+/** A member as members() hands it out: frozen, so an app cannot change the client's list. */
+function presenceMember(info, connections) {
+  return Object.freeze({ info, connections });
 }
 
 function wrapError(error, message) {

@@ -1,20 +1,33 @@
-"""Shared fixtures: signing keys, a real JWKS server on loopback, and a token maker."""
+"""Shared fixtures: signing keys, a real JWKS server on loopback, and a token maker.
+
+The key and the JWKS endpoint are aiohttp_wsbus.testing's, the kit applications use.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import time
+from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 import jwt
 import pytest
-from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
-from jwt.algorithms import Algorithm, RSAAlgorithm
-from pytest_aiohttp import AiohttpServer
+from jwt.algorithms import RSAAlgorithm
 
-# `browser`; Redis servers; server processes on Redis (`nodes`)
-pytest_plugins = ["tests.browser", "tests.redis_server", "tests.redis_nodes"]
+from aiohttp_wsbus.testing import JwksServer, public_jwk, shared_key
+
+__all__ = ["AUDIENCE", "ISSUER", "KEY_ID", "JwksServer", "MakeToken", "public_jwk"]
+
+# `browser`; Redis servers; server processes on Redis (`nodes`); the kit applications use
+# (named here too, in case the entry point is not installed); pytester, which runs
+# docs/testing.md's sample application's own suite.
+pytest_plugins = [
+    "tests.browser",
+    "tests.redis_server",
+    "tests.redis_nodes",
+    "aiohttp_wsbus.testing",
+    "pytester",
+]
 
 ISSUER = "https://idp.test/"
 AUDIENCE = "wsbus"
@@ -35,53 +48,20 @@ class MakeToken(Protocol):
     ) -> str: ...
 
 
-class JwksServer:
-    """A JWKS endpoint whose keys and health the test controls."""
-
-    def __init__(self, keys: list[dict[str, Any]]) -> None:
-        self.url = ""
-        self.keys = keys
-        self.fail = False
-        self.requests = 0
-        self._arrived = asyncio.Condition()
-
-    async def handle(self, request: web.Request) -> web.Response:
-        async with self._arrived:
-            self.requests += 1
-            self._arrived.notify_all()
-        if self.fail:
-            return web.Response(status=500)
-        return web.json_response({"keys": self.keys})
-
-    # The timeout parameter is the agreed fixture interface; it feeds asyncio.timeout.
-    async def wait_for_requests(self, count: int, timeout: float = 5) -> None:
-        """Wait until at least `count` requests have arrived."""
-        async with asyncio.timeout(timeout), self._arrived:
-            await self._arrived.wait_for(lambda: self.requests >= count)
-
-
-def public_jwk(private_key: Any, kid: str, algorithm: type[Algorithm]) -> dict[str, Any]:
-    """The public JWK of a cryptography private key, with `kid`."""
-    jwk: dict[str, Any] = algorithm.to_jwk(private_key.public_key(), as_dict=True)
-    jwk["kid"] = kid
-    return jwk
-
-
 @pytest.fixture(scope="session")
 def rsa_private_key() -> rsa.RSAPrivateKey:
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return shared_key()
 
 
 @pytest.fixture
-async def jwks_server(
-    aiohttp_server: AiohttpServer, rsa_private_key: rsa.RSAPrivateKey
-) -> JwksServer:
-    server = JwksServer([public_jwk(rsa_private_key, KEY_ID, RSAAlgorithm)])
-    app = web.Application()
-    app.router.add_get("/jwks.json", server.handle)
-    test_server = await aiohttp_server(app)
-    server.url = str(test_server.make_url("/jwks.json"))
-    return server
+async def jwks_server(rsa_private_key: rsa.RSAPrivateKey) -> AsyncIterator[JwksServer]:
+    """The kit's JWKS endpoint (what wsbus_idp serves), with the tests' own key id."""
+    server = JwksServer([public_jwk(rsa_private_key, KEY_ID, RSAAlgorithm)], path="/jwks.json")
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
 
 
 @pytest.fixture

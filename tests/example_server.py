@@ -17,6 +17,9 @@ from example_app import ExampleSettings, make_app
 
 from .support import next_frame
 
+# The example's rooms keep presence: a raw socket on one also gets joins and leaves.
+PRESENCE_FRAMES = frozenset({"join", "leave"})
+
 API_KEY = "example-test-key-" + "k" * 16
 
 
@@ -108,3 +111,16 @@ async def open_socket(
     welcome = await next_frame(socket)
     assert welcome["type"] == "welcome", welcome
     return socket, welcome
+
+
+async def next_frame_skipping_presence(socket: aiohttp.ClientWebSocketResponse) -> dict[str, Any]:
+    """The next frame that is not a join or leave."""
+    while (frame := await next_frame(socket))["type"] in PRESENCE_FRAMES:
+        pass
+    return frame
+
+
+async def nothing_more_but_presence(socket: aiohttp.ClientWebSocketResponse) -> None:
+    """Prove no frame but joins and leaves is waiting: a ping round trip comes back first."""
+    await socket.send_json({"type": "ping"})
+    assert await next_frame_skipping_presence(socket) == {"type": "pong"}

@@ -6,15 +6,20 @@ signed with a key made at start, or the PEM RSA key in `--key-file F` (so a
 restarted server on the same port accepts the tokens of the one before). On P:
 
 - `{base_path}` (`/ws`): the bus itself (MemoryBroker, `leeway=0` so short-lived
-  tokens really expire), with `api_key` accepted by `POST /ws/emit`;
-- `POST /test/token` `{"sub", "channels", "publish", "exp_in"}` (all optional):
-  mints a token the bus accepts for at least `exp_in` seconds (at most one
-  more: `exp` is whole seconds), answers `{"token": T, "expires_at": EXP}`;
+  tokens really expire, presence kept on `chat:*` with at most
+  `--max-presence-members` listed), with `api_key` accepted by `POST /ws/emit`;
+- `POST /test/token` `{"sub", "channels", "publish", "exp_in", "presence", "info"}`
+  (all optional): mints a token the bus accepts for at least `exp_in` seconds (at
+  most one more: `exp` is whole seconds), with the `presence` grant (default none)
+  and the member `info` (default none) given, answers `{"token": T, "expires_at": EXP}`;
 - `POST /test/kill`: aborts every bus socket's transport (a network drop, no
   close frame), answers `{"killed": N}`;
 - `POST /test/broker` `{"available": false}`: subscribing to a channel then
   fails as `unavailable` (as with a Redis broker that is down), until `true`;
-- `GET /test/subscribers/{channel}`: `{"count": N}`, the sockets subscribed to it.
+- `GET /test/subscribers/{channel}`: `{"count": N}`, the sockets subscribed to it;
+- `GET /test/rate_limited`: `{kind: N}`, the sockets and emits a limit refused.
+
+`--settings JSON` adds setup() settings (limits, for instance).
 
 Clients may publish over the socket (`client_publish`, with a `publish` claim);
 a publish to `stamped:{room}` gets `"from"` set to the token's subject. RPC
@@ -65,12 +70,18 @@ class TokenMinter:
         return {"keys": [jwk]}
 
     def mint(
-        self, sub: str, channels: list[str], publish: list[str], exp_in: int
+        self,
+        sub: str,
+        channels: list[str],
+        publish: list[str],
+        exp_in: int,
+        extra: dict[str, Any] | None = None,
     ) -> tuple[str, int]:
         now = int(time.time())
         # Rounded up: int() alone could leave a 2 s token barely 1 s to live.
         exp = now + 1 + exp_in
-        claims = {
+        claims: dict[str, Any] = {
+            **(extra or {}),
             "sub": sub,
             "iss": ISSUER,
             "aud": AUDIENCE,
@@ -92,7 +103,9 @@ def jwks_app(minter: TokenMinter) -> web.Application:
     return app
 
 
-def bus_app(minter: TokenMinter, jwks_url: str, api_key: str) -> web.Application:
+def bus_app(
+    minter: TokenMinter, jwks_url: str, api_key: str, settings: dict[str, Any]
+) -> web.Application:
     app = web.Application()
     broker = SwitchableBroker()
     bus = aiohttp_wsbus.setup(
@@ -105,6 +118,8 @@ def bus_app(minter: TokenMinter, jwks_url: str, api_key: str) -> web.Application
         leeway=0,
         close_timeout=1.0,
         client_publish=True,
+        presence=["chat:*"],
+        **settings,
     )
 
     @bus.on_publish("stamped:{room}")
@@ -121,11 +136,13 @@ def bus_app(minter: TokenMinter, jwks_url: str, api_key: str) -> web.Application
 
     async def token(request: web.Request) -> web.Response:
         body: dict[str, Any] = await request.json() if request.can_read_body else {}
+        extra: dict[str, Any] = {c: body[c] for c in ("presence", "info") if c in body}
         minted, expires_at = minter.mint(
             str(body.get("sub", "alice")),
             list(body.get("channels", ["chat:*"])),
             list(body.get("publish", [])),
             int(body.get("exp_in", 300)),
+            extra,
         )
         return web.json_response({"token": minted, "expires_at": expires_at})
 
@@ -147,7 +164,12 @@ def bus_app(minter: TokenMinter, jwks_url: str, api_key: str) -> web.Application
     app.router.add_post("/test/broker", broker_state)
     app.router.add_post("/test/kill", kill)
     app.router.add_get("/test/subscribers/{channel}", subscribers)
+    app.router.add_get("/test/rate_limited", lambda _: _json_response(dict(bus.rate_limited)))
     return app
+
+
+async def _json_response(body: dict[str, Any]) -> web.Response:
+    return web.json_response(body)
 
 
 async def start(app: web.Application, port: int = 0) -> tuple[web.AppRunner, int]:
@@ -179,12 +201,21 @@ async def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m tests.js_server")
     parser.add_argument("--port", type=int, default=0, help="the bus's port (default: a free one)")
     parser.add_argument("--key-file", help="PEM RSA private key to sign tokens with")
+    parser.add_argument(
+        "--max-presence-members",
+        type=int,
+        default=1000,
+        help="users a channel lists before its snapshot is a count (default 1000)",
+    )
+    parser.add_argument("--settings", default="{}", help="JSON: more setup() settings")
     arguments = parser.parse_args()
     minter = TokenMinter(load_key(arguments.key_file) if arguments.key_file else None)
     api_key = secrets.token_urlsafe(24)
     jwks_runner, jwks_port = await start(jwks_app(minter))
     jwks_url = f"http://{HOST}:{jwks_port}/jwks.json"
-    bus_runner, port = await start(bus_app(minter, jwks_url, api_key), arguments.port)
+    settings = {"max_presence_members": arguments.max_presence_members}
+    settings.update(json.loads(arguments.settings))
+    bus_runner, port = await start(bus_app(minter, jwks_url, api_key, settings), arguments.port)
     print(json.dumps({"port": port, "api_key": api_key}), flush=True)
 
     stop = asyncio.Event()

@@ -3,7 +3,7 @@
     python -m tests.redis_node REDIS_URL PREFIX JWT_SECRET [SETTINGS_JSON]
 
 Listens on a free loopback port, prints it on one line, and serves until its
-stdin closes. Emit accepts the API key API_KEY.
+stdin closes. Emit accepts the API key API_KEY. SETTINGS_JSON adds setup() settings.
 """
 
 from __future__ import annotations

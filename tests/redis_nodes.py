@@ -45,11 +45,19 @@ class Node:
             offset: int = (await response.json())["published"][0]["offset"]
             return offset
 
+    async def open_raw(
+        self, session: aiohttp.ClientSession, token: str, channels: list[str] | None = None
+    ) -> ClientWebSocketResponse:
+        """A socket that has sent its connect frame; what the node answers is the test's."""
+        socket = await session.ws_connect(self.url + "/ws")
+        frame = {"type": "connect", "token": token, "channels": channels or []}
+        await socket.send_json(frame)
+        return socket
+
     async def open(
         self, session: aiohttp.ClientSession, token: str, channels: list[str]
     ) -> tuple[ClientWebSocketResponse, dict[str, Any]]:
-        socket = await session.ws_connect(self.url + "/ws")
-        await socket.send_json({"type": "connect", "token": token, "channels": channels})
+        socket = await self.open_raw(session, token, channels)
         welcome = await next_frame(socket)
         assert welcome["type"] == "welcome", welcome
         return socket, welcome

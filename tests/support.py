@@ -19,7 +19,7 @@ from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
 import aiohttp_wsbus
-from aiohttp_wsbus.brokers.base import History, Published
+from aiohttp_wsbus.brokers.base import History, HistoryOptions, Published
 from aiohttp_wsbus.connection import Connection, WriteScheduler
 from aiohttp_wsbus.errors import BrokerUnavailable
 from aiohttp_wsbus.protocol import Close, Position
@@ -236,20 +236,32 @@ class SwitchableBroker(aiohttp_wsbus.MemoryBroker):
             raise BrokerUnavailable("taken down by the test")
         await super().subscribe(channel)
 
-    async def publish(self, channel: str, data: str, *, message_id: str | None = None) -> Published:
+    async def publish(
+        self,
+        channel: str,
+        data: str,
+        *,
+        message_id: str | None = None,
+        history: HistoryOptions | None = None,
+    ) -> Published:
         if not self.is_up:
             raise BrokerUnavailable("taken down by the test")
-        return await super().publish(channel, data, message_id=message_id)
+        return await super().publish(channel, data, message_id=message_id, history=history)
 
     async def control(self, message: Mapping[str, Any]) -> None:
         if not self.is_up:
             raise BrokerUnavailable("taken down by the test")
         await super().control(message)
 
-    async def history(self, since: Mapping[str, Position | None]) -> dict[str, History]:
+    async def history(
+        self,
+        since: Mapping[str, Position | None],
+        *,
+        options: Mapping[str, HistoryOptions] | None = None,
+    ) -> dict[str, History]:
         if not self.is_up:
             raise BrokerUnavailable("taken down by the test")
-        return await super().history(since)
+        return await super().history(since, options=options)
 
     async def revoke(self, revocation: Revocation) -> None:
         if not self.is_up:
@@ -266,13 +278,20 @@ class FlakyBroker(aiohttp_wsbus.MemoryBroker):
         self.down_for = down_for
         self.attempts = 0
 
-    async def publish(self, channel: str, data: str, *, message_id: str | None = None) -> Published:
+    async def publish(
+        self,
+        channel: str,
+        data: str,
+        *,
+        message_id: str | None = None,
+        history: HistoryOptions | None = None,
+    ) -> Published:
         if channel == self.channel:
             self.attempts += 1
             if self.down_for > 0:
                 self.down_for -= 1
                 raise BrokerUnavailable("down for now")
-        return await super().publish(channel, data, message_id=message_id)
+        return await super().publish(channel, data, message_id=message_id, history=history)
 
 
 class PublishingDuringHistory(aiohttp_wsbus.MemoryBroker):
@@ -288,10 +307,15 @@ class PublishingDuringHistory(aiohttp_wsbus.MemoryBroker):
         self.before_read: list[str] = []
         self.after_read: list[str] = []
 
-    async def history(self, since: Mapping[str, Position | None]) -> dict[str, History]:
+    async def history(
+        self,
+        since: Mapping[str, Position | None],
+        *,
+        options: Mapping[str, HistoryOptions] | None = None,
+    ) -> dict[str, History]:
         for data in self.before_read:
             await self.publish(self.channel, f'"{data}"')
-        answer = await super().history(since)
+        answer = await super().history(since, options=options)
         for data in self.after_read:
             await self.publish(self.channel, f'"{data}"')
         self.before_read, self.after_read = [], []

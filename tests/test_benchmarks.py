@@ -12,6 +12,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from benchmarks.run import paired
+from benchmarks.workloads import Result
+
 ROOT = Path(__file__).resolve().parent.parent
 EXPECTED_WORKLOADS = {
     "memory",
@@ -76,3 +79,15 @@ def test_quick_suite_reports_every_workload_for_the_bus_and_the_bare_loop(
     table = run.stdout
     assert "| workload | N | metric | bare | wsbus | load generator CPU |" in table
     assert re.search(r"\(\d+\.\d\d\N{MULTIPLICATION SIGN}\)", table), table  # ratios vs bare
+
+
+def test_limits_on_and_off_are_reported_as_one_ratio_per_figure() -> None:
+    def result(server: str, value: float) -> Result:
+        storm = "connect storm, new tokens"
+        return Result(server, storm, 3000, "connections/s", value, "/s", "higher")
+
+    results = [result("bare", 4000), result("wsbus_unlimited", 2000), result("wsbus_limits", 1900)]
+    report = paired(results, ["bare", "wsbus_unlimited", "wsbus_limits"])
+    row = "| connect storm, new tokens | 3000 | connections/s | 0.95\N{MULTIPLICATION SIGN} |"
+    assert row in report
+    assert paired(results, ["bare", "wsbus_limits"]) == ""

@@ -19,7 +19,14 @@ from aiohttp import ClientWebSocketResponse, web
 from pytest_aiohttp import AiohttpServer
 
 from aiohttp_wsbus import CloseCode
-from aiohttp_wsbus.cli import BadSetting, build_parser, make_broker, resolve, setting_options
+from aiohttp_wsbus.cli import (
+    BadSetting,
+    build_app,
+    build_parser,
+    make_broker,
+    resolve,
+    setting_options,
+)
 from aiohttp_wsbus.settings import Settings, setting_help
 
 from .conftest import AUDIENCE, ISSUER, JwksServer, MakeToken
@@ -404,8 +411,10 @@ def test_redis_urls_of_every_scheme_make_a_redis_broker(url: str) -> None:
 def test_every_setting_has_a_flag_a_variable_and_its_meaning_from_settings() -> None:
     parser = build_parser()
     help_by_flag = {flag: a.help for a in parser._actions for flag in a.option_strings}
-    assert [o.name for o in setting_options()] == [f.name for f in fields(Settings)]
-    for declared, option in zip(fields(Settings), setting_options(), strict=True):
+    # `channels` (a mapping) comes from --channels-file instead.
+    declared_fields = [f for f in fields(Settings) if f.name != "channels"]
+    assert [o.name for o in setting_options()] == [f.name for f in declared_fields]
+    for declared, option in zip(declared_fields, setting_options(), strict=True):
         help_text = help_by_flag[option.flag]
         assert help_text is not None
         assert help_text.startswith(setting_help(declared))
@@ -435,6 +444,29 @@ def test_list_flags_repeat_and_split_on_commas() -> None:
 def test_none_turns_off_an_optional_number() -> None:
     config = resolve(build_parser().parse_args([]), {"WSBUS_HEARTBEAT": "none"})
     assert config.settings == {"heartbeat": None}
+
+
+def test_channels_come_from_a_json_file(tmp_path: Path) -> None:
+    path = tmp_path / "channels.json"
+    path.write_text('{"typing:*": {"history_size": 0}}', encoding="utf-8")
+    config = resolve(build_parser().parse_args(["--channels-file", str(path)]), {})
+    assert config.settings == {"channels": {"typing:*": {"history_size": 0}}}
+    path.write_text("{nope", encoding="utf-8")
+    with pytest.raises(BadSetting, match=r"--channels-file / WSBUS_CHANNELS_FILE: .* not JSON"):
+        resolve(build_parser().parse_args([]), {"WSBUS_CHANNELS_FILE": str(path)})
+    path.write_text('{"typing:*": {"history_size": -1}}', encoding="utf-8")
+    secret = {"WSBUS_JWT_SECRET": "s" * 32}
+    config = resolve(build_parser().parse_args(["--channels-file", str(path)]), secret)
+    with pytest.raises(BadSetting, match=r"'typing:\*': history_size: .*--channels-file"):
+        build_app(config)
+
+
+def test_a_rate_is_two_numbers_or_none() -> None:
+    args = build_parser().parse_args(["--emit-rate", "2.5,10"])
+    config = resolve(args, {"WSBUS_CLIENT_RATE": "none"})
+    assert config.settings == {"client_rate": None, "emit_rate": [2.5, 10]}
+    with pytest.raises(BadSetting, match="--subscribe-rate / WSBUS_SUBSCRIBE_RATE"):
+        resolve(build_parser().parse_args(["--subscribe-rate", "50"]), {})
 
 
 @pytest.mark.parametrize(("raw", "expected"), [("1", True), ("off", False), ("Yes", True)])

@@ -68,6 +68,11 @@ class Person:
         return self.page.locator(f'.nav-item[data-channel="{channel}"] .status')
 
     @property
+    def online(self) -> Any:
+        """The names in the open room's "online" list."""
+        return self.page.locator("#online .online-name")
+
+    @property
     def badge(self) -> Any:
         return self.page.locator("#badge")
 
@@ -270,6 +275,40 @@ async def test_the_page_renews_its_short_lived_token_on_the_live_socket(browser:
         await expect(bob.page.locator("#token-issued")).not_to_have_text(issued or "")
         await bob.say("still here after the renewal")
         await expect(bob.view("chat:lobby")).to_contain_text("still here", timeout=WAIT_MS)
+
+
+# -- who is online ----------------------------------------------------------------
+
+
+async def test_each_room_lists_who_is_online_and_a_closed_window_drops_off_the_list(
+    browser: Browser, example: ExampleServer
+) -> None:
+    alice = await sign_in(browser, example, "alice")
+    await expect(alice.online).to_have_text(["alice (you)"], timeout=WAIT_MS)
+    bob_context = await browser.new_context(viewport={"width": 1200, "height": 760})
+    bob = await sign_in_window(bob_context, example, "bob")
+    await expect(alice.online).to_have_text(["alice (you)", "bob"], timeout=WAIT_MS)
+    await expect(bob.online).to_have_text(["alice", "bob (you)"], timeout=WAIT_MS)
+    await expect(alice.page.locator("#online-count")).to_have_text("2")
+    await alice.open_view("chat:staff")  # bob may not join it: not there
+    await expect(alice.online).to_have_text(["alice (you)"], timeout=WAIT_MS)
+    await bob.open_view("direct")  # no channel anyone else joins: no list
+    await expect(bob.page.locator("#online-bar")).to_be_hidden()
+
+    # A private room lists its members who have joined it, as they join.
+    await alice.create_room("plans")
+    await expect(alice.online).to_have_text(["alice (you)"], timeout=WAIT_MS)
+    await alice.invite("bob")
+    await bob.open_view("room:plans")
+    await bob.page.locator("#join-room").click()
+    await expect(bob.online).to_have_text(["alice", "bob (you)"], timeout=WAIT_MS)
+    await expect(alice.online).to_have_text(["alice (you)", "bob"], timeout=WAIT_MS)
+
+    await bob_context.close()  # his only window: he leaves every room
+    await expect(alice.online).to_have_text(["alice (you)"], timeout=WAIT_MS)
+    await alice.open_view("chat:lobby")
+    await expect(alice.online).to_have_text(["alice (you)"], timeout=WAIT_MS)
+    await expect(alice.page.locator("#online-count")).to_have_text("1")
 
 
 # -- private rooms ----------------------------------------------------------------

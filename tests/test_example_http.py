@@ -25,8 +25,17 @@ from example_app.app import BANS_KEY, PRIVATE_ROOMS_KEY
 from example_app.bans import MAX_BAN_MINUTES, MAX_BANS, BanLimit, Bans
 from example_app.rooms import MAX_MEMBERS, MAX_ROOMS
 
-from .example_server import ExampleServer, free_port, login, open_socket, post, running_example
-from .support import WAIT, SwitchableBroker, close_frame, eventually, next_frame, nothing_more
+from .example_server import (
+    ExampleServer,
+    free_port,
+    login,
+    next_frame_skipping_presence,
+    nothing_more_but_presence,
+    open_socket,
+    post,
+    running_example,
+)
+from .support import WAIT, SwitchableBroker, close_frame, eventually, next_frame
 
 ROOT = Path(__file__).parent.parent
 
@@ -66,6 +75,8 @@ async def test_login_token_is_rs256_signed_by_the_served_jwks(
     assert claims["channels"] == answer["channels"] == ["chat:lobby", "user:bob"]
     assert claims["publish"] == ["chat:lobby", "user:*"]  # stamped by the app's hooks
     assert claims["roles"] == []
+    assert claims["presence"] == ["chat:*", "room:*"]  # every room's "online" list
+    assert claims["info"] == {"name": "bob"}
 
 
 async def test_staff_tokens_also_grant_the_staff_room(
@@ -141,7 +152,7 @@ async def test_send_publishes_the_verified_sender_to_the_room_or_user(
     )
     assert status == 202
     assert answer["published"] == {"channel": room, "offset": 1}
-    frame = await next_frame(socket)
+    frame = await next_frame_skipping_presence(socket)
     assert frame["channel"] == room
     assert frame["data"] == answer["message"]
     assert (frame["data"]["from"], frame["data"]["text"]) == ("bob", "hi")
@@ -396,7 +407,7 @@ async def test_an_invited_user_joins_on_the_same_socket_and_token(
     status, answer = await invite(http, example, alice["token"], "plans", "bob")
     assert status == 200
     assert (answer["added"], answer["room"]["members"]) == (True, ["alice", "bob"])
-    told_room = await next_frame(alice_socket)
+    told_room = await next_frame_skipping_presence(alice_socket)
     assert told_room["channel"] == "room:plans"
     assert told_room["data"] | {"sent_at": 0} == {
         "kind": "member",
@@ -407,7 +418,7 @@ async def test_an_invited_user_joins_on_the_same_socket_and_token(
         "text": "alice invited bob",
         "sent_at": 0,
     }
-    told_bob = await next_frame(bob_socket)
+    told_bob = await next_frame_skipping_presence(bob_socket)
     assert told_bob["channel"] == "user:bob"
     assert told_bob["data"] | {"sent_at": 0} == {
         "kind": "invite",
@@ -421,7 +432,7 @@ async def test_an_invited_user_joins_on_the_same_socket_and_token(
 
     # The same socket, the same token: the authorizer now finds bob among the members.
     await bob_socket.send_json({"type": "subscribe", "channels": ["room:plans"]})
-    subscribed = await next_frame(bob_socket)
+    subscribed = await next_frame_skipping_presence(bob_socket)
     assert (subscribed["type"], subscribed["subscribed"], subscribed["denied"]) == (
         "subscribed",
         ["room:plans"],
@@ -432,7 +443,7 @@ async def test_an_invited_user_joins_on_the_same_socket_and_token(
     )
     assert status == 202
     for socket in (alice_socket, bob_socket):
-        frame = await next_frame(socket)
+        frame = await next_frame_skipping_presence(socket)
         assert (frame["channel"], frame["data"]) == ("room:plans", sent["message"])
 
 
@@ -465,8 +476,8 @@ async def test_inviting_a_member_again_changes_nothing_and_tells_nobody(
     alice_socket, _ = await open_socket(http, example, alice["token"], ["room:plans"])
     bob_socket, _ = await open_socket(http, example, bob["token"], ["user:bob"])
     await invite(http, example, alice["token"], "plans", "bob")
-    await next_frame(alice_socket)
-    await next_frame(bob_socket)
+    await next_frame_skipping_presence(alice_socket)
+    await next_frame_skipping_presence(bob_socket)
     for inviter in (alice, bob):
         status, answer = await invite(http, example, inviter["token"], "plans", "bob")
         assert (status, answer["added"], answer["room"]["members"]) == (
@@ -474,8 +485,8 @@ async def test_inviting_a_member_again_changes_nothing_and_tells_nobody(
             False,
             ["alice", "bob"],
         )
-    await nothing_more(alice_socket)
-    await nothing_more(bob_socket)
+    await nothing_more_but_presence(alice_socket)
+    await nothing_more_but_presence(bob_socket)
 
 
 async def test_send_to_a_private_room_is_for_its_members_only(
@@ -530,9 +541,7 @@ async def refused(
 
 async def send_status(http: aiohttp.ClientSession, example: ExampleServer, token: str) -> int:
     """The status /send answers a lobby message posted with `token`."""
-    status, _ = await post(
-        http, example.url + "/send", {"room": "chat:lobby", "text": "hi"}, token
-    )
+    status, _ = await post(http, example.url + "/send", {"room": "chat:lobby", "text": "hi"}, token)
     return status
 
 
@@ -555,7 +564,7 @@ async def test_sign_out_everywhere_closes_every_socket_of_the_user_and_refuses_o
     assert answer["refused_until"] - answer["issued_before"] == pytest.approx(120 + leeway)
     for socket in (window_one, window_two):
         assert await close_frame(socket) == (4410, "signed out everywhere")
-    await nothing_more(bystander)
+    await nothing_more_but_presence(bystander)
     # Neither token comes back: not on the bus, not at the app's own endpoints.
     for old in (first, second):
         assert await refused(http, example, old["token"]) == (4401, "token revoked")
@@ -574,7 +583,7 @@ async def test_a_token_issued_right_after_sign_out_everywhere_works(
     socket, welcome = await open_socket(http, example, after["token"], ["chat:lobby"])
     assert welcome["subscribed"] == ["chat:lobby"]
     assert await send_status(http, example, after["token"]) == 202
-    assert (await next_frame(socket))["data"]["from"] == "bob"
+    assert (await next_frame_skipping_presence(socket))["data"]["from"] == "bob"
     assert await refused(http, example, before["token"]) == (4401, "token revoked")
 
 
@@ -595,7 +604,7 @@ async def test_a_ban_ends_the_users_sessions_refuses_their_tokens_and_their_logi
     assert answer["banned"] == "bob"
     assert started + 300 <= answer["until"] <= time.time() + 300
     assert await close_frame(bob_socket) == (4410, "banned by alice")
-    await nothing_more(carol_socket)
+    await nothing_more_but_presence(carol_socket)
     assert await refused(http, example, bob["token"]) == (4401, "token revoked")
     assert await send_status(http, example, bob["token"]) == 401
     status, refusal = await post(http, example.url + "/login", {"user": "bob"})
@@ -626,7 +635,7 @@ async def test_only_staff_may_ban_and_a_refused_ban_changes_nothing(
     # Checked before the body: a non-staff token learns nothing about the input.
     status, _ = await post(http, example.url + "/admin/bans", {"user": "Carol"}, bob["token"])
     assert status == 403
-    await nothing_more(carol_socket)
+    await nothing_more_but_presence(carol_socket)
     await login(http, example, "carol")
 
 
@@ -642,7 +651,7 @@ async def test_ending_sessions_needs_a_valid_token(
                 assert response.status == 401, (path, token)
                 assert response.headers["WWW-Authenticate"] == "Bearer"
                 assert await response.json() == {"error": "unauthorized"}
-    await nothing_more(bob_socket)
+    await nothing_more_but_presence(bob_socket)
 
 
 @pytest.mark.parametrize(
@@ -688,7 +697,7 @@ async def test_with_the_broker_down_ending_sessions_answers_503(
             status, answer = await post(http, example.url + path, body, token)
             assert (status, answer) == (503, {"error": "broker_unavailable"}), path
         broker.is_up = True
-        await nothing_more(socket)
+        await nothing_more_but_presence(socket)
         # The app's own ban holds even so: staff may simply ask again.
         status, _ = await post(http, example.url + "/login", {"user": "bob"})
         assert status == 403
@@ -722,6 +731,36 @@ async def test_the_apps_ban_store_full_answers_409(
     await login(http, example, "bob")
 
 
+# -- who is online -------------------------------------------------------------
+
+
+async def test_a_room_lists_who_is_in_it_with_their_name_and_tells_when_they_leave(
+    example: ExampleServer, http: aiohttp.ClientSession
+) -> None:
+    alice = await login(http, example, "alice")
+    bob = await login(http, example, "bob")
+    alice_socket, welcome = await open_socket(http, example, alice["token"], ["chat:lobby"])
+    assert welcome["presence"] == {
+        "chat:lobby": {"alice": {"info": {"name": "alice"}, "connections": 1}}
+    }
+    assert (await next_frame(alice_socket))["user"] == "alice"  # her own join
+    bob_socket, welcome = await open_socket(http, example, bob["token"], ["chat:lobby", "user:bob"])
+    assert set(welcome["presence"]) == {"chat:lobby"}  # user:bob keeps no presence
+    assert set(welcome["presence"]["chat:lobby"]) == {"alice", "bob"}
+    assert await next_frame(alice_socket) == {
+        "type": "join",
+        "channel": "chat:lobby",
+        "user": "bob",
+        "info": {"name": "bob"},
+    }
+    await bob_socket.close()
+    assert await next_frame(alice_socket) == {
+        "type": "leave",
+        "channel": "chat:lobby",
+        "user": "bob",
+    }
+
+
 # -- /api/notify ---------------------------------------------------------------
 
 
@@ -737,7 +776,7 @@ async def test_notify_emits_through_the_emit_endpoint(
     assert status == 202
     # The emit endpoint's own answer, relayed: channel, offset and epoch.
     (published,) = answer["published"]
-    frame = await next_frame(socket)
+    frame = await next_frame_skipping_presence(socket)
     assert (frame["channel"], frame["offset"], frame["epoch"]) == (
         published["channel"],
         published["offset"],

@@ -32,7 +32,8 @@ RECONNECTED_ONCE = ["connecting", "connected", "disconnected", "connecting", "co
 # With `reuseToken` set, getToken answers the last token without asking the server.
 # `sockets` counts the WebSockets made, `backoffs` the backoff delays drawn; `window.bus`
 # is the client itself, for tests that subscribe more.
-# `?bus=PATH&connectTimeout=MS` points it elsewhere (the scripted socket).
+# `?bus=PATH&connectTimeout=MS` points it elsewhere (the scripted socket); `?user=NAME`
+# asks for NAME's token, which may read presence (on a PageServer that keeps it).
 PAGE = """<!doctype html>
 <meta charset="utf-8">
 <title>wsbus browser test</title>
@@ -43,7 +44,8 @@ PAGE = """<!doctype html>
   let token = null;
   Object.assign(window, {
     received: [], states: [], subscribed: [], recovered: [], errors: [], denied: [],
-    disconnected: [], sockets: 0, backoffs: 0, reuseToken: false,
+    disconnected: [], presence: [], joins: [], leaves: [], sockets: 0, backoffs: 0,
+    reuseToken: false,
   });
   window.holdTokens = () => {
     let release;
@@ -67,7 +69,8 @@ PAGE = """<!doctype html>
     getToken: async () => {
       if (gate) await gate.promise;
       if (window.reuseToken && token) return token;
-      const response = await fetch("/token");
+      const user = params.get("user");
+      const response = await fetch(user ? `/token?user=${encodeURIComponent(user)}` : "/token");
       if (!response.ok) throw new Error(`token endpoint answered ${response.status}`);
       return (token = await response.text());
     },
@@ -88,6 +91,12 @@ PAGE = """<!doctype html>
   bus.on("denied", (channel, reason) => window.denied.push([channel, reason]));
   bus.on("disconnected", (reason) => window.disconnected.push([reason, bus.state]));
   bus.on("error", (error) => window.errors.push(String(error)));
+  const users = (members) => members && [...members.keys()].sort();
+  bus.on("presence", (channel, members, count) => {
+    window.presence.push([channel, users(members), count]);
+  });
+  bus.on("join", (channel, user, info) => window.joins.push([channel, user, info]));
+  bus.on("leave", (channel, user) => window.leaves.push([channel, user]));
   bus.subscribe("chat:lobby", (data, meta) => window.received.push({ data, ...meta }));
   bus.connect();
 </script>
@@ -147,18 +156,25 @@ class PageServer:
     """The test's own app on one loopback port: the page, a token endpoint, the bus,
     and a scripted stand-in for the bus at `/scripted`.
 
-    Each token it hands out has `jti` "page-N", N counting from 1 (`tokens_issued`).
+    Each token it hands out has `jti` "page-N", N counting from 1 (`tokens_issued`);
+    asked for `?user=NAME`, it is NAME's, may read presence and names them in its info.
+    `presence` is the bus's setting (default: no channel keeps presence).
 
     `restart()` stops it and starts a new app (a new MemoryBroker, as after a
     process restart) on the same port; the JWKS server lives on.
     """
 
     def __init__(
-        self, jwks_url: str, make_token: MakeToken, broker: aiohttp_wsbus.Broker | None = None
+        self,
+        jwks_url: str,
+        make_token: MakeToken,
+        broker: aiohttp_wsbus.Broker | None = None,
+        presence: tuple[str, ...] = (),
     ) -> None:
         self.jwks_url = jwks_url
         self.make_token = make_token
         self.broker = broker
+        self.presence = presence
         self.port = 0
         self.bus: aiohttp_wsbus.Bus | None = None
         self.scripted = ScriptedSockets()
@@ -184,6 +200,7 @@ class PageServer:
             close_timeout=1.0,
             broker=self.broker,
             client_publish=True,
+            presence=self.presence,
         )
         self.bus.rpc("echo")(_echo)
         app.router.add_get("/", self._page)
@@ -221,8 +238,11 @@ class PageServer:
 
     async def _token(self, request: web.Request) -> web.Response:
         self.tokens_issued += 1
-        token = self.make_token(channels=["chat:*"], jti=f"page-{self.tokens_issued}")
-        return web.Response(text=token)
+        claims: dict[str, Any] = {"channels": ["chat:*"], "jti": f"page-{self.tokens_issued}"}
+        user = request.query.get("user")
+        if user is not None:
+            claims.update(sub=user, presence=["chat:*"], info={"name": user.title()})
+        return web.Response(text=self.make_token(**claims))
 
 
 async def _echo(info: aiohttp_wsbus.ConnectionInfo, data: Any) -> Any:
@@ -232,6 +252,19 @@ async def _echo(info: aiohttp_wsbus.ConnectionInfo, data: Any) -> Any:
 @pytest.fixture
 async def page_server(jwks_server: JwksServer, make_token: MakeToken) -> AsyncIterator[PageServer]:
     server = PageServer(jwks_server.url, make_token)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+@pytest.fixture
+async def presence_page_server(
+    jwks_server: JwksServer, make_token: MakeToken
+) -> AsyncIterator[PageServer]:
+    """A PageServer whose chat channels keep presence."""
+    server = PageServer(jwks_server.url, make_token, presence=("chat:*",))
     await server.start()
     try:
         yield server
@@ -638,3 +671,41 @@ async def test_page_rewinds_the_last_messages_on_its_first_subscribe(
     await bus.publish("chat:rewound", 6)
     await wait_until(page, "window.rewound.length === 4")
     assert await page.evaluate("window.rewound") == [[3, True], [4, True], [5, True], [6, False]]
+async def test_page_lists_who_is_in_the_lobby_follows_joins_and_leaves_and_relists_after_a_drop(
+    browser: Browser, presence_page_server: PageServer
+) -> None:
+    bus = presence_page_server.bus
+    assert bus is not None
+    url = presence_page_server.url
+    async with load_page(browser, url + "?user=alice") as alice:
+        await wait_until(alice, "window.presence.length === 1")
+        assert await alice.evaluate("window.presence") == [["chat:lobby", ["alice"], 1]]
+
+        async with load_page(browser, url + "?user=bob") as bob:
+            await wait_until(alice, "window.joins.length === 1")
+            # Her own join, sent after her snapshot, was applied quietly.
+            assert await alice.evaluate("window.joins") == [["chat:lobby", "bob", {"name": "Bob"}]]
+            members = await alice.evaluate("Object.fromEntries(window.bus.members('chat:lobby'))")
+            server_members = await bus.presence("chat:lobby")
+            assert members == {user: m.as_json() for user, m in server_members.items()}
+            assert await bob.evaluate("window.presence") == [["chat:lobby", ["alice", "bob"], 2]]
+        await wait_until(alice, "window.leaves.length === 1")  # bob's page closed
+        assert await alice.evaluate("window.leaves") == [["chat:lobby", "bob"]]
+        assert await alice.evaluate("[...window.bus.members('chat:lobby').keys()]") == ["alice"]
+
+        await alice.evaluate("window.holdTokens()")
+        assert presence_page_server.drop_sockets() == 1
+        await wait_until(alice, "window.states.includes('disconnected')")
+        assert await alice.evaluate("window.bus.members('chat:lobby')") is None
+        async with load_page(browser, url + "?user=carol") as carol:
+            await wait_until(carol, "window.presence.length === 1")
+            await alice.evaluate("window.releaseTokens()")
+            await wait_until(alice, "window.presence.length === 2")
+            assert (await alice.evaluate("window.presence"))[1] == [
+                "chat:lobby",
+                ["alice", "carol"],
+                2,
+            ]
+        # carol came while alice was away: her fresh snapshot said so, no join did.
+        assert len(await alice.evaluate("window.joins")) == 1
+        assert await alice.evaluate("window.errors") == []

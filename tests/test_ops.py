@@ -201,6 +201,30 @@ async def test_metrics_count_slow_consumer_closes(
     slow.sock.close()
 
 
+async def test_metrics_count_what_the_limits_refused_by_kind(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
+) -> None:
+    server = await start_bus(
+        aiohttp_client,
+        jwks_server.url,
+        metrics=True,
+        api_keys=[API_KEY],
+        emit_rate=(0.001, 1),
+        client_rate=(0.001, 1),
+    )
+    for _ in range(2):
+        await server.client.post(
+            "/ws/emit", json={"channel": "chat:a", "data": 1}, headers={"X-API-Key": API_KEY}
+        )
+    socket, _ = await server.open(make_token(), [])
+    await socket.send_json({"type": "ping"})
+    await socket.send_json({"type": "ping"})
+    assert await close_code(socket) == 4429
+    samples = await scrape(server)
+    assert samples['wsbus_rate_limited_total{kind="emit"}'] == 1
+    assert samples['wsbus_rate_limited_total{kind="client"}'] == 1
+
+
 async def test_metrics_need_the_api_key(
     aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
 ) -> None:

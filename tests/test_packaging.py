@@ -46,6 +46,11 @@ def test_wheel_ships_the_js_client_byte_for_byte(tmp_path: Path) -> None:
         (entry_points,) = [n for n in archive.namelist() if n.endswith("entry_points.txt")]
         # The standalone server's console script.
         assert "wsbus = aiohttp_wsbus.cli:main" in archive.read(entry_points).decode()
+        # The test kit and its pytest plugin, named as its module (see setup.py).
+        assert "aiohttp_wsbus/testing/__init__.py" in archive.namelist()
+        assert (
+            "aiohttp_wsbus.testing = aiohttp_wsbus.testing" in archive.read(entry_points).decode()
+        )
     assert shipped == (ROOT / "js" / "wsbus.js").read_bytes()
     assert types == (ROOT / "js" / "wsbus.d.ts").read_bytes()
 

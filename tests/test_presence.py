@@ -3,8 +3,10 @@ join and leave once per user, who may read it, the HTTP endpoint and the Bus API
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections.abc import Collection
 from typing import Any
 
 import pytest
@@ -14,7 +16,7 @@ import aiohttp_wsbus
 from aiohttp_wsbus import InvalidSettings
 
 from .conftest import JwksServer, MakeToken
-from .support import BusServer, next_frame, nothing_more, start_bus
+from .support import WAIT, BusServer, next_frame, nothing_more, start_bus
 
 API_KEY = "k" * 32
 ROOM = "chat:room"
@@ -288,3 +290,34 @@ async def test_a_refresh_that_drops_the_presence_grant_stops_joins_and_leaves(
     assert (await next_frame(bob))["type"] == "refreshed"
     await server.open(member(make_token, "dan"), [ROOM])
     assert (await next_frame(bob))["user"] == "dan"  # the grant is back
+
+
+class SlowLeaveBroker(aiohttp_wsbus.MemoryBroker):
+    """Its leaves take 50 turns of the event loop, as a leave on its way to Redis
+    would: long enough for a join that does not wait for it to overtake it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.left = asyncio.Event()
+
+    async def leave(self, connection_id: str, channels: Collection[str]) -> None:
+        for _ in range(50):
+            await asyncio.sleep(0)
+        await super().leave(connection_id, channels)
+        self.left.set()
+
+
+async def test_subscribing_again_while_the_leave_is_on_its_way_stays_present(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
+) -> None:
+    broker = SlowLeaveBroker()
+    server = await presence_bus(aiohttp_client, jwks_server, broker=broker)
+    bob, _ = await server.open(member(make_token, "bob"), [ROOM])
+    await next_frame(bob)  # his own join
+    await bob.send_json({"type": "unsubscribe", "channels": [ROOM]})
+    await bob.send_json({"type": "subscribe", "channels": [ROOM]})
+    while (await next_frame(bob))["type"] != "subscribed":
+        pass
+    async with asyncio.timeout(WAIT):
+        await broker.left.wait()
+    assert set(await server.bus.presence(ROOM)) == {"bob"}

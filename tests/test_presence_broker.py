@@ -60,7 +60,11 @@ async def test_a_user_joins_with_their_first_socket_and_leaves_with_their_last(
     await broker.join("c1", "alice", '{"name":"Alice"}', ["room"])
     await broker.join("c2", "alice", '{"name":"Alice"}', ["room"])
     await broker.join("c1", "alice", '{"name":"Alice"}', ["room"])  # again: harmless
-    await broker.join("c3", "bob", "{}", ["room"])
+    after = await broker.join("c3", "bob", "{}", ["room"], snapshot=["room"], limit=10)
+    assert after["room"].listed == {  # read in the same round trip, after the join
+        "alice": {"info": {"name": "Alice"}, "connections": 2},
+        "bob": {"info": {}, "connections": 1},
+    }
     await eventually(lambda: len(events) >= 2)
     assert events == [
         PresenceEvent("room", "alice", '{"name":"Alice"}'),

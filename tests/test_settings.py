@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import types
+from collections.abc import Mapping
 from dataclasses import fields
 from typing import Any, get_args, get_type_hints
 
@@ -12,6 +13,7 @@ from aiohttp import web
 from marshmallow import fields as mf
 
 import aiohttp_wsbus
+from aiohttp_wsbus.namespaces import ChannelsField
 from aiohttp_wsbus.settings import Settings, load_settings, setting_bounds, setting_help
 
 JWKS = "https://idp.example.com/.well-known/jwks.json"
@@ -41,7 +43,14 @@ def test_setup_takes_every_setting_with_its_default() -> None:
 
 
 # What marshmallow loads for each annotated type (a Url is a String).
-BOUNDS_BY_TYPE = {str: mf.String, int: mf.Integer, float: mf.Float, bool: mf.Boolean}
+BOUNDS_BY_TYPE = {
+    str: mf.String,
+    int: mf.Integer,
+    float: mf.Float,
+    bool: mf.Boolean,
+    tuple[float, int]: mf.Tuple,  # a rate: per second, burst
+    Mapping[str, Mapping[str, Any]]: ChannelsField,  # options per grant pattern
+}
 
 
 @pytest.mark.parametrize("field", fields(Settings), ids=lambda field: field.name)
@@ -82,6 +91,8 @@ def test_each_setting_has_bounds_of_its_type_and_a_meaning(field: Any) -> None:
         ({"jwks_url": JWKS, "leeway": 3600}, "leeway"),
         ({"jwks_url": JWKS, "history_ttl": 0}, "history_ttl"),
         ({"jwks_url": JWKS, "send_buffer_limit": 10}, "send_buffer_limit"),
+        ({"jwks_url": JWKS, "max_connections_per_user": 0}, "max_connections_per_user"),
+        ({"jwks_url": JWKS, "client_rate": (20, 0)}, "client_rate"),
     ],
 )
 def test_bad_settings_raise_value_error_naming_them(given: dict[str, Any], named: str) -> None:

@@ -82,12 +82,14 @@ def check_publish(channel: str, message_id: str | None) -> None:
 
 @dataclass(frozen=True, slots=True)
 class HistoryOptions:
-    """How much of each channel's stream is kept for recovery.
+    """How much of a channel's stream is kept for recovery.
 
     The last `size` messages (0 to 100000; 0 keeps offsets and epochs but no
-    messages), for `ttl` seconds after the channel's last publish or while it
-    has a subscriber. Brokers get it from `start()`; publishers in other
-    processes take the same value, so every writer trims and expires alike.
+    messages and no idempotency ids), for `ttl` seconds after the channel's
+    last publish or while it has a subscriber. Brokers get the default from
+    `start()` and a channel's own with each publish (setup's `channels`);
+    publishers in other processes take the same values, so every writer trims
+    and expires alike.
     """
 
     size: int = 100
@@ -271,20 +273,37 @@ class Broker(ABC):
         """Stop delivering `channel` to this node (called when its last subscriber leaves)."""
 
     @abstractmethod
-    async def publish(self, channel: str, data: str, *, message_id: str | None = None) -> Published:
+    async def publish(
+        self,
+        channel: str,
+        data: str,
+        *,
+        message_id: str | None = None,
+        history: HistoryOptions | None = None,
+    ) -> Published:
         """Append `data` to the channel's stream and deliver it to every subscribed node.
 
-        A `message_id` already published on this channel within the history TTL
-        is not published again: the original offset is returned, with `is_repeat`.
-        Raises BrokerUnavailable when the engine cannot be reached.
+        `history` is the channel's (None: the default from `start()`); the
+        channel keeps it until its next publish. A `message_id` already
+        published on this channel within the history TTL is not published
+        again: the original offset is returned, with `is_repeat` (a channel
+        that keeps no history keeps no ids either). Raises BrokerUnavailable
+        when the engine cannot be reached.
         """
 
     @abstractmethod
-    async def history(self, since: Mapping[str, Position | None]) -> dict[str, History]:
+    async def history(
+        self,
+        since: Mapping[str, Position | None],
+        *,
+        options: Mapping[str, HistoryOptions] | None = None,
+    ) -> dict[str, History]:
         """For each channel, the messages after its position (None: just the top), by `recover`.
 
-        Only a publish makes state for a channel: one that holds nothing is
-        answered offset 0 of an EmptyEpoch of this moment, and nothing is kept.
+        `options` holds the history options of channels that have their own
+        (the others have the default from `start()`). Only a publish makes
+        state for a channel: one that holds nothing is answered offset 0 of an
+        EmptyEpoch of this moment, and nothing is kept.
         """
 
     async def publish_ephemeral(self, channel: str, data: str) -> None:
@@ -308,9 +327,18 @@ class Broker(ABC):
         raise NotImplementedError(f"{type(self).__name__} cannot keep revocations")
 
     async def join(
-        self, connection_id: str, user: str, info: str, channels: Collection[str]
-    ) -> None:
-        """Add one socket of `user` (its info: JSON text) to each channel's presence.
+        self,
+        connection_id: str,
+        user: str,
+        info: str,
+        channels: Collection[str],
+        *,
+        snapshot: Collection[str] = (),
+        limit: int | None = None,
+    ) -> dict[str, PresenceSnapshot]:
+        """Add one socket of `user` (its info: JSON text) to each channel's presence;
+        return the `snapshot` channels' members after it (as `presence`), in the
+        same round trip.
 
         Announces the user's join (`on_presence` on every node subscribed to the
         channel) when it is their first socket there anywhere. Joining again is
@@ -329,6 +357,21 @@ class Broker(ABC):
         """Each channel's members; only their count for a channel with more than
         `limit` users."""
         raise NotImplementedError(f"{type(self).__name__} cannot keep presence")
+
+    async def share_options(self, writers_view: Mapping[str, Any]) -> None:
+        """Leave the history options every channel writer must use where the application's
+        other processes can check theirs (RedisBroker: the Redis publishers); JSON-able."""
+        return  # one process: nobody else writes
+
+    async def admit_connection(self, user: str, limit: int, here: int) -> bool:
+        """Take one of the `limit` sockets `user` may hold on every node; False if all are
+        taken. `here` is how many this node holds (all there are, for a broker in one
+        process: the default). Raises BrokerUnavailable when it cannot count."""
+        return here < limit
+
+    def release_connection(self, user: str) -> None:
+        """Give back a socket admit_connection took (it closed)."""
+        return  # one process counts the bus's own connections: nothing to give back
 
     @property
     @abstractmethod

@@ -42,6 +42,7 @@ class _Stream:
     """One channel's offsets, bounded history and recent idempotency ids."""
 
     epoch: str
+    history: HistoryOptions = DEFAULT_HISTORY  # its last publish's
     offset: int = 0
     touched: float = 0.0
     messages: deque[Message] = field(default_factory=deque)
@@ -128,13 +129,21 @@ class MemoryBroker(Broker):
         return {"type": "revocations", "revocations": [r.as_json() for r in self._revocations]}
 
     async def join(
-        self, connection_id: str, user: str, info: str, channels: Collection[str]
-    ) -> None:
-        limit = self._presence_options.max_members
+        self,
+        connection_id: str,
+        user: str,
+        info: str,
+        channels: Collection[str],
+        *,
+        snapshot: Collection[str] = (),
+        limit: int | None = None,
+    ) -> dict[str, PresenceSnapshot]:
+        max_members = self._presence_options.max_members
         for channel in channels:
-            event = self._presence.join(channel, connection_id, user, info, limit)
+            event = self._presence.join(channel, connection_id, user, info, max_members)
             if event is not None and self._on_presence is not None:
                 self._on_presence(event)
+        return await self.presence(snapshot, limit=limit)
 
     async def leave(self, connection_id: str, channels: Collection[str]) -> None:
         limit = self._presence_options.max_members
@@ -165,10 +174,11 @@ class MemoryBroker(Broker):
         return len(self._streams)
 
     def _expire(self, now: float) -> None:
-        deadline = now - self._history.ttl
+        # Streams are in the order they were touched: the scan stops at the first one
+        # still within its TTL (one with a shorter TTL behind it waits for _existing).
         while self._streams:
             channel, stream = next(iter(self._streams.items()))
-            if stream.touched > deadline:
+            if stream.touched > now - stream.history.ttl:
                 break
             if channel in self._subscribed:
                 stream.touched = now
@@ -196,6 +206,13 @@ class MemoryBroker(Broker):
         """The channel's stream, touched, or None if it has none (idle ones expire first)."""
         self._expire(now)
         stream = self._streams.get(channel)
+        if (
+            stream is not None
+            and stream.touched <= now - stream.history.ttl
+            and channel not in self._subscribed
+        ):
+            del self._streams[channel]
+            stream = None
         if stream is not None:
             self._streams.move_to_end(channel)
             stream.touched = now
@@ -209,17 +226,28 @@ class MemoryBroker(Broker):
             stream = self._streams[channel] = _Stream(secrets.token_hex(8), touched=now)
         return stream
 
-    async def publish(self, channel: str, data: str, *, message_id: str | None = None) -> Published:
+    async def publish(
+        self,
+        channel: str,
+        data: str,
+        *,
+        message_id: str | None = None,
+        history: HistoryOptions | None = None,
+    ) -> Published:
         now = self._clock()
         stream = self._stream(channel, now)
+        stream.history = history = history or self._history
+        if history.size == 0:
+            message_id = None  # no history, no ids: nothing is kept for this channel
+            stream.ids.clear()
         if message_id is not None:
             seen = stream.ids.get(message_id)
-            if seen is not None and seen[1] > now - self._history.ttl:
+            if seen is not None and seen[1] > now - history.ttl:
                 return Published(channel, seen[0], stream.epoch, is_repeat=True)
         stream.offset += 1
         message = Message(channel, stream.offset, stream.epoch, data)
         stream.messages.append(message)
-        if len(stream.messages) > self._history.size:
+        while len(stream.messages) > history.size:
             stream.messages.popleft()
         if message_id is not None:
             stream.ids[message_id] = (stream.offset, now)
@@ -231,20 +259,26 @@ class MemoryBroker(Broker):
     def _forget_old_ids(self, stream: _Stream, now: float) -> None:
         # Ids are kept for the TTL; trimming when the table doubles the history
         # keeps this amortised O(1) and the table bounded.
-        if len(stream.ids) <= 2 * self._history.size:
+        size = stream.history.size
+        if len(stream.ids) <= 2 * size:
             return
-        deadline = now - self._history.ttl
+        deadline = now - stream.history.ttl
         stream.ids = {k: v for k, v in stream.ids.items() if v[1] > deadline}
-        while len(stream.ids) > 2 * self._history.size:
+        while len(stream.ids) > 2 * size:
             del stream.ids[next(iter(stream.ids))]
 
-    async def history(self, since: Mapping[str, Position | None]) -> dict[str, History]:
+    async def history(
+        self,
+        since: Mapping[str, Position | None],
+        *,
+        options: Mapping[str, HistoryOptions] | None = None,
+    ) -> dict[str, History]:
         now = self._clock()
         empty = EmptyEpoch(math.floor(now * 1000), self._generation)
-        ttl = self._history.ttl
         answers: dict[str, History] = {}
         for channel, position in since.items():
             stream = self._existing(channel, now)
+            ttl = (options or {}).get(channel, self._history).ttl
             if stream is None:
                 answers[channel] = recover(
                     position, Position(0, str(empty)), 1, [], now=empty, ttl=ttl

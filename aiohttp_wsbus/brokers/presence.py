@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -75,35 +75,40 @@ class Member:
 
 @dataclass(frozen=True, slots=True)
 class PresenceSnapshot:
-    """A channel's members, or only their count (`members` None) above the limit."""
+    """A channel's members, or only their count (`listed` None) above the limit.
+
+    `listed` is already in the frame's form, {user: {"info", "connections"}}:
+    a snapshot goes into a welcome far more often than it is read as Members.
+    """
 
     count: int
-    members: dict[str, Member] | None = None
+    listed: Mapping[str, Mapping[str, Any]] | None = None
 
-    def as_json(self) -> dict[str, Any]:
+    @property
+    def members(self) -> dict[str, Member] | None:
+        if self.listed is None:
+            return None
+        return {u: Member(m["info"], m["connections"]) for u, m in self.listed.items()}
+
+    def as_json(self) -> Mapping[str, Any]:
         """The frame's form: {user: {"info", "connections"}}, or {"count": N}."""
-        if self.members is None:
-            return {"count": self.count}
-        return {user: member.as_json() for user, member in self.members.items()}
+        return {"count": self.count} if self.listed is None else self.listed
 
     @classmethod
-    def of(cls, entries: Iterable[tuple[str, Any]], limit: int | None) -> PresenceSnapshot:
-        """Aggregate (user, info) entries, one per socket, into members.
-
-        `info` is the decoded info, or its JSON text (decoded here, once per user).
-        """
+    def of(cls, entries: Iterable[tuple[str, str]], limit: int | None) -> PresenceSnapshot:
+        """Aggregate (user, info JSON) entries, one per socket, into members."""
         counts: dict[str, int] = {}
-        infos: dict[str, Any] = {}
+        infos: dict[str, str] = {}
         for user, info in entries:
             counts[user] = counts.get(user, 0) + 1
             infos[user] = info  # one of the user's sockets' info: the last read
         if limit is not None and len(counts) > limit:
             return cls(len(counts))
-        members = {
-            user: Member(decode_info(info) if isinstance(info, str) else info, counts[user])
+        listed = {
+            user: {"info": decode_info(info), "connections": counts[user]}
             for user, info in infos.items()
         }
-        return cls(len(counts), members)
+        return cls(len(counts), listed)
 
 
 def decode_info(info: str) -> Any:
@@ -132,9 +137,11 @@ OnPresence = Callable[[PresenceEvent], None]
 
 @dataclass(slots=True)
 class _Channel:
-    # connection -> user, decoded info (decoded once, at the join, not per snapshot)
-    entries: dict[str, tuple[str, Any]] = field(default_factory=dict)
-    users: dict[str, int] = field(default_factory=dict)  # user -> entries
+    entries: dict[str, str] = field(default_factory=dict)  # connection -> user
+    # user -> {"info", "connections"}, the frame's form, kept as the sockets come
+    # and go so that a snapshot is a copy. Replaced, never changed: a snapshot
+    # handed out earlier must not change under its reader.
+    listed: dict[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 class PresenceTable:
@@ -149,27 +156,28 @@ class PresenceTable:
         held = self._channels.setdefault(channel, _Channel())
         if connection_id in held.entries:
             return None
-        held.entries[connection_id] = (user, decode_info(info))
-        count = held.users.get(user, 0) + 1
-        held.users[user] = count
-        if count == 1 and is_announced(True, len(held.users), max_members):
+        held.entries[connection_id] = user
+        before = held.listed.get(user)
+        count = 1 if before is None else before["connections"] + 1
+        # The latest socket's info wins (a refreshed token may carry a new one).
+        held.listed[user] = {"info": decode_info(info), "connections": count}
+        if count == 1 and is_announced(True, len(held.listed), max_members):
             return PresenceEvent(channel, user, info)
         return None
 
     def leave(self, channel: str, connection_id: str, max_members: int) -> PresenceEvent | None:
         held = self._channels.get(channel)
-        entry = held.entries.pop(connection_id, None) if held is not None else None
-        if held is None or entry is None:
+        user = held.entries.pop(connection_id, None) if held is not None else None
+        if held is None or user is None:
             return None
-        user = entry[0]
-        count = held.users[user] - 1
-        if count:
-            held.users[user] = count
+        before = held.listed[user]
+        if before["connections"] > 1:
+            held.listed[user] = {"info": before["info"], "connections": before["connections"] - 1}
             return None
-        del held.users[user]
+        del held.listed[user]
         if not held.entries:
             del self._channels[channel]
-        if is_announced(False, len(held.users), max_members):
+        if is_announced(False, len(held.listed), max_members):
             return PresenceEvent(channel, user)
         return None
 
@@ -177,6 +185,6 @@ class PresenceTable:
         held = self._channels.get(channel)
         if held is None:
             return PresenceSnapshot(0, {})
-        if limit is not None and len(held.users) > limit:
-            return PresenceSnapshot(len(held.users))  # without reading every entry
-        return PresenceSnapshot.of(held.entries.values(), limit)
+        if limit is not None and len(held.listed) > limit:
+            return PresenceSnapshot(len(held.listed))
+        return PresenceSnapshot(len(held.listed), dict(held.listed))

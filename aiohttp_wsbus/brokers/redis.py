@@ -16,7 +16,6 @@ import contextlib
 import functools
 import logging
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from redis.asyncio import Redis, RedisCluster
@@ -32,7 +31,6 @@ from .base import (
     DEFAULT_HISTORY,
     Broker,
     Deliver,
-    EmptyEpoch,
     History,
     HistoryOptions,
     Message,
@@ -44,34 +42,27 @@ from .base import (
 from .presence import DEFAULT_PRESENCE, OnPresence, PresenceOptions, PresenceSnapshot
 from .redis_control import CONTROL_CHANNEL, ControlChannel
 from .redis_ephemeral import parse_ephemeral, publish_ephemeral
-from .redis_listener import Listener, ListenerOptions, Subscription
+from .redis_listener import Listener, ListenerOptions, Subscription, address, is_gap
+from .redis_options import share_options, shortest_ttl
 from .redis_presence import PRESENCE_MARK, RedisPresence
 from .redis_scripts import (
     HISTORY_SCRIPT,
+    KEEP_SCRIPT,
     PUBLISH_SCRIPT,
     UNREACHABLE,
     ChannelKeys,
+    Top,
     check_prefix,
-    entry_offset,
     milliseconds,
     parse_published,
+    parse_top,
     publish_arguments,
-    text,
 )
+from .redis_users import UserSockets
 
 __all__ = ["RedisBroker"]
 
 logger = logging.getLogger("aiohttp_wsbus")
-
-
-@dataclass(slots=True)
-class _Top:
-    """A channel's stream as HISTORY_SCRIPT saw it (`now`: the empty epoch of the read)."""
-
-    position: Position
-    first: int
-    now: EmptyEpoch | None
-    messages: list[Message] = field(default_factory=list)
 
 
 class RedisBroker(Broker):
@@ -128,6 +119,8 @@ class RedisBroker(Broker):
         self._tasks: list[asyncio.Task[None]] = []
         self._on_control: OnControl | None = None
         self._control = ControlChannel(self.prefix, sharded=self.sharded)
+        self._users = UserSockets(self.prefix)
+        self._keep_every: float | None = None  # seconds; the shortest TTL / 3
         self._on_presence: OnPresence | None = None
         self._on_ephemeral: OnEphemeral | None = None
         self._presence = self._new_presence(DEFAULT_PRESENCE)
@@ -181,9 +174,10 @@ class RedisBroker(Broker):
                 **options,
             )
             self._redis = Redis.from_pool(pool)
-            name = _address(pool.connection_kwargs)
+            name = address(pool.connection_kwargs)
             self._listeners[""] = self._new_listener(name, pool.make_connection)
             self._topology_read.set()
+        self._tasks.append(loop.create_task(self._users.keep(self._redis)))
         if on_control is not None:
             # Held for good; its confirmation (again after each reconnect) loads revocations.
             # On a cluster, placing subscriptions on their shards (_follow_topology) adds it.
@@ -350,11 +344,20 @@ class RedisBroker(Broker):
             raise BrokerUnavailable(f"redis: {error}") from None
 
     async def join(
-        self, connection_id: str, user: str, info: str, channels: Collection[str]
-    ) -> None:
+        self,
+        connection_id: str,
+        user: str,
+        info: str,
+        channels: Collection[str],
+        *,
+        snapshot: Collection[str] = (),
+        limit: int | None = None,
+    ) -> dict[str, PresenceSnapshot]:
         redis = self._reachable()
         try:
-            await self._presence.join(redis, connection_id, user, info, channels)
+            return await self._presence.join(
+                redis, connection_id, user, info, channels, snapshot=snapshot, limit=limit
+            )
         except UNREACHABLE as error:
             raise BrokerUnavailable(f"redis: {error}") from None
 
@@ -387,14 +390,34 @@ class RedisBroker(Broker):
         except Exception:  # a bad message must not take the listener down
             logger.exception("redis broker: control message %r failed", message.get("type"))
 
-    async def publish(self, channel: str, data: str, *, message_id: str | None = None) -> Published:
+    async def admit_connection(self, user: str, limit: int, here: int) -> bool:
+        return await self._users.take(self._redis, user, limit)
+
+    def release_connection(self, user: str) -> None:
+        self._users.release(user)
+
+    async def share_options(self, writers_view: Mapping[str, Any]) -> None:
+        await share_options(self._redis, self.prefix, writers_view)
+        self._keep_every = shortest_ttl(writers_view) / 3
+        if self._tasks:  # started: _keep starts again with it
+            self._tasks[0].cancel()
+            self._tasks[0] = asyncio.get_running_loop().create_task(self._keep())
+
+    async def publish(
+        self,
+        channel: str,
+        data: str,
+        *,
+        message_id: str | None = None,
+        history: HistoryOptions | None = None,
+    ) -> Published:
         if not self.is_available or self._redis is None:
             raise BrokerUnavailable("redis is not reachable")
         keys, args = publish_arguments(
             ChannelKeys.of(self.prefix, channel),
             data,
             message_id,
-            self._history,
+            history or self._history,
             sharded=self.sharded,
         )
         try:
@@ -413,7 +436,12 @@ class RedisBroker(Broker):
         except UNREACHABLE as error:
             raise BrokerUnavailable(f"redis: {error}") from None
 
-    async def history(self, since: Mapping[str, Position | None]) -> dict[str, History]:
+    async def history(
+        self,
+        since: Mapping[str, Position | None],
+        *,
+        options: Mapping[str, HistoryOptions] | None = None,
+    ) -> dict[str, History]:
         # A subscribe still waiting for Redis must land first, or this read
         # could miss a message published between it and the subscription.
         waiting = [
@@ -427,13 +455,13 @@ class RedisBroker(Broker):
             tops = await self._read({c: (p, False) for c, p in since.items()})
         except UNREACHABLE as error:
             raise BrokerUnavailable(f"redis: {error}") from None
-        ttl = self._history.ttl
+        ttls = {c: (options or {}).get(c, self._history).ttl for c in tops}
         return {
-            channel: recover(since[channel], t.position, t.first, t.messages, now=t.now, ttl=ttl)
-            for channel, t in tops.items()
+            c: recover(since[c], t.position, t.first, t.messages, now=t.now, ttl=ttls[c])
+            for c, t in tops.items()
         }
 
-    async def _read(self, since: Mapping[str, tuple[Position | None, bool]]) -> dict[str, _Top]:
+    async def _read(self, since: Mapping[str, tuple[Position | None, bool]]) -> dict[str, Top]:
         """Run HISTORY_SCRIPT for each channel in one round trip."""
         if self._redis is None:
             raise BrokerUnavailable("the broker is not started")
@@ -453,7 +481,7 @@ class RedisBroker(Broker):
                 )
             answers = await pipe.execute()
         pairs = zip(since, answers, strict=True)
-        return {channel: _parse_top(channel, answer) for channel, answer in pairs}
+        return {channel: parse_top(channel, answer) for channel, answer in pairs}
 
     async def _keep(self) -> None:
         """Keep subscribed channels' history and epoch alive past the TTL, like MemoryBroker.
@@ -463,7 +491,7 @@ class RedisBroker(Broker):
         """
         ttl = milliseconds(self._history.ttl)
         while True:
-            await asyncio.sleep(self._history.ttl / 3)
+            await asyncio.sleep(self._keep_every or self._history.ttl / 3)
             channels = [c for c in self._subscriptions if c != CONTROL_CHANNEL]
             for start in range(0, len(channels), 500):
                 with contextlib.suppress(*UNREACHABLE):
@@ -475,8 +503,7 @@ class RedisBroker(Broker):
         async with self._connection_slots, self._redis.pipeline(transaction=False) as pipe:
             for channel in channels:
                 keys = ChannelKeys.of(self.prefix, channel)
-                pipe.pexpire(keys.meta, ttl)
-                pipe.pexpire(keys.stream, ttl)
+                pipe.eval(KEEP_SCRIPT, 2, keys.meta, keys.stream, ttl)  # by its own TTL
             await pipe.execute()
 
     async def on_message(self, subscription: Subscription, payload: bytes) -> None:
@@ -497,7 +524,7 @@ class RedisBroker(Broker):
         epoch_bytes, offset_bytes, data = payload.split(b" ", 2)
         epoch, offset = epoch_bytes.decode(), int(offset_bytes)
         last = subscription.last
-        if last is not None and _is_gap(last, epoch, offset):
+        if last is not None and is_gap(last, epoch, offset):
             # Something was missed (a new epoch, or a gap): take it from the stream.
             await self._catch_up(subscription)
             last = subscription.last
@@ -540,29 +567,3 @@ class RedisBroker(Broker):
         if self._deliver is not None and self._subscriptions.get(message.channel) is subscription:
             self._deliver(message)
 
-
-def _address(options: Mapping[str, Any]) -> str:
-    """host:port/db (or the socket path) of a connection, for logs: never its password."""
-    where = options.get("path") or f"{options.get('host', 'localhost')}:{options.get('port', 6379)}"
-    return f"{where}/{options.get('db', 0)}"
-
-
-def _is_gap(last: Position, epoch: str, offset: int) -> bool:
-    """Whether a live message skips some after `last`.
-
-    At offset 0 (a channel that held nothing) offset 1 of any epoch follows:
-    the channel's first message starts the epoch.
-    """
-    if last.offset == 0 and offset == 1:
-        return False
-    return epoch != last.epoch or offset > last.offset + 1
-
-
-def _parse_top(channel: str, answer: list[Any]) -> _Top:
-    epoch = text(answer[0])
-    now = EmptyEpoch.parse(text(answer[3]))
-    top = _Top(Position(int(answer[1]), epoch), int(answer[2]), now)
-    for entry_id, fields in answer[4:]:
-        values = dict(zip(fields[::2], fields[1::2], strict=True))
-        top.messages.append(Message(channel, entry_offset(entry_id), epoch, text(values[b"d"])))
-    return top

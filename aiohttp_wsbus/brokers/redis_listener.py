@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -22,7 +22,14 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from ..protocol import Position
 from .redis_scripts import UNREACHABLE, ChannelKeys
 
-__all__ = ["Listener", "ListenerHandler", "ListenerOptions", "Subscription"]
+__all__ = [
+    "Listener",
+    "ListenerHandler",
+    "ListenerOptions",
+    "Subscription",
+    "address",
+    "is_gap",
+]
 
 logger = logging.getLogger("aiohttp_wsbus")
 
@@ -235,3 +242,20 @@ class Listener:
         elif kind == b"sunsubscribe":
             # Unasked: a cluster moved the channel's slot to another shard.
             self._handler.on_topology_changed()
+
+
+def address(options: Mapping[str, Any]) -> str:
+    """host:port/db (or the socket path) of a connection, for logs: never its password."""
+    where = options.get("path") or f"{options.get('host', 'localhost')}:{options.get('port', 6379)}"
+    return f"{where}/{options.get('db', 0)}"
+
+
+def is_gap(last: Position, epoch: str, offset: int) -> bool:
+    """Whether a live message skips some after `last`.
+
+    At offset 0 (a channel that held nothing) offset 1 of any epoch follows:
+    the channel's first message starts the epoch.
+    """
+    if last.offset == 0 and offset == 1:
+        return False
+    return epoch != last.epoch or offset > last.offset + 1

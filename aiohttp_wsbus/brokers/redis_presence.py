@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection
 from typing import Any, Final
 
 from redis.asyncio import Redis, RedisCluster
@@ -145,18 +145,28 @@ class RedisPresence:
         user: str,
         info: str,
         channels: Collection[str],
-    ) -> None:
+        *,
+        snapshot: Collection[str] = (),
+        limit: int | None = None,
+    ) -> dict[str, PresenceSnapshot]:
         for channel in channels:  # before the round trip: a leave meanwhile undoes it
             self.local.setdefault(channel, {})[connection_id] = (user, info)
-        await self._join(redis, ((c, connection_id, user, info) for c in channels))
+        entries = [(c, connection_id, user, info) for c in channels]
+        return await self._join(redis, entries, snapshot, limit)
 
     async def _join(
-        self, redis: Redis | RedisCluster, entries: Iterable[tuple[str, str, str, str]]
-    ) -> None:
+        self,
+        redis: Redis | RedisCluster,
+        entries: Collection[tuple[str, str, str, str]],
+        snapshot: Collection[str] = (),
+        limit: int | None = None,
+    ) -> dict[str, PresenceSnapshot]:
+        """Run JOIN_SCRIPT for each entry, then READ_SCRIPT for each `snapshot` channel,
+        in one round trip (a channel's scripts run in order on its node)."""
         ttl = milliseconds(self.options.ttl)
         async with self._slots, redis.pipeline(transaction=False) as pipe:
             for channel, connection_id, user, info in entries:
-                pubsub, command, limit = self._announce(channel)
+                pubsub, command, max_members = self._announce(channel)
                 pipe.eval(
                     JOIN_SCRIPT,
                     4,
@@ -167,9 +177,15 @@ class RedisPresence:
                     ttl,
                     pubsub,
                     command,
-                    limit,
+                    max_members,
                 )
-            await pipe.execute()
+            self._queue_reads(pipe, snapshot, limit)
+            answers = await pipe.execute()
+        reads = answers[len(entries) :]
+        return {
+            channel: _snapshot(answer, limit)
+            for channel, answer in zip(snapshot, reads, strict=True)
+        }
 
     async def leave(
         self, redis: Redis | RedisCluster, connection_id: str, channels: Collection[str]
@@ -194,20 +210,17 @@ class RedisPresence:
     async def read(
         self, redis: Redis | RedisCluster, channels: Collection[str], limit: int | None
     ) -> dict[str, PresenceSnapshot]:
-        async with self._slots, redis.pipeline(transaction=False) as pipe:
-            for channel in channels:
-                pipe.eval(
-                    READ_SCRIPT,
-                    4,
-                    *_keys(self.prefix, channel),
-                    *self._announce(channel),
-                    -1 if limit is None else limit,
-                )
-            answers = await pipe.execute()
-        return {
-            channel: _snapshot(answer, limit)
-            for channel, answer in zip(channels, answers, strict=True)
-        }
+        return await self._join(redis, (), channels, limit)
+
+    def _queue_reads(self, pipe: Any, channels: Collection[str], limit: int | None) -> None:
+        for channel in channels:
+            pipe.eval(
+                READ_SCRIPT,
+                4,
+                *_keys(self.prefix, channel),
+                *self._announce(channel),
+                -1 if limit is None else limit,
+            )
 
     async def keep(self, redis: Callable[[], Redis | RedisCluster | None]) -> None:
         """Every ttl / 3: refresh this node's entries, then sweep its channels."""

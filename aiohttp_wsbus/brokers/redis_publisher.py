@@ -7,14 +7,17 @@ idempotency as those emitted on any node.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import redis
 import redis.asyncio
 import redis.retry
+from marshmallow import ValidationError
 from redis.backoff import NoBackoff
 
 from ..errors import BrokerUnavailable
+from ..namespaces import Namespaces, load_channels
 from ..protocol import encode_data
 from .base import (
     APPLICATION,
@@ -24,6 +27,7 @@ from .base import (
     check_publish,
     scoped_message_id,
 )
+from .redis_options import check_options, options_key
 from .redis_scripts import (
     PUBLISH_SCRIPT,
     UNREACHABLE,
@@ -39,10 +43,13 @@ __all__ = ["RedisPublisher", "SyncRedisPublisher"]
 class _Publishing:
     """What both publishers share: settings, checks and the script's arguments.
 
-    `prefix`, `history`, `sharded` and `cluster` must match the servers'
-    RedisBroker and setup() settings (`history=HistoryOptions(history_size,
-    history_ttl)`). `cluster=True` talks
-    to a Redis Cluster through `url`, any of its nodes, and implies `sharded`.
+    `prefix`, `history`, `channels`, `sharded` and `cluster` must match the
+    servers' RedisBroker and setup() settings (`history=HistoryOptions(
+    history_size, history_ttl)`, `channels` as given to setup()). Before its
+    first publish a publisher compares its history options with those the
+    servers left in Redis, and raises ValueError if they differ. `cluster=True`
+    talks to a Redis Cluster through `url`, any of its nodes, and implies
+    `sharded`.
     """
 
     def __init__(
@@ -51,12 +58,19 @@ class _Publishing:
         *,
         prefix: str = "wsbus",
         history: HistoryOptions = DEFAULT_HISTORY,
+        channels: Mapping[str, Mapping[str, Any]] | None = None,
         sharded: bool = False,
         cluster: bool = False,
         socket_timeout: float = 2.0,
     ) -> None:
         self.prefix = check_prefix(prefix)
         self.history = history
+        try:
+            self.namespaces = Namespaces(load_channels(channels or {}), history)
+        except ValidationError as error:
+            raise ValueError("channels: " + " | ".join(error.messages)) from None
+        self.options_key = options_key(self.prefix)
+        self.is_checked = False  # against the servers' options, before the first publish
         self.cluster = cluster
         self.sharded = sharded or cluster
         # Bounded timeouts and no retries: a Redis that is down fails fast.
@@ -71,10 +85,15 @@ class _Publishing:
             ChannelKeys.of(self.prefix, channel),
             encode_data(data),
             None if message_id is None else scoped_message_id(APPLICATION, message_id),
-            self.history,
+            self.namespaces.history_of(channel),
             sharded=self.sharded,
         )
         return [PUBLISH_SCRIPT, len(keys), *keys, *args]
+
+    def check(self, found: bytes | str | None) -> None:
+        """Refuse to run with other history options than the servers' (ValueError)."""
+        check_options(found, self.namespaces.writers_view())
+        self.is_checked = True
 
 
 class RedisPublisher(_Publishing):
@@ -91,6 +110,8 @@ class RedisPublisher(_Publishing):
         """Publish `data` (any JSON value) to `channel`; BrokerUnavailable if Redis is down."""
         arguments = self.arguments(channel, data, id)
         try:
+            if not self.is_checked:
+                self.check(await self._redis.get(self.options_key))
             answer = await self._redis.eval(*arguments)
         except UNREACHABLE as error:
             raise BrokerUnavailable(f"redis: {error}") from None
@@ -119,6 +140,8 @@ class SyncRedisPublisher(_Publishing):
         """Publish `data` (any JSON value) to `channel`; BrokerUnavailable if Redis is down."""
         arguments = self.arguments(channel, data, id)
         try:
+            if not self.is_checked:
+                self.check(self._client().get(self.options_key))
             answer = self._client().eval(*arguments)
         except UNREACHABLE as error:
             raise BrokerUnavailable(f"redis: {error}") from None

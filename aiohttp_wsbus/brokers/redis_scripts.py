@@ -10,25 +10,29 @@ import math
 import re
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 from redis.exceptions import ClusterDownError, RedisClusterException
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .base import HistoryOptions, Published
+from ..protocol import Position
+from .base import EmptyEpoch, HistoryOptions, Message, Published
 
 __all__ = [
     "HISTORY_SCRIPT",
+    "KEEP_SCRIPT",
     "PUBLISH_SCRIPT",
     "UNREACHABLE",
     "ChannelKeys",
+    "Top",
     "check_prefix",
     "entry_offset",
     "milliseconds",
     "new_epoch",
     "parse_published",
+    "parse_top",
     "publish_arguments",
     "text",
 ]
@@ -49,7 +53,9 @@ _PREFIX_RE: Final = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 # ttl ms, pub/sub channel, message id ('' for none), publish command.
 # Only a publish makes a channel's state. A missing meta hash (never published,
 # idle past the TTL, or a Redis that lost its data) is a new epoch, ARGV[1],
-# and the stream that counted in the old one goes with it.
+# and the stream that counted in the old one goes with it. The meta hash keeps
+# the TTL of the last publish, for reads and keep-alives. History size 0 keeps
+# no stream and no ids: the meta hash alone counts offsets.
 # Returns {epoch, offset, 1 if the id was already published else 0}.
 PUBLISH_SCRIPT: Final = """
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
@@ -59,7 +65,9 @@ if not epoch then
   redis.call('HSET', KEYS[1], 'epoch', epoch, 'offset', 0)
 end
 local ttl = tonumber(ARGV[4])
-if ARGV[6] ~= '' then
+local keeps = tonumber(ARGV[3]) > 0
+redis.call('HSET', KEYS[1], 'ttl', ttl)
+if ARGV[6] ~= '' and keeps then
   local seen = redis.call('GET', KEYS[3])
   if seen then
     local seen_epoch, seen_offset = string.match(seen, '^(%S+) (%d+)$')
@@ -71,18 +79,32 @@ if ARGV[6] ~= '' then
   end
 end
 local offset = redis.call('HINCRBY', KEYS[1], 'offset', 1)
-redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[3], offset .. '-0', 'd', ARGV[2])
+if keeps then
+  redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[3], offset .. '-0', 'd', ARGV[2])
+  redis.call('PEXPIRE', KEYS[2], ttl)
+else
+  redis.call('DEL', KEYS[2])
+end
 redis.call('PEXPIRE', KEYS[1], ttl)
-redis.call('PEXPIRE', KEYS[2], ttl)
-if ARGV[6] ~= '' then
+if ARGV[6] ~= '' and keeps then
   redis.call('SET', KEYS[3], epoch .. ' ' .. offset, 'PX', ttl)
 end
 redis.call(ARGV[7], ARGV[5], epoch .. ' ' .. offset .. ' ' .. ARGV[2])
 return {epoch, offset, 0}
 """
 
-# KEYS: meta hash, stream. ARGV: ttl ms, since epoch, since offset, '1' to read
-# the whole stream when the epoch is not the one asked for.
+# KEYS: meta hash, stream. ARGV: ttl ms for a channel whose meta hash has none.
+# Extends a subscribed channel's state by its own TTL (if it has state).
+KEEP_SCRIPT: Final = """
+local ttl = redis.call('HGET', KEYS[1], 'ttl') or ARGV[1]
+redis.call('PEXPIRE', KEYS[1], ttl)
+redis.call('PEXPIRE', KEYS[2], ttl)
+return 0
+"""
+
+# KEYS: meta hash, stream. ARGV: ttl ms (the meta hash's own wins), since
+# epoch, since offset, '1' to read the whole stream when the epoch is not the
+# one asked for.
 # Returns {epoch, top offset, first offset kept, now, entries after since...}.
 # It writes nothing but the expiry of keys that exist: a channel with no state
 # answers offset 0 of the empty epoch of now (base.EmptyEpoch: Redis's clock,
@@ -103,8 +125,9 @@ if not epoch then
   return {now, 0, 1, now}
 end
 local top = tonumber(redis.call('HGET', KEYS[1], 'offset'))
-redis.call('PEXPIRE', KEYS[1], ARGV[1])
-redis.call('PEXPIRE', KEYS[2], ARGV[1])
+local ttl = redis.call('HGET', KEYS[1], 'ttl') or ARGV[1]
+redis.call('PEXPIRE', KEYS[1], ttl)
+redis.call('PEXPIRE', KEYS[2], ttl)
 local first = top + 1
 local head = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
 if #head > 0 then
@@ -181,6 +204,27 @@ def publish_arguments(
             "SPUBLISH" if sharded else "PUBLISH",
         ],
     )
+
+
+@dataclass(slots=True)
+class Top:
+    """A channel's stream as HISTORY_SCRIPT saw it (`now`: the empty epoch of the read)."""
+
+    position: Position
+    first: int
+    now: EmptyEpoch | None
+    messages: list[Message] = field(default_factory=list)
+
+
+def parse_top(channel: str, answer: list[Any]) -> Top:
+    """HISTORY_SCRIPT's answer for `channel`."""
+    epoch = text(answer[0])
+    now = EmptyEpoch.parse(text(answer[3]))
+    top = Top(Position(int(answer[1]), epoch), int(answer[2]), now)
+    for entry_id, fields in answer[4:]:
+        values = dict(zip(fields[::2], fields[1::2], strict=True))
+        top.messages.append(Message(channel, entry_offset(entry_id), epoch, text(values[b"d"])))
+    return top
 
 
 def parse_published(channel: str, answer: Sequence[Any]) -> Published:

@@ -184,6 +184,7 @@ function connect(firstToken) {
     $("composer-send").disabled = !isConnected;
     $("composer-send").title = isConnected ? "" : "Sending resumes once the page is connected";
     showState(state);
+    showOnline(); // the lists go with the socket; the next welcome brings them back
   });
   // A room shows as joined once the bus has really subscribed it, as denied when it refused.
   bus.on("subscribed", (channel) => setStatus(viewOf(channel), "joined"));
@@ -193,6 +194,12 @@ function connect(firstToken) {
     if (!ok) addNote(viewOf(channel), "Reconnected. Messages sent while you were away could not be replayed.");
   });
   bus.on("error", (error) => console.warn("wsbus:", error.message));
+  // Who is online: a snapshot with each (re)subscription, then joins and leaves.
+  for (const event of ["presence", "join", "leave"]) {
+    bus.on(event, (channel) => {
+      if (channel === session.active) showOnline();
+    });
+  }
   // Ask for every room, granted or not: the bus decides, and the page shows its answer.
   // Those the token grants load their last messages first (a room it does not grant would
   // only be refused the history as well).
@@ -334,6 +341,7 @@ function select(name) {
   $("invite-error").textContent = "";
   refreshView(name);
   showTyping();
+  showOnline();
   scrollDown(state.list);
 }
 
@@ -384,6 +392,34 @@ function refreshView(name) {
     $("invited-by").textContent = room.invitedBy ?? "A member";
     $("invited-channel").textContent = name;
   }
+}
+
+// -- who is online ------------------------------------------------------------
+
+/** Shows who is in the active room now, as the bus keeps it (nothing while it has no list). */
+function showOnline() {
+  const channel = session.active;
+  const members = session.bus && channel !== DIRECT ? session.bus.members(channel) : null;
+  const count = session.bus && channel !== DIRECT ? session.bus.presenceCount(channel) : null;
+  $("online-bar").hidden = count === null;
+  $("online-count").textContent = count === null ? "" : String(count);
+  // Above the bus's max_presence_members only the count is known.
+  const users = [...(members ?? new Map()).keys()].sort();
+  $("online").replaceChildren(...users.map((user) => onlineItem(user, members.get(user).info)));
+}
+
+function onlineItem(user, info) {
+  const item = document.createElement("li");
+  item.className = "online-member";
+  item.dataset.user = user;
+  const avatar = document.createElement("span");
+  avatar.className = "avatar";
+  paintAvatar(avatar, user);
+  const name = document.createElement("span");
+  name.className = "online-name";
+  name.textContent = user === session.user ? `${info.name ?? user} (you)` : (info.name ?? user);
+  item.append(avatar, name);
+  return item;
 }
 
 // -- private rooms ------------------------------------------------------------

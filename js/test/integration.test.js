@@ -119,6 +119,16 @@ class Server {
     return this.post("/test/broker", { available });
   }
 
+  /** The bus's own presence endpoint (API key): {channel, count, members?}. */
+  async presence(channel) {
+    const response = await fetch(`${this.base}/ws/channels/${channel}/presence`, {
+      headers: { "X-API-Key": this.apiKey },
+      signal: AbortSignal.timeout(WAIT),
+    });
+    assert.equal(response.status, 200);
+    return response.json();
+  }
+
   async subscribers(channel) {
     const response = await fetch(`${this.base}/test/subscribers/${channel}`, {
       signal: AbortSignal.timeout(WAIT),
@@ -142,16 +152,17 @@ before(async () => {
 });
 after(() => server.stop());
 
-/** A WsBus on the server that records what it sees; closed when the test ends. */
-function connect(t, { claims = {}, hold = async () => {}, ...options } = {}) {
+/** A WsBus on the server (or `on`) that records what it sees; closed when the test ends. */
+function connect(t, { claims = {}, hold = async () => {}, on = server, ...options } = {}) {
   const seen = {
     states: [], subscribed: [], denied: [], errors: [], recovered: [], tokens: [], disconnected: [], backoffs: 0,
+    presence: [], joins: [], leaves: [],
   };
-  const bus = new WsBus(server.base + "/ws", {
+  const bus = new WsBus(on.base + "/ws", {
     ...FAST,
     getToken: async () => {
       await hold(); // lets a test keep the client disconnected
-      const { token, expires_at: expiresAt } = await server.token(claims);
+      const { token, expires_at: expiresAt } = await on.token(claims);
       seen.tokens.push(expiresAt);
       return token;
     },
@@ -168,9 +179,27 @@ function connect(t, { claims = {}, hold = async () => {}, ...options } = {}) {
   bus.on("error", (error) => seen.errors.push(error));
   bus.on("recovered", (channel, ok) => seen.recovered.push([channel, ok]));
   bus.on("disconnected", (reason) => seen.disconnected.push([reason, bus.state]));
+  bus.on("presence", (channel, members, count) => seen.presence.push([channel, users(members), count]));
+  bus.on("join", (channel, user, info) => seen.joins.push([channel, user, info]));
+  bus.on("leave", (channel, user) => seen.leaves.push([channel, user]));
   t.after(() => bus.close());
   bus.connect();
   return { bus, seen };
+}
+
+/** Claims of a token that may read the presence of chat channels, with a display name. */
+function member(sub) {
+  return { sub, presence: ["chat:*"], info: { name: sub.toUpperCase() } };
+}
+
+/** The users of a members() Map, sorted; null stays null. */
+function users(members) {
+  return members && [...members.keys()].sort();
+}
+
+/** A members() Map in the form of the presence endpoint's `members`. */
+function plain(members) {
+  return Object.fromEntries([...members].map(([user, { info, connections }]) => [user, { info, connections }]));
 }
 
 /** Subscribes a handler that records [data, meta] pairs. */
@@ -568,6 +597,57 @@ it("rewind replays the last messages on the first subscribe", async (t) => {
   await server.publish("chat:rewound", 6);
   await until(() => received.length === 3, "the live one");
   assert.deepEqual(received, [[4, true], [5, true], [6, false]]);
+it("a reconnect storm under the default limits: every client comes back, none is refused", async (t) => {
+  const clients = [];
+  for (let i = 0; i < 30; i += 1) {
+    const { bus, seen } = connect(t, { claims: { sub: `storm-${i % 3}` } });
+    const received = record(bus, "chat:storm");
+    clients.push({ bus, seen, received });
+  }
+  await until(() => clients.every(({ bus }) => bus.state === "connected"), "all connected");
+  // Each also joins channels one subscribe() at a time on the live socket.
+  for (const { bus } of clients) for (let n = 0; n < 20; n += 1) bus.subscribe(`chat:storm-${n}`);
+  await server.untilSubscribers("chat:storm-19", 30);
+  for (let drop = 1; drop <= 5; drop += 1) {
+    await server.kill();
+    const welcomes = drop + 1;
+    await until(
+      () => clients.every(({ seen }) => seen.states.filter((s) => s === "connected").length === welcomes),
+      `every client back after drop ${drop}`,
+    );
+  }
+  await server.untilSubscribers("chat:storm", 30);
+  await server.publish("chat:storm", "after the storm");
+  await until(() => clients.every(({ received }) => received.length === 1), "every client got it");
+  for (const { seen } of clients) assert.deepEqual(seen.errors, []);
+  const response = await fetch(`${server.base}/test/rate_limited`, { signal: AbortSignal.timeout(WAIT) });
+  assert.deepEqual(await response.json(), {}, "no limit was reached");
+});
+
+it("a user's socket beyond max_connections_per_user is closed 4408: that client stops with an error", async (t) => {
+  const limited = new Server();
+  await limited.start(["--settings", JSON.stringify({ max_connections_per_user: 1 })]);
+  t.after(() => limited.stop());
+  const { token } = await limited.token({ sub: "alice" });
+  const open = (seen) => {
+    const bus = new WsBus(limited.base + "/ws", { ...FAST, getToken: async () => token, autoConnect: false });
+    t.after(() => bus.close());
+    bus.on("state", (state) => seen.states.push(state));
+    bus.on("error", (error) => seen.errors.push(error));
+    bus.connect();
+    return bus;
+  };
+  const first = { states: [], errors: [] };
+  const firstBus = open(first);
+  await until(() => firstBus.state === "connected", "the first socket connected");
+  const second = { states: [], errors: [] };
+  const secondBus = open(second);
+  await until(() => secondBus.state === "closed", "the second client stopped");
+  assert.equal(second.errors.length, 1);
+  assert.equal(second.errors[0].code, 4408);
+  assert.deepEqual(second.states, ["connecting", "closed"]);
+  assert.equal(firstBus.state, "connected");
+  assert.deepEqual(first.errors, []);
 });
 
 function deferred() {
@@ -575,3 +655,96 @@ function deferred() {
   const promise = new Promise((r) => (resolve = r));
   return { promise, resolve };
 }
+
+it("lists who is in a presence channel and follows each join and leave once", async (t) => {
+  const room = "chat:presence";
+  const alice = connect(t, { claims: member("alice"), channels: [room] });
+  await until(() => alice.seen.presence.length === 1, "alice's snapshot");
+  assert.deepEqual(alice.seen.presence, [[room, ["alice"], 1]]);
+
+  const bob = connect(t, { claims: member("bob"), channels: [room] });
+  await until(() => alice.seen.joins.length === 1, "bob's join");
+  assert.deepEqual(alice.seen.joins, [[room, "bob", { name: "BOB" }]]); // her own join was no event
+  const bobAgain = connect(t, { claims: member("bob"), channels: [room] }); // a second tab
+  await until(() => bobAgain.seen.presence.length === 1, "the second tab's snapshot");
+  assert.deepEqual(plain(bobAgain.bus.members(room)), (await server.presence(room)).members);
+  assert.equal(bobAgain.bus.members(room).get("bob").connections, 2);
+  await until(() => bob.bus.presenceCount(room) === 2, "bob's list has alice and bob");
+
+  bob.bus.close();
+  bobAgain.bus.close();
+  await until(() => alice.seen.leaves.length === 1, "bob's leave");
+  const carol = connect(t, { claims: member("carol"), channels: [room] });
+  await until(() => alice.seen.joins.length === 2, "carol's join, after anything bob's tabs caused");
+  assert.deepEqual(alice.seen.leaves, [[room, "bob"]]); // one leave for two tabs
+  assert.deepEqual(users(alice.bus.members(room)), ["alice", "carol"]);
+  assert.deepEqual(plain(alice.bus.members(room)), (await server.presence(room)).members);
+  assert.deepEqual(carol.seen.joins, []);
+  assert.deepEqual([alice.seen.errors, bob.seen.errors, carol.seen.errors], [[], [], []]);
+});
+
+it("after a drop the welcome's fresh snapshot replaces the list, with no join or leave for what changed", async (t) => {
+  const room = "chat:presence-drop";
+  let gate = null;
+  const alice = connect(t, {
+    claims: member("alice"),
+    channels: [room],
+    hold: () => gate?.promise,
+  });
+  await until(() => alice.seen.presence.length === 1, "alice's snapshot");
+  const bob = connect(t, { claims: member("bob"), channels: [room] });
+  await until(() => alice.seen.joins.length === 1 && bob.bus.presenceCount(room) === 2, "both listed");
+
+  gate = deferred();
+  assert.ok((await server.kill()).killed >= 2);
+  await until(() => alice.bus.state !== "connected", "alice dropped");
+  assert.equal(alice.bus.members(room), null); // no stale list while disconnected
+  await until(() => bob.bus.state === "connected" && bob.bus.presenceCount(room) === 1, "bob back, alone");
+  bob.bus.close();
+  const carol = connect(t, { claims: member("carol"), channels: [room] });
+  await until(() => carol.bus.presenceCount(room) === 1, "carol in, bob gone");
+  gate.resolve();
+  await until(() => alice.seen.presence.length === 2, "alice's fresh snapshot");
+
+  assert.deepEqual(alice.seen.presence, [
+    [room, ["alice"], 1],
+    [room, ["alice", "carol"], 2],
+  ]);
+  // carol came and bob went while she was away: the snapshot says so, no event does.
+  assert.deepEqual(alice.seen.joins, [[room, "bob", { name: "BOB" }]]);
+  assert.deepEqual(alice.seen.leaves, []);
+});
+
+it("unsubscribing drops the list; a token without the presence grant gets none", async (t) => {
+  const room = "chat:presence-leave";
+  const alice = connect(t, { claims: member("alice"), channels: [room] });
+  const blind = connect(t, { claims: { sub: "eve" }, channels: [room] });
+  await until(() => alice.bus.presenceCount(room) === 2, "eve listed for alice");
+  await until(() => blind.seen.subscribed.length === 1, "eve subscribed");
+  assert.equal(blind.bus.members(room), null);
+  assert.equal(blind.bus.presenceCount(room), null);
+
+  alice.bus.unsubscribe(room);
+  assert.equal(alice.bus.members(room), null);
+  assert.equal(alice.bus.presenceCount(room), null);
+  // eve is present all the same: she is listed, with no info in her token.
+  assert.deepEqual((await server.presence(room)).members.eve, { info: {}, connections: 1 });
+  assert.deepEqual([blind.seen.presence, blind.seen.joins, blind.seen.leaves], [[], [], []]);
+});
+
+it("above max_presence_members a snapshot is a count: members() is null", async (t) => {
+  const small = new Server();
+  await small.start(["--max-presence-members", "1"]);
+  t.after(() => small.stop());
+  const room = "chat:crowded";
+  const alice = connect(t, { on: small, claims: member("alice"), channels: [room] });
+  await until(() => alice.seen.presence.length === 1, "alice's snapshot");
+  const bob = connect(t, { on: small, claims: member("bob"), channels: [room] });
+  await until(() => bob.seen.presence.length === 1, "bob's snapshot");
+
+  assert.deepEqual(alice.seen.presence, [[room, ["alice"], 1]]);
+  assert.deepEqual(bob.seen.presence, [[room, null, 2]]);
+  assert.equal(bob.bus.members(room), null);
+  assert.equal(bob.bus.presenceCount(room), 2);
+  assert.deepEqual(await small.presence(room), { channel: room, count: 2 });
+});

@@ -1,6 +1,6 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { harness } from "../test-support/fakes.js";
+import { harness, settle } from "../test-support/fakes.js";
 
 function message(channel, offset, data, extra = {}) {
   return { type: "message", channel, offset, epoch: "e1", data, ...extra };
@@ -113,6 +113,7 @@ test("a subscribe frame for a channel never seen carries no since", async () => 
   await h.open();
   h.bus.subscribe("b");
   h.welcome({ positions: { a: { offset: 3, epoch: "e1" } } });
+  await settle();
   assert.deepEqual(h.socket.framesOfType("subscribe"), [{ type: "subscribe", channels: ["b"] }]);
 });
 
@@ -121,7 +122,9 @@ test("unsubscribing forgets the channel's position", async () => {
   await h.connect();
   h.socket.receive(message("a", 9, "x"));
   h.bus.unsubscribe("a");
+  await settle();
   h.bus.subscribe("a");
+  await settle();
   assert.deepEqual(h.socket.framesOfType("subscribe"), [{ type: "subscribe", channels: ["a"] }]);
 });
 

@@ -12,6 +12,7 @@ test("subscribe while connected sends a subscribe frame for a new channel only",
   h.bus.subscribe("b", () => {});
   h.bus.subscribe("b", () => {});
   h.bus.subscribe("a", () => {});
+  await settle(); // frames leave at the end of the task
   assert.deepEqual(h.socket.framesOfType("subscribe"), [{ type: "subscribe", channels: ["b"] }]);
 });
 
@@ -21,6 +22,7 @@ test("unsubscribe while connected sends an unsubscribe frame and drops handlers"
   h.bus.subscribe("a", (data) => seen.push(data));
   await h.connect();
   h.bus.unsubscribe("a");
+  await settle();
   assert.deepEqual(h.socket.framesOfType("unsubscribe"), [{ type: "unsubscribe", channels: ["a"] }]);
   h.socket.receive(message("a", 1, "late"));
   assert.deepEqual(seen, []);
@@ -43,6 +45,7 @@ test("changes between the connect frame and the welcome are sent after the welco
   h.bus.unsubscribe("b");
   assert.equal(h.socket.sent.length, 1, "nothing sent before the welcome");
   h.welcome();
+  await settle();
   assert.deepEqual(h.socket.sent.slice(1), [
     { type: "unsubscribe", channels: ["b"] },
     { type: "subscribe", channels: ["c"] },
@@ -167,6 +170,7 @@ test("denied channels in a subscribed frame are reported and dropped", async () 
   h.socket.receive({ type: "subscribed", channels: [], denied: { "bad channel": "invalid" } });
   assert.deepEqual(h.log.denied, [["bad channel", "invalid"]]);
   h.bus.subscribe("x");
+  await settle();
   assert.deepEqual(h.socket.framesOfType("subscribe").at(-1).channels, ["x"]);
 });
 
@@ -218,6 +222,7 @@ test("a channel the server dropped can be joined again by the app", async () => 
   await h.connect();
   h.socket.receive({ type: "unsubscribed", channels: ["a"], reason: "server" });
   h.bus.subscribe("a");
+  await settle();
   assert.deepEqual(h.socket.framesOfType("subscribe").at(-1).channels, ["a"]);
 });
 

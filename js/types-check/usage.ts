@@ -8,6 +8,7 @@ import type {
   DenyReason,
   HistoryPage,
   MessageMeta,
+  PresenceMember,
   RequestErrorCode,
   SubscribedMeta,
   WsBusOptions,
@@ -52,6 +53,15 @@ const takenAway: DenyReason = "server";
 bus.on("disconnected", (reason: string) => console.log("signed out:", reason, takenAway));
 bus.on("recovered", (channel: string, ok: boolean) => console.log(channel, ok));
 bus.on("message", (channel: string, data: unknown, meta: MessageMeta) => console.log(channel, data, meta));
+bus.on("presence", (channel: string, members: Map<string, PresenceMember> | null, count: number) => {
+  for (const [user, member] of members ?? []) console.log(channel, user, member.info.name, member.connections);
+  console.log(count);
+});
+bus.on("join", (channel: string, user: string, info: Record<string, unknown>) => console.log(channel, user, info));
+bus.on("leave", (channel: string, user: string) => console.log(channel, user));
+const online: Map<string, PresenceMember> | null = bus.members("chat:lobby");
+const howMany: number | null = bus.presenceCount("chat:lobby");
+console.log(online?.get("alice")?.info, howMany);
 const stop: () => void = bus.on("error", (error) => console.error(error));
 stop();
 const expired: 4001 = CloseCodes.TOKEN_EXPIRED;
@@ -102,6 +112,12 @@ bus.on("subscribed", (channel: string, meta: SubscribedMeta) => console.log(chan
 bus.on("denied", (channel: string, reason: number) => console.log(channel, reason));
 // @ts-expect-error data is unknown until the handler says what it is
 bus.subscribe("chat:lobby", (data) => data.text);
+// @ts-expect-error members may be null: no presence data
+bus.members("chat:lobby").size;
+// @ts-expect-error a member is read-only: the client's list is not the app's to change
+bus.members("chat:lobby")!.get("alice")!.connections = 2;
+// @ts-expect-error a leave carries no info
+bus.on("leave", (channel: string, user: string, info: Record<string, unknown>) => console.log(channel, user, info));
 // @ts-expect-error state is read-only
 bus.state = "connected";
 // @ts-expect-error CloseCodes is frozen
