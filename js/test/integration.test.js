@@ -597,6 +597,8 @@ it("rewind replays the last messages on the first subscribe", async (t) => {
   await server.publish("chat:rewound", 6);
   await until(() => received.length === 3, "the live one");
   assert.deepEqual(received, [[4, true], [5, true], [6, false]]);
+});
+
 it("a reconnect storm under the default limits: every client comes back, none is refused", async (t) => {
   const clients = [];
   for (let i = 0; i < 30; i += 1) {

@@ -181,6 +181,7 @@ test("rewind is asked for on the first subscribe only, and its replay is kept", 
   await h.connect();
   const seen = [];
   h.bus.subscribe("room", (data) => seen.push(data), { rewind: 2 });
+  await settle(); // frames leave at the end of the task
   assert.deepEqual(h.socket.framesOfType("subscribe"), [{ type: "subscribe", channels: ["room"], rewind: { room: 2 } }]);
   h.socket.receive({ type: "subscribed", subscribed: ["room"], denied: {}, recovered: {}, positions: { room: { offset: 9, epoch: "e1" } } });
   h.socket.receive(message("room", 8, "eight", { recovered: true }));
@@ -197,6 +198,7 @@ test("since positions the first subscribe", async () => {
   const h = harness({ channels: [] });
   await h.connect();
   h.bus.subscribe("room", null, { since: { offset: 12, epoch: "e1" } });
+  await settle(); // frames leave at the end of the task
   assert.deepEqual(h.socket.framesOfType("subscribe"), [
     { type: "subscribe", channels: ["room"], since: { room: { offset: 12, epoch: "e1" } } },
   ]);
