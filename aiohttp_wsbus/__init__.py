@@ -29,6 +29,7 @@ from .errors import (
     KeysUnavailable,
     WsBusError,
 )
+from .history import HistoryPage
 from .hooks import ConnectionInfo
 from .protocol import CloseCode, Position
 from .tokens import Claims
@@ -86,6 +87,7 @@ __all__ = [
     "EmitError",
     "Forbidden",
     "HistoryOptions",
+    "HistoryPage",
     "InvalidChannel",
     "InvalidSettings",
     "InvalidToken",

@@ -16,7 +16,7 @@ import logging
 import re
 from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Any, Final, Generic, Literal, TypeVar
 
 from .errors import InvalidSettings
 from .grants import MAX_CHANNEL_LENGTH
@@ -28,6 +28,7 @@ __all__ = [
     "Authorizers",
     "BatchAuthorizer",
     "ChannelPattern",
+    "PatternTable",
     "Verdict",
 ]
 
@@ -45,6 +46,7 @@ BatchAuthorizer = Callable[[Claims, list[str]], Awaitable[Collection[str]]]
 _LITERAL_RE: Final = re.compile(r"[A-Za-z0-9_\-.:@/=]+")
 _PARAMETER_RE: Final = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _SEGMENT: Final = r"[A-Za-z0-9_\-.@=]+"
+_Handler = TypeVar("_Handler")
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,27 +109,49 @@ class ChannelPattern:
         return None if found is None else found.groupdict()
 
 
+class PatternTable(Generic[_Handler]):
+    """Handlers by channel pattern: the most specific pattern matching a channel picks its
+    handler (the most literal characters; registration order breaks ties)."""
+
+    def __init__(self) -> None:
+        self._entries: list[tuple[ChannelPattern, _Handler]] = []
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def add(self, pattern: str, handler: _Handler) -> None:
+        """Add `handler` for `pattern`; raise InvalidSettings naming a bad pattern."""
+        self._entries.append((ChannelPattern.parse(pattern), handler))
+        # Most literal characters first; sort is stable, so registration order breaks ties.
+        self._entries.sort(key=lambda entry: -entry[0].literal_length)
+
+    def find(self, channel: str) -> tuple[_Handler, dict[str, str]] | None:
+        """The handler for `channel`, and the pattern's parameters; None if none matches."""
+        for pattern, handler in self._entries:
+            parameters = pattern.match(channel)
+            if parameters is not None:
+                return handler, parameters
+        return None
+
+
 class Authorizers:
     """The authorizers of one action, and how they decide a request's channels."""
 
     def __init__(self, action: Action, errors: collections.Counter[str]) -> None:
         self.action = action
         self.batch: BatchAuthorizer | None = None
-        self._entries: list[tuple[ChannelPattern, Authorizer]] = []
+        self._table: PatternTable[Authorizer] = PatternTable()
         self._errors = errors
         self._is_frozen = False
 
     def __bool__(self) -> bool:
-        return bool(self._entries) or self.batch is not None
+        return bool(self._table) or self.batch is not None
 
     def add(self, pattern: str, authorizer: Authorizer) -> None:
         self._check_open()
-        if len(self._entries) >= MAX_AUTHORIZERS:
+        if len(self._table) >= MAX_AUTHORIZERS:
             raise InvalidSettings(f"authorizer pattern {pattern!r}: at most {MAX_AUTHORIZERS}")
-        parsed = ChannelPattern.parse(pattern)
-        self._entries.append((parsed, authorizer))
-        # Most literal characters first; sort is stable, so registration order breaks ties.
-        self._entries.sort(key=lambda entry: -entry[0].literal_length)
+        self._table.add(pattern, authorizer)
 
     def set_batch(self, authorizer: BatchAuthorizer) -> None:
         self._check_open()
@@ -142,11 +166,7 @@ class Authorizers:
 
     def find(self, channel: str) -> tuple[Authorizer, dict[str, str]] | None:
         """The most specific authorizer for `channel`, and the pattern's parameters."""
-        for pattern, authorizer in self._entries:
-            parameters = pattern.match(channel)
-            if parameters is not None:
-                return authorizer, parameters
-        return None
+        return self._table.find(channel)
 
     async def decide(
         self, claims: Claims, channels: Iterable[str], timeout: float

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import secrets
 from collections.abc import Callable, Collection, Coroutine, Mapping
@@ -26,6 +27,7 @@ from .brokers.base import (
 from .brokers.presence import Member
 from .connection import Connection, WriteScheduler, message_frame
 from .errors import InvalidToken
+from .history import HistoryPage, read_history, read_positions
 from .hooks import ConnectionInfo, Hooks
 from .namespaces import Namespaces
 from .presence import Presence
@@ -36,8 +38,11 @@ from .protocol import (
     Close,
     Position,
     encode_data,
+    encode_ephemeral,
+    text_frame,
 )
 from .registry import Connections, Registry
+from .requests import Requests
 from .revocations import Revocation
 from .sessions import Sessions
 from .settings import Settings
@@ -73,6 +78,7 @@ class Bus:
         self.sessions = Sessions(self)
         self.subscriptions = Subscriptions(self)
         self.presence_keeper = Presence(self)
+        self.requests = Requests(self)  # RPC methods, publish hooks, request frames
         self.hooks = Hooks(self, self.hook_errors)
         self.on_connect = self.hooks.on_connect
         self.on_disconnect = self.hooks.on_disconnect
@@ -123,8 +129,26 @@ class Bus:
             claims, channels, self.settings.authorize_timeout
         )
 
+    def rpc(self, name: str) -> Callable[[_Decorated], _Decorated]:
+        """Register `async def f(info: ConnectionInfo, data) -> data` as the RPC method `name`.
+
+        ValueError answers the client `invalid` (with its message), Forbidden
+        `forbidden`, over `rpc_timeout` `timeout`, anything else `internal` (logged).
+        """
+        return functools.partial(_registered, self.requests.add_method, name)
+
+    def on_publish(self, pattern: str) -> Callable[[_Decorated], _Decorated]:
+        """Register `async def f(claims, data, **parameters) -> data | None` for what token
+        holders publish (frames, Bearer emits) to channels matching `pattern`.
+
+        After the grant check it returns the data to publish (None: unchanged), e.g.
+        stamped with the verified subject; Forbidden or ValueError refuses it.
+        """
+        return functools.partial(_registered, self.requests.add_publish_hook, pattern)
+
     async def start(self, session: aiohttp.ClientSession | None) -> None:
         self.hooks.freeze()
+        self.requests.freeze()
         for authorizers in self.authorizers.values():
             authorizers.freeze()
         self._scheduler = WriteScheduler(asyncio.get_running_loop())
@@ -135,6 +159,7 @@ class Bus:
             on_control=self.sessions.apply,
             on_presence=self.presence_keeper.on_event if self.presence_keeper else None,
             presence=self.presence_keeper.options,
+            on_ephemeral=self.deliver_ephemeral,
         )
         await self.broker.share_options(self.namespaces.writers_view())
 
@@ -162,18 +187,32 @@ class Bus:
 
     # -- publishing ------------------------------------------------------
 
-    async def publish(self, channel: str, data: Any, *, id: str | None = None) -> Published:
+    async def publish(
+        self, channel: str, data: Any, *, id: str | None = None, ephemeral: bool = False
+    ) -> Published:
         """Publish `data` (any JSON value) to `channel`; return where it landed.
 
         `id` makes the publish idempotent among the application's own
         publishes (this method and the Redis publishers): the same id on the
-        same channel within `history_ttl` is published once.
+        same channel within `history_ttl` is published once. `ephemeral=True`
+        hands it to the channel's current subscribers on every node and keeps
+        nothing: no offset, no history, never replayed (typing indicators).
 
         Raises InvalidChannel for a bad name, ValueError for data that is not
         JSON or a bad id, and BrokerUnavailable when the broker is down.
         """
         check_publish(channel, id)
+        if ephemeral:
+            if id is not None:
+                raise ValueError("an ephemeral message takes no id")
+            return await self.publish_ephemeral(channel, encode_data(data))
         return await self.publish_checked(channel, encode_data(data), id, APPLICATION)
+
+    async def publish_ephemeral(self, channel: str, data: str) -> Published:
+        """Publish JSON text, ephemeral, to a channel whose name the caller has checked."""
+        await self.broker.publish_ephemeral(channel, data)
+        self.messages_published += 1
+        return Published(channel, 0, "", is_ephemeral=True)
 
     async def publish_checked(
         self, channel: str, data: str, message_id: str | None, publisher: str
@@ -259,10 +298,44 @@ class Bus:
         """How many users are present in `channel`, cluster-wide (raises as `presence`)."""
         return await self.presence_keeper.count(channel)
 
+    # -- positions and history (history.py does the work) ------------------
+
+    async def position(self, channel: str) -> Position:
+        """The channel's last offset and epoch (offset 0 of an empty epoch: nothing held).
+
+        Raises InvalidChannel for a bad name, BrokerUnavailable when the broker is down.
+        """
+        return (await self.positions([channel]))[channel]
+
+    async def positions(self, channels: Collection[str]) -> dict[str, Position]:
+        """`position` of each channel in one read: for a page to embed (the JS `since`)."""
+        options = {c: self.namespaces.history_of(c) for c in channels}
+        return await read_positions(self.broker, channels, options=options)
+
+    async def history(
+        self, channel: str, *, limit: int = 50, before: int | None = None
+    ) -> HistoryPage:
+        """The channel's last `limit` messages (offsets below `before`), oldest first, and
+        its position; raises as `position`, and ValueError naming a bad limit or before."""
+        history = self.namespaces.history_of(channel)
+        return await read_history(
+            self.broker, channel, limit=limit, before=before, history=history
+        )
+
     def refused(self, what: str, reason: str) -> None:
         """Count and log one refused credential (never the credential itself)."""
         logger.info("%s refused: %s", what, reason)
         self.auth_failures[reason] += 1
+
+    def deliver_ephemeral(self, channel: str, data: str) -> None:
+        """Hand one ephemeral message to its channel's subscribers (called by the broker)."""
+        subscribers = self.registry.subscribers(channel)
+        if not subscribers:
+            return
+        frame = text_frame(encode_ephemeral(channel, data))
+        self.messages_delivered += len(subscribers)
+        for connection in subscribers:
+            connection.deliver_frame(channel, frame)  # after a replay being sent, like presence
 
     def deliver(self, message: Message) -> None:
         """Hand one message to its channel's subscribers (called by the broker)."""
@@ -344,10 +417,12 @@ class Bus:
         channels: list[str],
         since: Mapping[str, Position],
         reply: Callable[[SubscribeResult], dict[str, Any]],
+        rewind: Mapping[str, int] | None = None,
     ) -> SubscribeResult:
         """Subscribe `connection` to the allowed channels among `channels`, recovering
-        from `since`; queue `reply(result)` first (subscriptions.py does the work)."""
-        return await self.subscriptions.subscribe(connection, channels, since, reply)
+        from `since` or replaying the last `rewind[channel]` messages; queue
+        `reply(result)` first (subscriptions.py does the work)."""
+        return await self.subscriptions.subscribe(connection, channels, since, reply, rewind)
 
     def unsubscribe(self, connection: Connection, channels: list[str]) -> list[str]:
         """Unsubscribe from those of `channels` the connection has; return them."""
@@ -360,6 +435,12 @@ class Bus:
     def regrant(self, connection: Connection, claims: Claims) -> list[str]:
         """Switch to claims whose grants and allowances are already decided."""
         return self.subscriptions.regrant(connection, claims)
+
+
+def _registered(add: Callable[[str, Any], None], key: str, function: _Decorated) -> _Decorated:
+    """Decorator body: `add(key, function)`, then `function` itself."""
+    add(key, function)
+    return function
 
 
 def _code(connection: Connection) -> int:

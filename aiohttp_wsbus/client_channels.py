@@ -127,6 +127,13 @@ class Channels:
         subscriptions = self.subscriptions.get(channel) if isinstance(channel, str) else None
         if not subscriptions or not isinstance(channel, str):
             return  # left it; the server has not caught up yet
+        if frame.get("ephemeral") is True:
+            # No position: neither a gap nor a repeat, and a pending gap flag waits for
+            # the next stored message.
+            ephemeral = Message(channel, 0, "", frame.get("data"), ephemeral=True)
+            for subscription in list(subscriptions):
+                await subscription.put(ephemeral)
+            return
         after_gap = channel in self.gaps
         if isinstance(offset, int) and isinstance(epoch, str):
             last = self.positions.get(channel)

@@ -57,6 +57,8 @@ class Message:
     `recovered`: replayed from the channel's history after a reconnect.
     `after_gap`: messages before this one on its channel may be lost (the
     client could not recover them): reload what this channel feeds.
+    `ephemeral`: a live-only message (offset 0, epoch ""): never stored or
+    replayed, and no part of the channel's position.
     """
 
     channel: str
@@ -65,6 +67,7 @@ class Message:
     data: Any
     recovered: bool = False
     after_gap: bool = False
+    ephemeral: bool = False
 
     @property
     def position(self) -> Position:

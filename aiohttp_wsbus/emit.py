@@ -17,9 +17,9 @@ from aiohttp import web
 from marshmallow import Schema, ValidationError, validate, validates_schema
 from marshmallow import fields as mf
 
-from .brokers.base import is_valid_message_id
+from .brokers.base import is_valid_message_id, subject_publisher
 from .bus import Bus
-from .errors import BrokerUnavailable, InvalidToken, KeysUnavailable, http_error
+from .errors import BrokerUnavailable, InvalidToken, KeysUnavailable, RequestError, http_error
 from .grants import is_valid_channel, may
 from .limits import PublisherLimits
 from .protocol import encode_data
@@ -57,6 +57,7 @@ class _EmitSchema(Schema):
     data = mf.Raw(allow_none=True)
     payload = mf.Raw(allow_none=True)  # asgi_ws's name for data
     id = mf.String()
+    ephemeral = mf.Boolean(truthy={True}, falsy={False}, load_default=False)
 
     @validates_schema
     def _one_target(self, body: dict[str, Any], **_: Any) -> None:
@@ -71,6 +72,8 @@ class _EmitSchema(Schema):
                 raise ValidationError(f"invalid channel name: {channel!r}", "channels")
         if "id" in body and not is_valid_message_id(body["id"]):
             raise ValidationError("id must be 1 to 128 printable ASCII characters", "id")
+        if "id" in body and body.get("ephemeral"):
+            raise ValidationError("an ephemeral message takes no id", "id")
 
 
 _EMIT_SCHEMA: Final = _EmitSchema()
@@ -137,13 +140,19 @@ class Endpoints:
             except InvalidToken as error:
                 self.bus.refused("emit", error.reason)
                 raise _unauthorized(error.reason) from None
-        try:
-            data = encode_data(loaded["data"] if "data" in loaded else loaded["payload"])
-        except ValueError as error:
-            raise _invalid("data", str(error)) from None
+        value = loaded["data"] if "data" in loaded else loaded["payload"]
+        values = dict.fromkeys(channels, value)
+        if claims is not None and self.bus.requests.publish_hooks:
+            values = await self._rewrite(claims, values)
+        texts = _encode_each(values)
         published: list[dict[str, Any]] = []
         try:
             for channel in channels:
+                data = texts[channel]
+                if loaded["ephemeral"]:
+                    await self.bus.publish_ephemeral(channel, data)
+                    published.append({"channel": channel, "ephemeral": True})
+                    continue
                 result = await self.bus.publish_checked(channel, data, loaded.get("id"), publisher)
                 published.append(
                     {"channel": result.channel, "offset": result.offset, "epoch": result.epoch}
@@ -153,6 +162,23 @@ class Endpoints:
                 web.HTTPServiceUnavailable, "broker_unavailable", published=published
             ) from None
         return web.json_response({"published": published}, status=202)
+
+    async def _rewrite(self, claims: Claims, values: dict[str, Any]) -> dict[str, Any]:
+        """What the on_publish hooks make of each channel's data: a Bearer emit is a
+        client's publish too, so nobody speaks for someone else over HTTP either."""
+        rewritten = {}
+        for channel, value in values.items():
+            try:
+                rewritten[channel] = await self.bus.requests.rewrite(claims, channel, value)
+            except RequestError as error:
+                if error.error == "forbidden":
+                    raise http_error(web.HTTPForbidden, "forbidden", channels=[channel]) from None
+                if error.error == "invalid":
+                    raise _invalid("data", error.reason) from None
+                raise http_error(
+                    web.HTTPServiceUnavailable, "authorizer_unavailable", channels=[channel]
+                ) from None
+        return rewritten
 
     def _check_rate(self, publisher: str) -> None:
         """429 with Retry-After when `publisher` is over emit_rate (before its body is read)."""
@@ -237,8 +263,7 @@ class Endpoints:
             raise _unauthorized(error.reason) from None
         except KeysUnavailable:
             raise http_error(web.HTTPServiceUnavailable, "keys_unavailable") from None
-        subject = hashlib.sha256(claims.subject.encode("utf-8", "surrogatepass")).digest()
-        return "user:" + subject[:8].hex(), claims
+        return subject_publisher(claims.subject), claims
 
     async def _authorize(self, claims: Claims, channels: list[str]) -> None:
         """Refuse channels that neither the token's publish grants nor an authorizer allow."""
@@ -319,6 +344,20 @@ class _RevocationSchema(Schema):
 _DISCONNECT_SCHEMA: Final = _DisconnectSchema()
 _UNSUBSCRIBE_SCHEMA: Final = _UnsubscribeSchema()
 _REVOCATION_SCHEMA: Final = _RevocationSchema()
+
+
+def _encode_each(values: dict[str, Any]) -> dict[str, str]:
+    """Each channel's data as JSON text; data shared by several channels is encoded once."""
+    texts: dict[int, str] = {}
+    encoded = {}
+    for channel, value in values.items():
+        if id(value) not in texts:
+            try:
+                texts[id(value)] = encode_data(value)
+            except ValueError as error:
+                raise _invalid("data", str(error)) from None
+        encoded[channel] = texts[id(value)]
+    return encoded
 
 
 def _check_post_json(request: web.Request) -> None:

@@ -51,6 +51,27 @@ class InvalidChannel(WsBusError, ValueError):
     """A channel name breaks the naming rules."""
 
 
+class RequestError(WsBusError):
+    """A request frame (publish, rpc, history) that failed: answered with an `error` frame.
+
+    `error` is one of docs/protocol.md's request error codes; `reason`, for
+    people, says what was wrong (never a traceback).
+    """
+
+    def __init__(self, error: str, reason: str = "") -> None:
+        super().__init__(f"{error}: {reason}" if reason else error)
+        self.error = error
+        self.reason = reason
+
+
+class InvalidRequest(RequestError):
+    """A request frame with a usable `ref` but a bad field: answered `invalid`, not closed."""
+
+    def __init__(self, ref: int, reason: str) -> None:
+        super().__init__("invalid", reason)
+        self.ref = ref
+
+
 def http_error(
     status: Callable[..., web.HTTPException], error: str, **details: Any
 ) -> web.HTTPException:

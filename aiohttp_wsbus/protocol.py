@@ -10,8 +10,10 @@ import json
 import re
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
+
+from .errors import InvalidRequest
 
 __all__ = [
     "ANOTHER_USER",
@@ -20,6 +22,8 @@ __all__ = [
     "CONNECTION_LIMIT",
     "INTERNAL_ERROR",
     "KEYS_UNAVAILABLE",
+    "MAX_REF",
+    "MAX_REQUESTS_IN_FLIGHT",
     "NO_CONNECT_FRAME",
     "RATE_LIMITED",
     "REFUSED",
@@ -30,17 +34,22 @@ __all__ = [
     "USER_CONNECTION_LIMIT",
     "BadFrame",
     "ClientFrame",
+    "ClientPublish",
     "Close",
     "CloseCode",
     "Connect",
+    "HistoryRead",
     "Ping",
     "Position",
     "Refresh",
+    "Request",
+    "RpcCall",
     "Subscribe",
     "Unsubscribe",
     "bad_request",
     "encode",
     "encode_data",
+    "encode_ephemeral",
     "encode_message",
     "ended",
     "parse_client_frame",
@@ -53,6 +62,8 @@ MAX_EPOCH_LENGTH: Final = 64
 MAX_OFFSET: Final = 2**63 - 1  # Redis stream ids and counters are 64-bit
 # Epochs are printable ASCII; anything else names no history (recovered: false).
 _EPOCH_RE: Final = re.compile(rf"[\x21-\x7e]{{0,{MAX_EPOCH_LENGTH}}}")
+MAX_REF: Final = 2**53  # the largest integer every JSON reader (JavaScript's too) keeps exact
+MAX_REQUESTS_IN_FLIGHT: Final = 16  # publish, rpc and history frames a socket may have unanswered
 
 
 class CloseCode(enum.IntEnum):
@@ -148,12 +159,14 @@ class Connect:
     token: str | None
     channels: list[str]
     since: dict[str, Position]
+    rewind: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
 class Subscribe:
     channels: list[str]
     since: dict[str, Position]
+    rewind: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,7 +184,38 @@ class Ping:
     pass
 
 
-ClientFrame = Connect | Subscribe | Unsubscribe | Refresh | Ping
+@dataclass(frozen=True, slots=True)
+class ClientPublish:
+    """A client publishes `data` to `channel` (only with `client_publish`)."""
+
+    ref: int
+    channel: str
+    data: Any
+    id: str | None
+    is_ephemeral: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RpcCall:
+    """A client calls the application's `bus.rpc` handler named `method`."""
+
+    ref: int
+    method: str
+    data: Any
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryRead:
+    """A client reads the last `limit` messages of `channel` before offset `before`."""
+
+    ref: int
+    channel: str
+    limit: int | None
+    before: int | None
+
+
+Request = ClientPublish | RpcCall | HistoryRead
+ClientFrame = Connect | Subscribe | Unsubscribe | Refresh | Ping | Request
 
 
 def _token(frame: Mapping[str, Any]) -> str:
@@ -217,6 +261,66 @@ def _since(frame: Mapping[str, Any]) -> dict[str, Position]:
     return positions
 
 
+def _rewind(frame: Mapping[str, Any]) -> dict[str, int]:
+    rewind = frame.get("rewind")
+    if rewind is None:
+        return {}
+    if not isinstance(rewind, dict) or not all(
+        _is_integer(count, MAX_OFFSET) for count in rewind.values()
+    ):
+        raise BadFrame("rewind must map channels to integers >= 0")
+    return rewind
+
+
+def _is_integer(value: object, maximum: int, minimum: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and minimum <= value <= maximum
+
+
+def _ref(frame: Mapping[str, Any]) -> int:
+    ref = frame.get("ref")
+    if not _is_integer(ref, MAX_REF):
+        raise BadFrame("ref must be an integer from 0 to 2^53")
+    assert isinstance(ref, int)
+    return ref
+
+
+def _field(frame: Mapping[str, Any], ref: int, name: str, kind: type) -> Any:
+    """Field `name` if it is a `kind` (None when absent or null), else InvalidRequest."""
+    value = frame.get(name)
+    if value is None:
+        return None
+    # JSON's true and false are not integers here, whatever Python says.
+    is_kind = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+    if not is_kind:
+        raise InvalidRequest(ref, f"{name} must be {_KIND_NAMES[kind]}")
+    return value
+
+
+_KIND_NAMES: Final = {str: "a string", int: "an integer", bool: "true or false"}
+
+
+def _request(kind: str, frame: Mapping[str, Any]) -> Request:
+    ref = _ref(frame)
+    if kind == "publish":
+        if "data" not in frame:
+            raise InvalidRequest(ref, "data is required")
+        return ClientPublish(
+            ref,
+            _field(frame, ref, "channel", str) or "",
+            frame["data"],
+            _field(frame, ref, "id", str),
+            _field(frame, ref, "ephemeral", bool) or False,
+        )
+    if kind == "rpc":
+        return RpcCall(ref, _field(frame, ref, "method", str) or "", frame.get("data"))
+    return HistoryRead(
+        ref,
+        _field(frame, ref, "channel", str) or "",
+        _field(frame, ref, "limit", int),
+        _field(frame, ref, "before", int),
+    )
+
+
 def parse_client_frame(text: str | bytes) -> ClientFrame:
     """Parse one client text frame; raise BadFrame if it is not a valid frame."""
     try:
@@ -232,15 +336,18 @@ def parse_client_frame(text: str | bytes) -> ClientFrame:
             None if token is None else _token(frame),
             _channels(frame, required=False),
             _since(frame),
+            _rewind(frame),
         )
     if kind == "subscribe":
-        return Subscribe(_channels(frame, required=True), _since(frame))
+        return Subscribe(_channels(frame, required=True), _since(frame), _rewind(frame))
     if kind == "unsubscribe":
         return Unsubscribe(_channels(frame, required=True))
     if kind == "refresh":
         return Refresh(_token(frame))
     if kind == "ping":
         return Ping()
+    if kind in ("publish", "rpc", "history"):
+        return _request(kind, frame)
     raise BadFrame("unknown frame type")
 
 
@@ -280,6 +387,11 @@ def encode_message(
         f'{{"type":"message","channel":"{channel}","offset":{offset},'
         f'"epoch":"{epoch}","data":{data}{tail}'
     ).encode()
+
+
+def encode_ephemeral(channel: str, data: str) -> bytes:
+    """Encode an ephemeral message frame: no offset, no epoch, never replayed."""
+    return f'{{"type":"message","channel":"{channel}","ephemeral":true,"data":{data}}}'.encode()
 
 
 _SHORT = struct.Struct("!BB")

@@ -245,6 +245,17 @@ class Settings:
         mf.Float(validate=_positive("history_ttl")),
         help="seconds a channel's history is kept",
     )
+    client_publish: bool = setting(
+        False,
+        mf.Boolean(),
+        help="accept `publish` frames from clients whose `publish` grant or publish "
+        "authorizers cover the channel (off: answered `disabled`)",
+    )
+    rpc_timeout: float = setting(
+        10.0,
+        mf.Float(validate=_positive("rpc_timeout")),
+        help="seconds an RPC handler (`bus.rpc`) has to answer (then the client gets `timeout`)",
+    )
     channels: Mapping[str, Mapping[str, Any]] | None = setting(
         None,
         ChannelsField(allow_none=True),

@@ -11,6 +11,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .authorizers import Verdict
 from .brokers.base import History
 from .connection import Connection, message_frame
 from .errors import BrokerUnavailable
@@ -56,6 +57,13 @@ class Subscriptions:
     def __init__(self, bus: Bus) -> None:
         self.bus = bus
 
+    async def may_read(self, claims: Claims, channel: str) -> Verdict:
+        """Whether `claims` may read `channel` (its history, its presence): subscribe
+        grants, else the application's subscribe authorizers."""
+        if may(claims.subscribe, channel):
+            return "allowed"
+        return (await self.bus.authorize(claims, [channel], "subscribe"))[channel]
+
     def drop_interest(self, channels: Collection[str]) -> None:
         """Tell the broker this node no longer needs `channels`."""
         for channel in channels:
@@ -74,12 +82,14 @@ class Subscriptions:
         channels: list[str],
         since: Mapping[str, Position],
         reply: Callable[[SubscribeResult], dict[str, Any]],
+        rewind: Mapping[str, int] | None = None,
     ) -> SubscribeResult:
         """Subscribe `connection` to the granted channels among `channels`.
 
         Queues `reply(result)` (a welcome or subscribed frame), then, for each
         channel with a position in `since` that can be recovered, the missed
-        messages, then the live ones that arrived meanwhile: no gap, no duplicate.
+        messages (or, with no `since`, the last `rewind[channel]` ones), then
+        the live ones that arrived meanwhile: no gap, no duplicate.
         """
         result = SubscribeResult()
         candidates, undecided = self._select(connection, channels, result, since)
@@ -112,9 +122,10 @@ class Subscriptions:
                 self.drop_interest(firsts)
         accepted = [c for c in accepted if c in connection.channels]
         histories: dict[str, History] = {}
+        reads: dict[str, Position | None] = {}
         if accepted:
             try:
-                histories = await self._history(accepted, since)
+                reads, histories = await self._history(accepted, since, rewind or {})
             except BrokerUnavailable:
                 self.drop(connection, accepted)
                 result.denied.update(dict.fromkeys(accepted, "unavailable"))
@@ -131,7 +142,7 @@ class Subscriptions:
                 result.recovered[channel] = history.recovered
         connection.send(reply(result))
         for channel in accepted:
-            self._go_live(connection, channel, histories[channel], since.get(channel))
+            self._go_live(connection, channel, histories[channel], reads.get(channel))
         if accepted and self.bus.on_subscribe and connection.is_announced:
             info = ConnectionInfo.of(connection)
             self.bus.track(
@@ -140,15 +151,34 @@ class Subscriptions:
         return result
 
     async def _history(
-        self, channels: list[str], since: Mapping[str, Position]
-    ) -> dict[str, History]:
-        """Each channel's top, and what was missed since its position where it is recoverable."""
+        self, channels: list[str], since: Mapping[str, Position], rewind: Mapping[str, int]
+    ) -> tuple[dict[str, Position | None], dict[str, History]]:
+        """Where each channel is read from, and its top with what was missed since then.
+
+        A channel reads from its `since` position where it is recoverable; one
+        to rewind (no `since`) from `rewind[channel]` messages (at most its
+        history size) before its current top.
+        """
         namespaces = self.bus.namespaces
         options = {c: namespaces.of(c) for c in channels}
-        return await self.bus.broker.history(
-            {c: since.get(c) if o.is_recoverable else None for c, o in options.items()},
-            options={c: o.history for c, o in options.items() if o is not namespaces.default},
-        )
+        own = {c: o.history for c, o in options.items() if o is not namespaces.default}
+        reads: dict[str, Position | None] = {
+            c: since.get(c) if o.is_recoverable else None for c, o in options.items()
+        }
+        counts = {
+            c: min(rewind[c], options[c].history.size)
+            for c in channels
+            if c not in since and rewind.get(c)
+        }
+        counts = {c: n for c, n in counts.items() if n > 0}
+        if counts:
+            tops = await self.bus.broker.history(
+                dict.fromkeys(counts), options={c: h for c, h in own.items() if c in counts}
+            )
+            for channel, count in counts.items():
+                top = tops[channel].position
+                reads[channel] = Position(max(0, top.offset - count), top.epoch)
+        return reads, await self.bus.broker.history(reads, options=own)
 
     async def _join_presence(
         self, connection: Connection, accepted: list[str], result: SubscribeResult

@@ -69,6 +69,8 @@ def setup(
     emit_timeout: float = 10.0,
     history_size: int = 100,
     history_ttl: float = 300.0,
+    client_publish: bool = False,
+    rpc_timeout: float = 10.0,
     channels: Mapping[str, Mapping[str, Any]] | None = None,
     presence: Sequence[str] = (),
     presence_claim: str = "presence",
@@ -105,6 +107,8 @@ def setup(
     app.router.add_route("*", base + "/revocations", routes.http.revoke)
     # Channel names may hold '/': the name is everything up to the last segment.
     app.router.add_route("*", base + "/channels/{channel:.+}/presence", routes.queries.presence)
+    app.router.add_route("*", base + "/channels/{channel:.+}/position", routes.queries.position)
+    app.router.add_route("*", base + "/channels/{channel:.+}/history", routes.queries.history)
     for name in STATIC_FILES:
         app.router.add_get(f"{base}/{name}", routes.static)
     app.router.add_get(base + "/health", routes.health)

@@ -9,7 +9,14 @@ from aiohttp import WSMsgType, web
 
 from .bus import Bus, SubscribeResult
 from .connection import Connection
-from .errors import BrokerUnavailable, Forbidden, InvalidToken, KeysUnavailable, http_error
+from .errors import (
+    BrokerUnavailable,
+    Forbidden,
+    InvalidRequest,
+    InvalidToken,
+    KeysUnavailable,
+    http_error,
+)
 from .limits import SocketLimits
 from .protocol import (
     ANOTHER_USER,
@@ -24,16 +31,20 @@ from .protocol import (
     SHUTTING_DOWN,
     USER_CONNECTION_LIMIT,
     BadFrame,
+    ClientPublish,
     Close,
     Connect,
+    HistoryRead,
     Ping,
     Refresh,
+    RpcCall,
     Subscribe,
     Unsubscribe,
     bad_request,
     parse_client_frame,
     unauthorized,
 )
+from .requests import error_frame
 from .tokens import Claims
 
 __all__ = ["WebSocketHandler"]
@@ -115,6 +126,8 @@ class WebSocketHandler:
                         await self._handle(connection, frame)
                     except BadFrame as error:
                         connection.close(bad_request(error))
+                    except InvalidRequest as error:
+                        connection.send(error_frame(error.ref, error))
         finally:
             self.bus.open_sockets -= 1
             if connection is not None:
@@ -182,6 +195,7 @@ class WebSocketHandler:
                 connect.channels,
                 connect.since,
                 lambda result: _welcome(connection, claims, result),
+                connect.rewind,
             )
         except BaseException:
             connection.close(INTERNAL_ERROR)
@@ -226,6 +240,8 @@ class WebSocketHandler:
                 raise BadFrame("the first frame must be connect")
         except BadFrame as error:
             return bad_request(error)
+        except InvalidRequest:  # a request frame: answerable, but not before connect
+            return bad_request(BadFrame("the first frame must be connect"))
         return frame
 
     async def _refuse(
@@ -243,12 +259,15 @@ class WebSocketHandler:
         bus = self.bus
         if isinstance(frame, Ping):
             connection.send({"type": "pong"})
+        elif isinstance(frame, ClientPublish | RpcCall | HistoryRead):
+            bus.requests.start(connection, frame)
         elif isinstance(frame, Subscribe):
             await bus.subscribe(
                 connection,
                 frame.channels,
                 frame.since,
                 lambda result: {"type": "subscribed", **result.as_json()},
+                frame.rewind,
             )
         elif isinstance(frame, Unsubscribe):
             left = bus.unsubscribe(connection, frame.channels)

@@ -20,7 +20,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
-from . import workloads
+from . import two_way, workloads
+from .client import BUS_KINDS
 from .servers import AUDIENCE, DEFAULT_KINDS, ISSUER, KEY_ID, KINDS, is_available
 from .system import pin_to_core, raise_fd_limit
 from .workloads import Keys, Result
@@ -47,6 +48,7 @@ class Sizes:
     settle: float = 1.0  # seconds the server gets to settle before its RSS is read
     concurrent_seconds: float = 12.0
     concurrent_heartbeat: float = 5.0
+    round_trips: int = 200  # two-way: messages timed one at a time, each way
 
 
 MODES = {
@@ -61,6 +63,7 @@ MODES = {
         channels=20,
         concurrent=None,
         settle=0.1,
+        round_trips=120,  # past client_rate's default burst (100): the server must allow it
     ),
     "default": Sizes(
         fanout=[2000],
@@ -85,7 +88,7 @@ MODES = {
         concurrent=15000,
     ),
 }
-WORKLOADS = ("fanout", "memory", "storm", "channels", "concurrent")
+WORKLOADS = ("fanout", "memory", "storm", "channels", "twoway", "concurrent")
 
 
 def make_keys(directory: Path, storm_size: int) -> Keys:
@@ -106,6 +109,7 @@ def make_keys(directory: Path, storm_size: int) -> Keys:
             "iss": ISSUER,
             "exp": expires,
             "channels": ["bench:*", "own:*"],
+            "publish": ["bench:*"],  # the two-way workload publishes on its socket
         }
         if audience is not None:
             claims["aud"] = audience
@@ -152,6 +156,16 @@ async def run_server(
             "many channels",
             25,
             lambda s: workloads.many_channels(s, sizes.channels, sizes.settle, sizes.messages),
+        )
+    # The others cannot publish from a client; wsbus_limits keeps the default
+    # client_rate, which the two-way publisher passes by design (closed 4429).
+    if "twoway" in chosen and kind in BUS_KINDS and kind != "wsbus_limits":
+        await group(
+            "two-way",
+            25,
+            lambda s: two_way.two_way(
+                s, sizes.settle, sizes.fanout[0], sizes.messages, sizes.round_trips
+            ),
         )
     if "concurrent" in chosen and sizes.concurrent and kind in ("wsbus", "bare"):
         await group(

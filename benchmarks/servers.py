@@ -59,6 +59,10 @@ LIMITS: Final[dict[str, dict[str, Any]]] = {
     },
     "wsbus_unlimited": {"client_rate": None, "subscribe_rate": None},
 }
+# The other bus kinds: the two-way workload's publisher sends hundreds of publish
+# frames a second, far past the default client_rate (20/s, burst 100), so the
+# bucket stays on (every frame still pays for it) but above what it sends.
+TWO_WAY_CLIENT_RATE: Final = (1_000_000.0, 1_000_000)
 API_KEY: Final = "benchmark-api-key-0123456789"
 ISSUER: Final = "https://idp.bench/"
 AUDIENCE: Final = "wsbus"
@@ -149,7 +153,8 @@ async def wsbus_app(
         channels_claim="authorized_elsewhere" if authorized else "channels",
         presence=["bench:*"] if presence else [],
         presence_claim="channels",
-        **limits,
+        client_publish=True,  # the two-way workload
+        **({"client_rate": TWO_WAY_CLIENT_RATE} | limits),
     )
     if authorized:
 

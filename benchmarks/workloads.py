@@ -331,7 +331,7 @@ async def _emit_all(server: Server, channel: str, count: int, concurrency: int =
     await asyncio.gather(*(one() for _ in range(count)))
 
 
-async def _fanout_once(
+async def fanout_once(
     server: Server,
     clients: Clients,
     subscribers: int,
@@ -383,7 +383,7 @@ async def fanout_and_latency(
         if size in sizes:
             count = messages or messages_for(size)
             for via in ("http", "publish"):
-                results += await _fanout_once(
+                results += await fanout_once(
                     server, clients, size, count, via, "fan-out", FANOUT_CHANNEL
                 )
         if size in latency_sizes:
@@ -503,7 +503,7 @@ async def many_channels(
             "lower",
         ),
     ]
-    results += await _fanout_once(
+    results += await fanout_once(
         server,
         clients,
         size,

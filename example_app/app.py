@@ -5,8 +5,11 @@ Routes:
 - `GET /`: the chat page (plain HTML/CSS/JS using the served `/ws/wsbus.js`)
 - `GET /.well-known/jwks.json` and `POST /login {"user"}`: the demo identity provider
 - `POST /send {"room", "text"}`: a signed-in user posts to a room or to `user:NAME`
-  (checks the sender's token, or membership for a private room, and publishes
-  in-process with `bus.publish`)
+  over HTTP (checks the sender's token, or membership for a private room, and
+  publishes in-process with `bus.publish`). The page itself publishes on its
+  socket instead (`client_publish`): the bus checks the token's `publish` grants
+  (or, for a private room, the same membership), and the app's `on_publish`
+  hooks stamp the sender (example_app/messages.py)
 - `GET /rooms`, `POST /rooms {"name"}`, `POST /rooms/NAME/invite {"user"}`: private
   rooms (example_app/rooms.py), in no token: the bus asks the app's authorizer
 - `POST /sign-out-everywhere`: the signed-in user ends every session of theirs: the bus
@@ -52,6 +55,7 @@ from .identity import (
     IdentityProvider,
     check_user_name,
 )
+from .messages import CHAT_PREFIXES, MAX_TEXT_LENGTH, chat_message, now_ms, stamper
 from .rooms import (
     ROOM_PREFIX,
     NotAMember,
@@ -67,7 +71,6 @@ logger = logging.getLogger("example_app")
 
 STATIC_DIR: Final = Path(__file__).parent / "static"
 JWKS_PATH: Final = "/.well-known/jwks.json"
-MAX_TEXT_LENGTH: Final = 2000
 DEFAULT_BAN_MINUTES: Final = 60
 SIGNED_OUT_EVERYWHERE: Final = "signed out everywhere"  # the close reason the pages show
 
@@ -135,11 +138,17 @@ def make_app(
         audience=AUDIENCE,
         api_keys=[settings.api_key],
         broker=broker,
+        client_publish=True,  # pages send their messages on the socket
         presence=PRESENCE,  # each room's "online" list: who is subscribed to it now
     )
     # Private rooms are in no token: for room:NAME the bus asks the app, at subscribe
-    # time (and again at each token refresh). Registered before the app starts.
+    # time (and again at each token refresh), and before a member publishes there.
+    # Registered before the app starts.
     bus.authorizer("room:{name}")(rooms.may_join)
+    bus.authorizer("room:{name}", action="publish")(rooms.may_join)
+    # What a page publishes is stamped with its verified sender: nobody speaks for another.
+    for prefix in CHAT_PREFIXES:
+        bus.on_publish(prefix + "{name}")(stamper(prefix))
     app.on_startup.append(_explain_first_key_fetch)  # runs after the bus has started
     app.router.add_get("/", index)
     app.router.add_static("/static/", STATIC_DIR)
@@ -338,14 +347,7 @@ async def send(request: web.Request) -> web.Response:
     room: str = body["room"]
     if not await _may_post(request, claims, room):
         raise _error(403, "forbidden", room=room)
-    message: dict[str, Any] = {
-        "from": claims.subject,
-        "text": body["text"],
-        "room": room,
-        "sent_at": _now_ms(),
-    }
-    if room.startswith("user:"):
-        message["to"] = room.removeprefix("user:")
+    message = chat_message(claims.subject, room, body["text"])
     published = await _publish(request, room, message)
     return web.json_response(
         {
@@ -420,7 +422,7 @@ async def invite(request: web.Request) -> web.Response:
     except RoomError as error:
         raise _room_error(error, name) from None
     if is_new:
-        sent_at = _now_ms()
+        sent_at = now_ms()
         news = {"from": inviter, "room": room.channel, "sent_at": sent_at}
         await _publish(
             request,
@@ -505,7 +507,7 @@ async def notify(request: web.Request) -> web.Response:
         "kind": "notice",
         "text": body["text"],
         "room": body["channel"],
-        "sent_at": _now_ms(),
+        "sent_at": now_ms(),
     }
     try:
         async with request.app[SESSION_KEY].post(
@@ -523,6 +525,3 @@ async def notify(request: web.Request) -> web.Response:
         raise _error(502, "emit_failed", emit_status=status)
     return web.json_response({"published": answer["published"], "message": message}, status=202)
 
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)

@@ -86,6 +86,10 @@ class IdentityProvider:
             channels.append(STAFF_ROOM)
         return channels
 
+    def publish_for(self, user: str) -> list[str]:
+        """The channels `user` may publish to: their rooms, and anyone's direct channel."""
+        return [c for c in self.channels_for(user) if not c.startswith("user:")] + ["user:*"]
+
     def issue(self, user: str) -> IssuedToken:
         """A fresh token for `user` (raises ValueError for a bad name)."""
         check_user_name(user)
@@ -103,9 +107,9 @@ class IdentityProvider:
             "iat": now,
             "exp": expires_at,
             "channels": channels,
-            # Browsers post through /send, which stamps the verified sender on each
-            # message, so their tokens grant no direct publishing on /ws/emit.
-            "publish": [],
+            # Pages publish on their socket (and could emit with the token): the
+            # app's on_publish hooks stamp the verified sender on every such message.
+            "publish": self.publish_for(user),
             "roles": [STAFF_ROLE] if is_staff else [],
             "presence": list(PRESENCE),
             "info": {"name": user},  # what the others' "online" lists show

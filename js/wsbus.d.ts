@@ -39,12 +39,14 @@ export type DenyReason = "forbidden" | "invalid" | "limit" | "revoked" | "server
 /** Where a message sits in its channel's history. */
 export interface MessageMeta {
   channel: string;
-  /** Per-channel position, counting from 1 within `epoch`. */
+  /** Per-channel position, counting from 1 within `epoch` (0 for an ephemeral message: it has none). */
   offset: number;
-  /** The id of the history `offset` counts in. */
+  /** The id of the history `offset` counts in ("" for an ephemeral message). */
   epoch: string;
-  /** True for messages replayed after a reconnect. */
+  /** True for messages replayed after a reconnect (or by `rewind`). */
   recovered: boolean;
+  /** Set on an ephemeral message (typing indicators, cursors): live only, never stored or replayed. */
+  ephemeral?: true;
 }
 
 export type MessageHandler<T = unknown> = (data: T, meta: MessageMeta) => void;
@@ -53,6 +55,67 @@ export type MessageHandler<T = unknown> = (data: T, meta: MessageMeta) => void;
 export interface ChannelPosition {
   offset: number;
   epoch: string;
+}
+
+export interface SubscribeOptions {
+  /** Start the first subscribe from this position (messages after it are replayed, if the server still holds them). */
+  since?: ChannelPosition;
+  /**
+   * Called (and awaited) before the first subscribe, once the app has loaded this channel's state: returns
+   * the position that state was read at (e.g. `history()`'s or the HTTP history's `position`). Messages after
+   * it are replayed exactly once. Called again whenever recovery fails, instead of a `recovered: false`.
+   */
+  getState?: () => ChannelPosition | Promise<ChannelPosition>;
+  /** Replay the last N messages on the first subscribe (at most the server's `history_size`). */
+  rewind?: number;
+}
+
+/** Codes a request rejects with: the server's, or the client's own (`timeout`, `disconnected`, `closed`). */
+export type RequestErrorCode =
+  | "forbidden"
+  | "invalid"
+  | "limit"
+  | "unavailable"
+  | "disabled"
+  | "not_found"
+  | "timeout"
+  | "internal"
+  | "disconnected"
+  | "closed";
+
+/** Why a publish, rpc or history request failed. */
+export declare class WsBusRequestError extends Error {
+  readonly name: "WsBusRequestError";
+  /** "disconnected": the socket dropped after a request that is not safe to repeat was sent. */
+  readonly code: RequestErrorCode | (string & {});
+  /** The server's explanation, for people (may be empty). */
+  readonly reason: string;
+}
+
+export interface RequestOptions {
+  /** Ms to wait for the answer, including while disconnected. Default `requestTimeout` (10000). */
+  timeout?: number;
+}
+
+export interface PublishOptions extends RequestOptions {
+  /** Idempotency id (1 to 128 printable ASCII characters): published once, sent again after a reconnect. */
+  id?: string;
+  /** Live only, never stored or replayed; takes no `id`. */
+  ephemeral?: boolean;
+}
+
+export interface HistoryOptions extends RequestOptions {
+  /** How many messages, 1 to 100000. Default 50. */
+  limit?: number;
+  /** Only messages with offsets below this one. Default: up to the last. */
+  before?: number;
+}
+
+/** A channel's last messages, oldest first, and its position (the last message's, without `before`). */
+export interface HistoryPage<T = unknown> {
+  channel: string;
+  position: ChannelPosition;
+  messages: { offset: number; data: T }[];
 }
 
 /** What the server said about a channel it has just subscribed. */
@@ -125,6 +188,8 @@ export interface WsBusOptions {
   random?: () => number;
   /** Timer functions and clock. Default the global ones and Date.now. */
   timers?: Partial<Timers>;
+  /** Default ms a publish, rpc or history request waits for its answer. Default 10000. */
+  requestTimeout?: number;
 }
 
 /** An Error for a close code that made the client stop; `code` and `reason` are the server's. */
@@ -186,8 +251,24 @@ export declare class WsBus {
   /** Listens to an event; returns a function that stops listening. */
   on<E extends keyof WsBusEvents>(event: E, listener: WsBusEvents[E]): () => void;
 
-  /** Joins `channel` (if new) and calls `handler` for its messages; returns a function that removes this handler (the channel stays joined). */
-  subscribe<T = unknown>(channel: string, handler?: MessageHandler<T>): () => void;
+  /**
+   * Joins `channel` (if new) and calls `handler` for its messages; returns a function that removes this handler
+   * (the channel stays joined). `options` count on the first subscribe only.
+   */
+  subscribe<T = unknown>(channel: string, handler?: MessageHandler<T> | null, options?: SubscribeOptions): () => void;
+
+  /**
+   * Publishes over the socket (the server needs `client_publish` and a publish grant); resolves where the message
+   * landed (nothing for an ephemeral one). Made while disconnected, it waits for the next connection.
+   */
+  publish(channel: string, data: unknown, options: PublishOptions & { ephemeral: true }): Promise<void>;
+  publish(channel: string, data: unknown, options?: PublishOptions): Promise<ChannelPosition>;
+
+  /** Calls the application's `bus.rpc(method)` handler; resolves what it returns. Not repeated after a reconnect. */
+  rpc<T = unknown>(method: string, data?: unknown, options?: RequestOptions): Promise<T>;
+
+  /** Reads a channel's last messages (the token must allow subscribing to it). */
+  history<T = unknown>(channel: string, options?: HistoryOptions): Promise<HistoryPage<T>>;
 
   /** Leaves `channel` and drops its handlers. */
   unsubscribe(channel: string): void;

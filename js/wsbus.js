@@ -39,6 +39,7 @@ const FATAL_CODES = new Set([
 const INTENDED_CODES = new Set([CloseCodes.NORMAL, CloseCodes.SESSION_ENDED]);
 
 const OPEN = 1; // WebSocket.OPEN, without relying on the implementation's statics
+const MAX_REQUESTS_IN_FLIGHT = 16; // the server answers "limit" past it: the rest wait here
 const MIN_REFRESH_DELAY = 1000; // never refresh in a tight loop, whatever the clocks say
 const RATE_LIMITED_DELAY = 5000; // after 4429 the protocol asks for at least this long
 const noop = () => {};
@@ -74,6 +75,13 @@ export class WsBus {
     this._requested = new Set(); // channels asked of the current connection
     this._positions = new Map(); // channel -> {offset, epoch}: where to recover from
     this._unavailable = new Set(); // channels the server could not subscribe yet: asked again on a timer
+    this._loaders = new Map(); // channel -> the app's getState(): its position after loading its state
+    this._loading = new Set(); // channels waiting for getState() before they are asked for
+    this._justLoaded = new Set(); // channels whose next subscribe starts from getState()'s position
+    this._rewind = new Map(); // channel -> messages to replay on its first subscribe
+    this._requestTimeout = options.requestTimeout ?? 10000;
+    this._requests = new Map(); // ref -> a publish, rpc or history request waiting for its answer
+    this._nextRef = 0;
     this._presence = new Map(); // channel -> {members: Map user -> member, or null, count}: this connection's
     for (const channel of options.channels ?? []) this._wanted.add(channel);
 
@@ -124,11 +132,26 @@ export class WsBus {
     return () => listeners.delete(entry);
   }
 
-  /** Joins `channel` (if new) and calls `handler(data, meta)` for its messages; returns a function that removes the handler. */
-  subscribe(channel, handler) {
+  /**
+   * Joins `channel` (if new) and calls `handler(data, meta)` for its messages; returns a function that removes the handler.
+   * On the first subscribe, `options.since` ({offset, epoch}) starts it from that position, `options.rewind` (N)
+   * replays its last N messages, and `options.getState()` (async, returns {offset, epoch} once the app loaded its
+   * state) is awaited before subscribing from its position, and again whenever recovery fails.
+   */
+  subscribe(channel, handler, options = {}) {
     if (typeof channel !== "string") throw new TypeError("WsBus.subscribe: channel must be a string");
-    if (handler !== undefined && typeof handler !== "function") {
+    if (handler !== undefined && handler !== null && typeof handler !== "function") {
       throw new TypeError("WsBus.subscribe: handler must be a function");
+    }
+    const { since, getState, rewind } = options ?? {};
+    if (getState !== undefined && typeof getState !== "function") {
+      throw new TypeError("WsBus.subscribe: getState must be a function");
+    }
+    if (rewind !== undefined && !(Number.isInteger(rewind) && rewind >= 0)) {
+      throw new TypeError("WsBus.subscribe: rewind must be an integer >= 0");
+    }
+    if (since !== undefined && !isPosition(since)) {
+      throw new TypeError("WsBus.subscribe: since must be {offset, epoch}");
     }
     let entry = null;
     if (handler) {
@@ -139,7 +162,14 @@ export class WsBus {
     }
     if (!this._wanted.has(channel)) {
       this._wanted.add(channel);
-      this._sync();
+      if (since !== undefined) this._positions.set(channel, { offset: since.offset, epoch: since.epoch });
+      if (rewind) this._rewind.set(channel, rewind);
+      if (getState) {
+        this._loaders.set(channel, getState);
+        this._load(channel);
+      } else {
+        this._sync();
+      }
     }
     return () => {
       if (entry) this._handlers.get(channel)?.delete(entry);
@@ -150,6 +180,39 @@ export class WsBus {
   unsubscribe(channel) {
     this._forget(channel);
     this._sync();
+  }
+
+  /**
+   * Publishes `data` to `channel` over the socket (the server needs client_publish and a publish grant);
+   * resolves {offset, epoch}, or undefined for an ephemeral message. `id` makes it idempotent: it is
+   * sent again after a reconnect. Rejects with a WsBusRequestError carrying the code.
+   */
+  publish(channel, data, options = {}) {
+    if (typeof channel !== "string") throw new TypeError("WsBus.publish: channel must be a string");
+    const { id, ephemeral = false, timeout } = options ?? {};
+    const frame = { type: "publish", channel, data: data === undefined ? null : data };
+    if (id !== undefined) frame.id = id;
+    if (ephemeral) frame.ephemeral = true;
+    return this._request(frame, timeout, id !== undefined).then((answer) =>
+      ephemeral ? undefined : { offset: answer.offset, epoch: answer.epoch },
+    );
+  }
+
+  /** Calls the application's `bus.rpc(method)` handler; resolves what it returned. Rejects with a WsBusRequestError. */
+  rpc(method, data, options = {}) {
+    if (typeof method !== "string") throw new TypeError("WsBus.rpc: method must be a string");
+    const frame = { type: "rpc", method, data: data === undefined ? null : data };
+    return this._request(frame, options?.timeout, false).then((answer) => answer.data);
+  }
+
+  /** Reads the last `limit` (default 50) messages of `channel` before offset `before`; resolves {channel, position, messages}. */
+  history(channel, options = {}) {
+    if (typeof channel !== "string") throw new TypeError("WsBus.history: channel must be a string");
+    const { limit, before, timeout } = options ?? {};
+    const frame = { type: "history", channel };
+    if (limit !== undefined) frame.limit = limit;
+    if (before !== undefined) frame.before = before;
+    return this._request(frame, timeout, true).then(({ position, messages }) => ({ channel, position, messages }));
   }
 
   /**
@@ -173,6 +236,7 @@ export class WsBus {
   close() {
     if (this._isClosed) return;
     this._isClosed = true;
+    for (const ref of [...this._requests.keys()]) this._settle(ref, new WsBusRequestError("closed", "the client was closed"));
     this._abandonSocket();
     this._clearReconnectTimer();
     if (this._isStarted && typeof globalThis.removeEventListener === "function") {
@@ -246,10 +310,9 @@ export class WsBus {
   }
 
   _sendConnect(token) {
-    const channels = [...this._wanted];
+    const channels = [...this._wanted].filter((channel) => !this._loading.has(channel));
     const frame = { type: "connect", token, channels };
-    const since = this._since(channels);
-    if (since) frame.since = since;
+    this._addPositions(frame, channels);
     this._requested = new Set(channels);
     this._send(frame);
   }
@@ -315,6 +378,12 @@ export class WsBus {
     this._unavailable.clear(); // the next connect frame asks for every wanted channel
     this._presence.clear(); // stale once the socket is gone: the next welcome brings fresh snapshots
     this._clearResubscribeTimer();
+    // A request sent on this socket may or may not have been done: only those safe to repeat go again.
+    for (const [ref, request] of this._requests) {
+      if (request.sentOn === null) continue;
+      if (request.isRetryable) request.sentOn = null;
+      else this._settle(ref, new WsBusRequestError("disconnected", "the connection dropped before the answer"));
+    }
     const ws = this._ws;
     this._ws = null;
     if (!ws) return;
@@ -358,6 +427,11 @@ export class WsBus {
         return this._handleRefreshed(frame);
       case "message":
         return this._handleMessage(frame);
+      case "published":
+      case "rpc_result":
+      case "history_result":
+      case "error":
+        return this._handleAnswer(frame);
       case "join":
         return this._handleJoin(frame);
       case "leave":
@@ -380,6 +454,7 @@ export class WsBus {
     this._applySubscription(frame);
     if (generation !== this._generation) return;
     this._sync();
+    this._sendRequests();
   }
 
   _handleSubscribed(frame) {
@@ -404,19 +479,30 @@ export class WsBus {
     }
     for (const channel of Object.keys(positions)) {
       if (!this._wanted.has(channel) || channel in recovered) continue;
+      // A rewind replays messages up to this position next: they set it, one by one.
+      if (this._rewind.get(channel) && positions[channel]?.offset > 0) continue;
       this._advance(channel, positions[channel]); // fresh subscription: recover from here next time
     }
     for (const channel of Object.keys(recovered)) {
       if (!this._wanted.has(channel) || recovered[channel] === true) continue;
+      if (this._loaders.has(channel) && !this._justLoaded.has(channel)) {
+        this._reload(channel); // the app's getState() reloads it, then it is asked for from there
+        continue;
+      }
       // Too far behind or a new epoch: continue from the server's position, the app reloads.
       const position = positions[channel];
       if (isPosition(position)) this._positions.set(channel, { offset: position.offset, epoch: position.epoch });
       else this._positions.delete(channel);
     }
     // Listeners run once the client's own state is settled; any of them may close() or unsubscribe().
-    for (const channel of Array.isArray(frame.subscribed) ? frame.subscribed : []) {
+    const subscribed = Array.isArray(frame.subscribed) ? frame.subscribed : [];
+    for (const channel of subscribed) {
+      this._justLoaded.delete(channel);
+      this._rewind.delete(channel); // replayed once, on the first subscribe
+    }
+    for (const channel of subscribed) {
       if (generation !== this._generation) return;
-      if (!this._wanted.has(channel)) continue; // left while the server was answering
+      if (!this._wanted.has(channel) || this._loading.has(channel)) continue; // left, or being reloaded
       const meta = {};
       const position = positions[channel];
       if (isPosition(position)) meta.position = { offset: position.offset, epoch: position.epoch };
@@ -430,7 +516,9 @@ export class WsBus {
     }
     for (const channel of Object.keys(recovered)) {
       if (generation !== this._generation) return;
-      if (this._wanted.has(channel)) this._emit("recovered", channel, recovered[channel] === true);
+      if (this._wanted.has(channel) && !this._loading.has(channel)) {
+        this._emit("recovered", channel, recovered[channel] === true);
+      }
     }
   }
 
@@ -449,7 +537,13 @@ export class WsBus {
 
   _handleMessage(frame) {
     const channel = frame.channel;
-    if (!this._wanted.has(channel)) return; // left it; the server has not caught up yet
+    // Left it (the server has not caught up yet), or reloading it: what counts is replayed after getState().
+    if (!this._wanted.has(channel) || this._loading.has(channel)) return;
+    if (frame.ephemeral === true) {
+      // Live only: no offset, so it says nothing about the channel's position.
+      this._dispatch(channel, frame.data, { channel, offset: 0, epoch: "", recovered: false, ephemeral: true });
+      return;
+    }
     const { offset, epoch } = frame;
     if (typeof offset === "number") {
       const last = this._positions.get(channel);
@@ -461,18 +555,66 @@ export class WsBus {
       // server keeps no state for it): its first message, offset 1, continues it in any epoch.
       const isFirstMessage = last?.offset === 0 && offset === 1;
       if (last && !isFirstMessage && (last.epoch !== epoch || offset > last.offset + 1)) {
+        if (this._loaders.has(channel)) {
+          this._reload(channel);
+          return;
+        }
         this._emit("recovered", channel, false);
       }
     }
-    const meta = { channel, offset, epoch, recovered: frame.recovered === true };
+    this._dispatch(channel, frame.data, { channel, offset, epoch, recovered: frame.recovered === true });
+  }
+
+  _dispatch(channel, data, meta) {
     for (const handler of [...(this._handlers.get(channel) ?? [])]) {
       try {
-        handler(frame.data, meta);
+        handler(data, meta);
       } catch (error) {
         this._emitError(error);
       }
     }
-    this._emit("message", channel, frame.data, meta);
+    this._emit("message", channel, data, meta);
+  }
+
+  /** Asks the app's getState() for the channel's position, then subscribes from there (see subscribe). */
+  _load(channel) {
+    const getState = this._loaders.get(channel);
+    this._loading.add(channel);
+    this._justLoaded.delete(channel);
+    const isCurrent = () => this._loaders.get(channel) === getState && this._loading.has(channel);
+    const loaded = (position) => {
+      this._loading.delete(channel);
+      if (position) {
+        this._positions.set(channel, position);
+        this._justLoaded.add(channel);
+      }
+      this._sync();
+    };
+    Promise.resolve()
+      .then(() => getState())
+      .then(
+        (state) => {
+          if (!isCurrent()) return; // unsubscribed meanwhile
+          if (!isPosition(state)) this._emitError(new TypeError(`WsBus: getState() for ${channel} must return {offset, epoch}`));
+          loaded(isPosition(state) ? { offset: state.offset, epoch: state.epoch } : null);
+        },
+        (error) => {
+          if (!isCurrent()) return;
+          this._emitError(wrapError(error, `getState failed for ${channel}`));
+          this._positions.delete(channel);
+          loaded(null); // subscribed from the server's position: the app was told
+        },
+      );
+  }
+
+  /** Recovery failed on a channel with getState: leave it, let the app reload, ask again from its new position. */
+  _reload(channel) {
+    if (this._requested.has(channel)) {
+      this._requested.delete(channel);
+      this._send({ type: "unsubscribe", channels: [channel] });
+    }
+    this._positions.delete(channel);
+    this._load(channel);
   }
 
   // Joins and leaves follow the channel's snapshot. A join for a listed user (the
@@ -527,6 +669,10 @@ export class WsBus {
     this._wanted.delete(channel);
     this._presence.delete(channel);
     this._unavailable.delete(channel);
+    this._loaders.delete(channel);
+    this._loading.delete(channel);
+    this._justLoaded.delete(channel);
+    this._rewind.delete(channel);
     this._handlers.delete(channel);
     this._positions.delete(channel);
   }
@@ -558,7 +704,7 @@ export class WsBus {
   _syncNow() {
     if (!this._isWelcomed) return;
     const added = [...this._wanted].filter(
-      (channel) => !this._requested.has(channel) && !this._unavailable.has(channel),
+      (channel) => !this._requested.has(channel) && !this._unavailable.has(channel) && !this._loading.has(channel),
     );
     const removed = [...this._requested].filter((channel) => !this._wanted.has(channel));
     if (removed.length) {
@@ -568,22 +714,70 @@ export class WsBus {
     if (added.length) {
       for (const channel of added) this._requested.add(channel);
       const frame = { type: "subscribe", channels: added };
-      const since = this._since(added);
-      if (since) frame.since = since;
+      this._addPositions(frame, added);
       this._send(frame);
     }
   }
 
-  _since(channels) {
+  /** Adds `since` (where each channel was left) and `rewind` (first subscribes) to a connect or subscribe frame. */
+  _addPositions(frame, channels) {
     const since = {};
-    let isEmpty = true;
+    const rewind = {};
     for (const channel of channels) {
       const position = this._positions.get(channel);
-      if (!position) continue;
-      since[channel] = { offset: position.offset, epoch: position.epoch };
-      isEmpty = false;
+      if (position) since[channel] = { offset: position.offset, epoch: position.epoch };
+      else if (this._rewind.has(channel)) rewind[channel] = this._rewind.get(channel);
     }
-    return isEmpty ? null : since;
+    if (Object.keys(since).length) frame.since = since;
+    if (Object.keys(rewind).length) frame.rewind = rewind;
+  }
+
+  // -- requests: publish, rpc, history ----------------------------------------
+
+  /** Sends `frame` with a new ref once welcomed (at most 16 in flight); settles on its answer or after `timeout` ms. */
+  _request(frame, timeout = this._requestTimeout, isRetryable = false) {
+    if (this._isClosed) return Promise.reject(new WsBusRequestError("closed", "the client was closed"));
+    return new Promise((resolve, reject) => {
+      const ref = this._nextRef++;
+      const request = { frame: { ...frame, ref }, resolve, reject, isRetryable, sentOn: null, timer: null };
+      request.timer = this._timers.setTimeout(
+        () => this._settle(ref, new WsBusRequestError("timeout", `no answer within ${timeout} ms`)),
+        timeout,
+      );
+      this._requests.set(ref, request);
+      this._sendRequests();
+    });
+  }
+
+  /** Sends waiting requests on the current connection, keeping at most 16 in flight. */
+  _sendRequests() {
+    if (!this._isWelcomed) return; // requests made while disconnected wait for the next welcome
+    let inFlight = 0;
+    for (const request of this._requests.values()) if (request.sentOn === this._generation) inFlight += 1;
+    for (const request of this._requests.values()) {
+      if (inFlight >= MAX_REQUESTS_IN_FLIGHT) return;
+      if (request.sentOn !== null) continue;
+      request.sentOn = this._generation;
+      inFlight += 1;
+      this._send(request.frame);
+    }
+  }
+
+  _handleAnswer(frame) {
+    const request = this._requests.get(frame.ref);
+    if (!request || request.sentOn !== this._generation) return; // timed out, or asked on an earlier socket
+    if (frame.type === "error") this._settle(frame.ref, new WsBusRequestError(String(frame.error), frame.reason));
+    else this._settle(frame.ref, null, frame);
+  }
+
+  _settle(ref, error, answer) {
+    const request = this._requests.get(ref);
+    if (!request) return;
+    this._requests.delete(ref);
+    this._timers.clearTimeout(request.timer);
+    if (error) request.reject(error);
+    else request.resolve(answer);
+    this._sendRequests(); // room for one that waits
   }
 
   _send(frame) {
@@ -674,6 +868,16 @@ export class WsBus {
   _clearRefreshTimer() {
     if (this._refreshTimer !== null) this._timers.clearTimeout(this._refreshTimer);
     this._refreshTimer = null;
+  }
+}
+
+/** A publish, rpc or history request that failed; `code` is the server's error code, or "timeout", "disconnected", "closed". */
+export class WsBusRequestError extends Error {
+  constructor(code, reason) {
+    super(`WsBus request failed: ${code}${reason ? ` (${reason})` : ""}`);
+    this.name = "WsBusRequestError";
+    this.code = code;
+    this.reason = reason ?? "";
   }
 }
 

@@ -21,6 +21,11 @@ restarted server on the same port accepts the tokens of the one before). On P:
 
 `--settings JSON` adds setup() settings (limits, for instance).
 
+Clients may publish over the socket (`client_publish`, with a `publish` claim);
+a publish to `stamped:{room}` gets `"from"` set to the token's subject. RPC
+methods: `echo` answers `{"user": SUB, "data": DATA}`, `invalid` refuses with
+`invalid` ("always invalid").
+
 The JWKS the bus verifies with is served on a second port. The process stops
 on SIGTERM or SIGINT, or when its standard input closes (so it never outlives
 the test run that started it). Test-only: it mints tokens for anyone who asks.
@@ -112,9 +117,22 @@ def bus_app(
         api_keys=[api_key],
         leeway=0,
         close_timeout=1.0,
+        client_publish=True,
         presence=["chat:*"],
         **settings,
     )
+
+    @bus.on_publish("stamped:{room}")
+    async def stamp(claims: aiohttp_wsbus.Claims, data: Any, room: str) -> Any:
+        return {"from": claims.subject, "data": data}
+
+    @bus.rpc("echo")
+    async def echo(info: aiohttp_wsbus.ConnectionInfo, data: Any) -> Any:
+        return {"user": info.user, "data": data}
+
+    @bus.rpc("invalid")
+    async def invalid(info: aiohttp_wsbus.ConnectionInfo, data: Any) -> Any:
+        raise ValueError("always invalid")
 
     async def token(request: web.Request) -> web.Response:
         body: dict[str, Any] = await request.json() if request.can_read_body else {}

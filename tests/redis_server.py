@@ -245,7 +245,10 @@ def durable_redis(tmp_path: Path) -> Iterator[RedisServer]:
 async def make_redis_broker(
     redis_url: str, redis_prefix: str
 ) -> AsyncIterator[Callable[..., Awaitable[tuple[RedisBroker, list[Message]]]]]:
-    """Start RedisBrokers (on the session's Redis unless `url` says otherwise); stop them after."""
+    """Start RedisBrokers (on the session's Redis unless `url` says otherwise); stop them after.
+
+    Ephemeral messages are recorded with the others, as Messages at offset 0.
+    """
     brokers: list[RedisBroker] = []
 
     async def make(
@@ -257,7 +260,12 @@ async def make_redis_broker(
     ) -> tuple[RedisBroker, list[Message]]:
         broker = RedisBroker(url, prefix=redis_prefix, **options)  # type: ignore[arg-type]
         delivered: list[Message] = []
-        await broker.start(delivered.append, HistoryOptions(size, ttl), on_control=on_control)
+        await broker.start(
+            delivered.append,
+            HistoryOptions(size, ttl),
+            on_control=on_control,
+            on_ephemeral=lambda channel, data: delivered.append(Message(channel, 0, "", data)),
+        )
         brokers.append(broker)
         return broker, delivered
 

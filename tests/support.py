@@ -253,6 +253,16 @@ class SwitchableBroker(aiohttp_wsbus.MemoryBroker):
             raise BrokerUnavailable("taken down by the test")
         await super().control(message)
 
+    async def history(
+        self,
+        since: Mapping[str, Position | None],
+        *,
+        options: Mapping[str, HistoryOptions] | None = None,
+    ) -> dict[str, History]:
+        if not self.is_up:
+            raise BrokerUnavailable("taken down by the test")
+        return await super().history(since, options=options)
+
     async def revoke(self, revocation: Revocation) -> None:
         if not self.is_up:
             raise BrokerUnavailable("taken down by the test")

@@ -69,6 +69,27 @@ async def test_subscriber_receives_what_is_published_in_order(
     assert client.positions["chat:lobby"] == received[-1].position
 
 
+async def test_an_ephemeral_message_arrives_flagged_and_leaves_the_position_alone(
+    aiohttp_client: AiohttpClient, wsbus_idp: IdentityProvider, wsbus_client: ClientFactory
+) -> None:
+    server = await bus_for(aiohttp_client, wsbus_idp)
+    client = await wsbus_client(server.client, "alice", channels=["chat:*"])
+    recorder = Recorder(client)
+    async with client.subscribe("chat:lobby") as lobby:
+        stored = await server.bus.publish("chat:lobby", "stored")
+        await server.bus.publish("chat:lobby", "typing", ephemeral=True)
+        await server.bus.publish("chat:lobby", "next")
+        received = [await lobby.receive(WAIT) for _ in range(3)]
+    assert [(m.data, m.offset, m.epoch, m.ephemeral) for m in received] == [
+        ("stored", 1, stored.epoch, False),
+        ("typing", 0, "", True),
+        ("next", 2, stored.epoch, False),
+    ]
+    assert not any(m.recovered or m.after_gap for m in received)
+    assert client.positions["chat:lobby"] == received[-1].position
+    assert recorder.of("recovered") == []
+
+
 async def test_socket_killed_mid_stream_every_one_of_50_arrives_once_in_order(
     aiohttp_client: AiohttpClient, wsbus_idp: IdentityProvider, wsbus_client: ClientFactory
 ) -> None:

@@ -162,3 +162,26 @@ async def test_reconnect_asks_to_recover_from_the_last_position(scripted: Script
         connect = await scripted.next("connect")
     assert connect["channels"] == ["feed"]
     assert connect["since"] == {"feed": {"offset": 7, "epoch": "e1"}}
+
+
+async def test_an_ephemeral_message_between_a_failed_recovery_and_the_next_message_keeps_the_flag(
+    scripted: ScriptedServer,
+) -> None:
+    client = aiohttp_wsbus.Client(scripted.url, get_token=lambda: "token")
+    async with client:
+        since = aiohttp_wsbus.Position(3, "e1")
+        entering = asyncio.create_task(client.subscribe("feed", since=since).__aenter__())
+        connect = await scripted.welcome(
+            recovered={"feed": False}, positions={"feed": {"offset": 9, "epoch": "e2"}}
+        )
+        assert connect["since"] == {"feed": {"offset": 3, "epoch": "e1"}}
+        async with asyncio.timeout(WAIT):
+            feed = await entering
+        await scripted.send(type="message", channel="feed", ephemeral=True, data="typing")
+        await scripted.send(**message(10, epoch="e2", data="stored"))
+        received = [await feed.receive(WAIT) for _ in range(2)]
+    assert [(m.data, m.offset, m.ephemeral, m.after_gap) for m in received] == [
+        ("typing", 0, True, False),
+        ("stored", 10, False, True),
+    ]
+    assert client.positions == {"feed": aiohttp_wsbus.Position(10, "e2")}

@@ -40,6 +40,7 @@ users = st.lists(
         st.sets(st.sampled_from(CHANNELS), max_size=5),  # channels asked for
         st.none() | st.sets(st.sampled_from(PATTERNS), max_size=2),  # grants after a refresh
         st.sets(st.sampled_from(PATTERNS), max_size=2),  # presence it may read
+        st.sets(st.sampled_from(PATTERNS), max_size=2),  # channels it may publish to
     ),
     min_size=1,
     max_size=4,
@@ -67,14 +68,17 @@ def authorizer_allows(table: dict[str, set[int]], user: int, channel: str) -> bo
     people=users,
     table=authorizer_tables,
     published=st.lists(st.sampled_from(CHANNELS), min_size=1, max_size=12),
+    # Publishes over the sockets: (who, channel); a refused one reaches nobody.
+    client_published=st.lists(st.tuples(st.integers(0, 3), st.sampled_from(CHANNELS)), max_size=6),
 )
 async def test_no_socket_ever_receives_a_channel_its_token_or_the_application_does_not_allow(
     aiohttp_client: AiohttpClient,
     jwks_server: JwksServer,
     make_token: MakeToken,
-    people: list[tuple[set[str], set[str], set[str] | None, set[str]]],
+    people: list[tuple[set[str], set[str], set[str] | None, set[str], set[str]]],
     table: dict[str, set[int]],
     published: list[str],
+    client_published: list[tuple[int, str]],
 ) -> None:
     def prepare(bus: Bus) -> None:
         for pattern, allowed in table.items():
@@ -84,25 +88,45 @@ async def test_no_socket_ever_receives_a_channel_its_token_or_the_application_do
 
             bus.authorizer(pattern)(decide)
 
-    server = await start_bus(aiohttp_client, jwks_server.url, prepare=prepare, presence=PRESENCE)
+    server = await start_bus(
+        aiohttp_client, jwks_server.url, prepare=prepare, presence=PRESENCE, client_publish=True
+    )
     sockets = []
     # Presence data (snapshots, joins, leaves) each socket received, by channel.
     presence_seen: list[set[str]] = []
-    for n, (grants, wanted, _, reads) in enumerate(people):
-        token = make_token(sub=f"user{n}", channels=sorted(grants), presence=sorted(reads))
+    for n, (grants, wanted, _, reads, speaks) in enumerate(people):
+        token = make_token(
+            sub=f"user{n}", channels=sorted(grants), presence=sorted(reads), publish=sorted(speaks)
+        )
         socket, welcome = await server.open(token, sorted(wanted))
         sockets.append(socket)
         presence_seen.append(set(welcome.get("presence", {})))
     frames: list[list[dict[str, Any]]] = [[] for _ in people]
-    for n, (_, _, later, reads) in enumerate(people):
+    for n, (_, _, later, reads, speaks) in enumerate(people):
         if later is not None:
-            token = make_token(sub=f"user{n}", channels=sorted(later), presence=sorted(reads))
+            token = make_token(
+                sub=f"user{n}",
+                channels=sorted(later),
+                presence=sorted(reads),
+                publish=sorted(speaks),
+            )
             await sockets[n].send_json({"type": "refresh", "token": token})
             while (frame := await next_frame(sockets[n]))["type"] != "refreshed":
                 frames[n].append(frame)
+    sent = list(published)  # every message that went out, in order
     for channel in published:
         await server.bus.publish(channel, channel)
-    for n, (grants, wanted, later, reads) in enumerate(people):
+    for ref, (who, channel) in enumerate(client_published):
+        n = who % len(people)
+        frame = {"type": "publish", "ref": ref, "channel": channel, "data": channel}
+        await sockets[n].send_json(frame)
+        while (answer := await next_frame(sockets[n]))["type"] not in ("published", "error"):
+            frames[n].append(answer)
+        is_allowed = may(people[n][4], channel)
+        assert answer["type"] == ("published" if is_allowed else "error"), (answer, people[n])
+        if is_allowed:
+            sent.append(channel)
+    for n, (grants, wanted, later, reads, _) in enumerate(people):
         current = set(later) if later is not None else grants
 
         def allowed_by(patterns: set[str], channel: str, n: int = n) -> bool:
@@ -122,7 +146,7 @@ async def test_no_socket_ever_receives_a_channel_its_token_or_the_application_do
                 table,
             )
         expected = [
-            c for c in published if c in wanted and allowed_by(grants, c) and allowed_by(current, c)
+            c for c in sent if c in wanted and allowed_by(grants, c) and allowed_by(current, c)
         ]
         assert received == expected
 

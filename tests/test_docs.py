@@ -23,7 +23,7 @@ from aiohttp_wsbus.testing import IdentityProvider
 from aiohttp_wsbus.tokens import MAX_TOKEN_LENGTH
 
 from .conftest import JwksServer, MakeToken
-from .support import WAIT, close_code, eventually, start_bus
+from .support import WAIT, close_code, eventually, next_frame, start_bus
 
 ROOT = Path(__file__).parent.parent
 
@@ -95,6 +95,33 @@ async def test_presence_snippet_serves_who_is_online(
     assert await response.json() == {"online": ["alice"]}
 
 
+async def test_readme_two_way_snippet_stamps_and_answers(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
+) -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Two-way sockets", 1)[1].split("\n## ", 1)[0]
+    (snippet,) = re.findall(r"```python\n(.*?)```", section, re.S)
+
+    def prepare(bus: aiohttp_wsbus.Bus) -> None:
+        exec(compile(snippet, "README.md", "exec"), {"bus": bus})  # noqa: S102
+
+    server = await start_bus(aiohttp_client, jwks_server.url, prepare=prepare, client_publish=True)
+    socket, _ = await server.open(make_token(sub="alice"), ["chat:lobby"])
+    spoofed = {
+        "type": "publish",
+        "ref": 1,
+        "channel": "chat:lobby",
+        "data": {"text": "hi", "from": "bob"},
+    }
+    await socket.send_json(spoofed)
+    frames = [await next_frame(socket), await next_frame(socket)]
+    assert frames[0]["data"] == {"text": "hi", "from": "alice"}
+    assert frames[1]["type"] == "published"
+    await socket.send_json({"type": "publish", "ref": 2, "channel": "chat:lobby", "data": 5})
+    assert (await next_frame(socket))["error"] == "invalid"
+    await socket.send_json({"type": "rpc", "ref": 3, "method": "whoami"})
+    answer = await next_frame(socket)
+    assert answer["data"] == {"user": "alice", "channels": ["chat:lobby"]}
 async def test_readme_worker_resumes_from_its_saved_position_after_a_restart(
     aiohttp_client: AiohttpClient, wsbus_idp: IdentityProvider, tmp_path: Path
 ) -> None:

@@ -36,17 +36,24 @@ class Person:
     name: str
     page: Page
     frames: list[dict[str, Any]] = field(default_factory=list)
+    sent: list[dict[str, Any]] = field(default_factory=list)  # frames the page sent
     sockets: list[WebSocket] = field(default_factory=list)
     responses: list[tuple[int, str]] = field(default_factory=list)  # (status, URL), in order
 
     def record(self, socket: WebSocket) -> None:
         self.sockets.append(socket)
         socket.on("framereceived", lambda payload: self.frames.append(json.loads(payload)))
+        socket.on("framesent", lambda payload: self.sent.append(json.loads(payload)))
 
     @property
     def received(self) -> list[dict[str, Any]]:
-        """The message frames, from every socket the page opened."""
-        return [frame for frame in self.frames if frame["type"] == "message"]
+        """The stored messages' frames (no typing indicators), from every socket the page opened."""
+        return [f for f in self.frames if f["type"] == "message" and not f.get("ephemeral")]
+
+    @property
+    def published(self) -> list[dict[str, Any]]:
+        """The messages the page published on its sockets (not typing indicators)."""
+        return [f for f in self.sent if f["type"] == "publish" and not f.get("ephemeral")]
 
     def texts_on(self, channel: str) -> list[str]:
         return [str(f["data"].get("text")) for f in self.received if f["channel"] == channel]
@@ -160,6 +167,30 @@ async def test_alice_and_bob_see_each_others_lobby_messages(
     ARTIFACTS.mkdir(exist_ok=True)
     await alice.page.screenshot(path=ARTIFACTS / "example-app-alice.png")
     await bob.page.screenshot(path=ARTIFACTS / "example-app-bob.png")
+
+
+async def test_a_page_loads_the_last_messages_then_follows_live_and_shows_who_is_typing(
+    browser: Browser, example: ExampleServer
+) -> None:
+    alice = await sign_in(browser, example, "alice")
+    for n in range(3):
+        await alice.say(f"earlier {n}")
+    bob = await sign_in(browser, example, "bob")
+    # Loaded over HTTP before the page subscribed: no socket of bob's carried them.
+    for n in range(3):
+        await expect(bob.view("chat:lobby")).to_contain_text(f"earlier {n}", timeout=WAIT_MS)
+    assert bob.texts_on("chat:lobby") == []
+    await expect(bob.view("chat:lobby").locator(".message")).to_have_count(3)
+    await alice.page.locator("#composer-text").fill("half a thou")
+    await expect(bob.page.locator("#typing")).to_have_text("alice is typing…", timeout=WAIT_MS)
+    await alice.page.locator("#composer-text").press("Enter")
+    await expect(bob.view("chat:lobby")).to_contain_text("half a thou", timeout=WAIT_MS)
+    await expect(bob.page.locator("#typing")).to_be_empty()
+    assert bob.texts_on("chat:lobby") == ["half a thou"]
+    typing = [f for f in bob.frames if f["type"] == "message" and f.get("ephemeral")]
+    assert typing
+    assert all(f["data"] == {"from": "alice", "room": "chat:lobby", "typing": True} for f in typing)
+    assert all("offset" not in f for f in typing)
 
 
 async def test_bob_is_shown_the_staff_room_as_denied_and_never_gets_its_messages(
@@ -336,7 +367,7 @@ async def test_a_private_room_admits_whom_alice_invites_and_the_bus_denies_carol
         await alice.open_view("chat:lobby")
         await alice.say("lobby marker after the private room")
         while (frame := await next_frame(socket))["type"] != "message" or (
-            frame["data"]["text"] != "lobby marker after the private room"
+            frame["data"].get("text") != "lobby marker after the private room"
         ):
             assert frame.get("channel") != "room:plans", frame
         await socket.close()
@@ -494,17 +525,13 @@ async def test_send_is_disabled_while_disconnected_and_a_failed_send_is_cleared_
     example: ExampleServer, browser: Browser
 ) -> None:
     bob = await sign_in(browser, example, "bob")
-    sends: list[str] = []
-    bob.page.on(
-        "request", lambda request: sends.append(request.url) if "/send" in request.url else None
-    )
     await expect(bob.send_button).to_be_enabled()
     await bob.open_view("direct")
     await bob.page.locator("#composer-to").fill("no body")
     await bob.page.locator("#composer-text").fill("this one fails")
     await bob.page.locator("#composer-text").press("Enter")
     error = bob.page.locator("#composer-error")
-    await expect(error).to_contain_text("user names are", timeout=WAIT_MS)  # the server's 400
+    await expect(error).to_contain_text("user names are", timeout=WAIT_MS)  # as the app says
 
     await example.stop()
     await expect(bob.badge).to_have_attribute("data-state", "reconnecting", timeout=WAIT_MS)
@@ -515,9 +542,10 @@ async def test_send_is_disabled_while_disconnected_and_a_failed_send_is_cleared_
     await expect(bob.badge).to_have_attribute("data-state", "connected", timeout=RECONNECT_WAIT_MS)
     await expect(bob.send_button).to_be_enabled()
     await expect(error).to_be_empty()
-    assert len(sends) == 1  # the failed one: Enter while disconnected sent nothing
+    assert bob.published == []  # neither the bad name nor Enter while disconnected sent anything
     await bob.say("this one arrives", to="alice")
     await expect(bob.view("direct").locator(".message.mine")).to_contain_text("this one arrives")
+    assert [frame["channel"] for frame in bob.published] == ["user:alice"]
 
 
 # -- a narrow window --------------------------------------------------------------

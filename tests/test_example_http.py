@@ -73,7 +73,7 @@ async def test_login_token_is_rs256_signed_by_the_served_jwks(
     assert claims["exp"] == int(claims["iat"]) + 120
     assert claims["exp"] == answer["expires_at"]
     assert claims["channels"] == answer["channels"] == ["chat:lobby", "user:bob"]
-    assert claims["publish"] == []
+    assert claims["publish"] == ["chat:lobby", "user:*"]  # stamped by the app's hooks
     assert claims["roles"] == []
     assert claims["presence"] == ["chat:*", "room:*"]  # every room's "online" list
     assert claims["info"] == {"name": "bob"}
@@ -85,6 +85,8 @@ async def test_staff_tokens_also_grant_the_staff_room(
     answer = await login(http, example, "alice")
     assert answer["is_staff"] is True
     assert answer["channels"] == ["chat:lobby", "user:alice", "chat:staff"]
+    claims = jwt.decode(answer["token"], options={"verify_signature": False})
+    assert claims["publish"] == ["chat:lobby", "chat:staff", "user:*"]
     assert jwt.decode(answer["token"], options={"verify_signature": False})["roles"] == ["staff"]
     assert [room["channel"] for room in answer["rooms"]] == ["chat:lobby", "chat:staff"]
 
@@ -155,6 +157,97 @@ async def test_send_publishes_the_verified_sender_to_the_room_or_user(
     assert frame["data"] == answer["message"]
     assert (frame["data"]["from"], frame["data"]["text"]) == ("bob", "hi")
     assert frame["data"].get("to") == recipient
+
+
+async def publish(
+    socket: aiohttp.ClientWebSocketResponse, ref: int, channel: str, data: Any, **extra: Any
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A publish frame's answer, and the frames that came before it."""
+    frame = {"type": "publish", "ref": ref, "channel": channel, "data": data, **extra}
+    await socket.send_json(frame)
+    before: list[dict[str, Any]] = []
+    while (frame := await next_frame(socket)).get("ref") != ref:
+        before.append(frame)
+    return frame, before
+
+
+@pytest.mark.parametrize(("room", "recipient"), [("chat:lobby", None), ("user:alice", "alice")])
+async def test_a_page_publishes_on_its_socket_stamped_with_its_verified_sender(
+    example: ExampleServer, http: aiohttp.ClientSession, room: str, recipient: str | None
+) -> None:
+    alice = await login(http, example, "alice")
+    bob = await login(http, example, "bob")
+    alice_socket, _ = await open_socket(http, example, alice["token"], [room])
+    bob_socket, _ = await open_socket(http, example, bob["token"], [])
+    answer, _ = await publish(bob_socket, 1, room, {"text": "hi"}, id="page-1")
+    assert (answer["type"], answer["offset"]) == ("published", 1)
+    frame = await next_frame_skipping_presence(alice_socket)
+    assert frame["data"] | {"sent_at": 0} == {
+        "from": "bob",
+        "text": "hi",
+        "room": room,
+        "sent_at": 0,
+    } | ({"to": recipient} if recipient else {})
+    spoofed, _ = await publish(bob_socket, 2, room, {"text": "hi", "from": "alice"})
+    assert spoofed["error"] == "invalid"
+    blank, _ = await publish(bob_socket, 3, room, {"text": "  "})
+    assert (blank["error"], blank["reason"]) == ("invalid", "text must not be blank")
+    staff, _ = await publish(bob_socket, 4, "chat:staff", {"text": "let me in"})
+    assert staff["error"] == "forbidden"
+    # The same grant over HTTP (Bearer emit) is stamped the same way.
+    async with http.post(
+        example.url + "/ws/emit",
+        json={"channel": room, "data": {"text": "by emit"}},
+        headers={"Authorization": f"Bearer {bob['token']}"},
+    ) as response:
+        assert response.status == 202
+    assert (await next_frame_skipping_presence(alice_socket))["data"]["from"] == "bob"
+
+
+async def test_typing_is_ephemeral_and_a_page_loads_the_last_messages_over_http(
+    example: ExampleServer, http: aiohttp.ClientSession
+) -> None:
+    alice = await login(http, example, "alice")
+    bob = await login(http, example, "bob")
+    alice_socket, _ = await open_socket(http, example, alice["token"], ["chat:lobby"])
+    bob_socket, _ = await open_socket(http, example, bob["token"], [])
+    for n in range(52):
+        await publish(bob_socket, n, "chat:lobby", {"text": f"message {n}"})
+    typing, _ = await publish(bob_socket, 99, "chat:lobby", {"typing": True}, ephemeral=True)
+    assert typing == {"type": "published", "ref": 99}
+    frames = [await next_frame_skipping_presence(alice_socket) for _ in range(53)]
+    assert frames[-1] == {
+        "type": "message",
+        "channel": "chat:lobby",
+        "ephemeral": True,
+        "data": {"from": "bob", "room": "chat:lobby", "typing": True},
+    }
+    async with http.get(
+        example.url + "/ws/channels/chat:lobby/history?limit=50",
+        headers={"Authorization": f"Bearer {bob['token']}"},
+    ) as response:
+        page = await response.json()
+    assert [m["data"]["text"] for m in page["messages"]] == [f"message {n}" for n in range(2, 52)]
+    assert page["position"] == {"offset": 52, "epoch": frames[0]["epoch"]}
+    async with http.get(
+        example.url + "/ws/channels/chat:staff/history",
+        headers={"Authorization": f"Bearer {bob['token']}"},
+    ) as response:
+        assert response.status == 403
+
+
+async def test_a_private_room_takes_publishes_from_its_members_only(
+    example: ExampleServer, http: aiohttp.ClientSession
+) -> None:
+    alice = await login(http, example, "alice")
+    carol = await login(http, example, "carol")
+    await create_room(http, example, alice["token"], "secret")
+    alice_socket, _ = await open_socket(http, example, alice["token"], ["room:secret"])
+    carol_socket, _ = await open_socket(http, example, carol["token"], [])
+    refused, _ = await publish(carol_socket, 1, "room:secret", {"text": "knock knock"})
+    assert refused["error"] == "forbidden"
+    said, _ = await publish(alice_socket, 2, "room:secret", {"text": "only us"})
+    assert said["type"] == "published"
 
 
 async def test_send_to_a_room_the_token_does_not_grant_is_forbidden(

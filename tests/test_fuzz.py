@@ -70,7 +70,9 @@ class FuzzedBus:
 async def fuzzed(
     aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
 ) -> FuzzedBus:
-    server = await start_bus(aiohttp_client, jwks_server.url, api_keys=[API_KEY])
+    server = await start_bus(
+        aiohttp_client, jwks_server.url, api_keys=[API_KEY], client_publish=True
+    )
     watcher, _ = await server.open(make_token(sub="watcher", channels=[PROBE]), [PROBE])
     tokens = {
         "<valid>": make_token(sub="fuzzer", channels=["fuzz:*"], publish=["fuzz:*"]),
@@ -339,7 +341,19 @@ async def test_credentials_that_are_not_utf8_get_401(fuzzed: FuzzedBus, header: 
 # -- client frames -----------------------------------------------------------------
 
 # Frames the server may send, and those that answer a client frame.
-SERVER_FRAMES: Final = {"welcome", "subscribed", "unsubscribed", "refreshed", "pong", "message"}
+SERVER_FRAMES: Final = {
+    "welcome",
+    "subscribed",
+    "unsubscribed",
+    "refreshed",
+    "pong",
+    "message",
+    # the answers to publish, rpc and history requests
+    "published",
+    "rpc_result",
+    "history_result",
+    "error",
+}
 # A frame is answered by a frame or closed with a code from docs/protocol.md's
 # table, less 1000 and 1001 (never the answer to a frame: 1000 tells the JS
 # client to stop for good) and 1011 (the server failed). 1006, no close frame
@@ -359,6 +373,8 @@ token_values = st.one_of(
 channel_lists = st.lists(channel_names, max_size=4)
 positions = st.fixed_dictionaries({"offset": st.integers(), "epoch": any_text})
 since_values = st.dictionaries(channel_names, positions, max_size=3)
+rewind_values = st.dictionaries(channel_names, st.integers() | json_values, max_size=2)
+refs = st.integers(0, 100) | st.integers(-2, 2**53 + 2) | json_values  # mostly usable
 
 
 def frame_of(kind: str, **fields: st.SearchStrategy[Any]) -> st.SearchStrategy[dict[str, Any]]:
@@ -370,8 +386,14 @@ def frame_of(kind: str, **fields: st.SearchStrategy[Any]) -> st.SearchStrategy[d
 
 
 frame_objects = st.one_of(
-    frame_of("connect", token=token_values, channels=channel_lists, since=since_values),
-    frame_of("subscribe", channels=channel_lists, since=since_values),
+    frame_of(
+        "connect",
+        token=token_values,
+        channels=channel_lists,
+        since=since_values,
+        rewind=rewind_values,
+    ),
+    frame_of("subscribe", channels=channel_lists, since=since_values, rewind=rewind_values),
     st.builds(
         lambda channels, epoch: {
             "type": "subscribe",
@@ -384,6 +406,22 @@ frame_objects = st.one_of(
     frame_of("unsubscribe", channels=channel_lists),
     frame_of("refresh", token=token_values),
     frame_of("ping"),
+    frame_of(
+        "publish",
+        ref=refs,
+        channel=channel_names | json_values,
+        data=json_values,
+        id=any_text | json_values,
+        ephemeral=json_values,
+    ),
+    frame_of("rpc", ref=refs, method=any_text | json_values, data=json_values),
+    frame_of(
+        "history",
+        ref=refs,
+        channel=channel_names | json_values,
+        limit=st.integers() | json_values,
+        before=st.integers() | json_values,
+    ),
     # Wrong shapes: any type, any fields, any values.
     st.fixed_dictionaries(
         {"type": st.sampled_from(["connect", "subscribe", "unsubscribe", "refresh"]) | json_values},

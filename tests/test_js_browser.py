@@ -199,8 +199,10 @@ class PageServer:
             audience=AUDIENCE,
             close_timeout=1.0,
             broker=self.broker,
+            client_publish=True,
             presence=self.presence,
         )
+        self.bus.rpc("echo")(_echo)
         app.router.add_get("/", self._page)
         app.router.add_get("/token", self._token)
         app.router.add_get("/scripted", self.scripted.handle)
@@ -241,6 +243,10 @@ class PageServer:
         if user is not None:
             claims.update(sub=user, presence=["chat:*"], info={"name": user.title()})
         return web.Response(text=self.make_token(**claims))
+
+
+async def _echo(info: aiohttp_wsbus.ConnectionInfo, data: Any) -> Any:
+    return {"user": info.user, "data": data}
 
 
 @pytest.fixture
@@ -579,6 +585,92 @@ async def test_a_disconnect_on_another_node_stops_the_page_within_a_second(
         await server.stop()
 
 
+async def test_page_publishes_and_calls_rpc_over_its_socket(
+    page: Page, page_server: PageServer
+) -> None:
+    answers = await page.evaluate(
+        """async () => {
+            const landed = await bus.publish("chat:lobby", { text: "from the page" });
+            const typing = await bus.publish("chat:lobby", "typing", { ephemeral: true });
+            const echoed = await bus.rpc("echo", [1, 2]);
+            const refusals = [];
+            for (const attempt of [() => bus.publish("news", 1), () => bus.rpc("nope")]) {
+              try {
+                await attempt();
+              } catch (error) {
+                refusals.push([error.name, error.code]);
+              }
+            }
+            return { landed, typing: typing ?? null, echoed, refusals };
+        }"""
+    )
+    assert answers["landed"]["offset"] == 1
+    assert answers["typing"] is None
+    assert answers["echoed"] == {"user": "alice", "data": [1, 2]}
+    assert answers["refusals"] == [
+        ["WsBusRequestError", "forbidden"],
+        ["WsBusRequestError", "not_found"],
+    ]
+    await wait_until(page, "window.received.length === 2")
+    first, second = await received(page)
+    assert (first["data"], first["offset"]) == ({"text": "from the page"}, 1)
+    assert (second["data"], second["ephemeral"], second["offset"]) == ("typing", True, 0)
+    assert await page.evaluate("window.recovered") == []
+
+
+async def test_page_loads_state_then_subscribes_and_misses_nothing_published_meanwhile(
+    page: Page, page_server: PageServer
+) -> None:
+    bus = page_server.bus
+    assert bus is not None
+    for n in (1, 2):
+        await bus.publish("chat:loaded", f"before {n}")
+    await page.evaluate(
+        """() => {
+            window.loadedState = null;
+            window.arrived = [];
+            let release;
+            window.releaseState = new Promise((resolve) => (release = resolve));
+            window.release = release;
+            bus.subscribe("chat:loaded", (data) => window.arrived.push(data), {
+              getState: async () => {
+                const page = await bus.history("chat:loaded");
+                window.loadedState = page.messages.map((message) => message.data);
+                await window.releaseState; // the app renders meanwhile: others publish
+                return page.position;
+              },
+            });
+        }"""
+    )
+    await wait_until(page, "window.loadedState !== null")
+    for n in (1, 2, 3):
+        await bus.publish("chat:loaded", f"during {n}")
+    await page.evaluate("window.release()")
+    await wait_until(page, "window.arrived.length === 3")
+    await bus.publish("chat:loaded", "after")
+    await wait_until(page, "window.arrived.length === 4")
+    assert await page.evaluate("window.loadedState") == ["before 1", "before 2"]
+    assert await page.evaluate("window.arrived") == ["during 1", "during 2", "during 3", "after"]
+
+
+async def test_page_rewinds_the_last_messages_on_its_first_subscribe(
+    page: Page, page_server: PageServer
+) -> None:
+    bus = page_server.bus
+    assert bus is not None
+    for n in range(1, 6):
+        await bus.publish("chat:rewound", n)
+    await page.evaluate(
+        """() => {
+            window.rewound = [];
+            const record = (data, meta) => window.rewound.push([data, meta.recovered]);
+            bus.subscribe("chat:rewound", record, { rewind: 3 });
+        }"""
+    )
+    await wait_until(page, "window.rewound.length === 3")
+    await bus.publish("chat:rewound", 6)
+    await wait_until(page, "window.rewound.length === 4")
+    assert await page.evaluate("window.rewound") == [[3, True], [4, True], [5, True], [6, False]]
 async def test_page_lists_who_is_in_the_lobby_follows_joins_and_leaves_and_relists_after_a_drop(
     browser: Browser, presence_page_server: PageServer
 ) -> None:

@@ -135,6 +135,43 @@ async def test_pings_count_toward_client_rate(
     assert server.bus.rate_limited == {"client": 1}
 
 
+async def test_publish_rpc_and_history_frames_count_toward_client_rate(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
+) -> None:
+    def prepare(bus: aiohttp_wsbus.Bus) -> None:
+        @bus.rpc("echo")
+        async def echo(info: aiohttp_wsbus.ConnectionInfo, data: Any) -> Any:
+            return data
+
+    server = await start_bus(
+        aiohttp_client,
+        jwks_server.url,
+        prepare=prepare,
+        client_publish=True,
+        client_rate=(0.001, 3),
+    )
+    socket, _ = await server.open(make_token(publish=["chat:*"]), [])
+    requests: list[dict[str, Any]] = [
+        {"type": "publish", "ref": 1, "channel": "chat:a", "data": 1},
+        {"type": "rpc", "ref": 2, "method": "echo", "data": 2},
+        {"type": "history", "ref": 3, "channel": "chat:a"},
+        {"type": "publish", "ref": 4, "channel": "chat:a", "data": 4},
+    ]
+    answers = []
+    for request in requests[:3]:  # one at a time: a request is answered in the background
+        await socket.send_json(request)
+        answers.append(await next_frame(socket))
+    assert [(a["ref"], a["type"]) for a in answers] == [
+        (1, "published"),
+        (2, "rpc_result"),
+        (3, "history_result"),
+    ]
+    await socket.send_json(requests[3])
+    assert (await close_frame(socket))[0] == 4429
+    assert server.bus.rate_limited == {"client": 1}
+    assert (await server.bus.position("chat:a")).offset == 1  # the fourth was not published
+
+
 async def test_the_connect_frames_channels_are_free(
     aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
 ) -> None:

@@ -182,3 +182,76 @@ async def test_a_subscribed_channel_is_kept_alive_by_its_own_ttl(
 async def _longer_than(client: redis.asyncio.Redis, key: str, milliseconds: int) -> bool:
     ttl: int = await client.pttl(key)
     return ttl > milliseconds
+
+
+async def _client_publishes_and_reads_by_its_channels_options(
+    server: BusServer, make_token: MakeToken
+) -> None:
+    token = make_token(channels=["chat:*", "typing:*", "news:*"], publish=["chat:*", "typing:*"])
+    socket, _ = await server.open(token, [])
+    for ref in range(1, 4):
+        # typing:* keeps no history, so no ids either: the same id is a new message.
+        frame = {"type": "publish", "ref": ref, "channel": "typing:a", "data": ref, "id": "t"}
+        await socket.send_json(frame)
+        assert (await next_frame(socket))["offset"] == ref
+    for number in range(1, 121):  # chat:* keeps 500, beyond the settings' 100
+        frame = {"type": "publish", "ref": 10 + number, "channel": "chat:b", "data": number}
+        await socket.send_json(frame)
+        assert (await next_frame(socket))["type"] == "published"
+    await socket.send_json(
+        {"type": "publish", "ref": 200, "channel": "chat:b", "data": 0, "id": "x"}
+    )
+    first = await next_frame(socket)
+    await socket.send_json(
+        {"type": "publish", "ref": 201, "channel": "chat:b", "data": 0, "id": "x"}
+    )
+    assert await next_frame(socket) == {**first, "ref": 201}  # ids kept: published once
+
+    await socket.send_json({"type": "history", "ref": 300, "channel": "typing:a"})
+    assert (await next_frame(socket))["messages"] == []
+    await socket.send_json({"type": "history", "ref": 301, "channel": "chat:b", "limit": 1000})
+    assert [m["data"] for m in (await next_frame(socket))["messages"]] == [*range(1, 121), 0]
+    page = await server.bus.history("chat:b", limit=1000)
+    assert len(page.messages) == 121
+
+    await socket.send_json(
+        {"type": "subscribe", "channels": ["typing:a"], "rewind": {"typing:a": 2}}
+    )
+    subscribed = await next_frame(socket)
+    assert subscribed["positions"]["typing:a"]["offset"] == 3
+    await socket.send_json({"type": "subscribe", "channels": ["chat:b"], "rewind": {"chat:b": 110}})
+    assert (await next_frame(socket))["subscribed"] == ["chat:b"]
+    replayed = [await next_frame(socket) for _ in range(110)]
+    assert [m["data"] for m in replayed] == [*range(12, 121), 0]
+    await socket.send_json({"type": "publish", "ref": 400, "channel": "typing:a", "data": "live"})
+    frames = [await next_frame(socket), await next_frame(socket)]
+    live = next(f for f in frames if f["type"] == "message")
+    assert (live["channel"], live["data"], live["offset"]) == ("typing:a", "live", 4)
+
+
+async def test_in_memory_client_publish_history_and_rewind_follow_each_channels_options(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
+) -> None:
+    server = await start_bus(
+        aiohttp_client, jwks_server.url, channels=CHANNELS, client_publish=True, client_rate=None
+    )
+    await _client_publishes_and_reads_by_its_channels_options(server, make_token)
+
+
+@pytest.mark.redis
+async def test_in_redis_client_publish_history_and_rewind_follow_each_channels_options(
+    aiohttp_client: AiohttpClient,
+    jwks_server: JwksServer,
+    make_token: MakeToken,
+    redis_url: str,
+    redis_prefix: str,
+) -> None:
+    server = await start_bus(
+        aiohttp_client,
+        jwks_server.url,
+        broker=RedisBroker(redis_url, prefix=redis_prefix),
+        channels=CHANNELS,
+        client_publish=True,
+        client_rate=None,
+    )
+    await _client_publishes_and_reads_by_its_channels_options(server, make_token)

@@ -41,7 +41,12 @@ def make_broker(
         async def memory(size: int = 100, ttl: float = 300.0) -> Started:
             broker = MemoryBroker()
             delivered: list[Message] = []
-            await broker.start(delivered.append, HistoryOptions(size, ttl))
+            await broker.start(
+                delivered.append,
+                HistoryOptions(size, ttl),
+                # Recorded with the others, as Messages at offset 0.
+                on_ephemeral=lambda channel, data: delivered.append(Message(channel, 0, "", data)),
+            )
             return broker, delivered
 
         return memory
@@ -78,6 +83,20 @@ async def test_offsets_count_from_one_per_channel(make_broker: MakeBroker) -> No
     assert sorted(m.data for m in delivered) == ["1", "2", "3"]
     assert [m.data for m in delivered if m.channel == "a"] == ["1", "2"]
     assert all(set(m.epoch) <= set("0123456789abcdef-") for m in delivered)
+
+
+async def test_ephemeral_messages_reach_subscribers_and_keep_nothing(
+    make_broker: MakeBroker,
+) -> None:
+    broker, delivered = await make_broker()
+    await broker.subscribe("a")
+    await broker.publish_ephemeral("a", '"typing"')
+    published = await broker.publish("a", '"said"')
+    await delivered_count(delivered, 2)
+    assert [(m.offset, m.data) for m in delivered] == [(0, '"typing"'), (1, '"said"')]
+    assert published.offset == 1
+    history = (await broker.history({"a": Position(0, published.epoch)}))["a"]
+    assert [m.data for m in history.messages] == ['"said"']
 
 
 async def test_history_after_a_position(make_broker: MakeBroker) -> None:
@@ -272,6 +291,20 @@ async def test_only_subscribed_channels_are_delivered(make_redis_broker: RedisMa
     await one.publish("wanted", "last")
     await delivered_count(delivered, 2)
     assert [m.data for m in delivered] == ["yes", "last"]
+
+
+async def test_ephemeral_messages_reach_every_node_subscribed_and_only_those(
+    make_redis_broker: RedisMaker,
+) -> None:
+    one, got_one = await make_redis_broker()
+    two, got_two = await make_redis_broker()
+    await two.subscribe("typing")
+    await one.subscribe("other")
+    await one.publish_ephemeral("typing", "1")
+    await one.publish_ephemeral("other", "2")
+    await eventually(lambda: len(got_one) == 1 and len(got_two) == 1)
+    assert got_two == [Message("typing", 0, "", "1")]
+    assert got_one == [Message("other", 0, "", "2")]
 
 
 async def test_idle_channels_expire_and_start_a_new_epoch(

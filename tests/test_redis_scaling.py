@@ -11,6 +11,7 @@ from pytest_aiohttp import AiohttpClient
 from aiohttp_wsbus import BrokerUnavailable, RedisBroker, RedisPublisher, SyncRedisPublisher
 
 from .conftest import JwksServer, MakeToken
+from .redis_node import API_KEY
 from .redis_nodes import Node, hs256
 from .redis_server import RedisServer
 from .support import close_code, eventually, next_frame, nothing_more, start_bus
@@ -38,6 +39,34 @@ async def test_a_subscriber_on_one_node_gets_every_message_once_in_order(
         assert len({f["epoch"] for f in frames}) == 1
         await nothing_more(socket)
         await socket.close()
+
+
+async def test_an_ephemeral_message_reaches_every_node_live_and_nothing_replays_it(
+    nodes: list[Node], make_token: MakeToken
+) -> None:
+    node_a, node_b = nodes
+    async with aiohttp.ClientSession() as session:
+        on_a, _ = await node_a.open(session, hs256(make_token), ["chat:lobby"])
+        on_b, welcome = await node_b.open(session, hs256(make_token), ["chat:lobby"])
+        start = welcome["positions"]["chat:lobby"]
+        body = {"channel": "chat:lobby", "data": "typing", "ephemeral": True}
+        async with session.post(
+            node_a.url + "/ws/emit", json=body, headers={"X-API-Key": API_KEY}
+        ) as response:
+            assert response.status == 202
+        await node_a.emit(session, "chat:lobby", "said")
+        for socket in (on_a, on_b):
+            typing, said = await next_frame(socket), await next_frame(socket)
+            assert (typing["data"], typing["ephemeral"]) == ("typing", True)
+            assert "offset" not in typing
+            assert (said["data"], said["offset"]) == ("said", 1)
+        replay, _ = await node_a.open(session, hs256(make_token), [])
+        await replay.send_json(
+            {"type": "subscribe", "channels": ["chat:lobby"], "since": {"chat:lobby": start}}
+        )
+        assert (await next_frame(replay))["recovered"] == {"chat:lobby": True}
+        assert (await next_frame(replay))["data"] == "said"  # the stored one only
+        await nothing_more(replay)
 
 
 async def test_grants_decide_delivery_on_every_node(

@@ -6,6 +6,7 @@ sockets, tokens or grants.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from abc import ABC, abstractmethod
@@ -30,12 +31,14 @@ __all__ = [
     "HistoryOptions",
     "Message",
     "OnControl",
+    "OnEphemeral",
     "Position",
     "Published",
     "check_publish",
     "is_valid_message_id",
     "recover",
     "scoped_message_id",
+    "subject_publisher",
 ]
 
 MAX_HISTORY_SIZE: Final = 100_000
@@ -61,6 +64,12 @@ def scoped_message_id(publisher: str, message_id: str) -> str:
     claim an id the application will use and swallow its message.
     """
     return f"{publisher}/{message_id}"
+
+
+def subject_publisher(subject: str) -> str:
+    """The publisher scope of a token's subject: its Bearer emits and socket publishes."""
+    digest = hashlib.sha256(subject.encode("utf-8", "surrogatepass")).digest()
+    return "user:" + digest[:8].hex()
 
 
 def check_publish(channel: str, message_id: str | None) -> None:
@@ -104,13 +113,15 @@ class Published:
 
     `is_repeat` is True when its id was already published on the channel
     within the history TTL: nothing was published again, and the offset and
-    epoch are the original ones.
+    epoch are the original ones. An ephemeral message lands nowhere: offset 0,
+    epoch "" and `is_ephemeral`.
     """
 
     channel: str
     offset: int
     epoch: str
     is_repeat: bool = False
+    is_ephemeral: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +232,8 @@ def _recover_from_empty(
 
 Deliver = Callable[[Message], None]
 OnControl = Callable[[Mapping[str, Any]], None]
+# (channel, data JSON text): a message for the channel's current subscribers only.
+OnEphemeral = Callable[[str, str], None]
 
 
 class Broker(ABC):
@@ -239,11 +252,13 @@ class Broker(ABC):
         on_control: OnControl | None = None,
         on_presence: OnPresence | None = None,
         presence: PresenceOptions = DEFAULT_PRESENCE,
+        on_ephemeral: OnEphemeral | None = None,
     ) -> None:
         """Connect; from now on call `deliver` for each message on a subscribed channel,
-        in offset order per channel, `on_control` for each control message and
-        `on_presence` for each join or leave on a subscribed channel; keep each
-        channel's history as `history` says, and presence as `presence` says."""
+        in offset order per channel, `on_control` for each control message,
+        `on_presence` for each join or leave and `on_ephemeral` for each ephemeral
+        message on a subscribed channel; keep each channel's history as `history`
+        says, and presence as `presence` says."""
 
     @abstractmethod
     async def stop(self) -> None:
@@ -290,6 +305,14 @@ class Broker(ABC):
         state for a channel: one that holds nothing is answered offset 0 of an
         EmptyEpoch of this moment, and nothing is kept.
         """
+
+    async def publish_ephemeral(self, channel: str, data: str) -> None:
+        """Hand `data` to every node subscribed to `channel` now (`on_ephemeral`), this one's
+        included: no offset, no history, no idempotency, nothing kept to replay.
+
+        Raises BrokerUnavailable when the engine cannot be reached.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot carry ephemeral messages")
 
     async def control(self, message: Mapping[str, Any]) -> None:
         """Hand a control message (JSON-able) to every node's bus, this one's included.

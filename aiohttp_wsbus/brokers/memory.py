@@ -22,6 +22,7 @@ from .base import (
     HistoryOptions,
     Message,
     OnControl,
+    OnEphemeral,
     Published,
     recover,
 )
@@ -72,6 +73,7 @@ class MemoryBroker(Broker):
         self._subscribed: set[str] = set()
         self._deliver: Deliver | None = None
         self._on_control: OnControl | None = None
+        self._on_ephemeral: OnEphemeral | None = None
         self._revocations: list[Revocation] = []
         self._on_presence: OnPresence | None = None
         self._presence_options = DEFAULT_PRESENCE
@@ -89,10 +91,12 @@ class MemoryBroker(Broker):
         on_control: OnControl | None = None,
         on_presence: OnPresence | None = None,
         presence: PresenceOptions = DEFAULT_PRESENCE,
+        on_ephemeral: OnEphemeral | None = None,
     ) -> None:
         self._deliver = deliver
         self._history = history
         self._on_control = on_control
+        self._on_ephemeral = on_ephemeral
         self._on_presence = on_presence
         self._presence_options = presence
         if on_control is not None and self._revocations:
@@ -102,8 +106,13 @@ class MemoryBroker(Broker):
     async def stop(self) -> None:
         self._deliver = None
         self._on_control = None
+        self._on_ephemeral = None
         self._on_presence = None
         self._presence = PresenceTable()  # the sockets were this process's: all gone
+
+    async def publish_ephemeral(self, channel: str, data: str) -> None:
+        if self._on_ephemeral is not None:
+            self._on_ephemeral(channel, data)
 
     async def control(self, message: Mapping[str, Any]) -> None:
         if self._on_control is not None:

@@ -35,11 +35,13 @@ from .base import (
     HistoryOptions,
     Message,
     OnControl,
+    OnEphemeral,
     Published,
     recover,
 )
 from .presence import DEFAULT_PRESENCE, OnPresence, PresenceOptions, PresenceSnapshot
 from .redis_control import CONTROL_CHANNEL, ControlChannel
+from .redis_ephemeral import parse_ephemeral, publish_ephemeral
 from .redis_listener import Listener, ListenerOptions, Subscription, address, is_gap
 from .redis_options import share_options, shortest_ttl
 from .redis_presence import PRESENCE_MARK, RedisPresence
@@ -120,6 +122,7 @@ class RedisBroker(Broker):
         self._users = UserSockets(self.prefix)
         self._keep_every: float | None = None  # seconds; the shortest TTL / 3
         self._on_presence: OnPresence | None = None
+        self._on_ephemeral: OnEphemeral | None = None
         self._presence = self._new_presence(DEFAULT_PRESENCE)
 
     def _new_presence(self, options: PresenceOptions) -> RedisPresence:
@@ -137,11 +140,13 @@ class RedisBroker(Broker):
         on_control: OnControl | None = None,
         on_presence: OnPresence | None = None,
         presence: PresenceOptions = DEFAULT_PRESENCE,
+        on_ephemeral: OnEphemeral | None = None,
     ) -> None:
         self._deliver = deliver
         self._history = history
         self._on_control = on_control
         self._on_presence = on_presence
+        self._on_ephemeral = on_ephemeral
         self._presence = self._new_presence(presence)
         options: dict[str, Any] = {
             "socket_timeout": self._socket_timeout,
@@ -191,6 +196,7 @@ class RedisBroker(Broker):
         self._deliver = None
         self._on_control = None
         self._on_presence = None
+        self._on_ephemeral = None
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -421,6 +427,15 @@ class RedisBroker(Broker):
             raise BrokerUnavailable(f"redis: {error}") from None
         return parse_published(channel, answer)
 
+    async def publish_ephemeral(self, channel: str, data: str) -> None:
+        redis = self._reachable()
+        keys = ChannelKeys.of(self.prefix, channel)
+        try:
+            async with self._connection_slots:
+                await publish_ephemeral(redis, keys, data, sharded=self.sharded)
+        except UNREACHABLE as error:
+            raise BrokerUnavailable(f"redis: {error}") from None
+
     async def history(
         self,
         since: Mapping[str, Position | None],
@@ -500,6 +515,11 @@ class RedisBroker(Broker):
             event = RedisPresence.parse(subscription.channel, payload)
             if event is not None and self._on_presence is not None:
                 self._on_presence(event)
+            return
+        ephemeral = parse_ephemeral(payload)
+        if ephemeral is not None:
+            if self._on_ephemeral is not None:
+                self._on_ephemeral(subscription.channel, ephemeral)
             return
         epoch_bytes, offset_bytes, data = payload.split(b" ", 2)
         epoch, offset = epoch_bytes.decode(), int(offset_bytes)

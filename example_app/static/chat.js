@@ -1,11 +1,18 @@
 // The example chat page: signs in through the demo identity provider, joins rooms over
 // the bus with the token, and shows what the bus grants and refuses. Private rooms
 // (room:NAME) are in no token: the bus asks the app's authorizer, which lets members in.
+// Messages go out on the socket (bus.publish; the app stamps the sender), typing
+// indicators as ephemeral messages, and each room loads its last messages over HTTP
+// before it subscribes from there (getState), so nothing published meanwhile is lost.
 import { WsBus } from "/ws/wsbus.js";
 
 const DIRECT = "direct"; // the view holding user:NAME, the signed-in user's own channel
 const PRIVATE_PREFIX = "room:";
 const ROOM_NAME = /^[a-z0-9_-]{1,32}$/; // as the app checks it (example_app/rooms.py)
+const USER_NAME = /^[a-z0-9_-]{1,32}$/; // as the app checks it (example_app/identity.py)
+const HISTORY_LIMIT = 50; // messages a room shows when it is loaded
+const TYPING_EVERY = 2000; // ms between two "typing" messages from this page
+const TYPING_SHOWN = 4000; // ms a "typing" message is shown
 const NOTICE_TEXT = "Order #1042 shipped: emitted by a back end through POST /ws/emit";
 
 const DENIAL_EXPLANATIONS = {
@@ -33,7 +40,9 @@ const session = {
   bus: null,
   hasConnected: false, // distinguishes "connecting" from "reconnecting"
   active: null,
-  views: new Map(), // view -> { list, unread, status, reason }; status: invited, joining, joined, denied
+  views: new Map(), // view -> { list, unread, status, reason, shown, typing }; status: invited, joining, joined, denied
+  grants: [], // the channels the token grants: these load their history before subscribing
+  typingSentAt: new Map(), // channel -> when this page last said it is typing there
   clockTimer: null,
   expiresAt: 0,
 };
@@ -132,6 +141,7 @@ function endSession(reason) {
 async function startChat(answer) {
   session.user = answer.user;
   session.rooms = answer.rooms;
+  session.grants = answer.channels;
   showToken(answer);
   $("signin").hidden = true;
   $("chat").hidden = false;
@@ -191,19 +201,49 @@ function connect(firstToken) {
     });
   }
   // Ask for every room, granted or not: the bus decides, and the page shows its answer.
+  // Those the token grants load their last messages first (a room it does not grant would
+  // only be refused the history as well).
   for (const room of session.rooms) {
-    bus.subscribe(room.channel, (data, meta) => addMessage(room.channel, data, meta));
+    const handle = (data, meta) => addMessage(room.channel, data, meta);
+    const isGranted = session.grants.includes(room.channel);
+    bus.subscribe(room.channel, handle, isGranted ? { getState: loader(room.channel, room.channel, handle) } : {});
   }
-  for (const channel of session.privateRooms.keys()) subscribeRoom(channel);
-  bus.subscribe(`user:${session.user}`, (data, meta) => {
+  for (const channel of session.privateRooms.keys()) subscribeRoom(channel, { isMember: true });
+  const direct = `user:${session.user}`;
+  const handleDirect = (data, meta) => {
     if (data?.kind === "invite") offerRoom(data);
     else addMessage(DIRECT, data, meta);
-  });
+  };
+  bus.subscribe(direct, handleDirect, { getState: loader(direct, DIRECT, handleDirect) });
   bus.connect();
 }
 
-function subscribeRoom(channel) {
-  session.bus.subscribe(channel, (data, meta) => addMessage(channel, data, meta));
+/** Subscribes a private room; a member's page loads its last messages first. */
+function subscribeRoom(channel, { isMember = false } = {}) {
+  const handle = (data, meta) => addMessage(channel, data, meta);
+  session.bus.subscribe(channel, handle, isMember ? { getState: loader(channel, channel, handle) } : {});
+}
+
+/**
+ * The getState of a channel: loads its last messages over HTTP (GET /ws/channels/{channel}/history,
+ * with this page's token) into view `name`, and answers the position they end at: the bus client
+ * subscribes from there, so what is published meanwhile follows exactly once. Called again when the
+ * bus cannot replay what a reconnect missed: then the page says so and shows what the server has.
+ */
+function loader(channel, name, handle) {
+  let loads = 0;
+  return async () => {
+    const path = `/ws/channels/${encodeURIComponent(channel)}/history?limit=${HISTORY_LIMIT}`;
+    const page = await request("GET", path, undefined, { isSigned: true });
+    loads += 1;
+    if (loads > 1) addNote(name, "Reconnected. Messages sent while you were away could not be replayed: here is what the server holds.");
+    const epoch = page.position.epoch;
+    for (const message of page.messages) {
+      // Loaded, not new: no unread count for it.
+      handle(message.data, { channel, offset: message.offset, epoch, recovered: false, isLoaded: true });
+    }
+    return page.position;
+  };
 }
 
 function viewOf(channel) {
@@ -271,7 +311,9 @@ function createView(name) {
   empty.textContent = name === DIRECT ? "No direct messages yet." : "No messages yet. Say hello!";
   list.append(empty);
   $("views").append(list);
-  const state = { list, unread: 0, status: "joining", reason: null };
+  // `shown`: the messages on screen, as "epoch:offset" (a reload may bring them again);
+  // `typing`: who is typing here, and until when.
+  const state = { list, unread: 0, status: "joining", reason: null, shown: new Set(), typing: new Map() };
   session.views.set(name, state);
   return state;
 }
@@ -298,6 +340,7 @@ function select(name) {
   $("composer-error").textContent = "";
   $("invite-error").textContent = "";
   refreshView(name);
+  showTyping();
   showOnline();
   scrollDown(state.list);
 }
@@ -451,7 +494,7 @@ function joinRoom(room) {
   addPrivateRoom(room);
   if (!wasWanted) {
     setStatus(room.channel, "joining");
-    subscribeRoom(room.channel);
+    subscribeRoom(room.channel, { isMember: Boolean(room.members?.includes(session.user)) });
   }
   select(room.channel);
 }
@@ -503,15 +546,26 @@ async function ban(event) {
 
 function addMessage(name, data, meta) {
   const message = data && typeof data === "object" ? data : { text: String(data) };
+  if (message.typing) {
+    if (meta?.ephemeral) showTyping(name, message.from);
+    return; // a typing indicator is never a message, even if someone stored one
+  }
+  const state = view(name);
+  if (state && meta?.epoch && meta.offset > 0) {
+    const key = `${meta.epoch}:${meta.offset}`;
+    if (state.shown.has(key)) return; // loaded already
+    state.shown.add(key);
+  }
+  if (state && message.from) state.typing.delete(message.from); // they sent it: no longer typing
   if (message.kind === "notice") {
-    append(name, noticeItem(message));
+    append(name, noticeItem(message), { isQuiet: meta?.isLoaded });
   } else if (message.kind === "member") {
     const room = session.privateRooms.get(name);
     if (room && Array.isArray(message.members)) room.members = message.members;
-    append(name, eventItem(message));
+    append(name, eventItem(message), { isQuiet: meta?.isLoaded });
     refreshView(name);
   } else {
-    append(name, messageItem(message, meta));
+    append(name, messageItem(message, meta), { isQuiet: meta?.isLoaded });
   }
 }
 
@@ -599,6 +653,31 @@ function scrollDown(list) {
   list.scrollTop = list.scrollHeight;
 }
 
+// -- typing -------------------------------------------------------------------
+
+/** Shows who is typing in `name` (from an ephemeral message), then repaints the active view's line. */
+function showTyping(name, user) {
+  const state = name && view(name);
+  if (state && user && user !== session.user) {
+    state.typing.set(user, Date.now() + TYPING_SHOWN);
+    setTimeout(showTyping, TYPING_SHOWN + 50);
+  }
+  const active = view(session.active);
+  const now = Date.now();
+  const typing = active ? [...active.typing].filter(([, until]) => until > now).map(([who]) => who) : [];
+  $("typing").textContent = typing.length ? `${typing.join(", ")} ${typing.length > 1 ? "are" : "is"} typing…` : "";
+}
+
+/** Tells the room this user is typing: an ephemeral message, at most every TYPING_EVERY ms. */
+function typing() {
+  const channel = session.active;
+  if (channel === DIRECT || view(channel)?.status !== "joined" || session.bus?.state !== "connected") return;
+  const now = Date.now();
+  if (now - (session.typingSentAt.get(channel) ?? 0) < TYPING_EVERY) return;
+  session.typingSentAt.set(channel, now);
+  session.bus.publish(channel, { typing: true }, { ephemeral: true, timeout: TYPING_EVERY }).catch(() => {});
+}
+
 // -- sending ------------------------------------------------------------------
 
 async function send(event) {
@@ -614,16 +693,36 @@ async function send(event) {
     $("composer-to").focus();
     return;
   }
+  if (isDirect && !USER_NAME.test(to)) {
+    $("composer-error").textContent = "user names are 1 to 32 characters from a-z, 0-9, _ and -";
+    $("composer-to").focus();
+    return;
+  }
   const room = isDirect ? `user:${to}` : session.active;
   $("composer-error").textContent = "";
   try {
-    const answer = await post("/send", { room, text }, { isSigned: true });
+    // On the socket; the app stamps who sent it. The id makes a retry after a reconnect safe.
+    await session.bus.publish(room, { text }, { id: messageId() });
+    session.typingSentAt.delete(room);
     input.value = "";
     // A direct message goes to the recipient's channel only: show our copy here.
-    if (isDirect && to !== session.user) addMessage(DIRECT, answer.message, null);
+    if (isDirect && to !== session.user) addMessage(DIRECT, { from: session.user, to, text, sent_at: Date.now() }, null);
   } catch (error) {
-    $("composer-error").textContent = error.message;
+    $("composer-error").textContent = describeRefusal(error);
   }
+}
+
+/** A new idempotency id for one message (random, so two pages never share one). */
+function messageId() {
+  return Array.from(crypto.getRandomValues(new Uint8Array(12)), (byte) => byte.toString(16).padStart(2, "0")).join("");
+}
+
+/** What to tell the user about a publish the bus refused (a WsBusRequestError). */
+function describeRefusal(error) {
+  if (error.code === "forbidden") return "You may not write here.";
+  if (error.code === "invalid" && error.reason) return error.reason;
+  if (error.code === "disconnected" || error.code === "timeout") return "Not sent: the connection dropped. Try again.";
+  return error.reason || error.message;
 }
 
 async function notifyFromBackEnd() {
@@ -700,6 +799,7 @@ function paintAvatar(element, name) {
 
 $("signin-form").addEventListener("submit", signIn);
 $("composer").addEventListener("submit", send);
+$("composer-text").addEventListener("input", typing);
 $("signout").addEventListener("click", signOut);
 $("signout-everywhere").addEventListener("click", signOutEverywhere);
 $("signed-out-again").addEventListener("click", () => location.reload());

@@ -99,6 +99,17 @@ class Server {
     return this.post("/test/kill");
   }
 
+  /** GET with the API key; the parsed answer. */
+  async get(path) {
+    const response = await fetch(this.base + path, {
+      headers: { "X-API-Key": this.apiKey },
+      signal: AbortSignal.timeout(WAIT),
+    });
+    const answer = await response.json();
+    assert.ok(response.ok, `${path} answered ${response.status}: ${JSON.stringify(answer)}`);
+    return answer;
+  }
+
   /** The bus's own control API (API key only): POST {base}/users/{user}/{action}, answered 202. */
   control(user, action, body = {}) {
     return this.post(`/ws/users/${encodeURIComponent(user)}/${action}`, body, { "X-API-Key": this.apiKey });
@@ -513,6 +524,79 @@ it("reconnects after the server is killed and restarted on the same port", async
   steps.forEach((state, i) => assert.equal(state, i % 2 ? "connecting" : "disconnected", `${steps}`));
   assert.equal(backoffs, steps.length / 2, "one backoff delay per failed attempt");
   assert.deepEqual(seen.errors, []);
+});
+
+it("publishes and calls RPC methods over the socket; refusals reject with their code", async (t) => {
+  const { bus, seen } = connect(t, { claims: { channels: ["chat:*", "stamped:*"], publish: ["chat:*", "stamped:*"] } });
+  const own = record(bus, "chat:two-way");
+  const stamped = record(bus, "stamped:room");
+  await until(() => bus.state === "connected", "connected");
+
+  const landed = await bus.publish("chat:two-way", { text: "hi" }, { id: "js-1" });
+  assert.equal(landed.offset, 1);
+  assert.deepEqual(await bus.publish("chat:two-way", { text: "hi" }, { id: "js-1" }), landed, "published once");
+  await bus.publish("stamped:room", { text: "who?" });
+  await until(() => own.length === 1 && stamped.length === 1, "both messages");
+  assert.deepEqual(own[0], [{ text: "hi" }, { channel: "chat:two-way", ...landed, recovered: false }]);
+  assert.deepEqual(stamped[0][0], { from: "alice", data: { text: "who?" } });
+  await assert.rejects(bus.publish("news:x", 1), { name: "WsBusRequestError", code: "forbidden" });
+
+  assert.deepEqual(await bus.rpc("echo", [1, 2]), { user: "alice", data: [1, 2] });
+  await assert.rejects(bus.rpc("nope"), { code: "not_found" });
+  await assert.rejects(bus.rpc("invalid"), { code: "invalid", reason: "always invalid" });
+  assert.deepEqual(seen.errors, []);
+});
+
+it("delivers ephemeral messages live, with no position, and reads history over the socket", async (t) => {
+  const { bus: speaker } = connect(t, { claims: { sub: "bob", publish: ["chat:*"] } });
+  const { bus: listener, seen } = connect(t);
+  const received = record(listener, "chat:typing");
+  await until(() => speaker.state === "connected", "speaker connected");
+  await server.untilSubscribers("chat:typing", 1);
+
+  assert.equal(await speaker.publish("chat:typing", "bob is typing", { ephemeral: true }), undefined);
+  await server.publish("chat:typing", "said");
+  await until(() => received.length === 2, "both messages");
+  assert.deepEqual(received[0], ["bob is typing", { channel: "chat:typing", offset: 0, epoch: "", recovered: false, ephemeral: true }]);
+  assert.equal(received[1][1].offset, 1);
+  const page = await listener.history("chat:typing", { limit: 5 });
+  assert.deepEqual(page.messages, [{ offset: 1, data: "said" }], "the ephemeral one is not in history");
+  assert.deepEqual(seen.recovered, [], "an ephemeral message is no gap");
+});
+
+it("getState closes the load-then-subscribe race: what is published meanwhile arrives once, in order", async (t) => {
+  for (const n of [1, 2, 3]) await server.publish("chat:loaded", `before ${n}`);
+  const { bus, seen } = connect(t);
+  await until(() => bus.state === "connected", "connected");
+  let loaded = null;
+  const received = [];
+  bus.subscribe("chat:loaded", (data) => received.push(data), {
+    getState: async () => {
+      loaded = await server.get("/ws/channels/chat:loaded/history");
+      // Published after the state was read and before the subscribe: the race.
+      for (const n of [1, 2, 3]) await server.publish("chat:loaded", `during ${n}`);
+      return loaded.position;
+    },
+  });
+  await until(() => received.length >= 3, "the three published during the load");
+  await server.publish("chat:loaded", "after");
+  await until(() => received.length >= 4, "the live one");
+
+  assert.deepEqual(loaded.messages.map((m) => m.data), ["before 1", "before 2", "before 3"]);
+  assert.deepEqual(received, ["during 1", "during 2", "during 3", "after"]);
+  assert.deepEqual(seen.recovered, [["chat:loaded", true]]);
+  assert.deepEqual(seen.errors, []);
+});
+
+it("rewind replays the last messages on the first subscribe", async (t) => {
+  for (const n of [1, 2, 3, 4, 5]) await server.publish("chat:rewound", n);
+  const { bus } = connect(t);
+  const received = [];
+  bus.subscribe("chat:rewound", (data, meta) => received.push([data, meta.recovered]), { rewind: 2 });
+  await until(() => received.length === 2, "the last two");
+  await server.publish("chat:rewound", 6);
+  await until(() => received.length === 3, "the live one");
+  assert.deepEqual(received, [[4, true], [5, true], [6, false]]);
 });
 
 it("a reconnect storm under the default limits: every client comes back, none is refused", async (t) => {

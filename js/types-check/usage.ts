@@ -2,12 +2,14 @@
 // (each `@ts-expect-error`) what must not. Checked by check.js with README.md's
 // TypeScript recipe, importing from the served path as a page does.
 
-import { CloseCodes, WsBus } from "/ws/wsbus.js";
+import { CloseCodes, WsBus, WsBusRequestError } from "/ws/wsbus.js";
 import type {
   ChannelPosition,
   DenyReason,
+  HistoryPage,
   MessageMeta,
   PresenceMember,
+  RequestErrorCode,
   SubscribedMeta,
   WsBusOptions,
   WsBusState,
@@ -27,6 +29,7 @@ const options: WsBusOptions = {
   autoConnect: false,
   random: Math.random,
   timers: { now: Date.now },
+  requestTimeout: 5000,
 };
 const bus = new WsBus(new URL("wss://bus.example/ws"), options);
 bus.connect();
@@ -66,6 +69,32 @@ const ended: 4410 = CloseCodes.SESSION_ENDED;
 const reconnect: 4012 = CloseCodes.RECONNECT;
 const stops: [1002, 1007] = [CloseCodes.PROTOCOL_ERROR, CloseCodes.INVALID_PAYLOAD];
 console.log(expired, ended, reconnect, stops);
+bus.subscribe<ChatMessage>("chat:loaded", (message, meta) => console.log(message.text, meta.ephemeral === true), {
+  getState: async () => {
+    const page: HistoryPage<ChatMessage> = await bus.history<ChatMessage>("chat:loaded", { limit: 50 });
+    const texts: string[] = page.messages.map((m) => m.data.text);
+    console.log(texts, page.messages[0]?.offset);
+    return page.position;
+  },
+});
+bus.subscribe("chat:rewound", null, { rewind: 10, since: { offset: 3, epoch: "e" } });
+
+async function twoWay(): Promise<void> {
+  const landed: ChannelPosition = await bus.publish("chat:lobby", { text: "hi" }, { id: "m-1", timeout: 2000 });
+  const nothing: void = await bus.publish("chat:lobby", "typing", { ephemeral: true });
+  const sum: number = await bus.rpc<number>("add", [1, 2], { timeout: 1000 });
+  console.log(landed.offset, nothing, sum);
+  try {
+    await bus.rpc("nope");
+  } catch (error) {
+    if (error instanceof WsBusRequestError) {
+      const code: RequestErrorCode | string = error.code;
+      console.log(code, error.reason);
+    }
+  }
+}
+void twoWay();
+
 bus.unsubscribe("chat:lobby");
 bus.close();
 
@@ -93,3 +122,9 @@ bus.on("leave", (channel: string, user: string, info: Record<string, unknown>) =
 bus.state = "connected";
 // @ts-expect-error CloseCodes is frozen
 CloseCodes.NORMAL = 1001;
+// @ts-expect-error an ephemeral publish resolves nothing: it has no position
+bus.publish("chat:lobby", "typing", { ephemeral: true }).then((position: ChannelPosition) => position.offset);
+// @ts-expect-error getState returns a position
+bus.subscribe("chat:lobby", null, { getState: async () => "state" });
+// @ts-expect-error rewind is a count
+bus.subscribe("chat:lobby", null, { rewind: "10" });
