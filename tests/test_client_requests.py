@@ -4,13 +4,16 @@ answers matched by ref, waiting for the welcome, what a lost socket does to each
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
+from pytest_aiohttp import AiohttpClient
 
 import aiohttp_wsbus
 from aiohttp_wsbus import RequestError
+from aiohttp_wsbus.testing import ClientFactory, IdentityProvider
 
-from .support import WAIT
+from .support import WAIT, start_bus
 from .test_client_frames import ScriptedServer, scripted
 
 __all__ = ["scripted"]  # the fixture, shared with test_client_frames.py
@@ -106,3 +109,35 @@ async def test_a_request_times_out_and_a_closed_client_refuses(scripted: Scripte
     with pytest.raises(RequestError) as closed:
         await client.history("chat:a")
     assert closed.value.code == "closed"
+
+
+async def test_publish_rpc_and_history_against_a_real_bus(
+    aiohttp_client: AiohttpClient, wsbus_idp: IdentityProvider, wsbus_client: ClientFactory
+) -> None:
+    def prepare(bus: aiohttp_wsbus.Bus) -> None:
+        @bus.rpc("add")
+        async def add(info: aiohttp_wsbus.ConnectionInfo, data: Any) -> Any:
+            return sum(data)
+
+    server = await start_bus(
+        aiohttp_client,
+        wsbus_idp.jwks_url,
+        issuer=wsbus_idp.issuer,
+        audience=wsbus_idp.audience,
+        client_publish=True,
+        prepare=prepare,
+    )
+    client = await wsbus_client(server.client, "alice", channels=["chat:*"], publish=["chat:*"])
+    async with asyncio.timeout(WAIT):
+        published = await client.publish("chat:lobby", {"text": "hi"}, id="m1")
+        again = await client.publish("chat:lobby", {"text": "hi"}, id="m1")
+        assert (published["offset"], again["offset"]) == (1, 1)  # once, by its id
+        assert await client.rpc("add", [1, 2, 3]) == 6
+        history = await client.history("chat:lobby", limit=5)
+        assert [m["data"] for m in history["messages"]] == [{"text": "hi"}]
+        with pytest.raises(RequestError) as refused:
+            await client.publish("news", "not granted")
+        assert refused.value.code == "forbidden"
+        with pytest.raises(RequestError) as unknown:
+            await client.rpc("nope")
+        assert unknown.value.code == "not_found"
