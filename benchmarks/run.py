@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
 import json
 import math
@@ -22,6 +23,7 @@ from jwt.algorithms import RSAAlgorithm
 
 from . import two_way, workloads
 from .client import BUS_KINDS
+from .redis_engine import RedisEngine, redis_engine
 from .servers import AUDIENCE, DEFAULT_KINDS, ISSUER, KEY_ID, KINDS, is_available
 from .system import pin_to_core, raise_fd_limit
 from .workloads import Keys, Result
@@ -124,13 +126,18 @@ def make_keys(directory: Path, storm_size: int) -> Keys:
 
 
 async def run_server(
-    kind: str, sizes: Sizes, keys: Keys, chosen: set[str], log: Callable[[str], None]
+    kind: str,
+    sizes: Sizes,
+    keys: Keys,
+    chosen: set[str],
+    log: Callable[[str], None],
+    redis: RedisEngine | None = None,
 ) -> list[Result]:
     results: list[Result] = []
 
     async def group(name: str, heartbeat: float, work: Any) -> None:
-        log(f"  {kind}: {name}")
-        async with workloads.running(kind, SERVER_CORE, heartbeat, keys) as server:
+        log(f"  {column(kind, redis is not None)}: {name}")
+        async with workloads.running(kind, SERVER_CORE, heartbeat, keys, redis) as server:
             results.extend(await work(server))
 
     if "memory" in chosen:
@@ -182,21 +189,56 @@ async def run_server(
     return results
 
 
+def column(kind: str, on_redis: bool) -> str:
+    """A server's name in the results: `wsbus+redis` for a bus kind on Redis."""
+    return kind + "+redis" if on_redis else kind
+
+
+def runs(kinds: list[str], brokers: list[str]) -> list[tuple[str, bool]]:
+    """(kind, on Redis) for every server to run: each bus kind on each broker, the
+    peers once (they have no broker to choose)."""
+    chosen = []
+    for kind in kinds:
+        if kind not in BUS_KINDS:
+            chosen.append((kind, False))
+            continue
+        chosen += [(kind, broker == "redis") for broker in brokers]
+    return chosen
+
+
 async def run_all(
-    kinds: list[str], sizes: Sizes, chosen: set[str], log: Callable[[str], None]
+    kinds: list[str],
+    sizes: Sizes,
+    chosen: set[str],
+    log: Callable[[str], None],
+    brokers: list[str] | None = None,
 ) -> list[Result]:
     results: list[Result] = []
-    with tempfile.TemporaryDirectory(prefix="wsbus-bench-") as directory:
+    planned = runs(kinds, brokers or ["memory"])
+    with (
+        contextlib.ExitStack() as stack,
+        tempfile.TemporaryDirectory(prefix="wsbus-bench-") as directory,
+    ):
         log("making keys and RS256 tokens")
         keys = make_keys(Path(directory), sizes.storm if "storm" in chosen else 0)
-        for kind in kinds:
+        redis = None
+        if any(on_redis for _, on_redis in planned):
+            redis = stack.enter_context(redis_engine(SERVER_CORE))
+            log(f"redis-server on {redis.url}, core {SERVER_CORE}")
+        for kind, on_redis in planned:
+            name = column(kind, on_redis)
             try:
-                results += await run_server(kind, sizes, keys, chosen, log)
+                found = await run_server(
+                    kind, sizes, keys, chosen, log, redis if on_redis else None
+                )
+                for result in found:
+                    result.server = name
+                results += found
             except Exception as error:  # one broken peer must not lose the others' figures
-                log(f"  {kind}: FAILED: {type(error).__name__}: {error}")
+                log(f"  {name}: FAILED: {type(error).__name__}: {error}")
                 results.append(
                     Result(
-                        kind,
+                        name,
                         "error",
                         0,
                         "failed",
@@ -266,7 +308,10 @@ def table(results: list[Result], kinds: list[str]) -> str:
 
 
 # Kinds compared with each other rather than with the bare loop: (this, against it).
-PAIRS: Final = {"limits on / off": ("wsbus_limits", "wsbus_unlimited")}
+PAIRS: Final = {
+    "limits on / off": ("wsbus_limits", "wsbus_unlimited"),
+    "Redis / memory": ("wsbus+redis", "wsbus"),
+}
 
 
 def paired(results: list[Result], kinds: list[str]) -> str:
@@ -381,6 +426,12 @@ def main(argv: list[str] | None = None) -> None:
         default=",".join(WORKLOADS),
         help=f"comma-separated, from {','.join(WORKLOADS)}",
     )
+    parser.add_argument(
+        "--broker",
+        default="memory",
+        help="comma-separated, from memory,redis: the brokers every bus kind runs on "
+        "(redis: a redis-server of the run's own, on the servers' core)",
+    )
     parser.add_argument("--plot", type=Path, metavar="PNG", help="write a chart of the ratios")
     parser.add_argument("--json", type=Path, metavar="FILE", help="write every figure as JSON")
     args = parser.parse_args(argv)
@@ -414,7 +465,11 @@ def main(argv: list[str] | None = None) -> None:
     def log(line: str) -> None:
         print(f"[{time.perf_counter() - started:6.1f} s] {line}", flush=True)
 
-    results = asyncio.run(run_all(kinds, sizes, chosen, log))
+    brokers = list(dict.fromkeys(args.broker.split(",")))
+    if set(brokers) - {"memory", "redis"}:
+        parser.error(f"unknown brokers: {sorted(set(brokers) - {'memory', 'redis'})}")
+    results = asyncio.run(run_all(kinds, sizes, chosen, log, brokers))
+    kinds = [column(kind, on_redis) for kind, on_redis in runs(kinds, brokers)]
     print(
         f"\nmode {args.mode or 'default'}, {time.perf_counter() - started:.0f} s, "
         f"load average after {os.getloadavg()[0]:.2f}\n"

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
+import os
 import signal
 import socket
 import sys
@@ -67,6 +68,8 @@ API_KEY: Final = "benchmark-api-key-0123456789"
 ISSUER: Final = "https://idp.bench/"
 AUDIENCE: Final = "wsbus"
 KEY_ID: Final = "bench"
+# Set by the load generator for `--broker redis`: the bus kinds share messages through it.
+REDIS_URL_VARIABLE: Final = "WSBUS_BENCH_REDIS_URL"
 BACKLOG: Final = 4096
 EMIT_PATH: Final = {
     "wsbus": "/ws/emit",
@@ -154,6 +157,7 @@ async def wsbus_app(
         presence=["bench:*"] if presence else [],
         presence_claim="channels",
         client_publish=True,  # the two-way workload
+        broker=_broker(),
         **({"client_rate": TWO_WAY_CLIENT_RATE} | limits),
     )
     if authorized:
@@ -165,6 +169,16 @@ async def wsbus_app(
 
     add_control_routes(app, bus.publish, lambda: bus.open_sockets)
     return app
+
+
+def _broker() -> Any:
+    """A RedisBroker on the load generator's redis-server, or None (MemoryBroker)."""
+    url = os.environ.get(REDIS_URL_VARIABLE)
+    if not url:
+        return None
+    from aiohttp_wsbus import RedisBroker
+
+    return RedisBroker(url, prefix=f"bench-{os.getpid()}")
 
 
 class BareLoop:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -17,7 +18,8 @@ from typing import Any
 import aiohttp
 
 from .client import BUS_KINDS, Dialect, Stats, WsClient, close_all, open_clients, payload
-from .servers import API_KEY, AUDIENCE, EMIT_PATH
+from .redis_engine import RedisEngine
+from .servers import API_KEY, AUDIENCE, EMIT_PATH, REDIS_URL_VARIABLE
 from .system import own_cpu_seconds, process_cpu_seconds, rss_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,10 +72,16 @@ class Keys:
 class Server:
     """One server process, pinned to its own core."""
 
-    def __init__(self, kind: str, core: int, heartbeat: float, keys: Keys) -> None:
+    def __init__(
+        self, kind: str, core: int, heartbeat: float, keys: Keys, redis: RedisEngine | None = None
+    ) -> None:
         self.kind = kind
         self.dialect = Dialect(kind)
         self.keys = keys
+        self.redis = redis  # the bus shares messages through it (--broker redis)
+        environment = dict(os.environ)
+        if redis is not None:
+            environment[REDIS_URL_VARIABLE] = redis.url
         self.process = subprocess.Popen(
             [
                 sys.executable,
@@ -87,6 +95,7 @@ class Server:
             cwd=ROOT,
             stdout=subprocess.PIPE,
             text=True,
+            env=environment,
         )
         self.port = 0
         self.http: aiohttp.ClientSession | None = None
@@ -148,8 +157,10 @@ class Server:
 
 
 @asynccontextmanager
-async def running(kind: str, core: int, heartbeat: float, keys: Keys) -> AsyncIterator[Server]:
-    server = Server(kind, core, heartbeat, keys)
+async def running(
+    kind: str, core: int, heartbeat: float, keys: Keys, redis: RedisEngine | None = None
+) -> AsyncIterator[Server]:
+    server = Server(kind, core, heartbeat, keys, redis)
     try:
         await server.start()
         yield server
@@ -164,7 +175,13 @@ class Meter:
         self.server = server
         self.wall = time.perf_counter()
         self.server_cpu = server.cpu()
+        self.redis_cpu = server.redis.cpu() if server.redis is not None else 0.0
         self.own_cpu = own_cpu_seconds()
+
+    def redis_cpu_used(self) -> float | None:
+        """Redis's CPU seconds since the meter started (None without Redis)."""
+        redis = self.server.redis
+        return None if redis is None else redis.cpu() - self.redis_cpu
 
     def stop(self) -> tuple[float, float, float]:
         """(seconds, server CPU seconds, load generator CPU share)."""
@@ -178,10 +195,11 @@ def throughput(
     server: Server, label: str, size: int, deliveries: int, meter: Meter, note: str = ""
 ) -> list[Result]:
     """Deliveries/s and server CPU per delivery over the meter's window."""
+    redis_cpu = meter.redis_cpu_used()
     wall, server_cpu, loader = meter.stop()
     note = note or loader_note(loader)
     busy = server_cpu / wall
-    return [
+    results = [
         Result(
             server.kind,
             label,
@@ -207,6 +225,21 @@ def throughput(
             busy,
         ),
     ]
+    if redis_cpu is not None:  # --broker redis: what Redis spent on top
+        results.append(
+            Result(
+                server.kind,
+                label,
+                size,
+                "Redis CPU per delivery",
+                redis_cpu / max(deliveries, 1) * 1e6,
+                "µs",
+                "lower",
+                loader,
+                note,
+            )
+        )
+    return results
 
 
 def loader_note(share: float) -> str:

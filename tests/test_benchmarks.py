@@ -91,3 +91,39 @@ def test_limits_on_and_off_are_reported_as_one_ratio_per_figure() -> None:
     row = "| connect storm, new tokens | 3000 | connections/s | 0.95\N{MULTIPLICATION SIGN} |"
     assert row in report
     assert paired(results, ["bare", "wsbus_limits"]) == ""
+
+
+def test_broker_redis_runs_the_bus_on_a_redis_of_its_own_and_reports_its_cpu(
+    tmp_path: Path,
+) -> None:
+    output = tmp_path / "results.json"
+    run = subprocess.run(  # noqa: S603 (a fixed command line)
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "--quick",
+            "--servers",
+            "wsbus",
+            "--broker",
+            "memory,redis",
+            "--workloads",
+            "fanout",
+            "--json",
+            str(output),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(output.read_text())
+    assert {r["server"] for r in results} == {"wsbus", "wsbus+redis"}
+    assert not [r for r in results if r["workload"] == "error"], results
+    redis_cpu = [r for r in results if r["metric"] == "Redis CPU per delivery"]
+    assert redis_cpu and {r["server"] for r in redis_cpu} == {"wsbus+redis"}
+    # CPU time is read in clock ticks: a quick run's few messages may read 0.
+    assert all(math.isfinite(r["value"]) and r["value"] >= 0 for r in redis_cpu), redis_cpu
+    assert "| workload | N | metric | Redis / memory |" in run.stdout
