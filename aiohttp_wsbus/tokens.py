@@ -45,6 +45,7 @@ from jwt.types import Options
 from .errors import InvalidSettings, InvalidToken, KeysUnavailable
 from .grants import grant_patterns
 from .jwks import PUBLIC_KEY_ALGORITHMS, SECRET_ALGORITHMS, JwksKey, JwksKeySet, PublicKey
+from .jws import DECODER
 
 __all__ = ["Claims", "ClaimsCache", "JwksVerifier", "SecretVerifier", "TokenVerifier"]
 
@@ -165,7 +166,7 @@ class TokenVerifier(ABC):
             "verify_aud": self.audience is not None,
         }
         try:
-            return jwt.decode(
+            return DECODER.decode(
                 token,
                 key,
                 algorithms=[algorithm],
