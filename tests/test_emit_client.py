@@ -102,7 +102,11 @@ async def test_emit_many_publishes_in_order_and_retries_without_repeating(
     broker = FlakyBroker("chat:b", down_for=1)
     server, url = await emit_server(aiohttp_client, jwks_server, broker=broker)
     socket, _ = await server.open(make_token(), ["chat:a", "chat:b"])
-    batch = [("chat:a", 1), ("chat:b", 2), ("chat:a", 3, "given-id")]
+    batch: list[tuple[str, Any] | tuple[str, Any, str | None]] = [
+        ("chat:a", 1),
+        ("chat:b", 2),
+        ("chat:a", 3, "given-id"),
+    ]
     async with EmitClient(url, api_key=API_KEY, backoff=0.01) as client:
         published = await client.emit_many(batch)
         with pytest.raises(EmitError) as refused:
