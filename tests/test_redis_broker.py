@@ -560,6 +560,10 @@ async def test_broker_down_fails_fast_and_recovers(
     broker, _ = await make_redis_broker(url=own_redis.url)
     assert broker.is_available
     own_redis.kill()
+    # Whether or not the broker has noticed yet, a pipeline fails as a whole.
+    with pytest.raises(BrokerUnavailable) as failed:
+        await broker.publish_many([Publication("a", "1"), Publication("b", "2")])
+    assert failed.value.published == []
     await eventually(lambda: not broker.is_available)
     with pytest.raises(BrokerUnavailable):
         await broker.publish("a", "1")
