@@ -6,6 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pytest_aiohttp import AiohttpClient
 
 from aiohttp_wsbus import BrokerUnavailable, Bus, Claims, InvalidChannel
@@ -115,6 +117,35 @@ async def test_a_batch_of_the_wrong_shape_or_size_is_400(
     assert answer["error"] == "invalid_request"
     assert set(answer["fields"]) <= {"messages", "channel"}
     assert await offsets(server, "chat:a", "chat:b") == [0, 0]
+
+
+json_values = st.none() | st.booleans() | st.integers() | st.text(max_size=6)
+batch_messages = st.lists(
+    st.dictionaries(
+        st.sampled_from(["channel", "data", "id", "ephemeral", "payload"]),
+        json_values | st.sampled_from(["chat:a", "chat:b"]) | st.lists(json_values, max_size=2),
+        max_size=4,
+    )
+    | json_values,
+    max_size=4,
+)
+
+
+@settings(
+    max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None
+)
+@given(messages=batch_messages)
+async def test_no_batch_gets_a_server_error_and_a_refused_one_publishes_nothing(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, messages: list[Any]
+) -> None:
+    server = await batch_server(aiohttp_client, jwks_server)
+    response = await server.client.post("/ws/emit", json={"messages": messages}, headers=KEY)
+    assert response.status in (202, 400), (messages, response.status)
+    answer = await response.json()
+    if response.status == 202:
+        assert len(answer["published"]) == len(messages)
+    else:
+        assert await offsets(server, "chat:a", "chat:b") == [0, 0]
 
 
 async def test_a_forbidden_channel_in_a_bearer_batch_is_403_and_publishes_nothing(
