@@ -8,7 +8,7 @@ import collections
 import functools
 import logging
 import secrets
-from collections.abc import Callable, Collection, Coroutine, Mapping
+from collections.abc import Callable, Collection, Coroutine, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -20,13 +20,14 @@ from .brokers.base import (
     Broker,
     HistoryOptions,
     Message,
+    Publication,
     Published,
     check_publish,
     scoped_message_id,
 )
 from .brokers.presence import Member
 from .connection import Connection, WriteScheduler, message_frame
-from .errors import InvalidToken
+from .errors import BrokerUnavailable, InvalidToken
 from .history import HistoryPage, read_history, read_positions
 from .hooks import ConnectionInfo, Hooks
 from .namespaces import Namespaces
@@ -230,6 +231,44 @@ class Bus:
         )
         if not published.is_repeat:
             self.messages_published += 1
+        return published
+
+    async def publish_many(
+        self, messages: Iterable[tuple[str, Any] | tuple[str, Any, str | None]]
+    ) -> list[Published]:
+        """Publish each `(channel, data)` or `(channel, data, id)`, in order, in one round
+        trip where the broker allows; where each landed, in the same order.
+
+        Every message is checked before any is published (InvalidChannel,
+        ValueError as `publish`); on BrokerUnavailable its `published` holds
+        the first ones that landed.
+        """
+        checked = []
+        for channel, data, *rest in messages:
+            message_id = rest[0] if rest else None
+            check_publish(channel, message_id)
+            checked.append((channel, encode_data(data), message_id))
+        return await self.publish_checked_many(checked, APPLICATION)
+
+    async def publish_checked_many(
+        self, messages: Sequence[tuple[str, str, str | None]], publisher: str
+    ) -> list[Published]:
+        """`publish_checked` for each `(channel, JSON text, id)`, through `broker.publish_many`."""
+        publications = [
+            Publication(
+                channel,
+                data,
+                None if message_id is None else scoped_message_id(publisher, message_id),
+                self.namespaces.history_of(channel),
+            )
+            for channel, data, message_id in messages
+        ]
+        try:
+            published = await self.broker.publish_many(publications)
+        except BrokerUnavailable as error:
+            self.messages_published += sum(not p.is_repeat for p in error.published)
+            raise
+        self.messages_published += sum(not p.is_repeat for p in published)
         return published
 
     async def verify(self, token: str) -> Claims:

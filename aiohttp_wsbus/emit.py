@@ -19,6 +19,7 @@ from marshmallow import fields as mf
 
 from .brokers.base import is_valid_message_id, subject_publisher
 from .bus import Bus
+from .emit_batch import emit_batch
 from .errors import BrokerUnavailable, InvalidToken, KeysUnavailable, RequestError, http_error
 from .grants import is_valid_channel, may
 from .limits import PublisherLimits
@@ -131,19 +132,17 @@ class Endpoints:
         # Credentials first, from the headers: a stranger's body is never read.
         publisher, claims = await self.authenticate(request, "emit")
         self._check_rate(publisher)
-        loaded = self._validate(await self._read_json(request))
+        body = await self._read_json(request)
+        if isinstance(body, dict) and "messages" in body:
+            return await emit_batch(self, publisher, claims, body)
+        loaded = self._validate(body)
         channels: list[str] = list(dict.fromkeys(loaded.get("channels") or [loaded["channel"]]))
         if claims is not None:
-            await self._authorize(claims, channels)
-            try:  # revoked while the body or the authorizers were awaited
-                self.bus.check_revoked(claims)
-            except InvalidToken as error:
-                self.bus.refused("emit", error.reason)
-                raise _unauthorized(error.reason) from None
+            await self.admit(claims, channels)
         value = loaded["data"] if "data" in loaded else loaded["payload"]
         values = dict.fromkeys(channels, value)
         if claims is not None and self.bus.requests.publish_hooks:
-            values = await self._rewrite(claims, values)
+            values = {c: await self.rewrite_one(claims, c, value, ("data",)) for c in channels}
         texts = _encode_each(values)
         published: list[dict[str, Any]] = []
         try:
@@ -163,22 +162,34 @@ class Endpoints:
             ) from None
         return web.json_response({"published": published}, status=202)
 
-    async def _rewrite(self, claims: Claims, values: dict[str, Any]) -> dict[str, Any]:
-        """What the on_publish hooks make of each channel's data: a Bearer emit is a
-        client's publish too, so nobody speaks for someone else over HTTP either."""
-        rewritten = {}
-        for channel, value in values.items():
-            try:
-                rewritten[channel] = await self.bus.requests.rewrite(claims, channel, value)
-            except RequestError as error:
-                if error.error == "forbidden":
-                    raise http_error(web.HTTPForbidden, "forbidden", channels=[channel]) from None
-                if error.error == "invalid":
-                    raise _invalid("data", error.reason) from None
-                raise http_error(
-                    web.HTTPServiceUnavailable, "authorizer_unavailable", channels=[channel]
-                ) from None
-        return rewritten
+    async def admit(self, claims: Claims, channels: list[str]) -> None:
+        """403/503 unless a Bearer emit may publish to every one of `channels`; 401 if its
+        token was revoked while the body or the authorizers were awaited."""
+        await self._authorize(claims, channels)
+        try:
+            self.bus.check_revoked(claims)
+        except InvalidToken as error:
+            self.bus.refused("emit", error.reason)
+            raise _unauthorized(error.reason) from None
+
+    async def rewrite_one(
+        self, claims: Claims, channel: str, value: Any, field: tuple[str, ...]
+    ) -> Any:
+        """What the on_publish hooks make of `value` on `channel` (`field`: where a 400 points);
+        a Bearer emit is a client's publish too, so nobody speaks for another over HTTP."""
+        try:
+            return await self.bus.requests.rewrite(claims, channel, value)
+        except RequestError as error:
+            if error.error == "forbidden":
+                raise http_error(web.HTTPForbidden, "forbidden", channels=[channel]) from None
+            if error.error == "invalid":
+                fields: Any = [error.reason]
+                for name in reversed(field):
+                    fields = {name: fields}
+                raise http_error(web.HTTPBadRequest, "invalid_request", fields=fields) from None
+            raise http_error(
+                web.HTTPServiceUnavailable, "authorizer_unavailable", channels=[channel]
+            ) from None
 
     def _check_rate(self, publisher: str) -> None:
         """429 with Retry-After when `publisher` is over emit_rate (before its body is read)."""

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+
+if TYPE_CHECKING:
+    from .brokers.base import Published
 
 
 class WsBusError(Exception):
@@ -44,7 +47,15 @@ class Forbidden(WsBusError):
 
 
 class BrokerUnavailable(WsBusError):
-    """The broker cannot publish or subscribe right now; callers may retry later."""
+    """The broker cannot publish or subscribe right now; callers may retry later.
+
+    `published` holds what a batch publish got through before the broker failed
+    (the first messages, in order; empty when nothing is known to have landed).
+    """
+
+    def __init__(self, *args: object, published: list[Published] | None = None) -> None:
+        super().__init__(*args)
+        self.published: list[Published] = published or []
 
 
 class InvalidChannel(WsBusError, ValueError):

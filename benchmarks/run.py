@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
-from . import two_way, workloads
+from . import batch, two_way, workloads
 from .client import BUS_KINDS
 from .redis_engine import RedisEngine, redis_engine
 from .servers import AUDIENCE, DEFAULT_KINDS, ISSUER, KEY_ID, KINDS, is_available
@@ -90,7 +90,7 @@ MODES = {
         concurrent=15000,
     ),
 }
-WORKLOADS = ("fanout", "memory", "storm", "channels", "twoway", "concurrent")
+WORKLOADS = ("fanout", "memory", "storm", "channels", "twoway", "batch", "concurrent")
 
 
 def make_keys(directory: Path, storm_size: int) -> Keys:
@@ -174,6 +174,8 @@ async def run_server(
                 s, sizes.settle, sizes.fanout[0], sizes.messages, sizes.round_trips
             ),
         )
+    if "batch" in chosen and kind in BUS_KINDS:
+        await group("batch emit", 25, lambda s: batch.batch_emit(s, sizes.round_trips * 20))
     if "concurrent" in chosen and sizes.concurrent and kind in ("wsbus", "bare"):
         await group(
             f"{sizes.concurrent} concurrent",

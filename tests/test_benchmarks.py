@@ -35,6 +35,10 @@ TWO_WAY_WORKLOADS = {
     "two-way: fan-out via HTTP emit",
     "two-way: fan-out via client publish",
     "two-way: client publish fan-out / HTTP emit's",
+    # and a batch emit's messages/s against one message per request
+    "batch emit: one message per request",
+    "batch emit: 100 messages per request",
+    "batch emit: batch / single",
 }
 
 

@@ -15,6 +15,7 @@ from pytest_aiohttp import AiohttpClient
 
 import aiohttp_wsbus
 from aiohttp_wsbus.emit import MAX_EMIT_CHANNELS
+from aiohttp_wsbus.emit_batch import MAX_BATCH_MESSAGES
 from aiohttp_wsbus.grants import MAX_CHANNEL_LENGTH
 from aiohttp_wsbus.presence import MAX_INFO_SIZE
 from aiohttp_wsbus.sessions import MAX_CONTROL_CHANNELS
@@ -73,6 +74,7 @@ def test_limits_page_shows_each_limits_default_as_settings_declares_it() -> None
     assert limits | {"max_channels", "max_message_size", "max_connections"} <= set(shown)
     fixed = text.split("## Fixed bounds\n", 1)[1]
     assert f"| channels in one emit | {MAX_EMIT_CHANNELS} |" in fixed
+    assert f"| messages in one batch emit | {MAX_BATCH_MESSAGES} |" in fixed
     assert f"| token | {MAX_TOKEN_LENGTH} characters |" in fixed
     assert f"| channels in one control request | {MAX_CONTROL_CHANNELS} |" in fixed
     assert f"1 to {MAX_CHANNEL_LENGTH} of" in fixed

@@ -195,7 +195,7 @@ json_bodies = st.recursive(
     lambda children: (
         st.lists(children, max_size=3)
         | st.dictionaries(
-            st.sampled_from(["channel", "channels", "data", "payload", "id", "x"])
+            st.sampled_from(["channel", "channels", "data", "payload", "id", "messages", "x"])
             | st.text(max_size=5),
             children,
             max_size=4,

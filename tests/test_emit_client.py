@@ -96,6 +96,57 @@ async def test_emit_retries_503_and_publishes_each_channel_once(
     await nothing_more(socket)
 
 
+async def test_emit_many_publishes_in_order_and_retries_without_repeating(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
+) -> None:
+    broker = FlakyBroker("chat:b", down_for=1)
+    server, url = await emit_server(aiohttp_client, jwks_server, broker=broker)
+    socket, _ = await server.open(make_token(), ["chat:a", "chat:b"])
+    batch: list[tuple[str, Any] | tuple[str, Any, str | None]] = [
+        ("chat:a", 1),
+        ("chat:b", 2),
+        ("chat:a", 3, "given-id"),
+    ]
+    async with EmitClient(url, api_key=API_KEY, backoff=0.01) as client:
+        published = await client.emit_many(batch)
+        with pytest.raises(EmitError) as refused:
+            await client.emit_many([("chat:a", 4), ("bad name", 5)])
+    # chat:a went out before chat:b failed; the retry's ids kept it from repeating.
+    assert [(p.channel, p.offset) for p in published] == [
+        ("chat:a", 1),
+        ("chat:b", 1),
+        ("chat:a", 2),
+    ]
+    assert (refused.value.status, refused.value.error) == (400, "invalid_request")
+    assert list(refused.value.body["fields"]["messages"]) == ["1"]
+    frames = [await next_frame(socket) for _ in range(3)]
+    assert [(f["channel"], f["data"]) for f in frames] == [
+        ("chat:a", 1),
+        ("chat:b", 2),
+        ("chat:a", 3),
+    ]
+    await nothing_more(socket)
+
+
+async def test_sync_emit_many_publishes_in_order(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
+) -> None:
+    server, url = await emit_server(aiohttp_client, jwks_server)
+    socket, _ = await server.open(make_token(), ["chat:a"])
+    client = SyncEmitClient(url, token=make_token(publish=["chat:a"]))
+    published = await asyncio.to_thread(client.emit_many, [("chat:a", "x"), ("chat:a", "y")])
+    assert [p.offset for p in published] == [1, 2]
+    with pytest.raises(EmitError) as forbidden:
+        await asyncio.to_thread(client.emit_many, [("chat:a", "z"), ("chat:b", "no")])
+    assert (forbidden.value.status, forbidden.value.body) == (
+        403,
+        {"error": "forbidden", "channels": ["chat:b"]},
+    )
+    frames = [await next_frame(socket) for _ in range(2)]
+    assert [f["data"] for f in frames] == ["x", "y"]
+    await nothing_more(socket)
+
+
 async def test_emit_gives_up_after_its_retries(
     aiohttp_client: AiohttpClient, jwks_server: JwksServer
 ) -> None:

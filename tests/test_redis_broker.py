@@ -17,7 +17,7 @@ import pytest
 import redis.asyncio
 
 from aiohttp_wsbus import BrokerUnavailable, RedisBroker, RedisPublisher, SyncRedisPublisher
-from aiohttp_wsbus.brokers import Broker, HistoryOptions, MemoryBroker, Message
+from aiohttp_wsbus.brokers import Broker, HistoryOptions, MemoryBroker, Message, Publication
 from aiohttp_wsbus.brokers.base import EmptyEpoch
 from aiohttp_wsbus.brokers.redis_control import CONTROL_CHANNEL
 from aiohttp_wsbus.brokers.redis_scripts import ChannelKeys
@@ -244,6 +244,43 @@ async def test_same_id_is_published_once(make_broker: MakeBroker) -> None:
     # In order per channel (a cluster may carry "a" and "b" on two shards).
     assert [m.data for m in delivered if m.channel == "a"] == ["1", "2"]
     assert [m.data for m in delivered if m.channel == "b"] == ["1"]
+
+
+async def test_publish_many_keeps_order_offsets_options_and_ids(make_broker: MakeBroker) -> None:
+    broker, delivered = await make_broker()
+    await broker.subscribe("a")
+    await broker.subscribe("b")
+    kept_one = HistoryOptions(1, 300.0)
+    before = await broker.publish("a", "0", message_id="m-0")
+    published = await broker.publish_many(
+        [
+            Publication("a", "1", "m-1"),
+            Publication("b", "2", history=kept_one),
+            Publication("a", "1 again", "m-1"),
+            Publication("a", "0 again", "m-0"),
+            Publication("b", "3", history=kept_one),
+            Publication("a", "4"),
+        ]
+    )
+    assert [(p.channel, p.offset, p.is_repeat) for p in published] == [
+        ("a", 2, False),
+        ("b", 1, False),
+        ("a", 2, True),
+        ("a", 1, True),
+        ("b", 2, False),
+        ("a", 3, False),
+    ]
+    assert published[0].epoch == before.epoch
+    await delivered_count(delivered, 5)
+    assert [m.data for m in delivered if m.channel == "a"] == ["0", "1", "4"]
+    assert [(m.offset, m.data) for m in delivered if m.channel == "b"] == [(1, "2"), (2, "3")]
+    again = await broker.publish_many([Publication("a", "1", "m-1"), Publication("a", "5", "m-5")])
+    assert [(p.offset, p.is_repeat) for p in again] == [(2, True), (4, False)]
+    history = await broker.history(
+        {"b": Position(1, published[1].epoch)}, options={"b": kept_one}
+    )
+    assert [m.data for m in history["b"].messages] == ["3"]  # kept as its options say
+    assert await broker.publish_many([]) == []
 
 
 # -- Redis: shared by nodes, expiring ----------------------------------------
@@ -523,6 +560,10 @@ async def test_broker_down_fails_fast_and_recovers(
     broker, _ = await make_redis_broker(url=own_redis.url)
     assert broker.is_available
     own_redis.kill()
+    # Whether or not the broker has noticed yet, a pipeline fails as a whole.
+    with pytest.raises(BrokerUnavailable) as failed:
+        await broker.publish_many([Publication("a", "1"), Publication("b", "2")])
+    assert failed.value.published == []
     await eventually(lambda: not broker.is_available)
     with pytest.raises(BrokerUnavailable):
         await broker.publish("a", "1")

@@ -14,7 +14,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from ..errors import InvalidChannel
+from ..errors import BrokerUnavailable, InvalidChannel
 from ..grants import is_valid_channel
 from ..protocol import Position
 from ..revocations import Revocation
@@ -33,6 +33,7 @@ __all__ = [
     "OnControl",
     "OnEphemeral",
     "Position",
+    "Publication",
     "Published",
     "check_publish",
     "is_valid_message_id",
@@ -122,6 +123,16 @@ class Published:
     epoch: str
     is_repeat: bool = False
     is_ephemeral: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Publication:
+    """One message of a batch publish: what `Broker.publish` takes, as one value."""
+
+    channel: str
+    data: str
+    message_id: str | None = None
+    history: HistoryOptions | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,6 +301,28 @@ class Broker(ABC):
         that keeps no history keeps no ids either). Raises BrokerUnavailable
         when the engine cannot be reached.
         """
+
+    async def publish_many(self, publications: Sequence[Publication]) -> list[Published]:
+        """`publish` each of `publications`, in order; where each landed, in the same order.
+
+        A broker that can send them in one round trip does (RedisBroker: one
+        pipeline). Raises BrokerUnavailable, its `published` holding the first
+        ones known to have landed, when the engine cannot be reached midway.
+        """
+        published: list[Published] = []
+        for publication in publications:
+            try:
+                published.append(
+                    await self.publish(
+                        publication.channel,
+                        publication.data,
+                        message_id=publication.message_id,
+                        history=publication.history,
+                    )
+                )
+            except BrokerUnavailable as error:
+                raise BrokerUnavailable(str(error), published=published) from None
+        return published
 
     @abstractmethod
     async def history(

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from redis.asyncio import Redis, RedisCluster
@@ -36,6 +36,7 @@ from .base import (
     Message,
     OnControl,
     OnEphemeral,
+    Publication,
     Published,
     recover,
 )
@@ -426,6 +427,36 @@ class RedisBroker(Broker):
         except UNREACHABLE as error:
             raise BrokerUnavailable(f"redis: {error}") from None
         return parse_published(channel, answer)
+
+    async def publish_many(self, publications: Sequence[Publication]) -> list[Published]:
+        """One pipeline of PUBLISH_SCRIPT calls, each with its channel's history options.
+
+        A pipeline keeps its commands' order on its connection (on each shard's,
+        in a cluster), so each channel's offsets follow the batch's order.
+        """
+        if not self.is_available or self._redis is None:
+            raise BrokerUnavailable("redis is not reachable")
+        pipeline = self._redis.pipeline(transaction=False)
+        for publication in publications:
+            keys, args = publish_arguments(
+                ChannelKeys.of(self.prefix, publication.channel),
+                publication.data,
+                publication.message_id,
+                publication.history or self._history,
+                sharded=self.sharded,
+            )
+            pipeline.eval(PUBLISH_SCRIPT, len(keys), *keys, *args)
+        try:
+            async with self._connection_slots:
+                answers = await pipeline.execute(raise_on_error=False)
+        except UNREACHABLE as error:
+            raise BrokerUnavailable(f"redis: {error}") from None
+        published: list[Published] = []
+        for publication, answer in zip(publications, answers, strict=True):
+            if isinstance(answer, Exception):
+                raise BrokerUnavailable(f"redis: {answer}", published=published)
+            published.append(parse_published(publication.channel, answer))
+        return published
 
     async def publish_ephemeral(self, channel: str, data: str) -> None:
         redis = self._reachable()
