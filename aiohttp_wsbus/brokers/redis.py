@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any
 
 from redis.asyncio import Redis, RedisCluster
@@ -328,21 +328,23 @@ class RedisBroker(Broker):
 
     # -- publishing and history ------------------------------------------
 
-    async def control(self, message: Mapping[str, Any]) -> None:
+    @contextlib.contextmanager
+    def _reached(self) -> Iterator[Redis | RedisCluster]:
+        """The Redis client; BrokerUnavailable if Redis is not reachable, before or during."""
         if not self.is_available or self._redis is None:
             raise BrokerUnavailable("redis is not reachable")
         try:
-            await self._control.publish(self._redis, message)
+            yield self._redis
         except UNREACHABLE as error:
             raise BrokerUnavailable(f"redis: {error}") from None
 
+    async def control(self, message: Mapping[str, Any]) -> None:
+        with self._reached() as redis:
+            await self._control.publish(redis, message)
+
     async def revoke(self, revocation: Revocation) -> None:
-        if not self.is_available or self._redis is None:
-            raise BrokerUnavailable("redis is not reachable")
-        try:
-            await self._control.revoke(self._redis, revocation)
-        except UNREACHABLE as error:
-            raise BrokerUnavailable(f"redis: {error}") from None
+        with self._reached() as redis:
+            await self._control.revoke(redis, revocation)
 
     async def join(
         self,
@@ -354,34 +356,20 @@ class RedisBroker(Broker):
         snapshot: Collection[str] = (),
         limit: int | None = None,
     ) -> dict[str, PresenceSnapshot]:
-        redis = self._reachable()
-        try:
+        with self._reached() as redis:
             return await self._presence.join(
                 redis, connection_id, user, info, channels, snapshot=snapshot, limit=limit
             )
-        except UNREACHABLE as error:
-            raise BrokerUnavailable(f"redis: {error}") from None
 
     async def leave(self, connection_id: str, channels: Collection[str]) -> None:
-        redis = self._reachable()
-        try:
+        with self._reached() as redis:
             await self._presence.leave(redis, connection_id, channels)
-        except UNREACHABLE as error:
-            raise BrokerUnavailable(f"redis: {error}") from None
 
     async def presence(
         self, channels: Collection[str], *, limit: int | None = None
     ) -> dict[str, PresenceSnapshot]:
-        redis = self._reachable()
-        try:
+        with self._reached() as redis:
             return await self._presence.read(redis, channels, limit)
-        except UNREACHABLE as error:
-            raise BrokerUnavailable(f"redis: {error}") from None
-
-    def _reachable(self) -> Redis | RedisCluster:
-        if not self.is_available or self._redis is None:
-            raise BrokerUnavailable("redis is not reachable")
-        return self._redis
 
     def _to_bus(self, message: Mapping[str, Any] | None) -> None:
         if message is None or self._on_control is None:
@@ -412,8 +400,6 @@ class RedisBroker(Broker):
         message_id: str | None = None,
         history: HistoryOptions | None = None,
     ) -> Published:
-        if not self.is_available or self._redis is None:
-            raise BrokerUnavailable("redis is not reachable")
         keys, args = publish_arguments(
             ChannelKeys.of(self.prefix, channel),
             data,
@@ -421,11 +407,9 @@ class RedisBroker(Broker):
             history or self._history,
             sharded=self.sharded,
         )
-        try:
+        with self._reached() as redis:
             async with self._connection_slots:
-                answer = await self._redis.eval(PUBLISH_SCRIPT, len(keys), *keys, *args)
-        except UNREACHABLE as error:
-            raise BrokerUnavailable(f"redis: {error}") from None
+                answer = await redis.eval(PUBLISH_SCRIPT, len(keys), *keys, *args)
         return parse_published(channel, answer)
 
     async def publish_many(self, publications: Sequence[Publication]) -> list[Published]:
@@ -434,9 +418,8 @@ class RedisBroker(Broker):
         A pipeline keeps its commands' order on its connection (on each shard's,
         in a cluster), so each channel's offsets follow the batch's order.
         """
-        if not self.is_available or self._redis is None:
-            raise BrokerUnavailable("redis is not reachable")
-        pipeline = self._redis.pipeline(transaction=False)
+        with self._reached() as redis:
+            pipeline = redis.pipeline(transaction=False)
         for publication in publications:
             keys, args = publish_arguments(
                 ChannelKeys.of(self.prefix, publication.channel),
@@ -446,11 +429,9 @@ class RedisBroker(Broker):
                 sharded=self.sharded,
             )
             pipeline.eval(PUBLISH_SCRIPT, len(keys), *keys, *args)
-        try:
+        with self._reached():
             async with self._connection_slots:
                 answers = await pipeline.execute(raise_on_error=False)
-        except UNREACHABLE as error:
-            raise BrokerUnavailable(f"redis: {error}") from None
         published: list[Published] = []
         for publication, answer in zip(publications, answers, strict=True):
             if isinstance(answer, Exception):
@@ -459,13 +440,10 @@ class RedisBroker(Broker):
         return published
 
     async def publish_ephemeral(self, channel: str, data: str) -> None:
-        redis = self._reachable()
         keys = ChannelKeys.of(self.prefix, channel)
-        try:
+        with self._reached() as redis:
             async with self._connection_slots:
                 await publish_ephemeral(redis, keys, data, sharded=self.sharded)
-        except UNREACHABLE as error:
-            raise BrokerUnavailable(f"redis: {error}") from None
 
     async def history(
         self,
