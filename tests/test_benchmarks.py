@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from benchmarks.run import paired
 from benchmarks.workloads import Result
@@ -42,21 +43,12 @@ TWO_WAY_WORKLOADS = {
 }
 
 
-def test_quick_suite_reports_every_workload_for_the_bus_and_the_bare_loop(
-    tmp_path: Path,
-) -> None:
+def run_quick(tmp_path: Path, *arguments: str) -> tuple[str, list[dict[str, Any]]]:
+    """`python -m benchmarks --quick ARGUMENTS`: its output and its figures, once it
+    exited 0 with no figure reporting an error."""
     output = tmp_path / "results.json"
     run = subprocess.run(  # noqa: S603 (a fixed command line)
-        [
-            sys.executable,
-            "-m",
-            "benchmarks",
-            "--quick",
-            "--servers",
-            "wsbus,bare",
-            "--json",
-            str(output),
-        ],
+        [sys.executable, "-m", "benchmarks", "--quick", *arguments, "--json", str(output)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -64,9 +56,16 @@ def test_quick_suite_reports_every_workload_for_the_bus_and_the_bare_loop(
         check=False,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    results = json.loads(output.read_text())
-    assert {r["server"] for r in results} == {"wsbus", "bare"}
+    results: list[dict[str, Any]] = json.loads(output.read_text())
     assert not [r for r in results if r["workload"] == "error"], results
+    return run.stdout, results
+
+
+def test_quick_suite_reports_every_workload_for_the_bus_and_the_bare_loop(
+    tmp_path: Path,
+) -> None:
+    stdout, results = run_quick(tmp_path, "--servers", "wsbus,bare")
+    assert {r["server"] for r in results} == {"wsbus", "bare"}
     for server, expected in (
         ("wsbus", EXPECTED_WORKLOADS | TWO_WAY_WORKLOADS),
         ("bare", EXPECTED_WORKLOADS),
@@ -80,9 +79,9 @@ def test_quick_suite_reports_every_workload_for_the_bus_and_the_bare_loop(
         assert "timed out" not in result["note"], result
         if result["metric"] in ("deliveries/s", "connections/s"):
             assert result["value"] > 0, result
-    table = run.stdout
-    assert "| workload | N | metric | bare | wsbus | load generator CPU |" in table
-    assert re.search(r"\(\d+\.\d\d\N{MULTIPLICATION SIGN}\)", table), table  # ratios vs bare
+
+    assert "| workload | N | metric | bare | wsbus | load generator CPU |" in stdout
+    assert re.search(r"\(\d+\.\d\d\N{MULTIPLICATION SIGN}\)", stdout), stdout  # ratios vs bare
 
 
 def test_limits_on_and_off_are_reported_as_one_ratio_per_figure() -> None:
@@ -100,34 +99,12 @@ def test_limits_on_and_off_are_reported_as_one_ratio_per_figure() -> None:
 def test_broker_redis_runs_the_bus_on_a_redis_of_its_own_and_reports_its_cpu(
     tmp_path: Path,
 ) -> None:
-    output = tmp_path / "results.json"
-    run = subprocess.run(  # noqa: S603 (a fixed command line)
-        [
-            sys.executable,
-            "-m",
-            "benchmarks",
-            "--quick",
-            "--servers",
-            "wsbus",
-            "--broker",
-            "memory,redis",
-            "--workloads",
-            "fanout",
-            "--json",
-            str(output),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+    stdout, results = run_quick(
+        tmp_path, "--servers", "wsbus", "--broker", "memory,redis", "--workloads", "fanout"
     )
-    assert run.returncode == 0, run.stderr[-3000:]
-    results = json.loads(output.read_text())
     assert {r["server"] for r in results} == {"wsbus", "wsbus+redis"}
-    assert not [r for r in results if r["workload"] == "error"], results
     redis_cpu = [r for r in results if r["metric"] == "Redis CPU per delivery"]
     assert redis_cpu and {r["server"] for r in redis_cpu} == {"wsbus+redis"}
     # CPU time is read in clock ticks: a quick run's few messages may read 0.
     assert all(math.isfinite(r["value"]) and r["value"] >= 0 for r in redis_cpu), redis_cpu
-    assert "| workload | N | metric | Redis / memory |" in run.stdout
+    assert "| workload | N | metric | Redis / memory |" in stdout
