@@ -29,6 +29,9 @@ from aiohttp_wsbus import RedisBroker
 from aiohttp_wsbus.brokers import HistoryOptions, Message
 from aiohttp_wsbus.brokers.base import OnControl
 
+# make_redis_broker: start a RedisBroker (options as RedisBroker takes them); it and
+# the messages it delivers.
+RedisMaker = Callable[..., Awaitable[tuple[RedisBroker, list[Message]]]]
 START_TIMEOUT = 10.0
 SLOTS = 16384
 
@@ -244,7 +247,7 @@ def durable_redis(tmp_path: Path) -> Iterator[RedisServer]:
 @pytest.fixture
 async def make_redis_broker(
     redis_url: str, redis_prefix: str
-) -> AsyncIterator[Callable[..., Awaitable[tuple[RedisBroker, list[Message]]]]]:
+) -> AsyncIterator[RedisMaker]:
     """Start RedisBrokers (on the session's Redis unless `url` says otherwise); stop them after.
 
     Ephemeral messages are recorded with the others, as Messages at offset 0.

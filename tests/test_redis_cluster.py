@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import pytest
@@ -21,9 +21,8 @@ from aiohttp_wsbus import RedisBroker, RedisPublisher, SyncRedisPublisher
 from aiohttp_wsbus.brokers import Message
 from aiohttp_wsbus.brokers.redis_scripts import ChannelKeys
 
+from .redis_server import RedisMaker
 from .support import eventually
-
-RedisMaker = Callable[..., Awaitable[tuple[RedisBroker, list[Message]]]]
 
 
 @pytest.fixture

@@ -76,8 +76,8 @@ class RedisBroker(Broker):
 
     `socket_timeout` bounds every command, so a Redis that is down makes
     `publish` fail fast with BrokerUnavailable, and `is_available` turns false
-    once a pub/sub connection has not answered for that long: an idle one is
-    pinged every `ping_interval` seconds, at most `socket_timeout / 2`. The
+    once a pub/sub connection has left a PING unanswered for that long: an idle
+    one is pinged every `ping_interval` seconds, at most `socket_timeout / 2`. The
     listeners reconnect with `reconnect_delay` backoff (from, doubling up to)
     by themselves; a Redis node they cannot reach is logged as a WARNING at
     most every `warning_interval` seconds, by host:port/db, never by URL.

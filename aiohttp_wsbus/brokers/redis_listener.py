@@ -102,6 +102,7 @@ class Listener:
         self._loop = asyncio.get_running_loop()
         self._connection: Connection | None = None
         self._heard_at: float | None = None  # Redis's last answer on this connection
+        self._pinged_at: float | None = None  # a PING still unanswered, sent then
         self._down_since: float | None = None
         self._warned_at = -math.inf
         self._write_lock = asyncio.Lock()
@@ -109,12 +110,16 @@ class Listener:
 
     @property
     def is_connected(self) -> bool:
-        """Whether Redis answered on this connection within the last `timeout` seconds.
+        """Whether Redis answered on this connection, and any PING within `timeout` seconds.
 
-        A frozen Redis keeps its TCP connections open: only its silence tells.
+        A frozen Redis keeps its TCP connections open: only its silence tells,
+        counted from the PING it leaves unanswered, so a busy event loop that
+        reads a quiet connection late is not mistaken for it.
         """
-        heard_at = self._heard_at
-        return heard_at is not None and self._loop.time() - heard_at <= self._options.timeout
+        if self._heard_at is None:
+            return False
+        pinged_at = self._pinged_at
+        return pinged_at is None or self._loop.time() - pinged_at <= self._options.timeout
 
     async def stop(self) -> None:
         self._task.cancel()
@@ -175,6 +180,7 @@ class Listener:
     def _heard(self) -> None:
         is_new = self._heard_at is None
         self._heard_at = self._loop.time()
+        self._pinged_at = None
         if not is_new:
             return
         self.connections += 1
@@ -204,6 +210,7 @@ class Listener:
         finally:
             self._connection = None
             self._heard_at = None
+            self._pinged_at = None
             await connection.disconnect(nowait=True)
 
     async def _read_messages(self, connection: Connection) -> None:
@@ -221,6 +228,7 @@ class Listener:
                     raise RedisTimeoutError("redis did not answer a ping")
                 async with self._write_lock:
                     await connection.send_command("PING")
+                    self._pinged_at = self._loop.time()
                 waiting_for_pong = True
                 continue
             self._heard()
