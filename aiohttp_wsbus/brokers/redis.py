@@ -16,7 +16,7 @@ import contextlib
 import functools
 import logging
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Final
 
 from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.cluster import ClusterNode
@@ -45,6 +45,7 @@ from .redis_control import CONTROL_CHANNEL, ControlChannel
 from .redis_ephemeral import parse_ephemeral, publish_ephemeral
 from .redis_listener import Listener, ListenerOptions, Subscription, address, is_gap
 from .redis_options import share_options, shortest_ttl
+from .redis_pipeline import Autopipeline, Script, ScriptCall, run_scripts
 from .redis_presence import PRESENCE_MARK, RedisPresence
 from .redis_scripts import (
     HISTORY_SCRIPT,
@@ -64,6 +65,10 @@ from .redis_users import UserSockets
 __all__ = ["RedisBroker"]
 
 logger = logging.getLogger("aiohttp_wsbus")
+
+_PUBLISH: Final = Script(PUBLISH_SCRIPT)
+_HISTORY: Final = Script(HISTORY_SCRIPT, is_shared=True)  # equal reads share one answer
+_KEEP: Final = Script(KEEP_SCRIPT)
 
 
 class RedisBroker(Broker):
@@ -125,6 +130,9 @@ class RedisBroker(Broker):
         self._on_presence: OnPresence | None = None
         self._on_ephemeral: OnEphemeral | None = None
         self._presence = self._new_presence(DEFAULT_PRESENCE)
+        # Concurrent publishes and reads each leave in one pipeline per round trip.
+        self._publishes = Autopipeline(self._run_scripts)
+        self._reads = Autopipeline(self._run_scripts)
 
     def _new_presence(self, options: PresenceOptions) -> RedisPresence:
         return RedisPresence(
@@ -202,6 +210,7 @@ class RedisBroker(Broker):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        await asyncio.gather(self._publishes.stop(), self._reads.stop())
         await asyncio.gather(*(listener.stop() for listener in self._listeners.values()))
         self._listeners = {}
         if self._redis is not None:
@@ -400,44 +409,46 @@ class RedisBroker(Broker):
         message_id: str | None = None,
         history: HistoryOptions | None = None,
     ) -> Published:
-        keys, args = publish_arguments(
-            ChannelKeys.of(self.prefix, channel),
-            data,
-            message_id,
-            history or self._history,
-            sharded=self.sharded,
-        )
-        with self._reached() as redis:
-            async with self._connection_slots:
-                answer = await redis.eval(PUBLISH_SCRIPT, len(keys), *keys, *args)
+        """PUBLISH_SCRIPT, in the next pipeline with every publish made meanwhile."""
+        publication = Publication(channel, data, message_id, history)
+        with self._reached():
+            (answer,) = await self._publishes.call([self._publish_call(publication)])
+            if isinstance(answer, Exception):
+                raise answer  # its own: UNREACHABLE ones turn into BrokerUnavailable
         return parse_published(channel, answer)
 
     async def publish_many(self, publications: Sequence[Publication]) -> list[Published]:
-        """One pipeline of PUBLISH_SCRIPT calls, each with its channel's history options.
+        """PUBLISH_SCRIPT for each, in order, in the next pipeline (as `publish`).
 
         A pipeline keeps its commands' order on its connection (on each shard's,
         in a cluster), so each channel's offsets follow the batch's order.
         """
-        with self._reached() as redis:
-            pipeline = redis.pipeline(transaction=False)
-        for publication in publications:
-            keys, args = publish_arguments(
-                ChannelKeys.of(self.prefix, publication.channel),
-                publication.data,
-                publication.message_id,
-                publication.history or self._history,
-                sharded=self.sharded,
-            )
-            pipeline.eval(PUBLISH_SCRIPT, len(keys), *keys, *args)
+        calls = [self._publish_call(publication) for publication in publications]
         with self._reached():
-            async with self._connection_slots:
-                answers = await pipeline.execute(raise_on_error=False)
+            answers = await self._publishes.call(calls)
         published: list[Published] = []
         for publication, answer in zip(publications, answers, strict=True):
             if isinstance(answer, Exception):
                 raise BrokerUnavailable(f"redis: {answer}", published=published)
             published.append(parse_published(publication.channel, answer))
         return published
+
+    def _publish_call(self, publication: Publication) -> ScriptCall:
+        keys, args = publish_arguments(
+            ChannelKeys.of(self.prefix, publication.channel),
+            publication.data,
+            publication.message_id,
+            publication.history or self._history,
+            sharded=self.sharded,
+        )
+        return ScriptCall(_PUBLISH, tuple(keys), tuple(args))
+
+    async def _run_scripts(self, calls: Sequence[ScriptCall]) -> list[Any]:
+        """One batch of the autopipelines, on one of the broker's connections."""
+        if self._redis is None:
+            raise BrokerUnavailable("the broker is not started")
+        async with self._connection_slots:
+            return await run_scripts(self._redis, calls)
 
     async def publish_ephemeral(self, channel: str, data: str) -> None:
         keys = ChannelKeys.of(self.prefix, channel)
@@ -471,26 +482,26 @@ class RedisBroker(Broker):
         }
 
     async def _read(self, since: Mapping[str, tuple[Position | None, bool]]) -> dict[str, Top]:
-        """Run HISTORY_SCRIPT for each channel in one round trip."""
-        if self._redis is None:
-            raise BrokerUnavailable("the broker is not started")
+        """Run HISTORY_SCRIPT for each channel, in the next pipeline with every read
+        made meanwhile (a connect storm's position reads of one channel share one)."""
         ttl = milliseconds(self._history.ttl)
-        async with self._connection_slots, self._redis.pipeline(transaction=False) as pipe:
-            for channel, (position, whole_new_epoch) in since.items():
-                keys = ChannelKeys.of(self.prefix, channel)
-                pipe.eval(
-                    HISTORY_SCRIPT,
-                    2,
-                    keys.meta,
-                    keys.stream,
-                    ttl,
-                    position.epoch if position else "",
-                    position.offset if position else 0,
-                    "1" if whole_new_epoch else "0",
-                )
-            answers = await pipe.execute()
-        pairs = zip(since, answers, strict=True)
-        return {channel: parse_top(channel, answer) for channel, answer in pairs}
+        calls = []
+        for channel, (position, whole_new_epoch) in since.items():
+            keys = ChannelKeys.of(self.prefix, channel)
+            arguments = (
+                ttl,
+                position.epoch if position else "",
+                position.offset if position else 0,
+                "1" if whole_new_epoch else "0",
+            )
+            calls.append(ScriptCall(_HISTORY, (keys.meta, keys.stream), arguments))
+        answers = await self._reads.call(calls)
+        tops = {}
+        for channel, answer in zip(since, answers, strict=True):
+            if isinstance(answer, Exception):
+                raise answer
+            tops[channel] = parse_top(channel, answer)
+        return tops
 
     async def _keep(self) -> None:
         """Keep subscribed channels' history and epoch alive past the TTL, like MemoryBroker.
@@ -509,11 +520,12 @@ class RedisBroker(Broker):
     async def _extend(self, channels: list[str], ttl: int) -> None:
         if self._redis is None:
             return
-        async with self._connection_slots, self._redis.pipeline(transaction=False) as pipe:
-            for channel in channels:
-                keys = ChannelKeys.of(self.prefix, channel)
-                pipe.eval(KEEP_SCRIPT, 2, keys.meta, keys.stream, ttl)  # by its own TTL
-            await pipe.execute()
+        calls = []
+        for channel in channels:
+            keys = ChannelKeys.of(self.prefix, channel)
+            calls.append(ScriptCall(_KEEP, (keys.meta, keys.stream), (ttl,)))  # by its own TTL
+        async with self._connection_slots:
+            await run_scripts(self._redis, calls)
 
     async def on_message(self, subscription: Subscription, payload: bytes) -> None:
         """Deliver a live message, catching up first if one was missed (ListenerHandler)."""

@@ -1,0 +1,193 @@
+"""RedisBroker's automatic pipelining: calls made while a round trip is in flight
+leave together on the next, scripts travel by SHA, and equal reads share one run.
+
+The Autopipeline itself runs against a recording stand-in for Redis; the rest
+against a redis-server of the test's own, whose command counts it reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import pytest
+import redis.asyncio
+import redis.exceptions
+
+from aiohttp_wsbus.brokers import Publication
+from aiohttp_wsbus.brokers.redis_pipeline import Autopipeline, Script, ScriptCall
+from aiohttp_wsbus.protocol import Position
+
+from .redis_server import RedisMaker, RedisServer
+from .support import eventually
+
+READ = Script("return 'read'", is_shared=True)
+WRITE = Script("return 'write'")
+
+
+def read(channel: str) -> ScriptCall:
+    return ScriptCall(READ, (channel,), ())
+
+
+def write(channel: str, data: str) -> ScriptCall:
+    return ScriptCall(WRITE, (channel,), (data,))
+
+
+class Recorder:
+    """Stands in for Redis: records each batch, answers each call with its keys and
+    arguments once the test lets the batch through."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[ScriptCall]] = []
+        self.sent = asyncio.Event()
+        self.release = asyncio.Event()
+        self.error: Exception | None = None
+
+    async def run(self, calls: Sequence[ScriptCall]) -> list[Any]:
+        self.batches.append(list(calls))
+        self.sent.set()
+        await self.release.wait()
+        if self.error is not None:
+            raise self.error
+        return [(*call.keys, *call.args) for call in calls]
+
+
+async def test_calls_made_while_a_batch_is_in_flight_leave_together_on_the_next() -> None:
+    recorder = Recorder()
+    pipeline = Autopipeline(recorder.run)
+    first = asyncio.create_task(pipeline.call([write("a", "1")]))
+    await recorder.sent.wait()
+    later = [asyncio.create_task(pipeline.call([write("a", str(n))])) for n in (2, 3, 4)]
+    many = asyncio.create_task(pipeline.call([write("b", "5"), write("a", "6")]))
+    await asyncio.sleep(0)  # every task above has made its call
+    recorder.release.set()
+    assert await first == [("a", "1")]
+    assert [await task for task in later] == [[("a", "2")], [("a", "3")], [("a", "4")]]
+    assert await many == [("b", "5"), ("a", "6")]
+    # One batch in flight, then everything made meanwhile, in the order it was made.
+    assert [[call.args[0] for call in batch] for batch in recorder.batches] == [
+        ["1"],
+        ["2", "3", "4", "5", "6"],
+    ]
+
+
+async def test_equal_reads_in_one_batch_run_once_and_share_the_answer() -> None:
+    recorder = Recorder()
+    recorder.release.set()
+    pipeline = Autopipeline(recorder.run)
+    answers = await asyncio.gather(
+        *(pipeline.call([read("a")]) for _ in range(100)),
+        pipeline.call([read("b"), read("a")]),
+        pipeline.call([write("a", "x"), write("a", "x")]),  # writes never share
+    )
+    assert answers[:100] == [[("a",)]] * 100
+    assert answers[100:] == [[("b",), ("a",)], [("a", "x"), ("a", "x")]]
+    assert recorder.batches == [[read("a"), read("b"), write("a", "x"), write("a", "x")]]
+
+
+async def test_a_failed_batch_fails_each_of_its_callers() -> None:
+    recorder = Recorder()
+    recorder.error = ConnectionError("redis is gone")
+    recorder.release.set()
+    pipeline = Autopipeline(recorder.run)
+    outcomes = await asyncio.gather(
+        pipeline.call([write("a", "1")]),
+        pipeline.call([read("b")]),
+        return_exceptions=True,
+    )
+    assert list(outcomes) == [recorder.error, recorder.error]
+    recorder.error = None
+    assert await pipeline.call([read("c")]) == [("c",)]  # the next batch goes out
+
+
+async def test_stopping_fails_the_batch_in_flight_and_those_waiting() -> None:
+    recorder = Recorder()
+    pipeline = Autopipeline(recorder.run)
+    in_flight = asyncio.create_task(pipeline.call([write("a", "1")]))
+    await recorder.sent.wait()
+    waiting = asyncio.create_task(pipeline.call([write("a", "2")]))
+    await asyncio.sleep(0)
+    await pipeline.stop()
+    for task in (in_flight, waiting):
+        with pytest.raises(redis.exceptions.ConnectionError, match="stopped"):
+            await task
+
+
+async def test_a_cancelled_caller_leaves_the_others_their_answers() -> None:
+    recorder = Recorder()
+    pipeline = Autopipeline(recorder.run)
+    gone = asyncio.create_task(pipeline.call([write("a", "1")]))
+    stays = asyncio.create_task(pipeline.call([write("a", "2")]))
+    await recorder.sent.wait()
+    gone.cancel()
+    recorder.release.set()
+    assert await stays == [("a", "2")]
+    assert gone.cancelled()
+
+
+# -- against Redis ------------------------------------------------------------
+
+
+@pytest.fixture
+async def stats(own_redis: RedisServer) -> AsyncIterator[redis.asyncio.Redis]:
+    """A client of the test's own Redis, to read its command counts."""
+    client = redis.asyncio.Redis.from_url(own_redis.url)
+    yield client
+    await client.aclose()
+
+
+async def calls_of(client: redis.asyncio.Redis, command: str) -> int:
+    info = await client.info("commandstats")
+    return int(info.get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+async def test_a_connect_storms_position_reads_of_one_channel_share_one_script_run(
+    make_redis_broker: RedisMaker, own_redis: RedisServer, stats: redis.asyncio.Redis
+) -> None:
+    broker, _ = await make_redis_broker(url=own_redis.url)
+    await broker.subscribe("a")
+    await broker.publish("a", "1")
+    await stats.config_resetstat()
+    answers = await asyncio.gather(*(broker.history({"a": None}) for _ in range(500)))
+    assert {answer["a"].position.offset for answer in answers} == {1}
+    # Each batch runs the read once, however many sockets asked in it.
+    assert await calls_of(stats, "evalsha") <= 3
+    assert await calls_of(stats, "eval") == 0  # the script's text is not sent again
+
+
+async def test_scripts_travel_by_sha_and_come_back_after_redis_lost_them(
+    make_redis_broker: RedisMaker, own_redis: RedisServer, stats: redis.asyncio.Redis
+) -> None:
+    broker, _ = await make_redis_broker(url=own_redis.url)
+    await broker.subscribe("a")
+    assert (await broker.publish("a", "1")).offset == 1
+    await stats.config_resetstat()
+    assert (await broker.publish("a", "2")).offset == 2
+    assert await calls_of(stats, "eval") == 0
+    await stats.script_flush()  # as after a restart or a failover
+    batch = [Publication("a", str(n)) for n in range(3, 8)]
+    published = await broker.publish_many(batch)
+    assert [p.offset for p in published] == [3, 4, 5, 6, 7]
+    assert (await broker.history({"a": None}))["a"].position.offset == 7
+    await stats.script_flush()
+    history = await broker.history({"a": Position(published[0].offset, published[0].epoch)})
+    assert [m.data for m in history["a"].messages] == ["4", "5", "6", "7"]
+
+
+async def test_concurrent_publishes_land_in_call_order_each_with_its_own_offset(
+    make_redis_broker: RedisMaker, own_redis: RedisServer
+) -> None:
+    broker, delivered = await make_redis_broker(url=own_redis.url)
+    await broker.subscribe("a")
+    await broker.subscribe("b")
+    published = await asyncio.gather(
+        *(broker.publish("a" if n % 3 else "b", str(n)) for n in range(300))
+    )
+    for channel in ("a", "b"):
+        mine = [(p.offset, n) for n, p in enumerate(published) if p.channel == channel]
+        assert [offset for offset, _ in mine] == list(range(1, len(mine) + 1))
+    await eventually(lambda: len(delivered) >= 300)
+    for channel in ("a", "b"):
+        sent = [str(n) for n, p in enumerate(published) if p.channel == channel]
+        assert [m.data for m in delivered if m.channel == channel] == sent
