@@ -212,7 +212,9 @@ class WsClient(asyncio.Protocol):
         if opcode == 0x9:
             self.send(payload, 0xA)
         elif opcode == 0x8:
-            self.close()
+            code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else None
+            reason = payload[2:].decode(errors="replace")
+            self._fail(f"closed by the server before ready: {code} {reason}")
         elif opcode == 0x1 and self.dialect.kind == "socketio":
             return self._socketio(payload, now_ns)
         elif opcode == 0x1:  # wsbus: its welcome makes the client ready

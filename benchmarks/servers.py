@@ -6,7 +6,8 @@ port, prints `READY <port>` and serves until SIGTERM. Every kind serves:
 - its WebSocket endpoint, in its own protocol (benchmarks/client.py speaks each);
 - its HTTP emit endpoint (see `EMIT_PATH`);
 - `GET /bench/stats` -> {"connections": n};
-- `POST /bench/publish` {"channel", "count", "data"}: publish in-process `count` times;
+- `POST /bench/publish` {"channel", "count", "data"}: publish in-process `count` times,
+  one after the other (`"concurrent": true`: all at once, gathered);
 - `POST /bench/publish_each` {"prefix", "count", "data"}: publish once to each of
   the channels prefix0 .. prefix(count-1).
 
@@ -114,9 +115,13 @@ def add_control_routes(app: web.Application, publish: Publish, count: Callable[[
 
     async def publish_many(request: web.Request) -> web.Response:
         body = await request.json()
-        for _ in range(body["count"]):
-            await publish(body["channel"], body["data"])
-        return web.json_response({"published": body["count"]})
+        count, channel, data = body["count"], body["channel"], body["data"]
+        if body.get("concurrent"):
+            await asyncio.gather(*(publish(channel, data) for _ in range(count)))
+        else:
+            for _ in range(count):
+                await publish(channel, data)
+        return web.json_response({"published": count})
 
     async def publish_each(request: web.Request) -> web.Response:
         body = await request.json()
@@ -286,9 +291,13 @@ async def serve_asgi_ws(heartbeat: float, keydir: Path, sock: socket.socket) -> 
         return {"connections": len(manager.active_connections)}
 
     async def publish_many(body: dict[str, Any]) -> dict[str, int]:
-        for _ in range(body["count"]):
-            await manager.broadcast(body["channel"], body["data"])
-        return {"published": body["count"]}
+        count, channel, data = body["count"], body["channel"], body["data"]
+        if body.get("concurrent"):
+            await asyncio.gather(*(manager.broadcast(channel, data) for _ in range(count)))
+        else:
+            for _ in range(count):
+                await manager.broadcast(channel, data)
+        return {"published": count}
 
     async def publish_each(body: dict[str, Any]) -> dict[str, int]:
         for n in range(body["count"]):

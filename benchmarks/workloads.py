@@ -27,6 +27,13 @@ FANOUT_CHANNEL = "bench:fanout"
 SHARED_CHANNEL = "bench:shared"
 OWN_PREFIX = "own:"
 SATURATED = 0.9  # load generator CPU share of its core above which it may be the bottleneck
+# How fan-out's K messages are published: K HTTP emits, K in-process publishes one
+# after the other (each awaited before the next), or all K at once (gathered).
+VIA = {
+    "http": "HTTP emit",
+    "publish": "in-process publish",
+    "concurrent": "in-process concurrent publish",
+}
 
 
 @dataclass
@@ -379,15 +386,14 @@ async def fanout_once(
     if via == "http":
         await _emit_all(server, channel, messages)
     else:
-        await server.control(
-            "/bench/publish", {"channel": channel, "count": messages, "data": payload()}
-        )
+        body = {"channel": channel, "count": messages, "data": payload()}
+        await server.control("/bench/publish", {**body, "concurrent": via == "concurrent"})
     note = ""
     try:
         await asyncio.wait_for(clients.stats.reached.wait(), timeout=120)
     except TimeoutError:
         note = f"timed out: {clients.stats.received} of {deliveries} delivered"
-    label = f"{workload} via {'HTTP emit' if via == 'http' else 'in-process publish'}"
+    label = f"{workload} via {VIA[via]}"
     return throughput(server, label, subscribers, clients.stats.received, meter, note)
 
 
@@ -415,7 +421,7 @@ async def fanout_and_latency(
         await server.wait_for_connections(size)
         if size in sizes:
             count = messages or messages_for(size)
-            for via in ("http", "publish"):
+            for via in VIA:
                 results += await fanout_once(
                     server, clients, size, count, via, "fan-out", FANOUT_CHANNEL
                 )

@@ -21,6 +21,7 @@ EXPECTED_WORKLOADS = {
     "memory",
     "fan-out via HTTP emit",
     "fan-out via in-process publish",
+    "fan-out via in-process concurrent publish",
     "latency at 5 msg/s",
     "connect storm, new tokens",
     "reconnect storm, same tokens",
