@@ -171,14 +171,23 @@ class Subscriptions:
             if c not in since and rewind.get(c)
         }
         counts = {c: n for c, n in counts.items() if n > 0}
+        broker = self.bus.broker
         if counts:
-            tops = await self.bus.broker.history(
+            tops = await broker.history(
                 dict.fromkeys(counts), options={c: h for c, h in own.items() if c in counts}
             )
             for channel, count in counts.items():
                 top = tops[channel].position
                 reads[channel] = Position(max(0, top.offset - count), top.epoch)
-        return reads, await self.bus.broker.history(reads, options=own)
+        # Where the node's live stream stands will do for a start from the top.
+        known = {
+            c: History([], position, recovered=False)
+            for c, read in reads.items()
+            if read is None and (position := broker.delivered_position(c)) is not None
+        }
+        asked = {c: read for c, read in reads.items() if c not in known}
+        histories = await broker.history(asked, options=own) if asked else {}
+        return reads, {**histories, **known}
 
     async def _join_presence(
         self, connection: Connection, accepted: list[str], result: SubscribeResult

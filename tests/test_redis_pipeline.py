@@ -1,5 +1,6 @@
-"""RedisBroker's automatic pipelining: calls made while a round trip is in flight
-leave together on the next, scripts travel by SHA, and equal reads share one run.
+"""RedisBroker's round trips: calls made while one is in flight leave together on
+the next, scripts travel by SHA, equal reads share one run, and a socket joining a
+channel its node already listens to starts where the node stands, without one.
 
 The Autopipeline itself runs against a recording stand-in for Redis; the rest
 against a redis-server of the test's own, whose command counts it reads.
@@ -14,13 +15,16 @@ from typing import Any
 import pytest
 import redis.asyncio
 import redis.exceptions
+from pytest_aiohttp import AiohttpClient
 
+from aiohttp_wsbus import RedisBroker
 from aiohttp_wsbus.brokers import Publication
 from aiohttp_wsbus.brokers.redis_pipeline import Autopipeline, Script, ScriptCall
 from aiohttp_wsbus.protocol import Position
 
+from .conftest import JwksServer, MakeToken
 from .redis_server import RedisMaker, RedisServer
-from .support import eventually
+from .support import eventually, next_frame, nothing_more, start_bus
 
 READ = Script("return 'read'", is_shared=True)
 WRITE = Script("return 'write'")
@@ -191,3 +195,29 @@ async def test_concurrent_publishes_land_in_call_order_each_with_its_own_offset(
     for channel in ("a", "b"):
         sent = [str(n) for n, p in enumerate(published) if p.channel == channel]
         assert [m.data for m in delivered if m.channel == channel] == sent
+
+
+async def test_a_socket_joining_a_channel_its_node_listens_to_starts_there_without_a_read(
+    aiohttp_client: AiohttpClient,
+    jwks_server: JwksServer,
+    make_token: MakeToken,
+    own_redis: RedisServer,
+    redis_prefix: str,
+    stats: redis.asyncio.Redis,
+) -> None:
+    broker = RedisBroker(own_redis.url, prefix=redis_prefix)
+    server = await start_bus(aiohttp_client, jwks_server.url, broker=broker)
+    token = make_token(channels=["chat:*"])
+    first, _ = await server.open(token, ["chat:a"])
+    published = await server.bus.publish("chat:a", 1)
+    assert (await next_frame(first))["offset"] == 1  # the node has delivered it
+    await stats.config_resetstat()
+    second, welcome = await server.open(token, ["chat:a"])
+    assert welcome["positions"]["chat:a"] == {"offset": 1, "epoch": published.epoch}
+    assert await calls_of(stats, "evalsha") == 0
+    assert await calls_of(stats, "eval") == 0
+    await server.bus.publish("chat:a", 2)
+    for socket in (first, second):
+        frame = await next_frame(socket)
+        assert (frame["offset"], frame["data"]) == (2, 2)
+        await nothing_more(socket)

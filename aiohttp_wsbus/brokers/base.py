@@ -339,6 +339,16 @@ class Broker(ABC):
         EmptyEpoch of this moment, and nothing is kept.
         """
 
+    def delivered_position(self, channel: str) -> Position | None:
+        """Where this node's live stream of `channel` stands (its last delivered message),
+        if the broker knows without asking its engine; None: ask `history`.
+
+        A new subscriber on this node may start there instead of at the engine's
+        top: what comes after it reaches the node live, in order. A broker whose
+        top is always what it delivered (MemoryBroker) answers None.
+        """
+        return None
+
     async def publish_ephemeral(self, channel: str, data: str) -> None:
         """Hand `data` to every node subscribed to `channel` now (`on_ephemeral`), this one's
         included: no offset, no history, no idempotency, nothing kept to replay.
