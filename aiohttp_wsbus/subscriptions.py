@@ -180,11 +180,11 @@ class Subscriptions:
                 top = tops[channel].position
                 reads[channel] = Position(max(0, top.offset - count), top.epoch)
         # Where the node's live stream stands will do for a start from the top.
-        known = {
-            c: History([], position, recovered=False)
-            for c, read in reads.items()
-            if read is None and (position := broker.delivered_position(c)) is not None
-        }
+        known = {}
+        for channel, read in reads.items():
+            position = None if read is not None else await broker.delivered_position(channel)
+            if position is not None:
+                known[channel] = History([], position, recovered=False)
         asked = {c: read for c, read in reads.items() if c not in known}
         histories = await broker.history(asked, options=own) if asked else {}
         return reads, {**histories, **known}

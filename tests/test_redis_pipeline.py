@@ -221,3 +221,30 @@ async def test_a_socket_joining_a_channel_its_node_listens_to_starts_there_witho
         frame = await next_frame(socket)
         assert (frame["offset"], frame["data"]) == (2, 2)
         await nothing_more(socket)
+
+
+async def test_sockets_arriving_while_their_channel_is_being_subscribed_wait_not_read(
+    aiohttp_client: AiohttpClient,
+    jwks_server: JwksServer,
+    make_token: MakeToken,
+    own_redis: RedisServer,
+    redis_prefix: str,
+    stats: redis.asyncio.Redis,
+) -> None:
+    broker = RedisBroker(own_redis.url, prefix=redis_prefix, socket_timeout=5.0)
+    server = await start_bus(aiohttp_client, jwks_server.url, broker=broker)
+    published = await broker.publish("chat:a", '"1"')
+    await stats.config_resetstat()
+    token = make_token(channels=["chat:*"])
+    sockets = []
+    with own_redis.frozen():  # the first socket's SUBSCRIBE waits for Redis, and so do the rest
+        for _ in range(3):
+            socket = await server.client.ws_connect("/ws")
+            await socket.send_json({"type": "connect", "token": token, "channels": ["chat:a"]})
+            sockets.append(socket)
+        await eventually(lambda: len(server.bus.registry.subscribers("chat:a")) == 3)
+    for socket in sockets:
+        welcome = await next_frame(socket)
+        assert welcome["positions"]["chat:a"] == {"offset": 1, "epoch": published.epoch}
+    # The subscription's own catch-up read, and none for the sockets that waited for it.
+    assert await calls_of(stats, "evalsha") == 1

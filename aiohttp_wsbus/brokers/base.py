@@ -339,7 +339,7 @@ class Broker(ABC):
         EmptyEpoch of this moment, and nothing is kept.
         """
 
-    def delivered_position(self, channel: str) -> Position | None:
+    async def delivered_position(self, channel: str) -> Position | None:
         """Where this node's live stream of `channel` stands (its last delivered message),
         if the broker knows without asking its engine; None: ask `history`.
 

@@ -457,12 +457,16 @@ class RedisBroker(Broker):
             async with self._connection_slots:
                 await publish_ephemeral(redis, keys, data, sharded=self.sharded)
 
-    def delivered_position(self, channel: str) -> Position | None:
+    async def delivered_position(self, channel: str) -> Position | None:
         """The last message delivered from `channel`, once Redis confirmed its subscription
         and while its connection is up: a connect storm's sockets start there without a
         round trip each. An empty epoch names when it was read: read again (Broker)."""
         subscription = self._subscriptions.get(channel)
-        if subscription is None or not subscription.ready.done() or subscription.ready.cancelled():
+        if subscription is None:
+            return None
+        if not subscription.ready.done():  # its first subscriber is still waiting for Redis
+            await asyncio.wait([subscription.ready], timeout=self._socket_timeout * 2)
+        if not subscription.ready.done() or subscription.ready.cancelled():
             return None
         last, listener = subscription.last, subscription.listener
         if last is None or listener is None or not listener.is_connected:
