@@ -8,6 +8,7 @@ decides that atomically, so a join or a leave is announced once per change.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Callable, Iterable
@@ -123,6 +124,7 @@ def _count_only(count: int) -> str:
     return f'{{"count":{count}}}'
 
 
+@functools.lru_cache(maxsize=16384)  # a Redis snapshot builds every member's part again
 def listing_part(user: str, info: str, connections: int) -> str:
     """One member's part of a listing: `"user":{"info":...,"connections":n}`.
 
@@ -140,12 +142,17 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(name)
 
 
+# One decoder: json.loads with an argument would build a new one for every call.
+_STRICT: Final = json.JSONDecoder(parse_constant=_refuse_constant)
+
+
+@functools.lru_cache(maxsize=4096)  # a Redis snapshot checks every member's info again
 def checked_info(info: str) -> str:
     """`info` if it is JSON a client can parse, else `{}` (written by a node of
     another version, say: no info, not a failure). NaN and Infinity are refused:
     JSON.parse would not read them."""
     try:
-        json.loads(info, parse_constant=_refuse_constant)
+        _STRICT.decode(info)
     except ValueError:
         return "{}"
     return info
