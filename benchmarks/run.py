@@ -140,10 +140,14 @@ async def run_server(
 
     async def group(name: str, heartbeat: float, work: Any) -> None:
         log(f"  {column(kind, redis is not None, workers)}: {name}")
-        async with workloads.running(
-            kind, SERVER_CORE, heartbeat, keys, redis, workers
-        ) as server:
-            results.extend(await work(server))
+        try:
+            async with workloads.running(
+                kind, SERVER_CORE, heartbeat, keys, redis, workers
+            ) as server:
+                results.extend(await work(server))
+        except Exception as error:  # one broken group must not lose the others' figures
+            log(f"  {column(kind, redis is not None, workers)}: {name} FAILED: {error!r}")
+            results.append(failure(kind, f"{name}: {type(error).__name__}: {error}"))
 
     if "memory" in chosen:
         await group("memory", 25, lambda s: workloads.memory(s, sizes.memory, sizes.settle))
@@ -240,29 +244,18 @@ async def run_all(
             redis = stack.enter_context(redis_engine(SERVER_CORE))
             log(f"redis-server on {redis.url}, core {SERVER_CORE}")
         for kind, on_redis, count in planned:
-            name = column(kind, on_redis, count)
-            try:
-                found = await run_server(
-                    kind, sizes, keys, chosen, log, redis if on_redis else None, count
-                )
-                for result in found:
-                    result.server = name
-                results += found
-            except Exception as error:  # one broken peer must not lose the others' figures
-                log(f"  {name}: FAILED: {type(error).__name__}: {error}")
-                results.append(
-                    Result(
-                        name,
-                        "error",
-                        0,
-                        "failed",
-                        math.nan,
-                        "",
-                        "higher",
-                        note=f"{type(error).__name__}: {error}",
-                    )
-                )
+            found = await run_server(
+                kind, sizes, keys, chosen, log, redis if on_redis else None, count
+            )
+            for result in found:
+                result.server = column(kind, on_redis, count)
+            results += found
     return results
+
+
+def failure(server: str, note: str) -> Result:
+    """What a group of workloads that failed leaves in the results: its error."""
+    return Result(server, "error", 0, "failed", math.nan, "", "higher", note=note)
 
 
 # -- reporting ---------------------------------------------------------------

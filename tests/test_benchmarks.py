@@ -14,10 +14,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from benchmarks import workloads
 from benchmarks.client import payload
 from benchmarks.redis_engine import redis_engine
-from benchmarks.run import SERVER_CORE, make_keys, paired
+from benchmarks.run import MODES, SERVER_CORE, make_keys, paired, run_server
 from benchmarks.system import process_cpu_seconds, rss_bytes
 from benchmarks.workloads import FANOUT_CHANNEL, Result
 
@@ -182,3 +184,17 @@ async def test_two_workers_are_measured_as_one_server(tmp_path: Path) -> None:
             assert server.cpu() >= sum(cpu)
             assert server.rss() > 1.5 * max(rss_bytes(pid) for pid in server.pids)
             await clients.close()
+
+
+async def test_a_group_that_fails_keeps_the_figures_of_the_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken(*arguments: object) -> list[Result]:
+        raise ConnectionError("closed before ready")
+
+    monkeypatch.setattr(workloads, "storm", broken)
+    keys = make_keys(tmp_path, MODES["quick"].storm)
+    results = await run_server("wsbus", MODES["quick"], keys, {"fanout", "storm"}, print)
+    assert "fan-out via HTTP emit" in {r.workload for r in results}
+    failed = [r for r in results if r.workload == "error"]
+    assert [r.note for r in failed] == ["connect storm: ConnectionError: closed before ready"]
