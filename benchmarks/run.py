@@ -141,9 +141,8 @@ async def run_server(
     async def group(name: str, heartbeat: float, work: Any) -> None:
         log(f"  {column(kind, redis is not None, workers)}: {name}")
         try:
-            async with workloads.running(
-                kind, SERVER_CORE, heartbeat, keys, redis, workers
-            ) as server:
+            started = workloads.Server(kind, SERVER_CORE, heartbeat, keys, redis, workers)
+            async with workloads.running(started) as server:
                 results.extend(await work(server))
         except Exception as error:  # one broken group must not lose the others' figures
             log(f"  {column(kind, redis is not None, workers)}: {name} FAILED: {error!r}")

@@ -184,15 +184,8 @@ class Server:
 
 
 @asynccontextmanager
-async def running(
-    kind: str,
-    core: int,
-    heartbeat: float,
-    keys: Keys,
-    redis: RedisEngine | None = None,
-    workers: int = 1,
-) -> AsyncIterator[Server]:
-    server = Server(kind, core, heartbeat, keys, redis, workers)
+async def running(server: Server) -> AsyncIterator[Server]:
+    """The server, started, and stopped after."""
     try:
         await server.start()
         yield server

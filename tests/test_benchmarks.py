@@ -156,7 +156,8 @@ def test_more_than_one_worker_without_a_redis_broker_is_refused() -> None:
 async def test_two_workers_are_measured_as_one_server(tmp_path: Path) -> None:
     keys = make_keys(tmp_path, 0)
     with redis_engine(SERVER_CORE) as redis:
-        async with workloads.running("wsbus", SERVER_CORE, 25, keys, redis, workers=2) as server:
+        two = workloads.Server("wsbus", SERVER_CORE, 25, keys, redis, workers=2)
+        async with workloads.running(two) as server:
             workers = children_of(server.process.pid)
             assert len(workers) == 2
             assert sorted(server.pids) == sorted([server.process.pid, *workers])
