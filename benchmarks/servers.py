@@ -33,8 +33,6 @@ from typing import Any, Final
 
 from aiohttp import WSMsgType, web
 
-from aiohttp_wsbus.workers import reserve_port, run_workers
-
 from .system import pin_to_core, raise_fd_limit
 
 # wsbus_authz: the bus with every channel decided by an authorizer (the tokens'
@@ -411,6 +409,9 @@ def main(argv: list[str]) -> None:
     if count == 1:
         run(listening_socket(), worker=False)
         return
+    # Imported here: the peers' and the bare loop's RSS must not hold the bus's modules.
+    from aiohttp_wsbus.workers import reserve_port, run_workers
+
     reserved, _ = reserve_port("127.0.0.1", 0)
     sys.exit(
         run_workers(count, reserved, lambda sock: run(sock, worker=True), lambda: ready(reserved))
