@@ -95,9 +95,9 @@ class Presence:
             return _NO_INFO
         return info
 
-    async def join(self, connection: Connection, channels: list[str]) -> dict[str, Any]:
-        """Make the socket a member of `channels`; the snapshots (frame form, taken
-        after it joined) of those whose presence its token may read.
+    async def join(self, connection: Connection, channels: list[str]) -> dict[str, str]:
+        """Make the socket a member of `channels`; the snapshots (the frame form's JSON
+        text, taken after it joined) of those whose presence its token may read.
 
         Raises BrokerUnavailable when the broker cannot take it.
         """
@@ -117,7 +117,7 @@ class Presence:
             snapshot=readable,
             limit=self.options.max_members,
         )
-        return {channel: snapshot.as_json() for channel, snapshot in snapshots.items()}
+        return {channel: snapshot.text for channel, snapshot in snapshots.items()}
 
     def leave(self, connection: Connection, channels: Collection[str]) -> None:
         """Take the socket out of those of `channels` that keep presence (in the background)."""

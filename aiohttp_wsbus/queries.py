@@ -83,7 +83,7 @@ class Queries:
         except BrokerUnavailable:
             raise http_error(web.HTTPServiceUnavailable, "broker_unavailable") from None
         answer: dict[str, Any] = {"channel": channel, "count": snapshot.count}
-        if snapshot.listed is not None:
+        if snapshot.is_listed:
             answer["members"] = snapshot.listed
         return _no_store(answer)
 

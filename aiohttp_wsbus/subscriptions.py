@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from .connection import Connection, message_frame
 from .errors import BrokerUnavailable
 from .grants import is_valid_channel, may
 from .hooks import ConnectionInfo
-from .protocol import Position
+from .protocol import Position, encode, text_frame
 from .tokens import Claims
 
 if TYPE_CHECKING:
@@ -36,19 +37,28 @@ class SubscribeResult:
     denied: dict[str, str] = field(default_factory=dict)
     recovered: dict[str, bool] = field(default_factory=dict)
     positions: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # Snapshots of the presence channels the token may read (frame form).
-    presence: dict[str, Any] = field(default_factory=dict)
+    # Snapshots of the presence channels the token may read, as the frame
+    # form's JSON text: see encode().
+    presence: dict[str, str] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
-        frame = {
+        """The result's fields of a welcome or subscribed frame, but `presence`."""
+        return {
             "subscribed": self.subscribed,
             "denied": self.denied,
             "recovered": self.recovered,
             "positions": self.positions,
         }
-        if self.presence:
-            frame["presence"] = self.presence
-        return frame
+
+    def encode(self, frame: dict[str, Any]) -> bytes:
+        """`frame` (a welcome or subscribed frame) encoded, with the presence
+        snapshots spliced in as the JSON text they are kept as: re-encoding a
+        channel's members for every welcome is what a connect storm would pay."""
+        text = encode(frame)
+        if not self.presence:
+            return text
+        listings = ",".join(f"{json.dumps(c)}:{t}" for c, t in self.presence.items())
+        return b"%s,\"presence\":{%s}}" % (text[:-1], listings.encode())
 
 
 class Subscriptions:
@@ -140,7 +150,7 @@ class Subscriptions:
             result.positions[channel] = history.position.as_json()
             if channel in since:
                 result.recovered[channel] = history.recovered
-        connection.send(reply(result))
+        connection.enqueue(text_frame(result.encode(reply(result))))
         for channel in accepted:
             self._go_live(connection, channel, histories[channel], reads.get(channel))
         if accepted and self.bus.on_subscribe and connection.is_announced:

@@ -21,6 +21,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
+from aiohttp_wsbus.workers import MAX_WORKERS
+
 from . import batch, two_way, workloads
 from .client import BUS_KINDS
 from .redis_engine import RedisEngine, redis_engine
@@ -132,13 +134,19 @@ async def run_server(
     chosen: set[str],
     log: Callable[[str], None],
     redis: RedisEngine | None = None,
+    workers: int = 1,
 ) -> list[Result]:
     results: list[Result] = []
 
     async def group(name: str, heartbeat: float, work: Any) -> None:
-        log(f"  {column(kind, redis is not None)}: {name}")
-        async with workloads.running(kind, SERVER_CORE, heartbeat, keys, redis) as server:
-            results.extend(await work(server))
+        log(f"  {column(kind, redis is not None, workers)}: {name}")
+        try:
+            started = workloads.Server(kind, SERVER_CORE, heartbeat, keys, redis, workers)
+            async with workloads.running(started) as server:
+                results.extend(await work(server))
+        except Exception as error:  # one broken group must not lose the others' figures
+            log(f"  {column(kind, redis is not None, workers)}: {name} FAILED: {error!r}")
+            results.append(failure(kind, f"{name}: {type(error).__name__}: {error}"))
 
     if "memory" in chosen:
         await group("memory", 25, lambda s: workloads.memory(s, sizes.memory, sizes.settle))
@@ -191,20 +199,26 @@ async def run_server(
     return results
 
 
-def column(kind: str, on_redis: bool) -> str:
-    """A server's name in the results: `wsbus+redis` for a bus kind on Redis."""
-    return kind + "+redis" if on_redis else kind
+def column(kind: str, on_redis: bool, workers: int = 1) -> str:
+    """A server's name in the results: `wsbus+redis` for a bus kind on Redis, and
+    TIMES and the count after it in more than one worker process (`wsbus+redis` x2)."""
+    name = kind + "+redis" if on_redis else kind
+    return name + f"{TIMES}{workers}" if workers > 1 else name
 
 
-def runs(kinds: list[str], brokers: list[str]) -> list[tuple[str, bool]]:
-    """(kind, on Redis) for every server to run: each bus kind on each broker, the
-    peers once (they have no broker to choose)."""
+def runs(
+    kinds: list[str], brokers: list[str], workers: list[int] | None = None
+) -> list[tuple[str, bool, int]]:
+    """(kind, on Redis, workers) for every server to run: each bus kind on each broker,
+    and on Redis once per worker count; the peers once (no broker to choose, no workers)."""
     chosen = []
     for kind in kinds:
         if kind not in BUS_KINDS:
-            chosen.append((kind, False))
+            chosen.append((kind, False, 1))
             continue
-        chosen += [(kind, broker == "redis") for broker in brokers]
+        for broker in brokers:
+            counts = (workers or [1]) if broker == "redis" else [1]
+            chosen += [(kind, broker == "redis", count) for count in counts]
     return chosen
 
 
@@ -214,9 +228,10 @@ async def run_all(
     chosen: set[str],
     log: Callable[[str], None],
     brokers: list[str] | None = None,
+    workers: list[int] | None = None,
 ) -> list[Result]:
     results: list[Result] = []
-    planned = runs(kinds, brokers or ["memory"])
+    planned = runs(kinds, brokers or ["memory"], workers)
     with (
         contextlib.ExitStack() as stack,
         tempfile.TemporaryDirectory(prefix="wsbus-bench-") as directory,
@@ -224,33 +239,22 @@ async def run_all(
         log("making keys and RS256 tokens")
         keys = make_keys(Path(directory), sizes.storm if "storm" in chosen else 0)
         redis = None
-        if any(on_redis for _, on_redis in planned):
+        if any(on_redis for _, on_redis, _ in planned):
             redis = stack.enter_context(redis_engine(SERVER_CORE))
             log(f"redis-server on {redis.url}, core {SERVER_CORE}")
-        for kind, on_redis in planned:
-            name = column(kind, on_redis)
-            try:
-                found = await run_server(
-                    kind, sizes, keys, chosen, log, redis if on_redis else None
-                )
-                for result in found:
-                    result.server = name
-                results += found
-            except Exception as error:  # one broken peer must not lose the others' figures
-                log(f"  {name}: FAILED: {type(error).__name__}: {error}")
-                results.append(
-                    Result(
-                        name,
-                        "error",
-                        0,
-                        "failed",
-                        math.nan,
-                        "",
-                        "higher",
-                        note=f"{type(error).__name__}: {error}",
-                    )
-                )
+        for kind, on_redis, count in planned:
+            found = await run_server(
+                kind, sizes, keys, chosen, log, redis if on_redis else None, count
+            )
+            for result in found:
+                result.server = column(kind, on_redis, count)
+            results += found
     return results
+
+
+def failure(server: str, note: str) -> Result:
+    """What a group of workloads that failed leaves in the results: its error."""
+    return Result(server, "error", 0, "failed", math.nan, "", "higher", note=note)
 
 
 # -- reporting ---------------------------------------------------------------
@@ -313,6 +317,7 @@ def table(results: list[Result], kinds: list[str]) -> str:
 PAIRS: Final = {
     "limits on / off": ("wsbus_limits", "wsbus_unlimited"),
     "Redis / memory": ("wsbus+redis", "wsbus"),
+    "2 workers / 1 worker": (f"wsbus+redis{TIMES}2", "wsbus+redis"),
 }
 
 
@@ -434,6 +439,13 @@ def main(argv: list[str] | None = None) -> None:
         help="comma-separated, from memory,redis: the brokers every bus kind runs on "
         "(redis: a redis-server of the run's own, on the servers' core)",
     )
+    parser.add_argument(
+        "--workers",
+        default="1",
+        help="comma-separated worker counts, e.g. 1,2: each bus kind on Redis runs once "
+        "per count, as `wsbus --workers N` does (N processes on one port, sharing the "
+        "servers' core); more than 1 needs --broker redis",
+    )
     parser.add_argument("--plot", type=Path, metavar="PNG", help="write a chart of the ratios")
     parser.add_argument("--json", type=Path, metavar="FILE", help="write every figure as JSON")
     args = parser.parse_args(argv)
@@ -450,6 +462,10 @@ def main(argv: list[str] | None = None) -> None:
             kinds.append(kind)
         else:
             print(f"skipping {kind}: not installed (pip install -e '.[bench]')", flush=True)
+    brokers = list(dict.fromkeys(args.broker.split(",")))
+    if set(brokers) - {"memory", "redis"}:
+        parser.error(f"unknown brokers: {sorted(set(brokers) - {'memory', 'redis'})}")
+    workers = _worker_counts(parser, args.workers, brokers)
     if BASELINE in kinds:  # the baseline first, so its figures exist if a peer breaks later
         kinds.remove(BASELINE)
         kinds.insert(0, BASELINE)
@@ -467,11 +483,8 @@ def main(argv: list[str] | None = None) -> None:
     def log(line: str) -> None:
         print(f"[{time.perf_counter() - started:6.1f} s] {line}", flush=True)
 
-    brokers = list(dict.fromkeys(args.broker.split(",")))
-    if set(brokers) - {"memory", "redis"}:
-        parser.error(f"unknown brokers: {sorted(set(brokers) - {'memory', 'redis'})}")
-    results = asyncio.run(run_all(kinds, sizes, chosen, log, brokers))
-    kinds = [column(kind, on_redis) for kind, on_redis in runs(kinds, brokers)]
+    results = asyncio.run(run_all(kinds, sizes, chosen, log, brokers, workers))
+    kinds = [column(*planned) for planned in runs(kinds, brokers, workers)]
     print(
         f"\nmode {args.mode or 'default'}, {time.perf_counter() - started:.0f} s, "
         f"load average after {os.getloadavg()[0]:.2f}\n"
@@ -483,3 +496,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.plot:
         plot(results, kinds, args.plot)
         print(f"\nchart written to {args.plot}")
+
+
+def _worker_counts(parser: argparse.ArgumentParser, raw: str, brokers: list[str]) -> list[int]:
+    """--workers as a list of counts; more than one worker only with a Redis broker."""
+    try:
+        counts = list(dict.fromkeys(int(count) for count in raw.split(",")))
+    except ValueError:
+        parser.error(f"--workers: comma-separated whole numbers, not {raw!r}")
+    if not all(1 <= count <= MAX_WORKERS for count in counts):
+        parser.error(f"--workers: each count from 1 to {MAX_WORKERS}, not {raw!r}")
+    if max(counts) > 1 and "redis" not in brokers:
+        parser.error(
+            "--workers above 1 needs --broker redis: the workers share one bus through Redis"
+        )
+    return counts

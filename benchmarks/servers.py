@@ -1,7 +1,11 @@
 """The servers under test, each run alone in a process pinned to one core.
 
-`python -m benchmarks.servers KIND CORE HEARTBEAT KEYDIR` binds a free loopback
-port, prints `READY <port>` and serves until SIGTERM. Every kind serves:
+`python -m benchmarks.servers KIND CORE HEARTBEAT KEYDIR WORKERS` binds a free
+loopback port, prints `READY <port>` and serves until SIGTERM. With WORKERS > 1 (a
+bus kind on Redis only) it runs `wsbus --workers`'s own machinery: that many
+processes on the port with SO_REUSEPORT, one bus through Redis, each also on a
+port of its own, announced as `WORKER <pid> <port>` (how the load generator
+reads every worker's CPU, RSS and sockets). Every kind serves:
 
 - its WebSocket endpoint, in its own protocol (benchmarks/client.py speaks each);
 - its HTTP emit endpoint (see `EMIT_PATH`);
@@ -141,6 +145,7 @@ def add_control_routes(app: web.Application, publish: Publish, count: Callable[[
 async def wsbus_app(
     heartbeat: float,
     jwks_url: str,
+    prefix: str,
     *,
     authorized: bool = False,
     presence: bool = False,
@@ -162,7 +167,7 @@ async def wsbus_app(
         presence=["bench:*"] if presence else [],
         presence_claim="channels",
         client_publish=True,  # the two-way workload
-        broker=_broker(),
+        broker=_broker(prefix),
         **({"client_rate": TWO_WAY_CLIENT_RATE} | limits),
     )
     if authorized:
@@ -176,14 +181,14 @@ async def wsbus_app(
     return app
 
 
-def _broker() -> Any:
+def _broker(prefix: str) -> Any:
     """A RedisBroker on the load generator's redis-server, or None (MemoryBroker)."""
     url = os.environ.get(REDIS_URL_VARIABLE)
     if not url:
         return None
     from aiohttp_wsbus import RedisBroker
 
-    return RedisBroker(url, prefix=f"bench-{os.getpid()}")
+    return RedisBroker(url, prefix=prefix)
 
 
 class BareLoop:
@@ -353,8 +358,9 @@ async def jwks_site(keydir: Path) -> tuple[web.AppRunner, str]:
     return runner, f"http://127.0.0.1:{sock.getsockname()[1]}/jwks.json"
 
 
-async def serve(kind: str, heartbeat: float, keydir: Path) -> None:
-    sock = listening_socket()
+async def serve(
+    kind: str, heartbeat: float, keydir: Path, sock: socket.socket, prefix: str, *, worker: bool
+) -> None:
     if kind == "asgi_ws":
         await serve_asgi_ws(heartbeat, keydir, sock)
         return
@@ -365,6 +371,7 @@ async def serve(kind: str, heartbeat: float, keydir: Path) -> None:
         app = await wsbus_app(
             heartbeat,
             jwks_url,
+            prefix,
             authorized=kind == "wsbus_authz",
             presence=kind == "wsbus_presence",
             **LIMITS.get(kind, {}),
@@ -380,7 +387,15 @@ async def serve(kind: str, heartbeat: float, keydir: Path) -> None:
     await web.SockSite(runner, sock, backlog=BACKLOG).start()
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    ready(sock)
+    if worker:
+        # The same app on a port of its own: how the load generator asks this worker,
+        # not whichever one the kernel picks, for its sockets.
+        own = listening_socket()
+        await web.SockSite(runner, own, backlog=BACKLOG).start()
+        # One write, so that two workers' lines never interleave on the shared pipe.
+        os.write(sys.stdout.fileno(), f"WORKER {os.getpid()} {own.getsockname()[1]}\n".encode())
+    else:
+        ready(sock)
     await stop.wait()
     await runner.cleanup()
     for other in extra:
@@ -388,10 +403,28 @@ async def serve(kind: str, heartbeat: float, keydir: Path) -> None:
 
 
 def main(argv: list[str]) -> None:
-    kind, core, heartbeat, keydir = argv
-    pin_to_core(int(core))
+    kind, core, heartbeat, keydir, workers = argv
+    count = int(workers)
+    if count > 1 and not (kind.startswith("wsbus") and os.environ.get(REDIS_URL_VARIABLE)):
+        raise SystemExit("workers > 1: a bus kind on Redis only (the workers share the bus)")
+    pin_to_core(int(core))  # before forking: the workers share this core (benchmarks/README.md)
     raise_fd_limit()
-    asyncio.run(serve(kind, float(heartbeat), Path(keydir)))
+    prefix = f"bench-{os.getpid()}"  # one for all workers: one bus
+
+    def run(sock: socket.socket, *, worker: bool) -> int:
+        asyncio.run(serve(kind, float(heartbeat), Path(keydir), sock, prefix, worker=worker))
+        return 0
+
+    if count == 1:
+        run(listening_socket(), worker=False)
+        return
+    # Imported here: the peers' and the bare loop's RSS must not hold the bus's modules.
+    from aiohttp_wsbus.workers import reserve_port, run_workers
+
+    reserved, _ = reserve_port("127.0.0.1", 0)
+    sys.exit(
+        run_workers(count, reserved, lambda sock: run(sock, worker=True), lambda: ready(reserved))
+    )
 
 
 if __name__ == "__main__":

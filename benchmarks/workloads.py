@@ -77,10 +77,17 @@ class Keys:
 
 
 class Server:
-    """One server process, pinned to its own core."""
+    """One server, pinned to its own core: one process, or `workers` worker processes
+    on one port (and the idle one that started them) whose figures are summed."""
 
     def __init__(
-        self, kind: str, core: int, heartbeat: float, keys: Keys, redis: RedisEngine | None = None
+        self,
+        kind: str,
+        core: int,
+        heartbeat: float,
+        keys: Keys,
+        redis: RedisEngine | None = None,
+        workers: int = 1,
     ) -> None:
         self.kind = kind
         self.dialect = Dialect(kind)
@@ -98,6 +105,7 @@ class Server:
                 str(core),
                 str(heartbeat),
                 str(keys.directory),
+                str(workers),
             ],
             cwd=ROOT,
             stdout=subprocess.PIPE,
@@ -105,18 +113,31 @@ class Server:
             env=environment,
         )
         self.port = 0
+        self.workers = workers
+        self.worker_pids: list[int] = []
+        self.worker_ports: list[int] = []  # each worker's own port, beside the shared one
         self.http: aiohttp.ClientSession | None = None
 
     @property
-    def pid(self) -> int:
-        return self.process.pid
+    def pids(self) -> list[int]:
+        """Every process of this server."""
+        return [self.process.pid, *self.worker_pids]
 
     async def start(self, timeout: float = 60) -> None:
         assert self.process.stdout is not None
-        line = await asyncio.wait_for(asyncio.to_thread(self.process.stdout.readline), timeout)
-        if not line.startswith("READY "):
-            raise RuntimeError(f"{self.kind} server did not start (said {line!r})")
-        self.port = int(line.split()[1])
+        announced = self.workers if self.workers > 1 else 0
+        async with asyncio.timeout(timeout):
+            # READY once every worker listens, each worker's WORKER line once it serves.
+            while not self.port or len(self.worker_ports) < announced:
+                line = await asyncio.to_thread(self.process.stdout.readline)
+                word, *values = line.split() or [""]
+                if word == "READY":
+                    self.port = int(values[0])
+                elif word == "WORKER":
+                    self.worker_pids.append(int(values[0]))
+                    self.worker_ports.append(int(values[1]))
+                else:
+                    raise RuntimeError(f"{self.kind} server did not start (said {line!r})")
         self.http = aiohttp.ClientSession(
             f"http://127.0.0.1:{self.port}", timeout=aiohttp.ClientTimeout(total=300)
         )
@@ -130,12 +151,18 @@ class Server:
         except subprocess.TimeoutExpired:
             self.process.kill()
             await asyncio.to_thread(self.process.wait)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
 
     async def connections(self) -> int:
+        """Open sockets: every worker's, each asked on its own port."""
         assert self.http is not None
-        async with self.http.get("/bench/stats") as response:
-            body = await response.json()
-        return int(body["connections"])
+        urls = [f"http://127.0.0.1:{port}/bench/stats" for port in self.worker_ports]
+        total = 0
+        for url in urls or ["/bench/stats"]:
+            async with self.http.get(url) as response:
+                total += int((await response.json())["connections"])
+        return total
 
     async def wait_for_connections(self, count: int, timeout: float = 60) -> None:
         async with asyncio.timeout(timeout):
@@ -157,17 +184,15 @@ class Server:
             response.raise_for_status()
 
     def cpu(self) -> float:
-        return process_cpu_seconds(self.pid)
+        return sum(process_cpu_seconds(pid) for pid in self.pids)
 
     def rss(self) -> int:
-        return rss_bytes(self.pid)
+        return sum(rss_bytes(pid) for pid in self.pids)
 
 
 @asynccontextmanager
-async def running(
-    kind: str, core: int, heartbeat: float, keys: Keys, redis: RedisEngine | None = None
-) -> AsyncIterator[Server]:
-    server = Server(kind, core, heartbeat, keys, redis)
+async def running(server: Server) -> AsyncIterator[Server]:
+    """The server, started, and stopped after."""
     try:
         await server.start()
         yield server
@@ -491,25 +516,27 @@ async def storm(server: Server, size: int, settle: float) -> list[Result]:
         redis_cpu = meter.redis_cpu_used()
         wall, server_cpu, loader = meter.stop()
         note = loader_note(loader)
-        # The CPU figures hold when the core is shared and the rate swings with it.
-        results += [
+        results.append(
             Result(
                 server.kind, label, size, "connections/s", size / wall, "/s", "higher", loader, note
-            ),
+            )
+        )
+        # Steadier than the rate on a shared machine: what each connect cost the server.
+        per_connection = server_cpu / size * 1e6
+        results.append(
             Result(
                 server.kind,
                 label,
                 size,
                 "server CPU per connection",
-                server_cpu / size * 1e6,
+                per_connection,
                 "µs",
                 "lower",
                 loader,
                 note,
-                server_cpu / wall,
-            ),
-        ]
-        if redis_cpu is not None:
+            )
+        )
+        if redis_cpu is not None:  # --broker redis: what Redis spent on top
             results.append(
                 Result(
                     server.kind,

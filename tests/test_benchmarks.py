@@ -5,6 +5,7 @@ No timing is asserted: speed is the benchmark's business, not the tests'.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import re
@@ -13,8 +14,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks.run import paired
-from benchmarks.workloads import Result
+import pytest
+
+from benchmarks import workloads
+from benchmarks.client import payload
+from benchmarks.redis_engine import redis_engine
+from benchmarks.run import MODES, SERVER_CORE, make_keys, paired, run_server
+from benchmarks.system import process_cpu_seconds, rss_bytes
+from benchmarks.workloads import FANOUT_CHANNEL, Result
+
+from .support import WAIT
+from .test_workers import children_of
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPECTED_WORKLOADS = {
@@ -109,3 +119,84 @@ def test_broker_redis_runs_the_bus_on_a_redis_of_its_own_and_reports_its_cpu(
     # CPU time is read in clock ticks: a quick run's few messages may read 0.
     assert all(math.isfinite(r["value"]) and r["value"] >= 0 for r in redis_cpu), redis_cpu
     assert "| workload | N | metric | Redis / memory |" in stdout
+
+
+def test_workers_run_the_bus_once_per_count_and_report_two_against_one(
+    tmp_path: Path,
+) -> None:
+    stdout, results = run_quick(
+        tmp_path,
+        *("--servers", "wsbus", "--broker", "redis", "--workers", "1,2"),
+        *("--workloads", "fanout,storm"),
+    )
+    two = "wsbus+redis\N{MULTIPLICATION SIGN}2"
+    assert {r["server"] for r in results} == {"wsbus+redis", two}
+    for server in ("wsbus+redis", two):
+        figures = {(r["workload"], r["metric"]) for r in results if r["server"] == server}
+        for via in ("HTTP emit", "in-process publish"):
+            assert (f"fan-out via {via}", "server CPU per delivery") in figures, figures
+        assert ("connect storm, new tokens", "connections/s") in figures, figures
+    # Every delivery arrived: a publish on one worker reached the other's subscribers.
+    assert not [r for r in results if "timed out" in r["note"]], results
+    assert "| workload | N | metric | 2 workers / 1 worker |" in stdout
+
+
+def test_more_than_one_worker_without_a_redis_broker_is_refused() -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--servers", "wsbus", "--workers", "1,2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert run.returncode == 2
+    assert "--workers above 1 needs --broker redis" in run.stderr
+
+
+async def test_two_workers_are_measured_as_one_server(tmp_path: Path) -> None:
+    keys = make_keys(tmp_path, 0)
+    with redis_engine(SERVER_CORE) as redis:
+        two = workloads.Server("wsbus", SERVER_CORE, 25, keys, redis, workers=2)
+        async with workloads.running(two) as server:
+            workers = children_of(server.process.pid)
+            assert len(workers) == 2
+            assert sorted(server.pids) == sorted([server.process.pid, *workers])
+            clients = workloads.Clients(server)
+            await clients.add([keys.shared("wsbus")] * 16, [[FANOUT_CHANNEL]] * 16)
+            # Both workers' sockets count (the kernel put all 16 on one: 2 in 65536).
+            await server.wait_for_connections(16, timeout=WAIT)
+            assert server.http is not None
+            own = []
+            for port in server.worker_ports:
+                async with server.http.get(f"http://127.0.0.1:{port}/bench/stats") as response:
+                    own.append((await response.json())["connections"])
+            assert sum(own) == 16 and all(0 < count < 16 for count in own), own
+
+            # A publish in one worker reaches every subscriber, the other worker's
+            # through Redis.
+            clients.stats.reset(16 * 3)
+            body = {"channel": FANOUT_CHANNEL, "count": 3, "data": payload()}
+            await server.control("/bench/publish", body)
+            await asyncio.wait_for(clients.stats.reached.wait(), WAIT)
+
+            # CPU and memory are every process's: each worker has run its own bus.
+            cpu = [process_cpu_seconds(pid) for pid in server.pids]
+            assert all(cpu[1:]), cpu
+            assert server.cpu() >= sum(cpu)
+            assert server.rss() > 1.5 * max(rss_bytes(pid) for pid in server.pids)
+            await clients.close()
+
+
+async def test_a_group_that_fails_keeps_the_figures_of_the_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken(*arguments: object) -> list[Result]:
+        raise ConnectionError("closed before ready")
+
+    monkeypatch.setattr(workloads, "storm", broken)
+    keys = make_keys(tmp_path, MODES["quick"].storm)
+    results = await run_server("wsbus", MODES["quick"], keys, {"fanout", "storm"}, print)
+    assert "fan-out via HTTP emit" in {r.workload for r in results}
+    failed = [r for r in results if r.workload == "error"]
+    assert [r.note for r in failed] == ["connect storm: ConnectionError: closed before ready"]

@@ -5,6 +5,7 @@ that stops refreshing its members is swept by the others."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -13,7 +14,12 @@ import redis.asyncio
 
 from aiohttp_wsbus import RedisBroker
 from aiohttp_wsbus.brokers import Broker, HistoryOptions, MemoryBroker
-from aiohttp_wsbus.brokers.presence import Member, PresenceEvent, PresenceOptions
+from aiohttp_wsbus.brokers.presence import (
+    Member,
+    PresenceEvent,
+    PresenceOptions,
+    PresenceTable,
+)
 from aiohttp_wsbus.brokers.redis_presence import RedisPresence
 
 from .support import WAIT, eventually
@@ -97,7 +103,7 @@ async def test_above_the_member_limit_only_the_count_and_no_announcements(
     snapshots = await broker.presence(["big"], limit=2)
     assert snapshots["big"].count == 3
     assert snapshots["big"].members is None
-    assert snapshots["big"].as_json() == {"count": 3}
+    assert json.loads(snapshots["big"].text) == {"count": 3}
     assert (await broker.presence(["big"], limit=0))["big"].count == 3
     everyone = (await broker.presence(["big"]))["big"].members
     assert everyone is not None and set(everyone) == {"u1", "u2", "u3"}
@@ -112,6 +118,37 @@ async def test_a_channel_nobody_joined_is_empty(make_node: MakeNode) -> None:
     broker, _ = await make_node()
     snapshot = (await broker.presence(["nobody"], limit=10))["nobody"]
     assert (snapshot.count, snapshot.members) == (0, {})
+
+
+async def test_a_snapshot_is_json_a_client_parses_whatever_info_was_written(
+    make_node: MakeNode,
+) -> None:
+    broker, _ = await make_node()
+    # Written by a node of another version, say: spliced into welcomes as it is, so
+    # what JSON.parse would refuse (not JSON, NaN) is shown as no info.
+    await broker.join("c1", 'a"b', r'{"n":"é\\"}', ["room"])
+    await broker.join("c2", "bob", "{not json", ["room"])
+    await broker.join("c3", "carol", '{"x":NaN}', ["room"])
+    snapshot = (await broker.presence(["room"], limit=10))["room"]
+    assert json.loads(snapshot.text, parse_constant=pytest.fail) == {
+        'a"b': {"info": {"n": "é\\"}, "connections": 1},
+        "bob": {"info": {}, "connections": 1},
+        "carol": {"info": {}, "connections": 1},
+    }
+
+
+def test_the_memory_table_builds_a_listing_once_per_change() -> None:
+    table = PresenceTable()
+    table.join("room", "c1", "alice", "{}", 10)
+    first = table.snapshot("room", 10).text
+    assert table.snapshot("room", 10).text is first  # shared by every welcome until...
+    table.join("room", "c2", "alice", "{}", 10)  # ...a change: her second socket
+    assert json.loads(table.snapshot("room", 10).text) == {
+        "alice": {"info": {}, "connections": 2}
+    }
+    table.leave("room", "c1", 10)
+    table.leave("room", "c2", 10)
+    assert table.snapshot("room", 10).text == "{}"
 
 
 # -- Redis: many nodes --------------------------------------------------------
