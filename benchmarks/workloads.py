@@ -258,20 +258,17 @@ def throughput(
         ),
     ]
     if redis_cpu is not None:  # --broker redis: what Redis spent on top
-        results.append(
-            Result(
-                server.kind,
-                label,
-                size,
-                "Redis CPU per delivery",
-                redis_cpu / max(deliveries, 1) * 1e6,
-                "µs",
-                "lower",
-                loader,
-                note,
-            )
-        )
+        per_delivery = redis_cpu / max(deliveries, 1)
+        results.append(redis_cost(server, label, size, "delivery", per_delivery, loader, note))
     return results
+
+
+def redis_cost(
+    server: Server, label: str, size: int, per: str, seconds: float, loader: float, note: str
+) -> Result:
+    """Redis's CPU seconds per delivery or connection (--broker redis), as a figure."""
+    cost = f"Redis CPU per {per}"
+    return Result(server.kind, label, size, cost, seconds * 1e6, "µs", "lower", loader, note)
 
 
 def loader_note(share: float) -> str:
@@ -537,19 +534,8 @@ async def storm(server: Server, size: int, settle: float) -> list[Result]:
             )
         )
         if redis_cpu is not None:  # --broker redis: what Redis spent on top
-            results.append(
-                Result(
-                    server.kind,
-                    label,
-                    size,
-                    "Redis CPU per connection",
-                    redis_cpu / size * 1e6,
-                    "µs",
-                    "lower",
-                    loader,
-                    note,
-                )
-            )
+            spent = redis_cpu / size
+            results.append(redis_cost(server, label, size, "connection", spent, loader, note))
         await clients.close()
     return results
 

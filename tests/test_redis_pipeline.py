@@ -9,7 +9,7 @@ against a redis-server of the test's own, whose command counts it reads.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import pytest
@@ -24,7 +24,7 @@ from aiohttp_wsbus.protocol import Position
 
 from .conftest import JwksServer, MakeToken
 from .redis_server import RedisMaker, RedisServer
-from .support import eventually, next_frame, nothing_more, start_bus
+from .support import BusServer, eventually, next_frame, nothing_more, start_bus
 
 READ = Script("return 'read'", is_shared=True)
 WRITE = Script("return 'write'")
@@ -197,16 +197,28 @@ async def test_concurrent_publishes_land_in_call_order_each_with_its_own_offset(
         assert [m.data for m in delivered if m.channel == channel] == sent
 
 
-async def test_a_socket_joining_a_channel_its_node_listens_to_starts_there_without_a_read(
+@pytest.fixture
+def bus_on_own_redis(
     aiohttp_client: AiohttpClient,
     jwks_server: JwksServer,
-    make_token: MakeToken,
     own_redis: RedisServer,
     redis_prefix: str,
+) -> Callable[..., Awaitable[BusServer]]:
+    """Start a bus whose RedisBroker (options as it takes them) uses the test's own Redis."""
+
+    def start(**options: Any) -> Awaitable[BusServer]:
+        broker = RedisBroker(own_redis.url, prefix=redis_prefix, **options)
+        return start_bus(aiohttp_client, jwks_server.url, broker=broker)
+
+    return start
+
+
+async def test_a_socket_joining_a_channel_its_node_listens_to_starts_there_without_a_read(
+    bus_on_own_redis: Callable[..., Awaitable[BusServer]],
+    make_token: MakeToken,
     stats: redis.asyncio.Redis,
 ) -> None:
-    broker = RedisBroker(own_redis.url, prefix=redis_prefix)
-    server = await start_bus(aiohttp_client, jwks_server.url, broker=broker)
+    server = await bus_on_own_redis()
     token = make_token(channels=["chat:*"])
     first, _ = await server.open(token, ["chat:a"])
     published = await server.bus.publish("chat:a", 1)
@@ -224,16 +236,13 @@ async def test_a_socket_joining_a_channel_its_node_listens_to_starts_there_witho
 
 
 async def test_sockets_arriving_while_their_channel_is_being_subscribed_wait_not_read(
-    aiohttp_client: AiohttpClient,
-    jwks_server: JwksServer,
+    bus_on_own_redis: Callable[..., Awaitable[BusServer]],
     make_token: MakeToken,
     own_redis: RedisServer,
-    redis_prefix: str,
     stats: redis.asyncio.Redis,
 ) -> None:
-    broker = RedisBroker(own_redis.url, prefix=redis_prefix, socket_timeout=5.0)
-    server = await start_bus(aiohttp_client, jwks_server.url, broker=broker)
-    published = await broker.publish("chat:a", '"1"')
+    server = await bus_on_own_redis(socket_timeout=5.0)
+    published = await server.bus.publish("chat:a", "1")
     await stats.config_resetstat()
     token = make_token(channels=["chat:*"])
     sockets = []
