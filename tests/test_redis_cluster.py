@@ -18,7 +18,7 @@ import redis.asyncio
 from redis.asyncio import RedisCluster
 
 from aiohttp_wsbus import RedisBroker, RedisPublisher, SyncRedisPublisher
-from aiohttp_wsbus.brokers import Message
+from aiohttp_wsbus.brokers import Message, Publication
 from aiohttp_wsbus.brokers.redis_scripts import ChannelKeys
 
 from .redis_server import RedisMaker
@@ -95,6 +95,20 @@ async def test_channels_on_every_shard_publish_and_listen_on_their_own_shard(
             async with node_client(other) as node:
                 listened = await command(node, "PUBSUB SHARDCHANNELS")
                 assert keys.pubsub.encode() not in listened
+
+
+async def test_a_cluster_that_lost_its_scripts_still_publishes_on_every_shard_in_order(
+    make_cluster_broker: RedisMaker, cluster: RedisCluster, redis_prefix: str
+) -> None:
+    shards = await one_channel_per_shard(cluster, redis_prefix)
+    broker, _ = await make_cluster_broker()
+    await broker.publish_many([Publication(c, "1") for c in shards.values()])
+    await cluster.script_flush()  # every master: as after a failover to a fresh replica
+    batch = [Publication(c, str(n)) for n in (2, 3) for c in shards.values()]
+    published = await broker.publish_many(batch)
+    assert [p.offset for p in published] == [2, 2, 2, 3, 3, 3]
+    history = await broker.history(dict.fromkeys(shards.values()))
+    assert {h.position.offset for h in history.values()} == {3}
 
 
 async def test_nodes_share_offsets_and_ids_across_shards(

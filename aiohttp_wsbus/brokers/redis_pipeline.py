@@ -51,13 +51,12 @@ async def run_scripts(redis: Redis | RedisCluster, calls: Sequence[ScriptCall]) 
     """Run `calls` in one pipeline, in order; each one's answer, or the error it got.
 
     A call Redis answers NOSCRIPT (restarted, failed over, scripts flushed) did
-    not run: its script is loaded and it runs again, after the others.
+    not run: it runs again after the others, with the text (EVAL, which leaves
+    the script in that node's cache for the next EVALSHA).
     """
     answers = await _pipelined(redis, calls, lambda call: ("EVALSHA", call.script.sha))
     missing = [n for n, answer in enumerate(answers) if isinstance(answer, NoScriptError)]
     if missing:
-        for script in {calls[n].script for n in missing}:
-            await redis.script_load(script.text)  # on every master, in a cluster
         again = await _pipelined(
             redis, [calls[n] for n in missing], lambda call: ("EVAL", call.script.text)
         )
