@@ -26,7 +26,8 @@ EXPECTED_WORKLOADS = {
     "reconnect storm, same tokens",
     "many channels",
     "many channels, shared channel via HTTP emit",
-    "many channels, one message per own channel",
+    "many channels, one message per own channel via HTTP emit",
+    "many channels, one message per own channel via in-process publish",
 }
 # Only the bus publishes from a client: the two-way workload, as ratios to HTTP emit.
 TWO_WAY_WORKLOADS = {
