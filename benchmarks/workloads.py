@@ -314,6 +314,38 @@ async def memory(server: Server, sizes: list[int], settle: float) -> list[Result
     return results
 
 
+OUTSIDE_READS = (0.5, 5.0)  # seconds after the last connection is ready
+
+
+async def memory_outside(server: Server, size: int) -> list[Result]:
+    """RSS per connection as an outsider sees it: read before the first connection (no
+    warm-up) and OUTSIDE_READS seconds after the last of `size` idle clients, each with a
+    token of its own (a connect frame, for the bus) and one channel."""
+    clients = Clients(server)
+    baseline = server.rss()
+    tokens = server.keys.distinct(server.kind, size)
+    await clients.add(tokens, [[FANOUT_CHANNEL]] * size)
+    await server.wait_for_connections(size)
+    results = []
+    waited = 0.0
+    for after in OUTSIDE_READS:
+        await asyncio.sleep(after - waited)
+        waited = after
+        results.append(
+            Result(
+                server.kind,
+                f"memory from outside, {after:g} s after",
+                size,
+                "memory per idle connection",
+                (server.rss() - baseline) / size / 1024,
+                "KB",
+                "lower",
+            )
+        )
+    await clients.close()
+    return results
+
+
 async def hold(
     server: Server, settle: float, size: int, seconds: float, heartbeat: float
 ) -> list[Result]:

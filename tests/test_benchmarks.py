@@ -19,6 +19,8 @@ from benchmarks.workloads import Result
 ROOT = Path(__file__).resolve().parent.parent
 EXPECTED_WORKLOADS = {
     "memory",
+    "memory from outside, 0.5 s after",
+    "memory from outside, 5 s after",
     "fan-out via HTTP emit",
     "fan-out via in-process publish",
     "latency at 5 msg/s",
