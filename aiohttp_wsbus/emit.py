@@ -17,7 +17,7 @@ from aiohttp import web
 from marshmallow import Schema, ValidationError, validate, validates_schema
 from marshmallow import fields as mf
 
-from .brokers.base import is_valid_message_id, subject_publisher
+from .brokers.base import Published, is_valid_message_id, subject_publisher
 from .bus import Bus
 from .emit_batch import emit_batch
 from .errors import BrokerUnavailable, InvalidToken, KeysUnavailable, RequestError, http_error
@@ -35,8 +35,10 @@ class ApiKeys:
     """The configured API keys; tells which one a request holds, in constant time."""
 
     def __init__(self, keys: Sequence[str]) -> None:
-        # Digests compare in constant time whatever the keys' lengths.
-        self._digests = [hashlib.sha256(key.encode()).digest() for key in keys]
+        # Digests compare in constant time whatever the keys' lengths; each key's
+        # scope is named once, not per request.
+        digests = [hashlib.sha256(key.encode()).digest() for key in keys]
+        self._scopes = [(digest, "key:" + digest[:8].hex()) for digest in digests]
 
     def publisher(self, candidate: str) -> str | None:
         """The idempotency scope of the key `candidate` ("key:..."), or None if unknown."""
@@ -44,10 +46,10 @@ class ApiKeys:
         given = hashlib.sha256(candidate.encode("utf-8", "surrogateescape")).digest()
         found = None
         # Compare against every key, always, so timing says nothing about which matched.
-        for digest in self._digests:
+        for digest, scope in self._scopes:
             if hmac.compare_digest(given, digest):
-                found = digest
-        return None if found is None else "key:" + found[:8].hex()
+                found = scope
+        return found
 
 
 class _EmitSchema(Schema):
@@ -78,6 +80,29 @@ class _EmitSchema(Schema):
 
 
 _EMIT_SCHEMA: Final = _EmitSchema()
+_SIMPLE_FIELDS: Final = frozenset(("channel", "data", "id", "ephemeral"))
+
+
+def _simple_emit(body: Any) -> dict[str, Any] | None:
+    """The common well-formed body (one channel, data, maybe id or ephemeral) as the
+    schema would load it, without the schema's cost; None for anything else.
+
+    It only ever accepts: whatever it passes over goes through the schema, which
+    refuses or accepts it and words every error.
+    """
+    if type(body) is not dict or not body.keys() <= _SIMPLE_FIELDS or "data" not in body:
+        return None
+    channel = body.get("channel")
+    ephemeral = body.get("ephemeral", False)
+    if type(ephemeral) is not bool or not is_valid_channel(channel):
+        return None
+    loaded = {"channel": channel, "data": body["data"], "ephemeral": ephemeral}
+    if "id" in body:
+        message_id = body["id"]
+        if ephemeral or type(message_id) is not str or not is_valid_message_id(message_id):
+            return None
+        loaded["id"] = message_id
+    return loaded
 
 
 def _finite(text: str) -> float:
@@ -91,10 +116,15 @@ def _not_a_number(name: str) -> NoReturn:
     raise ValueError(f"{name} is not JSON")
 
 
+# Made once: json.loads(raw, parse_float=...) would make a decoder per request.
+_JSON_DECODER: Final = json.JSONDecoder(parse_float=_finite, parse_constant=_not_a_number)
+
+
 def _parse_json(raw: bytes) -> Any:
     """Strict JSON: no NaN or Infinity, no numbers that overflow to them."""
     try:
-        return json.loads(raw, parse_float=_finite, parse_constant=_not_a_number)
+        # What json.loads does with bytes: UTF-8, -16 or -32, told apart by the first bytes.
+        return _JSON_DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
     except RecursionError:
         raise _invalid("_body", "JSON nested too deeply") from None
     except ValueError as error:  # UnicodeDecodeError included
@@ -133,9 +163,23 @@ class Endpoints:
         publisher, claims = await self.authenticate(request, "emit")
         self._check_rate(publisher)
         body = await self._read_json(request)
-        if isinstance(body, dict) and "messages" in body:
-            return await emit_batch(self, publisher, claims, body)
-        loaded = self._validate(body)
+        try:
+            if isinstance(body, dict) and "messages" in body:
+                published = await emit_batch(self, publisher, claims, body)
+            else:
+                published = await self._emit_one(publisher, claims, body)
+        except BrokerUnavailable as error:  # with what landed before it went
+            landed = _answers(error.published)
+            raise http_error(
+                web.HTTPServiceUnavailable, "broker_unavailable", published=landed
+            ) from None
+        return _accepted(published)
+
+    async def _emit_one(
+        self, publisher: str, claims: Claims | None, body: Any
+    ) -> list[Published]:
+        """The single form: one message to `channel`, or the same to each of `channels`."""
+        loaded = _simple_emit(body) or self._validate(body)
         channels: list[str] = list(dict.fromkeys(loaded.get("channels") or [loaded["channel"]]))
         if claims is not None:
             await self.admit(claims, channels)
@@ -144,23 +188,19 @@ class Endpoints:
         if claims is not None and self.bus.requests.publish_hooks:
             values = {c: await self.rewrite_one(claims, c, value, ("data",)) for c in channels}
         texts = _encode_each(values)
-        published: list[dict[str, Any]] = []
+        published: list[Published] = []
         try:
             for channel in channels:
                 data = texts[channel]
                 if loaded["ephemeral"]:
-                    await self.bus.publish_ephemeral(channel, data)
-                    published.append({"channel": channel, "ephemeral": True})
-                    continue
-                result = await self.bus.publish_checked(channel, data, loaded.get("id"), publisher)
-                published.append(
-                    {"channel": result.channel, "offset": result.offset, "epoch": result.epoch}
-                )
-        except BrokerUnavailable:
-            raise http_error(
-                web.HTTPServiceUnavailable, "broker_unavailable", published=published
-            ) from None
-        return web.json_response({"published": published}, status=202)
+                    published.append(await self.bus.publish_ephemeral(channel, data))
+                else:
+                    published.append(
+                        await self.bus.publish_checked(channel, data, loaded.get("id"), publisher)
+                    )
+        except BrokerUnavailable as error:
+            raise BrokerUnavailable(*error.args, published=published) from None
+        return published
 
     async def admit(self, claims: Claims, channels: list[str]) -> None:
         """403/503 unless a Bearer emit may publish to every one of `channels`; 401 if its
@@ -295,23 +335,14 @@ class Endpoints:
         limit = self.settings.emit_max_size
         if request.content_length is not None and request.content_length > limit:
             raise _too_large(limit, request.content_length)
-        raw = bytearray()
         try:
-            # A body that starts once shutdown has begun gets only close_timeout.
-            limit_seconds = (
-                self.settings.close_timeout
-                if self._is_shutting_down
-                else self.settings.emit_timeout
-            )
-            async with asyncio.timeout(limit_seconds) as deadline:
-                self._body_deadlines.add(deadline)
-                try:
-                    async for chunk in request.content.iter_chunked(65536):
-                        raw += chunk
-                        if len(raw) > limit:
-                            raise _closing(_too_large(limit, len(raw)))
-                finally:
-                    self._body_deadlines.discard(deadline)
+            if request.content.is_eof():
+                # The whole body came with the headers (a small emit): nothing to wait for.
+                raw = request.content.read_nowait()
+                if len(raw) > limit:
+                    raise _closing(_too_large(limit, len(raw)))
+            else:
+                raw = await self._receive(request, limit)
         except TimeoutError:
             if self._is_shutting_down:
                 raise _closing(http_error(web.HTTPServiceUnavailable, "shutting_down")) from None
@@ -323,7 +354,25 @@ class Endpoints:
         except (web.RequestPayloadError, aiohttp.ClientPayloadError, ConnectionError):
             # A broken gzip or deflate body, or a client that left mid-body.
             raise _closing(_invalid("_body", "the body cannot be decoded or ended early")) from None
-        return _parse_json(bytes(raw))
+        return _parse_json(raw)
+
+    async def _receive(self, request: web.Request, limit: int) -> bytes:
+        """The body as it arrives, within emit_timeout (close_timeout once shutting down)."""
+        raw = bytearray()
+        # A body that starts once shutdown has begun gets only close_timeout.
+        limit_seconds = (
+            self.settings.close_timeout if self._is_shutting_down else self.settings.emit_timeout
+        )
+        async with asyncio.timeout(limit_seconds) as deadline:
+            self._body_deadlines.add(deadline)
+            try:
+                async for chunk in request.content.iter_chunked(65536):
+                    raw += chunk
+                    if len(raw) > limit:
+                        raise _closing(_too_large(limit, len(raw)))
+            finally:
+                self._body_deadlines.discard(deadline)
+        return bytes(raw)
 
     @staticmethod
     def _validate(body: Any) -> dict[str, Any]:
@@ -371,6 +420,28 @@ def _encode_each(values: dict[str, Any]) -> dict[str, str]:
     return encoded
 
 
+def _answers(published: list[Published]) -> list[dict[str, Any]]:
+    """Where each message landed, as the emit answers it."""
+    return [json.loads(_answer(p)) for p in published]
+
+
+def _answer(published: Published) -> str:
+    # Channel names and epochs hold no characters JSON would escape (as in
+    # protocol.encode_message): the answer is written, not run through an encoder.
+    if published.is_ephemeral:
+        return f'{{"channel":"{published.channel}","ephemeral":true}}'
+    return (
+        f'{{"channel":"{published.channel}","offset":{published.offset},'
+        f'"epoch":"{published.epoch}"}}'
+    )
+
+
+def _accepted(published: list[Published]) -> web.Response:
+    """202 {"published": [...]}: one entry per channel, or per message of a batch."""
+    text = '{"published":[' + ",".join(map(_answer, published)) + "]}"
+    return web.Response(text=text, status=202, content_type="application/json")
+
+
 def _check_post_json(request: web.Request) -> None:
     if request.method != "POST":
         raise web.HTTPMethodNotAllowed(
@@ -379,7 +450,11 @@ def _check_post_json(request: web.Request) -> None:
             text=json.dumps({"error": "method_not_allowed"}),
             content_type="application/json",
         )
-    if request.content_type != "application/json":
+    # The header as sent is the common case: only anything else is parsed.
+    if (
+        request.headers.get("Content-Type") != "application/json"
+        and request.content_type != "application/json"
+    ):
         raise http_error(
             web.HTTPUnsupportedMediaType, "unsupported_media_type", expected="application/json"
         )

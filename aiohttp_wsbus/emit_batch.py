@@ -66,8 +66,12 @@ def _invalid_message(index: int, field: str, message: str) -> web.HTTPException:
 
 async def emit_batch(
     endpoints: Endpoints, publisher: str, claims: Claims | None, body: Any
-) -> web.Response:
-    """Check every message, then publish them in order; 202 {"published": [...]}."""
+) -> list[Published]:
+    """Check every message, then publish them in order; where each landed.
+
+    Raises the 4xx of the first refused message before any is published, and
+    BrokerUnavailable holding every message that landed before the broker went.
+    """
     try:
         messages: list[dict[str, Any]] = _BATCH_SCHEMA.load(body)["messages"]
     except ValidationError as error:
@@ -87,11 +91,9 @@ async def emit_batch(
     published: list[Published] = []
     try:
         await _publish(endpoints, publisher, messages, texts, published)
-    except BrokerUnavailable:
-        raise http_error(
-            web.HTTPServiceUnavailable, "broker_unavailable", published=_answers(published)
-        ) from None
-    return web.json_response({"published": _answers(published)}, status=202)
+    except BrokerUnavailable as error:
+        raise BrokerUnavailable(*error.args, published=published) from None
+    return published
 
 
 async def _rewrite(
@@ -143,11 +145,3 @@ async def _publish_run(
     finally:
         run.clear()
 
-
-def _answers(published: list[Published]) -> list[dict[str, Any]]:
-    return [
-        {"channel": p.channel, "ephemeral": True}
-        if p.is_ephemeral
-        else {"channel": p.channel, "offset": p.offset, "epoch": p.epoch}
-        for p in published
-    ]

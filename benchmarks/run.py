@@ -46,6 +46,7 @@ class Sizes:
     latency_rate: float
     latency_seconds: float
     memory: list[int]
+    memory_outside: list[int]  # each on a server of its own, tokens of their own
     storm: int
     channels: int
     concurrent: int | None  # connections held through heartbeats (wsbus and bare only)
@@ -63,6 +64,7 @@ MODES = {
         latency_rate=5,
         latency_seconds=1,
         memory=[20],
+        memory_outside=[20],
         storm=20,
         channels=20,
         concurrent=None,
@@ -76,6 +78,7 @@ MODES = {
         latency_rate=5,
         latency_seconds=6,
         memory=[1000],
+        memory_outside=[2000, 5000],
         storm=3000,
         channels=2000,
         concurrent=None,
@@ -87,6 +90,7 @@ MODES = {
         latency_rate=5,
         latency_seconds=6,
         memory=[1000, 10000],
+        memory_outside=[2000, 5000],
         storm=3000,
         channels=10000,
         concurrent=15000,
@@ -95,7 +99,7 @@ MODES = {
 WORKLOADS = ("fanout", "memory", "storm", "channels", "twoway", "batch", "concurrent")
 
 
-def make_keys(directory: Path, storm_size: int) -> Keys:
+def make_keys(directory: Path, distinct: int) -> Keys:
     """An RSA key, its JWKS and public PEM on disk, and the tokens the workloads use."""
     private_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     public_pem = private_key.public_key().public_bytes(
@@ -123,7 +127,7 @@ def make_keys(directory: Path, storm_size: int) -> Keys:
     # asgi_ws checks no audience, and PyJWT refuses a token with one it was not told of.
     for audience in (AUDIENCE, None):
         keys.shared_token[audience] = sign("shared", audience)
-        keys.storm_tokens[audience] = [sign(f"user{n}", audience) for n in range(storm_size)]
+        keys.storm_tokens[audience] = [sign(f"user{n}", audience) for n in range(distinct)]
     return keys
 
 
@@ -150,6 +154,12 @@ async def run_server(
 
     if "memory" in chosen:
         await group("memory", 25, lambda s: workloads.memory(s, sizes.memory, sizes.settle))
+        for size in sizes.memory_outside:
+            await group(
+                f"memory from outside, {size}",
+                25,
+                lambda s, size=size: workloads.memory_outside(s, size),
+            )
     if "fanout" in chosen:
         await group(
             "fan-out and latency",
@@ -237,7 +247,10 @@ async def run_all(
         tempfile.TemporaryDirectory(prefix="wsbus-bench-") as directory,
     ):
         log("making keys and RS256 tokens")
-        keys = make_keys(Path(directory), sizes.storm if "storm" in chosen else 0)
+        distinct = [sizes.storm] if "storm" in chosen else []
+        if "memory" in chosen:
+            distinct += sizes.memory_outside
+        keys = make_keys(Path(directory), max(distinct, default=0))
         redis = None
         if any(on_redis for _, on_redis, _ in planned):
             redis = stack.enter_context(redis_engine(SERVER_CORE))

@@ -343,6 +343,38 @@ async def memory(server: Server, sizes: list[int], settle: float) -> list[Result
     return results
 
 
+OUTSIDE_READS = (0.5, 5.0)  # seconds after the last connection is ready
+
+
+async def memory_outside(server: Server, size: int) -> list[Result]:
+    """RSS per connection as an outsider sees it: read before the first connection (no
+    warm-up) and OUTSIDE_READS seconds after the last of `size` idle clients, each with a
+    token of its own (a connect frame, for the bus) and one channel."""
+    clients = Clients(server)
+    baseline = server.rss()
+    tokens = server.keys.distinct(server.kind, size)
+    await clients.add(tokens, [[FANOUT_CHANNEL]] * size)
+    await server.wait_for_connections(size)
+    results = []
+    waited = 0.0
+    for after in OUTSIDE_READS:
+        await asyncio.sleep(after - waited)
+        waited = after
+        results.append(
+            Result(
+                server.kind,
+                f"memory from outside, {after:g} s after",
+                size,
+                "memory per idle connection",
+                (server.rss() - baseline) / size / 1024,
+                "KB",
+                "lower",
+            )
+        )
+    await clients.close()
+    return results
+
+
 async def hold(
     server: Server, settle: float, size: int, seconds: float, heartbeat: float
 ) -> list[Result]:
@@ -585,15 +617,34 @@ async def many_channels(
         workload + ", shared channel",
         SHARED_CHANNEL,
     )
+    own = workload + ", one message per own channel"
+    # HTTP first: each emit is its channel's first message (it makes the channel's history).
+    clients.stats.reset(size)
+    meter = Meter(server)
+    await _emit_each(server, [f"{OWN_PREFIX}{n}" for n in range(size)])
+    await asyncio.wait_for(clients.stats.reached.wait(), timeout=120)
+    results += throughput(server, own + " via HTTP emit", size, size, meter)
     clients.stats.reset(size)
     meter = Meter(server)
     await server.control(
         "/bench/publish_each", {"prefix": OWN_PREFIX, "count": size, "data": payload()}
     )
     await asyncio.wait_for(clients.stats.reached.wait(), timeout=120)
-    results += throughput(server, workload + ", one message per own channel", size, size, meter)
+    results += throughput(server, own + " via in-process publish", size, size, meter)
     await clients.close()
     return results
+
+
+async def _emit_each(server: Server, channels: list[str], concurrency: int = 4) -> None:
+    """One HTTP emit to each channel, `concurrency` in flight (as `_emit_all`)."""
+    data = payload()
+    pending = iter(channels)
+
+    async def worker() -> None:
+        for channel in pending:
+            await server.emit(channel, data)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
 
 
 def dump(results: list[Result]) -> str:

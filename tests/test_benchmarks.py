@@ -29,6 +29,8 @@ from .test_workers import children_of
 ROOT = Path(__file__).resolve().parent.parent
 EXPECTED_WORKLOADS = {
     "memory",
+    "memory from outside, 0.5 s after",
+    "memory from outside, 5 s after",
     "fan-out via HTTP emit",
     "fan-out via in-process publish",
     "fan-out via in-process concurrent publish",
@@ -37,7 +39,8 @@ EXPECTED_WORKLOADS = {
     "reconnect storm, same tokens",
     "many channels",
     "many channels, shared channel via HTTP emit",
-    "many channels, one message per own channel",
+    "many channels, one message per own channel via HTTP emit",
+    "many channels, one message per own channel via in-process publish",
 }
 # Only the bus publishes from a client: the two-way workload, as ratios to HTTP emit.
 TWO_WAY_WORKLOADS = {

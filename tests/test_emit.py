@@ -12,6 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pytest_aiohttp import AiohttpClient
 
+from aiohttp_wsbus.emit import _EMIT_SCHEMA, _simple_emit
+
 from .conftest import JwksServer, MakeToken
 from .support import WAIT, BusServer, eventually, next_frame, nothing_more, start_bus
 
@@ -264,6 +266,23 @@ async def test_credentials_are_checked_before_a_body_is_read(
     assert json.loads(body) == {"error": "unauthorized"}
 
 
+async def test_a_chunked_body_over_the_limit_that_came_whole_gets_413(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer
+) -> None:
+    server = await start_bus(
+        aiohttp_client, jwks_server.url, api_keys=[API_KEY], emit_max_size=1000
+    )
+    head = request_head(
+        {"Content-Type": "application/json", "Transfer-Encoding": "chunked", "X-API-Key": API_KEY}
+    )
+    # No Content-Length, and every chunk arrives with the headers: read at once, still bounded.
+    chunk = b" " * 600
+    chunked = b"%x\r\n%s\r\n" % (len(chunk), chunk)
+    status, body = await raw_request(server, head, chunked * 2 + b"0\r\n\r\n")
+    assert status == 413
+    assert json.loads(body) == {"error": "payload_too_large", "limit": 1000}
+
+
 async def test_a_body_slower_than_emit_timeout_gets_408(
     aiohttp_client: AiohttpClient, jwks_server: JwksServer
 ) -> None:
@@ -403,3 +422,36 @@ async def test_idempotency_ids_are_scoped_by_publisher(
         "app",
     ]
     await nothing_more(socket)
+
+
+emit_fields = st.sampled_from(["channel", "channels", "data", "payload", "id", "ephemeral", "x"])
+field_values = (
+    st.none()
+    | st.booleans()
+    | st.integers(-1, 2)
+    | st.floats(allow_nan=False)
+    | st.sampled_from(["a", "chat:1", "no spaces", "", "x" * 300, "m-1", "\x7f"])
+    | st.lists(st.sampled_from(["a", "b"]), max_size=2)
+    | st.dictionaries(st.text(max_size=2), st.integers(), max_size=2)
+)
+
+
+@given(body=st.dictionaries(emit_fields, field_values) | field_values)
+def test_the_common_body_loads_as_the_schema_loads_it(body: Any) -> None:
+    fast = _simple_emit(body)
+    # The fast path only accepts, and only what the schema accepts, as the schema has it;
+    # every refusal (and its wording) is the schema's.
+    if fast is not None:
+        assert fast == _EMIT_SCHEMA.load(body)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"channel": "a", "data": {"t": 1}},
+        {"channel": "a", "data": None, "id": "m-1"},
+        {"channel": "a", "data": 1, "ephemeral": True},
+    ],
+)
+def test_the_common_body_skips_the_schema(body: dict[str, Any]) -> None:
+    assert _simple_emit(body) == _EMIT_SCHEMA.load(body)

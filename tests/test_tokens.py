@@ -23,7 +23,13 @@ from pytest_aiohttp import AiohttpServer
 
 from aiohttp_wsbus.errors import InvalidSettings, InvalidToken, KeysUnavailable
 from aiohttp_wsbus.jwks import MAX_JWKS_BYTES
-from aiohttp_wsbus.tokens import Claims, JwksVerifier, SecretVerifier
+from aiohttp_wsbus.tokens import (
+    MAX_SHARED_LENGTH,
+    Claims,
+    JwksVerifier,
+    RepeatedValues,
+    SecretVerifier,
+)
 
 from .conftest import AUDIENCE, ISSUER, KEY_ID, JwksServer, MakeToken, public_jwk
 from .support import eventually
@@ -691,3 +697,46 @@ async def test_secret_verifier_checks_time_with_the_clock(
 def test_secret_verifier_refuses_non_hmac_algorithms(algorithms: tuple[str, ...]) -> None:
     with pytest.raises(InvalidSettings, match="algorithms"):
         secret_verifier(algorithms=algorithms)
+
+
+# What many tokens repeat is held once
+
+
+async def test_tokens_of_different_users_share_what_they_repeat(
+    start_verifier: StartVerifier, make_token: MakeToken
+) -> None:
+    verifier = await start_verifier()
+    grants: dict[str, Any] = {
+        "channels": ["chat:*", "news"],
+        "publish": ["chat:lobby"],
+        "team": "blue",
+    }
+    alice = await verifier.verify(make_token(sub="alice", **grants))
+    bob = await verifier.verify(make_token(sub="bob", **grants))
+    # Every socket keeps its token's claims: their names and repeated values are one copy.
+    assert alice.subscribe is bob.subscribe and alice.publish is bob.publish
+    for name in ("iss", "aud", "team"):
+        assert alice.extra[name] is bob.extra[name]
+    assert alice.extra["channels"][0] is bob.extra["channels"][0]
+    assert [id(n) for n in alice.extra] == [id(n) for n in bob.extra]
+    # ... and nothing else changes: each token's own claims, as it said them.
+    assert dict(alice.extra) == dict(bob.extra) | {"sub": "alice"}
+    assert alice.extra["channels"] == ["chat:*", "news"]
+    assert alice.extra["channels"] is not bob.extra["channels"]  # lists stay each token's own
+
+
+def test_repeated_values_hold_only_short_values_and_a_bounded_number() -> None:
+    repeated = RepeatedValues(size=3)
+    first = "".join(["chat:", "*"])
+    assert repeated.one(first) is first
+    assert repeated.one("".join(["chat:", "*"])) is first
+    long = "x" * (MAX_SHARED_LENGTH + 1)
+    assert repeated.one("".join(long)) is not repeated.one(long)  # too long to hold
+    for value in ("a", "b", "c"):  # past the bound: emptied, then held again
+        repeated.one(value)
+    assert repeated.one("".join(["chat:", "*"])) is not first
+    assert repeated.payload({"n": 1, "t": True, "l": [1, "a", None]}) == {
+        "n": 1,
+        "t": True,
+        "l": [1, "a", None],
+    }
