@@ -115,6 +115,7 @@ class WebSocketHandler:
                 connection = await self._admit(request, socket, transport, token)
             finally:
                 self._unauthenticated.pop(socket, None)
+                token = None  # this frame lives as long as the socket: no token kept in it
             # The receive loop lives in this frame on purpose: one coroutine per idle
             # socket, not a stack of them, is memory every connection pays.
             if connection is not None:
