@@ -26,7 +26,7 @@ from .brokers.base import (
     scoped_message_id,
 )
 from .brokers.presence import Member
-from .connection import Connection, WriteScheduler, message_frame
+from .connection import Connection, Expiries, WriteScheduler, message_frame
 from .errors import BrokerUnavailable, InvalidToken
 from .history import HistoryPage, read_history, read_positions
 from .hooks import ConnectionInfo, Hooks
@@ -90,7 +90,11 @@ class Bus:
             "publish": Authorizers("publish", self.hook_errors),
         }
         self._scheduler: WriteScheduler | None = None
+        self._expiries: Expiries | None = None
         self._background_tasks: set[asyncio.Task[None]] = set()
+        # Bound once: each `self._forget` made anew is one more object every socket holds.
+        self._on_close = self._forget
+        self._closer = self._start_closing
 
     # -- lifetime --------------------------------------------------------
 
@@ -153,6 +157,7 @@ class Bus:
         for authorizers in self.authorizers.values():
             authorizers.freeze()
         self._scheduler = WriteScheduler(asyncio.get_running_loop())
+        self._expiries = Expiries(asyncio.get_running_loop())
         await self.verifier.start(session)
         await self.broker.start(
             self.deliver,
@@ -390,19 +395,20 @@ class Bus:
 
     def connect(self, socket: Any, transport: asyncio.Transport, claims: Claims) -> Connection:
         """Register an authenticated socket; it closes itself at exp + leeway."""
-        assert self._scheduler is not None, "the bus is not started"
+        assert self._scheduler is not None and self._expiries is not None, "not started"
         connection = Connection(
             secrets.token_urlsafe(12),
             socket,
             transport,
             claims,
             scheduler=self._scheduler,
+            expiries=self._expiries,
             send_buffer_limit=self.settings.send_buffer_limit,
-            on_close=self._forget,
-            closer=self._start_closing,
+            on_close=self._on_close,
+            closer=self._closer,
         )
         self.connections.add(connection)
-        connection.expire_at(asyncio.get_running_loop(), claims.expires_at + self.settings.leeway)
+        connection.expire_at(claims.expires_at + self.settings.leeway)
         return connection
 
     async def announce(self, connection: Connection) -> None:

@@ -16,11 +16,13 @@ import inspect
 import json
 import logging
 import random
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import aiohttp
+import yarl
 
 from .client_channels import Channels, strings
 from .client_events import Events, Listener
@@ -41,7 +43,7 @@ from .client_subscription import (
     SubscriptionDenied,
     as_position,
 )
-from .protocol import CloseCode, Position
+from .protocol import BEARER_PREFIX, PROTOCOL, CloseCode, Position
 
 __all__ = [
     "Client",
@@ -56,6 +58,27 @@ logger = logging.getLogger("aiohttp_wsbus.client")
 
 GetToken = Callable[[], str | Awaitable[str]]
 
+# The token goes in the handshake only when it is a header token of at most 4096
+# characters (a JWT: base64url and dots) and the URL stays within 4096 characters,
+# as in js/wsbus.js.
+_HEADER_TOKEN = re.compile(r"[A-Za-z0-9._-]{1,4096}")
+MAX_HANDSHAKE_URL = 4096
+
+
+def handshake(url: yarl.URL, connect: dict[str, Any]) -> tuple[yarl.URL, tuple[str, str]] | None:
+    """The URL and subprotocols of a handshake carrying `connect`, or None when its token
+    or the URL would not fit in one (proxies limit a header and a URL to a few KB)."""
+    token = connect["token"]
+    if not _HEADER_TOKEN.fullmatch(token):
+        return None
+    query = {"channels": ",".join(connect["channels"])} if connect["channels"] else {}
+    if "since" in connect:
+        query["since"] = json.dumps(connect["since"], separators=(",", ":"))
+    url = url.update_query(query)
+    if len(str(url)) > MAX_HANDSHAKE_URL:
+        return None
+    return url, (PROTOCOL, BEARER_PREFIX + token)
+
 
 class Client:
     """A connection to the bus that subscribes to channels and never loses a message silently.
@@ -67,6 +90,8 @@ class Client:
     client), the refresh `refresh_before` the token's exp, `connect_timeout`
     from the socket to the welcome. A subscription holds at most `max_queued`
     unread messages; then reading the socket waits for the application.
+    With `token_in_header` (the default) the token travels in the handshake
+    (docs/protocol.md) when it fits there, else in a connect frame.
     """
 
     def __init__(
@@ -82,6 +107,7 @@ class Client:
         heartbeat: float | None = 30.0,
         max_queued: int = 1000,
         random_value: Callable[[], float] = random.random,
+        token_in_header: bool = True,
     ) -> None:
         if url.startswith("http"):
             url = "ws" + url.removeprefix("http")
@@ -96,6 +122,7 @@ class Client:
         self._heartbeat = heartbeat
         self.max_queued = max_queued
         self._random = random_value
+        self._token_in_header = token_in_header
 
         self.state = "disconnected"  # connecting | connected | disconnected | closed
         self.retry_delay: float | None = None  # seconds of the current backoff wait
@@ -262,17 +289,28 @@ class Client:
             return CloseAction.BACKOFF
         if self._session is None:
             self._session = aiohttp.ClientSession()
+        channels = list(self._channels.subscriptions)
+        self._channels.requested = set(channels)
+        connect: dict[str, Any] = {"type": "connect", "token": token, "channels": channels}
+        if since := self._channels.since(channels):
+            connect["since"] = since
+        url, protocols = yarl.URL(self.url), tuple[str, ...]()
+        if self._token_in_header and (offer := handshake(url, connect)) is not None:
+            (url, protocols), connect = offer, {}
         # One deadline from the socket to the welcome, as the JS client's connectTimeout.
         deadline = asyncio.get_running_loop().time() + self._connect_timeout
         try:
             async with asyncio.timeout_at(deadline):
-                socket = await self._session.ws_connect(self.url, heartbeat=self._heartbeat)
+                socket = await self._session.ws_connect(
+                    url, protocols=protocols, heartbeat=self._heartbeat
+                )
         except (aiohttp.ClientError, OSError, TimeoutError) as error:
-            logger.debug("connect to %s failed: %r", self.url, error)
+            # The error's type only: its repr holds the request's headers, the token too.
+            logger.debug("connect to %s failed: %s", self.url, type(error).__name__)
             return CloseAction.BACKOFF
         self._socket = socket
         try:
-            return await self._serve(socket, token, deadline)
+            return await self._serve(socket, connect, deadline)
         except (aiohttp.ClientError, ConnectionError) as error:  # gone while we wrote
             logger.debug("connection to %s lost: %r", self.url, error)
             return CloseAction.BACKOFF
@@ -281,15 +319,11 @@ class Client:
             await socket.close()
 
     async def _serve(
-        self, socket: aiohttp.ClientWebSocketResponse, token: str, welcome_by: float
+        self, socket: aiohttp.ClientWebSocketResponse, connect: dict[str, Any], welcome_by: float
     ) -> CloseAction:
-        channels = list(self._channels.subscriptions)
-        self._channels.requested = set(channels)
-        frame: dict[str, Any] = {"type": "connect", "token": token, "channels": channels}
-        since = self._channels.since(channels)
-        if since:
-            frame["since"] = since
-        await socket.send_str(json.dumps(frame))
+        """Send `connect` (none: the handshake carried it), wait for the welcome, then read."""
+        if connect:
+            await socket.send_str(json.dumps(connect))
         try:
             async with asyncio.timeout_at(welcome_by):
                 while not self._is_welcomed:

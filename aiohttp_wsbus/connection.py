@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import time
 from collections.abc import Callable
 from typing import Any
@@ -15,7 +16,7 @@ from .grants import may
 from .protocol import SLOW_CONSUMER, TOKEN_EXPIRED, Close, encode, encode_message, text_frame
 from .tokens import Claims
 
-__all__ = ["Connection", "WriteScheduler", "message_frame"]
+__all__ = ["Connection", "Expiries", "WriteScheduler", "message_frame"]
 
 
 class WriteScheduler:
@@ -45,12 +46,63 @@ class WriteScheduler:
             connection.flush()
 
 
+class Expiries:
+    """Closes each connection with 4001 when its token runs out: one loop timer for all.
+
+    A timer per socket costs a TimerHandle, a bound method and a context per
+    connection, and a cancelled one stays in the loop's heap until its time
+    would have come (which keeps aiohttp's cancelled keep-alive timers there
+    too); here tokens issued in the same second share one entry.
+    """
+
+    __slots__ = ("_deadlines", "_due", "_loop", "_timer")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        # An emptied set stays until its deadline passes: no key is ever pushed twice.
+        self._due: dict[float, set[Connection]] = {}
+        self._deadlines: list[float] = []  # a heap of _due's keys
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, connection: Connection, deadline: float) -> None:
+        """Close `connection` at `deadline` (wall-clock seconds)."""
+        due = self._due.get(deadline)
+        if due is None:
+            due = self._due[deadline] = set()
+            heapq.heappush(self._deadlines, deadline)
+            if self._deadlines[0] == deadline:
+                self._schedule()
+        due.add(connection)
+
+    def discard(self, connection: Connection, deadline: float) -> None:
+        """Forget `connection`'s `deadline` (refreshed, or closed)."""
+        due = self._due.get(deadline)
+        if due is not None:
+            due.discard(connection)
+
+    def _schedule(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        delay = max(0.0, self._deadlines[0] - time.time())
+        self._timer = self._loop.call_later(delay, self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        now = time.time()
+        while self._deadlines and self._deadlines[0] <= now:
+            for connection in self._due.pop(heapq.heappop(self._deadlines)):
+                connection.close(TOKEN_EXPIRED)
+        if self._deadlines and self._timer is None:
+            self._schedule()
+
+
 class Connection:
     """A subscribed client socket, as the bus sees it."""
 
     __slots__ = (
         "__weakref__",
         "_closer",
+        "_expiries",
         "_expiry",
         "_on_close",
         "_outbox",
@@ -77,6 +129,7 @@ class Connection:
         claims: Claims,
         *,
         scheduler: WriteScheduler,
+        expiries: Expiries,
         send_buffer_limit: int,
         on_close: Callable[[Connection], None],
         closer: Callable[[Connection, Close], None],
@@ -105,7 +158,8 @@ class Connection:
         self._outbox: bytes | list[bytes] | None = None
         self._on_close = on_close
         self._closer = closer
-        self._expiry: asyncio.TimerHandle | None = None
+        self._expiries = expiries
+        self._expiry: float | None = None  # the deadline it is filed under in _expiries
 
     def __repr__(self) -> str:
         return f"<Connection {self.id} user={self.claims.subject!r}>"
@@ -180,12 +234,14 @@ class Connection:
 
     # -- lifetime --------------------------------------------------------
 
-    def expire_at(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
+    def expire_at(self, deadline: float) -> None:
         """Close with 4001 at `deadline` (wall-clock seconds) unless refreshed first."""
+        if self.is_closing:
+            return
         if self._expiry is not None:
-            self._expiry.cancel()
-        delay = max(0.0, deadline - time.time())
-        self._expiry = loop.call_later(delay, self.close, TOKEN_EXPIRED)
+            self._expiries.discard(self, self._expiry)
+        self._expiry = deadline
+        self._expiries.add(self, deadline)
 
     def close(self, close: Close) -> None:
         """Leave the registry now, then close the socket in the background."""
@@ -199,7 +255,7 @@ class Connection:
         self.closed_with = close
         self._outbox = None
         if self._expiry is not None:
-            self._expiry.cancel()
+            self._expiries.discard(self, self._expiry)
             self._expiry = None
         self._on_close(self)
         self._closer(self, close)

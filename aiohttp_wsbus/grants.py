@@ -69,7 +69,11 @@ def may(patterns: Iterable[str], channel: str) -> bool:
     """
     if not is_valid_channel(channel):
         return False
-    return any(_pattern_covers(pattern, channel) for pattern in patterns)
+    # A loop, not any(generator): no object made per check, on every connect's path.
+    for pattern in patterns:  # noqa: SIM110
+        if _pattern_covers(pattern, channel):
+            return True
+    return False
 
 
 class PatternTable(Generic[T]):

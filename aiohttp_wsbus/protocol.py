@@ -17,6 +17,7 @@ from .errors import InvalidRequest
 
 __all__ = [
     "ANOTHER_USER",
+    "BEARER_PREFIX",
     "BROKER_UNAVAILABLE",
     "CLIENT_GONE",
     "CONNECTION_LIMIT",
@@ -25,6 +26,7 @@ __all__ = [
     "MAX_REF",
     "MAX_REQUESTS_IN_FLIGHT",
     "NO_CONNECT_FRAME",
+    "PROTOCOL",
     "RATE_LIMITED",
     "REFUSED",
     "SHUTTING_DOWN",
@@ -47,12 +49,14 @@ __all__ = [
     "Subscribe",
     "Unsubscribe",
     "bad_request",
+    "bearer_token",
     "encode",
     "encode_data",
     "encode_ephemeral",
     "encode_message",
     "ended",
     "parse_client_frame",
+    "query_connect",
     "reconnect",
     "text_frame",
     "unauthorized",
@@ -64,6 +68,11 @@ MAX_OFFSET: Final = 2**63 - 1  # Redis stream ids and counters are 64-bit
 _EPOCH_RE: Final = re.compile(rf"[\x21-\x7e]{{0,{MAX_EPOCH_LENGTH}}}")
 MAX_REF: Final = 2**53  # the largest integer every JSON reader (JavaScript's too) keeps exact
 MAX_REQUESTS_IN_FLIGHT: Final = 16  # publish, rpc and history frames a socket may have unanswered
+# The handshake's Sec-WebSocket-Protocol: a client offers PROTOCOL, and may offer its
+# token as one more entry, BEARER_PREFIX + the JWT (base64url and dots: a header
+# token as it is). The server echoes PROTOCOL only, never the token's entry.
+PROTOCOL: Final = "wsbus.v1"
+BEARER_PREFIX: Final = "wsbus.bearer."
 
 
 class CloseCode(enum.IntEnum):
@@ -319,6 +328,38 @@ def _request(kind: str, frame: Mapping[str, Any]) -> Request:
         _field(frame, ref, "limit", int),
         _field(frame, ref, "before", int),
     )
+
+
+def bearer_token(offered: str | None) -> str | None:
+    """The token a handshake's Sec-WebSocket-Protocol carries, None if it carries none.
+
+    Raises BadFrame when the header offers a token but not PROTOCOL (the
+    server could echo nothing the client asked for) or offers two tokens.
+    """
+    if offered is None or BEARER_PREFIX not in offered:
+        return None  # the common frame-path handshake, without splitting anything
+    entries = [entry.strip() for entry in offered.split(",")]
+    tokens = [entry[len(BEARER_PREFIX) :] for entry in entries if entry.startswith(BEARER_PREFIX)]
+    if not tokens:
+        return None
+    if PROTOCOL not in entries:
+        raise BadFrame(f"a token in Sec-WebSocket-Protocol needs {PROTOCOL} offered too")
+    if len(tokens) > 1:
+        raise BadFrame("Sec-WebSocket-Protocol offers more than one token")
+    return tokens[0]
+
+
+def query_connect(token: str, query: Mapping[str, str]) -> Connect:
+    """A connect made of a token from the handshake and the URL query's `channels`
+    (comma-separated), `since` and `rewind` (JSON, as in the connect frame)."""
+    frame: dict[str, Any] = {"channels": [c for c in query.get("channels", "").split(",") if c]}
+    for name in ("since", "rewind"):
+        if name in query:
+            try:
+                frame[name] = json.loads(query[name])
+            except (ValueError, RecursionError):
+                raise BadFrame(f"{name} is not JSON, or nested too deeply") from None
+    return Connect(token, _channels(frame, required=False), _since(frame), _rewind(frame))
 
 
 def parse_client_frame(text: str | bytes) -> ClientFrame:

@@ -365,9 +365,7 @@ class Subscriptions:
         for channel in revoked:
             connection.release(channel)
         self.drop_interest(emptied)
-        connection.expire_at(
-            asyncio.get_running_loop(), claims.expires_at + self.bus.settings.leeway
-        )
+        connection.expire_at(claims.expires_at + self.bus.settings.leeway)
         self.unsubscribed(connection, revoked, "revoked")
         return revoked
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSMsgType, hdrs, web
 
 from .bus import Bus, SubscribeResult
 from .connection import Connection
@@ -26,6 +26,7 @@ from .protocol import (
     INTERNAL_ERROR,
     KEYS_UNAVAILABLE,
     NO_CONNECT_FRAME,
+    PROTOCOL,
     RATE_LIMITED,
     REFUSED,
     SHUTTING_DOWN,
@@ -41,7 +42,9 @@ from .protocol import (
     Subscribe,
     Unsubscribe,
     bad_request,
+    bearer_token,
     parse_client_frame,
+    query_connect,
     unauthorized,
 )
 from .requests import error_frame
@@ -79,7 +82,16 @@ class WebSocketHandler:
             # Browsers always send Origin; non-browser clients cannot be forged into one.
             if origin is not None and origin not in settings.allowed_origins:
                 raise http_error(web.HTTPForbidden, "origin_not_allowed")
+        try:
+            # Read before aiohttp's handshake, which logs the offered protocols
+            # (the token among them) when none is PROTOCOL.
+            token = bearer_token(request.headers.get(hdrs.SEC_WEBSOCKET_PROTOCOL))
+        except BadFrame as error:
+            raise http_error(
+                web.HTTPBadRequest, "bad_websocket_protocol", reason=str(error)
+            ) from None
         socket = web.WebSocketResponse(
+            protocols=(PROTOCOL,),
             heartbeat=settings.heartbeat,
             # aiohttp refuses a frame of max_msg_size bytes; ours allows exactly that.
             max_msg_size=settings.max_message_size + 1,
@@ -100,9 +112,10 @@ class WebSocketHandler:
                 return socket  # the peer left during the handshake
             self._unauthenticated[socket] = transport
             try:
-                connection = await self._admit(request, socket, transport)
+                connection = await self._admit(request, socket, transport, token)
             finally:
                 self._unauthenticated.pop(socket, None)
+                token = None  # this frame lives as long as the socket: no token kept in it
             # The receive loop lives in this frame on purpose: one coroutine per idle
             # socket, not a stack of them, is memory every connection pays.
             if connection is not None:
@@ -139,9 +152,14 @@ class WebSocketHandler:
         return socket
 
     async def _admit(
-        self, request: web.Request, socket: web.WebSocketResponse, transport: asyncio.Transport
+        self,
+        request: web.Request,
+        socket: web.WebSocketResponse,
+        transport: asyncio.Transport,
+        token: str | None,
     ) -> Connection | None:
-        """Limits, connect frame, token, welcome: the Connection, or None if refused."""
+        """Limits, connect (`token` from the handshake, or the connect frame), welcome:
+        the Connection, or None if refused."""
         limit = self.settings.max_connections
         if limit is not None and self.bus.open_sockets > limit:
             await self._refuse(socket, transport, CONNECTION_LIMIT)
@@ -149,7 +167,7 @@ class WebSocketHandler:
         if not self.bus.broker.is_available:
             await self._refuse(socket, transport, BROKER_UNAVAILABLE)
             return None
-        connect = await self._receive_connect(request, socket)
+        connect = await self._receive_connect(request, socket, token)
         if isinstance(connect, Close):
             await self._refuse(socket, transport, connect)
             return None
@@ -219,13 +237,18 @@ class WebSocketHandler:
         connection.close(RATE_LIMITED)
 
     async def _receive_connect(
-        self, request: web.Request, socket: web.WebSocketResponse
+        self, request: web.Request, socket: web.WebSocketResponse, token: str | None
     ) -> Connect | Close | None:
-        """The connect frame, a Close refusing the socket, or None if the peer left."""
+        """The connect (from the handshake, else the first frame), a Close refusing
+        the socket, or None if the peer left."""
         query = request.query
-        if self.settings.allow_query_token and "token" in query:
-            channels = [c for c in query.get("channels", "").split(",") if c]
-            return Connect(query["token"], list(dict.fromkeys(channels)), {})
+        if token is None and self.settings.allow_query_token and "token" in query:
+            token = query["token"]
+        if token is not None:  # no frame to wait for: the welcome can leave at once
+            try:
+                return query_connect(token, query)
+            except BadFrame as error:
+                return bad_request(error)
         try:
             message = await socket.receive(timeout=self.settings.auth_timeout)
         except TimeoutError:

@@ -16,14 +16,20 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-# The kinds that speak the bus's own protocol (a connect frame, then a welcome).
+from aiohttp_wsbus.protocol import BEARER_PREFIX, PROTOCOL
+
+# The kinds that speak the bus's own protocol (a token, channels, then a welcome).
 BUS_KINDS: Final = (
     "wsbus",
     "wsbus_authz",
     "wsbus_presence",
     "wsbus_limits",
     "wsbus_unlimited",
+    "wsbus_frame",
 )
+# Its clients send the token in a connect frame after the upgrade; every other bus
+# kind's clients offer it in the handshake (Sec-WebSocket-Protocol), as wsbus.js does.
+FRAME_KINDS: Final = ("wsbus_frame",)
 
 _MASK: Final = b"\x00\x00\x00\x00"  # a zero mask: frames go out as they are
 _MESSAGE: Final = b'{"type":"message"'
@@ -48,17 +54,23 @@ class Dialect:
     kind: str
 
     def path(self, token: str, channels: list[str]) -> str:
-        if self.kind in BUS_KINDS:
+        if self.kind in FRAME_KINDS:
             return "/ws"
-        if self.kind == "bare":
+        if self.kind in BUS_KINDS or self.kind == "bare":
             return "/ws?channels=" + ",".join(channels)
         if self.kind == "asgi_ws":
             return "/ws/?token=" + token
         return "/socket.io/?EIO=4&transport=websocket"
 
+    def headers(self, token: str) -> str:
+        """Extra handshake header lines."""
+        if self.kind in BUS_KINDS and self.kind not in FRAME_KINDS:
+            return f"Sec-WebSocket-Protocol: {PROTOCOL}, {BEARER_PREFIX}{token}\r\n"
+        return ""
+
     def first_frame(self, token: str, channels: list[str]) -> bytes | None:
         """What the client sends once upgraded (None: nothing)."""
-        if self.kind in BUS_KINDS:
+        if self.kind in FRAME_KINDS:
             return json.dumps({"type": "connect", "token": token, "channels": channels}).encode()
         return None
 
@@ -115,7 +127,8 @@ class WsClient(asyncio.Protocol):
             (
                 f"GET {self.dialect.path(self.token, self.channels)} HTTP/1.1\r\n"
                 "Host: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+                f"{self.dialect.headers(self.token)}\r\n"
             ).encode()
         )
 

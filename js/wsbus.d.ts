@@ -154,7 +154,7 @@ export interface WebSocketLike {
   close(code?: number, reason?: string): void;
 }
 
-export type WebSocketConstructor = new (url: string) => WebSocketLike;
+export type WebSocketConstructor = new (url: string, protocols?: string[]) => WebSocketLike;
 
 /** The clock the client schedules with; injectable for tests. */
 export interface Timers {
@@ -180,6 +180,13 @@ export interface WsBusOptions {
    * failed: the socket is closed, an `error` reported, and the client backs off. Default 10000.
    */
   connectTimeout?: number;
+  /**
+   * Offer the token in the handshake (`Sec-WebSocket-Protocol: wsbus.v1, wsbus.bearer.TOKEN`,
+   * channels in the URL query) so the server welcomes without a connect frame: one round trip
+   * less. Tokens over 4096 characters, or outside base64url and dots, go in the connect frame
+   * whatever this says. Default true.
+   */
+  tokenInHeader?: boolean;
   /** Start connecting in the constructor. Default true. */
   autoConnect?: boolean;
   /** WebSocket implementation. Default globalThis.WebSocket. */

@@ -39,6 +39,13 @@ const FATAL_CODES = new Set([
 const INTENDED_CODES = new Set([CloseCodes.NORMAL, CloseCodes.SESSION_ENDED]);
 
 const OPEN = 1; // WebSocket.OPEN, without relying on the implementation's statics
+// The token in the handshake (docs/protocol.md): offered as a second subprotocol next to
+// PROTOCOL, the server echoing PROTOCOL only. Past these sizes proxies may refuse the
+// header or the URL, so the connect frame carries the token instead.
+const PROTOCOL = "wsbus.v1";
+const BEARER_PREFIX = "wsbus.bearer.";
+const HEADER_TOKEN = /^[A-Za-z0-9._-]{1,4096}$/;
+const MAX_HANDSHAKE_URL = 4096;
 const MAX_REQUESTS_IN_FLIGHT = 16; // the server answers "limit" past it: the rest wait here
 const MIN_REFRESH_DELAY = 1000; // never refresh in a tight loop, whatever the clocks say
 const RATE_LIMITED_DELAY = 5000; // after 4429 the protocol asks for at least this long
@@ -60,6 +67,7 @@ export class WsBus {
     this._maxDelay = Math.max(options.maxReconnectDelay ?? 20000, this._minDelay);
     this._refreshBefore = options.refreshBefore ?? 30;
     this._connectTimeout = options.connectTimeout ?? 10000;
+    this._tokenInHeader = options.tokenInHeader ?? true;
     this._random = options.random ?? Math.random;
     const timers = options.timers ?? {};
     this._timers = {
@@ -267,9 +275,13 @@ export class WsBus {
       return;
     }
     if (generation !== this._generation) return;
+    const connect = this._connectFields();
+    const handshake = this._tokenInHeader ? handshakeUrl(this._url, token, connect) : null;
     let ws;
     try {
-      ws = new this._WebSocket(this._url);
+      ws = handshake
+        ? new this._WebSocket(handshake, [PROTOCOL, BEARER_PREFIX + token])
+        : new this._WebSocket(this._url);
     } catch (error) {
       // A URL the WebSocket constructor refuses will never work.
       this._emitError(wrapError(error, "cannot create WebSocket"));
@@ -285,9 +297,11 @@ export class WsBus {
       this._emitError(new Error(`WsBus: no welcome from the server within ${this._connectTimeout} ms`));
       this._failAttempt();
     }, this._connectTimeout);
+    this._requested = new Set(connect.channels);
     ws.onopen = () => {
       isOpen = true;
-      if (ws === this._ws) this._sendConnect(token);
+      // With the token in the handshake the welcome is already on its way.
+      if (ws === this._ws && !handshake) this._send({ type: "connect", token, ...connect });
     };
     ws.onmessage = (event) => {
       if (ws === this._ws) this._receive(event.data);
@@ -309,12 +323,12 @@ export class WsBus {
     this._disconnected();
   }
 
-  _sendConnect(token) {
+  /** What a connect asks for: the wanted channels (but those still loading), with `since` and `rewind`. */
+  _connectFields() {
     const channels = [...this._wanted].filter((channel) => !this._loading.has(channel));
-    const frame = { type: "connect", token, channels };
-    this._addPositions(frame, channels);
-    this._requested = new Set(channels);
-    this._send(frame);
+    const fields = { channels };
+    this._addPositions(fields, channels);
+    return fields;
   }
 
   _handleClose(code, reason) {
@@ -916,6 +930,16 @@ function closeError(code, reason) {
   error.code = code;
   error.reason = reason;
   return error;
+}
+
+/** The URL of a handshake carrying `connect`'s fields in its query, or null when the token or the URL would not fit in one. */
+function handshakeUrl(url, token, connect) {
+  if (!HEADER_TOKEN.test(token)) return null;
+  const target = new URL(url);
+  if (connect.channels.length) target.searchParams.set("channels", connect.channels.join(","));
+  if (connect.since) target.searchParams.set("since", JSON.stringify(connect.since));
+  if (connect.rewind) target.searchParams.set("rewind", JSON.stringify(connect.rewind));
+  return target.href.length <= MAX_HANDSHAKE_URL ? target.href : null;
 }
 
 /** Accepts ws(s)://, http(s):// (switched to ws(s)) and, in browsers, paths relative to the page. */

@@ -20,7 +20,7 @@ from pytest_aiohttp import AiohttpClient
 
 import aiohttp_wsbus
 from aiohttp_wsbus.brokers.base import History, HistoryOptions, Published
-from aiohttp_wsbus.connection import Connection, WriteScheduler
+from aiohttp_wsbus.connection import Connection, Expiries, WriteScheduler
 from aiohttp_wsbus.errors import BrokerUnavailable
 from aiohttp_wsbus.protocol import Close, Position
 from aiohttp_wsbus.revocations import Revocation
@@ -458,6 +458,7 @@ def standalone_connection(
     claims: Claims | None = None,
     *,
     scheduler: WriteScheduler | None = None,
+    expiries: Expiries | None = None,
     send_buffer_limit: int = 1 << 20,
 ) -> tuple[Connection, CloseLog]:
     """A Connection on `transport` with no bus around it, and the log of its closes."""
@@ -468,6 +469,7 @@ def standalone_connection(
         transport,
         claims if claims is not None else make_claims(),
         scheduler=scheduler or WriteScheduler(asyncio.get_running_loop()),
+        expiries=expiries or Expiries(asyncio.get_running_loop()),
         send_buffer_limit=send_buffer_limit,
         on_close=log.on_close,
         closer=log.closer,

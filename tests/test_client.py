@@ -4,8 +4,10 @@ drops and restarts, the close-code policy, token refresh."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -429,3 +431,78 @@ async def test_4429_too_many_requests_waits_at_least_the_shared_pause(
             await asyncio.wait({third})
     assert waits == [POLICY["rate_limited"]["min_wait_ms"] / 1000]
     assert events.of("error") == [], "a pause, not a failure"
+
+
+class HandshakeRecorder:
+    """An app with the bus that records each WebSocket handshake's query and protocols."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[dict[str, str], str | None]] = []
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path == "/ws":
+            offered = request.headers.get("Sec-WebSocket-Protocol")
+            self.seen.append((dict(request.query), offered))
+        response: web.StreamResponse = await handler(request)
+        return response
+
+
+@pytest.mark.parametrize("token_in_header", [True, False])
+async def test_the_token_travels_in_the_handshake_unless_told_otherwise(
+    aiohttp_client: AiohttpClient, wsbus_idp: IdentityProvider, token_in_header: bool
+) -> None:
+    recorder = HandshakeRecorder()
+    app = web.Application(middlewares=[recorder.middleware])
+    bus = aiohttp_wsbus.setup(app, **wsbus_idp.settings)
+    http = await aiohttp_client(app)
+    token = wsbus_idp.issue("alice", channels=["chat:*"])
+    client = aiohttp_wsbus.Client(
+        str(http.make_url("/ws")), get_token=lambda: token, token_in_header=token_in_header
+    )
+    async with client, client.subscribe("chat:a") as chat:
+        await bus.publish("chat:a", "one")
+        assert (await chat.receive(WAIT)).data == "one"
+        assert drop_sockets(bus, "alice") == 1
+        await bus.publish("chat:a", "two")
+        second = await chat.receive(WAIT)
+        assert (second.data, second.recovered) == ("two", True)
+    first, again = recorder.seen
+    if token_in_header:
+        assert first == ({"channels": "chat:a"}, f"wsbus.v1,wsbus.bearer.{token}")
+        since = json.loads(again[0]["since"])  # recovery rides in the query too
+        assert since == {"chat:a": {"offset": 1, "epoch": second.epoch}}
+    else:
+        assert recorder.seen == [({}, None), ({}, None)]
+
+
+async def test_a_token_no_header_can_carry_goes_in_the_connect_frame_and_never_in_a_log(
+    aiohttp_client: AiohttpClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    frames: list[tuple[str | None, str]] = []
+
+    async def silent(request: web.Request) -> web.WebSocketResponse:
+        socket = web.WebSocketResponse()
+        await socket.prepare(request)
+        async for message in socket:  # reads the connect frame, never answers
+            frames.append((request.headers.get("Sec-WebSocket-Protocol"), message.data))
+        return socket
+
+    async def refuse(request: web.Request) -> web.Response:
+        raise web.HTTPBadRequest()
+
+    app = web.Application()
+    app.router.add_get("/ws", silent)
+    app.router.add_get("/refusing", refuse)
+    http = await aiohttp_client(app)
+    caplog.set_level(logging.DEBUG)
+    for path, token in [("/ws", "not a header token"), ("/refusing", "secret.header.token")]:
+        client = aiohttp_wsbus.Client(
+            str(http.make_url(path)), get_token=functools.partial(str, token), connect_timeout=0.2
+        )
+        events = Recorder(client)
+        async with client:
+            await events.wait_for("state", "disconnected")
+    assert frames == [(None, '{"type": "connect", "token": "not a header token", "channels": []}')]
+    assert "secret.header.token" not in caplog.text
+    assert "connect to" in caplog.text  # the refused handshake was logged, without its headers

@@ -10,10 +10,11 @@ import time
 from typing import Any
 
 import pytest
-from aiohttp import web
+from aiohttp import hdrs, web
 from pytest_aiohttp import AiohttpClient
 
 import aiohttp_wsbus
+from aiohttp_wsbus.protocol import PROTOCOL, bearer_token, query_connect
 
 from .support import WAIT
 
@@ -27,9 +28,15 @@ class ScriptedServer:
         self.url = ""
 
     async def handle(self, request: web.Request) -> web.WebSocketResponse:
-        socket = web.WebSocketResponse()
+        token = bearer_token(request.headers.get(hdrs.SEC_WEBSOCKET_PROTOCOL))
+        socket = web.WebSocketResponse(protocols=(PROTOCOL,))
         await socket.prepare(request)
         self.socket = socket
+        if token is not None:  # the handshake carried the connect: record it as its frame
+            connect = query_connect(token, request.query)
+            since = {channel: p.as_json() for channel, p in connect.since.items()}
+            frame = {"type": "connect", "token": token, "channels": connect.channels}
+            await self.received.put(frame | ({"since": since} if since else {}))
         async for message in socket:
             await self.received.put(json.loads(message.data))
         return socket
@@ -82,8 +89,9 @@ async def test_repeats_are_dropped_and_holes_or_new_epochs_are_flagged(
     client = aiohttp_wsbus.Client(scripted.url, get_token=lambda: "token")
     gaps: list[tuple[str, bool]] = []
     client.on("recovered", lambda channel, ok: gaps.append((channel, ok)))
+    # Wanted before the client connects: the connect (its handshake) asks for it.
+    entering = asyncio.create_task(client.subscribe("feed").__aenter__())
     async with client:
-        entering = asyncio.create_task(client.subscribe("feed").__aenter__())
         await scripted.welcome(positions={"feed": {"offset": 0, "epoch": "~1-ab"}})
         async with asyncio.timeout(WAIT):
             feed = await entering
@@ -138,8 +146,9 @@ async def test_a_refresh_that_revokes_a_channel_ends_its_subscription(
     scripted: ScriptedServer,
 ) -> None:
     client = aiohttp_wsbus.Client(scripted.url, get_token=lambda: "token")
+    # Wanted before the client connects: the connect (its handshake) asks for it.
+    entering = asyncio.create_task(client.subscribe("feed").__aenter__())
     async with client:
-        entering = asyncio.create_task(client.subscribe("feed").__aenter__())
         await scripted.welcome()
         async with asyncio.timeout(WAIT):
             feed = await entering
@@ -150,8 +159,9 @@ async def test_a_refresh_that_revokes_a_channel_ends_its_subscription(
 
 async def test_reconnect_asks_to_recover_from_the_last_position(scripted: ScriptedServer) -> None:
     client = aiohttp_wsbus.Client(scripted.url, get_token=lambda: "token", min_reconnect_delay=0.01)
+    # Wanted before the client connects: the connect (its handshake) asks for it.
+    entering = asyncio.create_task(client.subscribe("feed").__aenter__())
     async with client:
-        entering = asyncio.create_task(client.subscribe("feed").__aenter__())
         await scripted.welcome()
         async with asyncio.timeout(WAIT):
             feed = await entering
@@ -168,9 +178,10 @@ async def test_an_ephemeral_message_between_a_failed_recovery_and_the_next_messa
     scripted: ScriptedServer,
 ) -> None:
     client = aiohttp_wsbus.Client(scripted.url, get_token=lambda: "token")
+    since = aiohttp_wsbus.Position(3, "e1")
+    # Wanted before the client connects: the connect (its handshake) asks for it.
+    entering = asyncio.create_task(client.subscribe("feed", since=since).__aenter__())
     async with client:
-        since = aiohttp_wsbus.Position(3, "e1")
-        entering = asyncio.create_task(client.subscribe("feed", since=since).__aenter__())
         connect = await scripted.welcome(
             recovered={"feed": False}, positions={"feed": {"offset": 9, "epoch": "e2"}}
         )

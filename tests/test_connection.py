@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket as stdlib_socket
 import time
+import weakref
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from typing import Any
+
+import pytest
 
 from aiohttp_wsbus.brokers.base import Message
-from aiohttp_wsbus.connection import WriteScheduler
+from aiohttp_wsbus.connection import Expiries, WriteScheduler
 from aiohttp_wsbus.protocol import (
     CLIENT_GONE,
     SLOW_CONSUMER,
@@ -154,21 +161,67 @@ async def test_4002_is_for_a_buffer_over_the_limit_not_at_it() -> None:
 async def test_expiry_closes_4001_and_leaves() -> None:
     async with loopback_transport() as (transport, _):
         connection, log = standalone_connection(transport)
-        connection.expire_at(asyncio.get_running_loop(), time.time() + 0.05)
+        connection.expire_at(time.time() + 0.05)
         assert await log.wait() == TOKEN_EXPIRED
         assert log.forgotten == [connection]
 
 
 async def test_a_refresh_moves_the_expiry() -> None:
-    loop = asyncio.get_running_loop()
     async with loopback_transport() as (transport, _):
         connection, log = standalone_connection(transport)
-        connection.expire_at(loop, time.time() + 0.05)
+        connection.expire_at(time.time() + 0.05)
         later = time.time() + 0.3
-        connection.expire_at(loop, later)
+        connection.expire_at(later)
         assert await log.wait() == TOKEN_EXPIRED
         assert time.time() >= later - 0.01  # the first deadline no longer counts
         assert log.closes == [TOKEN_EXPIRED]
+
+
+async def test_sockets_share_one_loop_timer_and_expire_in_deadline_order(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    loop = asyncio.get_running_loop()
+    expiries = Expiries(loop)
+    timers: list[float] = []
+    call_later = loop.call_later
+
+    def counted(delay: float, callback: Callable[..., object], *args: Any) -> asyncio.TimerHandle:
+        if getattr(callback, "__self__", None) is expiries:
+            timers.append(delay)
+        return call_later(delay, callback, *args)
+
+    monkeypatch.setattr(loop, "call_later", counted)
+    async with AsyncExitStack() as stack:
+        transports = [await stack.enter_async_context(loopback_transport()) for _ in range(4)]
+        made = [standalone_connection(transport, expiries=expiries) for transport, _ in transports]
+        soon, later = time.time() + 0.05, time.time() + 0.15
+        for connection, _ in made[:3]:
+            connection.expire_at(soon)
+        made[3][0].expire_at(later)
+        assert len(timers) == 1  # one timer for the earliest deadline, not one per socket
+        made[1][0].close(CLIENT_GONE)  # a closed socket leaves the wheel
+        assert await made[3][1].wait() == TOKEN_EXPIRED
+        assert time.time() >= later - 0.01
+        assert [log.closes for _, log in made] == [
+            [TOKEN_EXPIRED],
+            [CLIENT_GONE],
+            [TOKEN_EXPIRED],
+            [TOKEN_EXPIRED],
+        ]
+        assert len(timers) == 2
+
+
+async def test_a_closed_connection_is_not_kept_alive_until_its_deadline() -> None:
+    expiries = Expiries(asyncio.get_running_loop())
+    async with loopback_transport() as (transport, _):
+        connection, log = standalone_connection(transport, expiries=expiries)
+        connection.expire_at(time.time() + 3600)
+        connection.close(CLIENT_GONE)
+        connection.expire_at(time.time() + 7200)  # a refresh racing the close files nothing
+        gone = weakref.ref(connection)
+        del connection, log  # the log keeps what it was told
+        gc.collect()
+        assert gone() is None
 
 
 async def test_live_messages_wait_while_their_channel_is_held() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import gc
+import inspect
 import json
 import os
 import socket as stdlib_socket
@@ -13,10 +14,11 @@ import pytest
 from aiohttp import web
 from pytest_aiohttp import AiohttpClient
 
-from aiohttp_wsbus.protocol import Connect, encode_data, encode_message
+from aiohttp_wsbus.protocol import BEARER_PREFIX, PROTOCOL, Connect, encode_data, encode_message
+from aiohttp_wsbus.websocket import WebSocketHandler
 
 from .conftest import JwksServer, MakeToken
-from .support import WAIT, RawClient, eventually, read_raw_frame, start_bus
+from .support import WAIT, RawClient, eventually, next_frame, read_raw_frame, start_bus
 
 
 async def open_raw(port: int) -> stdlib_socket.socket:
@@ -80,11 +82,46 @@ async def test_connect_frame_is_not_kept_once_the_socket_is_welcomed(
 ) -> None:
     # The connect frame holds the token (most of a KB): a socket lives for hours.
     server = await start_bus(aiohttp_client, jwks_server.url)
-    sockets = [
-        (await server.open(make_token(sub=f"user{n}"), ["chat:a"]))[0] for n in range(3)
-    ]
+    sockets = [(await server.open(make_token(sub=f"user{n}"), ["chat:a"]))[0] for n in range(3)]
     await eventually(lambda: len(server.bus.connections) == 3)
     gc.collect()
     assert [o for o in gc.get_objects() if isinstance(o, Connect)] == []
     for socket in sockets:
         await socket.close()
+
+
+async def test_a_handshake_token_is_not_kept_in_the_socket_s_handler(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
+) -> None:
+    # The handler's frame runs the receive loop: it lives as long as the socket.
+    server = await start_bus(aiohttp_client, jwks_server.url)
+    token = make_token(channels=["chat:a"])
+    socket = await server.client.ws_connect(
+        "/ws", params={"channels": "chat:a"}, protocols=(PROTOCOL, BEARER_PREFIX + token)
+    )
+    assert (await next_frame(socket))["type"] == "welcome"
+    handlers = [
+        o
+        for o in gc.get_objects()
+        if inspect.iscoroutine(o) and o.cr_code is WebSocketHandler.handle.__code__
+    ]
+    assert len(handlers) == 1
+    frame = handlers[0].cr_frame
+    assert frame is not None
+    assert token not in frame.f_locals.values()
+    assert [o for o in gc.get_objects() if isinstance(o, Connect)] == []
+    await socket.close()
+
+
+async def test_connections_share_the_bus_s_callbacks_and_expiry_timer(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
+) -> None:
+    # A bound method made per socket, or a timer per socket, is memory each one holds.
+    server = await start_bus(aiohttp_client, jwks_server.url)
+    for n in range(2):
+        await server.open(make_token(sub=f"user{n}"), [])
+    await eventually(lambda: len(server.bus.connections) == 2)
+    one, two = server.bus.connections
+    assert one._on_close is two._on_close
+    assert one._closer is two._closer
+    assert one._expiries is two._expiries

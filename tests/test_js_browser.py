@@ -13,10 +13,11 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import WSMsgType, web
+from aiohttp import WSMsgType, hdrs, web
 from playwright.async_api import Browser, Page
 
 import aiohttp_wsbus
+from aiohttp_wsbus.protocol import PROTOCOL, bearer_token, query_connect
 
 from .conftest import AUDIENCE, ISSUER, JwksServer, MakeToken
 from .redis_node import API_KEY as NODE_API_KEY
@@ -33,7 +34,9 @@ RECONNECTED_ONCE = ["connecting", "connected", "disconnected", "connecting", "co
 # `sockets` counts the WebSockets made, `backoffs` the backoff delays drawn; `window.bus`
 # is the client itself, for tests that subscribe more.
 # `?bus=PATH&connectTimeout=MS` points it elsewhere (the scripted socket); `?user=NAME`
-# asks for NAME's token, which may read presence (on a PageServer that keeps it).
+# asks for NAME's token, which may read presence (on a PageServer that keeps it);
+# `?tokenInHeader=false` sends the token in a connect frame. `window.opened` holds
+# every WebSocket made.
 PAGE = """<!doctype html>
 <meta charset="utf-8">
 <title>wsbus browser test</title>
@@ -45,7 +48,7 @@ PAGE = """<!doctype html>
   Object.assign(window, {
     received: [], states: [], subscribed: [], recovered: [], errors: [], denied: [],
     disconnected: [], presence: [], joins: [], leaves: [], sockets: 0, backoffs: 0,
-    reuseToken: false,
+    reuseToken: false, opened: [],
   });
   window.holdTokens = () => {
     let release;
@@ -58,9 +61,10 @@ PAGE = """<!doctype html>
   };
 
   class CountedWebSocket extends WebSocket {
-    constructor(url) {
-      super(url);
+    constructor(url, protocols) {
+      super(url, protocols);
       window.sockets += 1;
+      window.opened.push(this);
     }
   }
 
@@ -84,6 +88,7 @@ PAGE = """<!doctype html>
     },
   };
   if (params.has("connectTimeout")) options.connectTimeout = Number(params.get("connectTimeout"));
+  if (params.has("tokenInHeader")) options.tokenInHeader = params.get("tokenInHeader") === "true";
   const bus = (window.bus = new WsBus(params.get("bus") ?? "/ws", options));
   bus.on("state", (state) => window.states.push(state));
   bus.on("subscribed", (channel, meta) => window.subscribed.push([channel, meta]));
@@ -114,8 +119,9 @@ class ScriptedConnection:
 
 
 class ScriptedSockets:
-    """A WebSocket endpoint that stands in for the bus: it answers each connect frame
-    with the frames in `script` (none: it never answers) and records every socket."""
+    """A WebSocket endpoint that stands in for the bus: it answers each connect (the
+    frame, or a handshake carrying the token) with the frames in `script` (none: it
+    never answers) and records every socket."""
 
     def __init__(self) -> None:
         self.script: list[dict[str, Any]] = []
@@ -123,10 +129,16 @@ class ScriptedSockets:
         self._changed = asyncio.Condition()
 
     async def handle(self, request: web.Request) -> web.WebSocketResponse:
-        socket = web.WebSocketResponse()
+        token = bearer_token(request.headers.get(hdrs.SEC_WEBSOCKET_PROTOCOL))
+        socket = web.WebSocketResponse(protocols=(PROTOCOL,))
         await socket.prepare(request)
         loop = asyncio.get_running_loop()
         connection = ScriptedConnection(opened_at=loop.time())
+        if token is not None:
+            connect = query_connect(token, request.query)
+            connection.connect = {"type": "connect", "token": token, "channels": connect.channels}
+            for frame in self.script:
+                await socket.send_json(frame)
         await self._record(lambda: self.connections.append(connection))
         async for message in socket:
             if message.type is WSMsgType.TEXT and connection.connect is None:
@@ -330,6 +342,22 @@ async def test_page_receives_again_after_a_server_restart(
     assert states[-1] == "connected"
     # A reconnect attempt may have found the server down while fetching its token.
     assert set(await page.evaluate("window.errors")) <= {"TypeError: Failed to fetch"}
+
+
+@pytest.mark.parametrize(
+    ("query", "protocol", "url_query"),
+    [("", PROTOCOL, "?channels=chat%3Alobby"), ("?tokenInHeader=false", "", "")],
+)
+async def test_page_offers_its_token_in_the_handshake_unless_told_to_send_a_connect_frame(
+    browser: Browser, page_server: PageServer, query: str, protocol: str, url_query: str
+) -> None:
+    async with load_page(browser, page_server.url + query) as page:
+        await wait_until(page, "window.states.includes('connected')")
+        await page_server.publish("hello")
+        await wait_until(page, "window.received.length === 1")
+        opened = await page.evaluate("window.opened.map((s) => [s.protocol, s.url])")
+        assert opened == [[protocol, f"ws://127.0.0.1:{page_server.port}/ws{url_query}"]]
+        assert await page.evaluate("window.errors") == []
 
 
 async def test_page_recovers_what_was_published_while_its_socket_was_down(

@@ -13,6 +13,8 @@ import pytest
 from aiohttp import WSMsgType
 from pytest_aiohttp import AiohttpClient
 
+from aiohttp_wsbus.protocol import BEARER_PREFIX, PROTOCOL
+
 from .conftest import JwksServer, MakeToken
 from .support import (
     WAIT,
@@ -430,3 +432,134 @@ async def test_since_entries_are_answered_for_the_channels_asked_for(
     assert answer["subscribed"] == ["chat:a", "chat:b"]
     # chat:a was live on this socket all along; chat:c was not asked for.
     assert answer["recovered"] == {"chat:a": True}
+
+
+# -- the token in the handshake (Sec-WebSocket-Protocol) ------------------
+
+
+def bearer(token: str) -> tuple[str, str]:
+    return (PROTOCOL, BEARER_PREFIX + token)
+
+
+async def test_a_token_in_the_handshake_is_welcomed_without_a_frame(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
+) -> None:
+    server = await start_bus(aiohttp_client, jwks_server.url)
+    token = make_token(sub="alice", channels=["chat:*"])
+    socket = await server.client.ws_connect(
+        "/ws", params={"channels": "chat:a,news,chat:a"}, protocols=bearer(token)
+    )
+    assert socket.protocol == PROTOCOL  # the token's entry is never echoed
+    welcome = await next_frame(socket)
+    assert welcome["type"] == "welcome"
+    assert welcome["user"] == "alice"
+    assert welcome["subscribed"] == ["chat:a"]
+    assert welcome["denied"] == {"news": "forbidden"}
+    await server.bus.publish("chat:a", 1)
+    assert (await next_frame(socket))["data"] == 1
+    await socket.send_json({"type": "connect", "token": token})
+    assert await close_code(socket) == 4400  # the handshake was the connect
+
+
+async def test_the_handshake_carries_since_and_rewind_in_the_query(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
+) -> None:
+    server = await start_bus(aiohttp_client, jwks_server.url)
+    token = make_token(channels=["chat:*"])
+    first = await server.bus.publish("chat:a", "one")
+    await server.bus.publish("chat:a", "two")
+    for name in ("b", "c"):
+        await server.bus.publish(f"chat:{name}", name)
+    since = {"chat:a": {"offset": 1, "epoch": first.epoch}}
+    socket = await server.client.ws_connect(
+        "/ws",
+        params={
+            "channels": "chat:a,chat:b",
+            "since": json.dumps(since),
+            "rewind": json.dumps({"chat:b": 1}),
+        },
+        protocols=bearer(token),
+    )
+    welcome = await next_frame(socket)
+    assert welcome["recovered"] == {"chat:a": True}
+    replayed = [await next_frame(socket) for _ in range(2)]
+    assert sorted((frame["channel"], frame["data"]) for frame in replayed) == [
+        ("chat:a", "two"),
+        ("chat:b", "b"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("token", "query", "expected"),
+    [
+        ("garbage", {}, (4401, "token malformed")),
+        ("", {}, (4401, "token missing")),
+        (None, {"since": "{not json"}, (4400, "since is not JSON, or nested too deeply")),
+        (None, {"rewind": '{"chat:a": -1}'}, (4400, "rewind must map channels to integers >= 0")),
+    ],
+)
+async def test_a_bad_handshake_token_or_query_closes_as_the_connect_frame_would(
+    aiohttp_client: AiohttpClient,
+    jwks_server: JwksServer,
+    make_token: MakeToken,
+    token: str | None,
+    query: dict[str, str],
+    expected: tuple[int, str],
+) -> None:
+    server = await start_bus(aiohttp_client, jwks_server.url)
+    offered = make_token() if token is None else token
+    socket = await server.client.ws_connect("/ws", params=query, protocols=bearer(offered))
+    assert await close_frame(socket) == expected
+
+
+async def test_an_expired_handshake_token_closes_4401_expired(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
+) -> None:
+    server = await start_bus(aiohttp_client, jwks_server.url, leeway=0)
+    socket = await server.client.ws_connect("/ws", protocols=bearer(make_token(exp_in=-10)))
+    assert await close_frame(socket) == (4401, "token expired")
+
+
+@pytest.mark.parametrize(
+    ("offered", "reason"),
+    [
+        ("wsbus.bearer.T", "a token in Sec-WebSocket-Protocol needs wsbus.v1 offered too"),
+        ("other, wsbus.bearer.T", "a token in Sec-WebSocket-Protocol needs wsbus.v1 offered too"),
+        (
+            "wsbus.v1, wsbus.bearer.T, wsbus.bearer.U",
+            "Sec-WebSocket-Protocol offers more than one token",
+        ),
+    ],
+)
+async def test_a_malformed_protocol_offer_is_refused_before_the_upgrade_and_never_logged(
+    aiohttp_client: AiohttpClient,
+    jwks_server: JwksServer,
+    caplog: pytest.LogCaptureFixture,
+    offered: str,
+    reason: str,
+) -> None:
+    server = await start_bus(aiohttp_client, jwks_server.url)
+    headers = {
+        "Upgrade": "websocket",
+        "Connection": "Upgrade",
+        "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode(),
+        "Sec-WebSocket-Version": "13",
+        "Sec-WebSocket-Protocol": offered,
+    }
+    with caplog.at_level(logging.DEBUG):
+        response = await server.client.get("/ws", headers=headers)
+        assert response.status == 400
+        assert await response.json() == {"error": "bad_websocket_protocol", "reason": reason}
+    assert "wsbus.bearer.T" not in caplog.text
+
+
+async def test_the_connect_frame_path_still_works_with_the_protocol_offered(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
+) -> None:
+    server = await start_bus(aiohttp_client, jwks_server.url)
+    socket = await server.client.ws_connect("/ws", protocols=(PROTOCOL,))
+    assert socket.protocol == PROTOCOL
+    await socket.send_json(
+        {"type": "connect", "token": make_token(channels=["a"]), "channels": ["a"]}
+    )
+    assert (await next_frame(socket))["subscribed"] == ["a"]

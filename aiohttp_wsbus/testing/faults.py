@@ -3,8 +3,6 @@ expired now (the broker's outage lives in capture.py, next to what watches publi
 
 from __future__ import annotations
 
-import asyncio
-
 from ..bus import Bus
 
 __all__ = ["drop_sockets", "expire_tokens"]
@@ -22,8 +20,7 @@ def drop_sockets(bus: Bus, user: str) -> int:
 def expire_tokens(bus: Bus, user: str) -> int:
     """Treat the tokens of `user`'s sockets as expired now: each is closed with 4001
     (clients fetch a fresh token and reconnect); return how many."""
-    loop = asyncio.get_running_loop()
     connections = bus.connections.of(user)
     for connection in connections:
-        connection.expire_at(loop, 0.0)
+        connection.expire_at(0.0)
     return len(connections)

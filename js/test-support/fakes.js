@@ -54,10 +54,12 @@ export function settle() {
 export function fakeWebSocketClass() {
   const sockets = [];
   class FakeWebSocket {
-    constructor(url) {
+    constructor(url, protocols) {
       this.url = url;
+      this.protocols = protocols;
       this.readyState = 0;
-      this.sent = [];
+      // A token offered in the handshake is recorded as the connect frame it replaces.
+      this.sent = protocols ? [handshakeConnect(url, protocols)] : [];
       this.closedByClient = null;
       this.onopen = this.onmessage = this.onclose = this.onerror = null;
       sockets.push(this);
@@ -101,6 +103,18 @@ export function fakeWebSocketClass() {
     }
   }
   return { FakeWebSocket, sockets };
+}
+
+/** The connect a handshake carries (docs/protocol.md): the token from its protocols, the rest from its query. */
+export function handshakeConnect(url, protocols) {
+  assert.equal(protocols.length, 2);
+  assert.equal(protocols[0], "wsbus.v1");
+  assert.ok(protocols[1].startsWith("wsbus.bearer."));
+  const query = new URL(url).searchParams;
+  const frame = { type: "connect", token: protocols[1].slice("wsbus.bearer.".length) };
+  frame.channels = query.get("channels")?.split(",") ?? [];
+  for (const name of ["since", "rewind"]) if (query.has(name)) frame[name] = JSON.parse(query.get(name));
+  return frame;
 }
 
 // Every test file that imports this module fails on any unhandled rejection.

@@ -3,11 +3,34 @@ import assert from "node:assert/strict";
 import { CloseCodes, WsBus } from "../wsbus.js";
 import { harness, settle } from "../test-support/fakes.js";
 
-test("the first frame is connect with a fresh token and every channel, without since", async () => {
-  const h = harness({ channels: ["a", "b"] });
+test("the handshake offers a fresh token as a subprotocol and every channel in the query, without since", async () => {
+  const h = harness({ channels: ["a", "b"], tokens: ["aaa.bbb.c-_9"] });
+  const hello = await h.open();
+  assert.deepEqual(h.socket.protocols, ["wsbus.v1", "wsbus.bearer.aaa.bbb.c-_9"]);
+  assert.equal(h.socket.url, "ws://bus.test/ws?channels=a%2Cb");
+  assert.deepEqual(hello, { type: "connect", token: "aaa.bbb.c-_9", channels: ["a", "b"] });
+  assert.equal(h.socket.sent.length, 1); // no connect frame after the upgrade
+});
+
+test("with tokenInHeader: false the first frame is connect with a fresh token and every channel", async () => {
+  const h = harness({ channels: ["a", "b"], tokenInHeader: false });
   const hello = await h.open();
   assert.deepEqual(hello, { type: "connect", token: "token-1", channels: ["a", "b"] });
   assert.equal(h.socket.url, "ws://bus.test/ws");
+  assert.equal(h.socket.protocols, undefined);
+});
+
+test("a token no header may carry, or a URL too long, goes in the connect frame", async () => {
+  const long = "x".repeat(4097);
+  const channels = Array.from({ length: 400 }, (_, n) => `channel:${n}`);
+  for (const [token, wanted] of [["a b", ["a"]], ["a,b", ["a"]], [long, ["a"]], ["t", channels]]) {
+    const h = harness({ channels: wanted, tokens: [token] });
+    const hello = await h.open();
+    assert.equal(h.socket.protocols, undefined);
+    assert.equal(h.socket.url, "ws://bus.test/ws");
+    assert.deepEqual(hello, { type: "connect", token, channels: wanted });
+    h.bus.close();
+  }
 });
 
 test("state goes connecting then connected only once welcomed", async () => {

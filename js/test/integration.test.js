@@ -230,6 +230,32 @@ it("receives a published message on its channel, and nothing from other channels
   assert.deepEqual(seen.errors, []);
 });
 
+it("offers the token in the handshake (the server echoes wsbus.v1 only), or a connect frame when told", async (t) => {
+  const opened = [];
+  class RecordedWebSocket extends globalThis.WebSocket {
+    constructor(url, protocols) {
+      super(url, protocols);
+      opened.push(this);
+    }
+  }
+  for (const tokenInHeader of [true, false]) {
+    const { bus, seen } = connect(t, { WebSocket: RecordedWebSocket, tokenInHeader });
+    const received = record(bus, "chat:handshake");
+    await until(() => bus.state === "connected", "connected");
+    await server.publish("chat:handshake", tokenInHeader);
+    await until(() => received.length === 1, "the message");
+    assert.deepEqual(seen.errors, []);
+    bus.close();
+  }
+  assert.deepEqual(
+    opened.map((socket) => [socket.protocol, socket.url]),
+    [
+      ["wsbus.v1", `ws://127.0.0.1:${server.port}/ws?channels=chat%3Ahandshake`],
+      ["", `ws://127.0.0.1:${server.port}/ws`],
+    ],
+  );
+});
+
 it("reports a channel the token does not grant as denied, and still serves the others", async (t) => {
   const { bus, seen } = connect(t, { channels: ["chat:ok", "secret:x"] });
   const ok = record(bus, "chat:ok");

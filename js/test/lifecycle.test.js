@@ -61,7 +61,7 @@ test("close() while getToken is pending: no socket is ever created", async () =>
 });
 
 test("close() before the socket opens abandons it without sending", async () => {
-  const h = harness();
+  const h = harness({ tokenInHeader: false });
   h.bus.connect();
   await settle();
   const socket = h.socket;
