@@ -90,8 +90,9 @@ class Client:
     client), the refresh `refresh_before` the token's exp, `connect_timeout`
     from the socket to the welcome. A subscription holds at most `max_queued`
     unread messages; then reading the socket waits for the application.
-    With `token_in_header` (the default) the token travels in the handshake
-    (docs/protocol.md) when it fits there, else in a connect frame.
+    With `token_in_header` the token travels in the handshake (docs/protocol.md)
+    when it fits there, else in a connect frame (the default: see the protocol
+    for what each costs).
     """
 
     def __init__(
@@ -107,7 +108,7 @@ class Client:
         heartbeat: float | None = 30.0,
         max_queued: int = 1000,
         random_value: Callable[[], float] = random.random,
-        token_in_header: bool = True,
+        token_in_header: bool = False,
     ) -> None:
         if url.startswith("http"):
             url = "ws" + url.removeprefix("http")

@@ -25,11 +25,12 @@ BUS_KINDS: Final = (
     "wsbus_presence",
     "wsbus_limits",
     "wsbus_unlimited",
-    "wsbus_frame",
+    "wsbus_header",
 )
-# Its clients send the token in a connect frame after the upgrade; every other bus
-# kind's clients offer it in the handshake (Sec-WebSocket-Protocol), as wsbus.js does.
-FRAME_KINDS: Final = ("wsbus_frame",)
+# Its clients offer the token in the handshake (Sec-WebSocket-Protocol), as wsbus.js
+# does with tokenInHeader; every other bus kind's clients send a connect frame after
+# the upgrade, as the clients do by default.
+HEADER_KINDS: Final = ("wsbus_header",)
 
 _MASK: Final = b"\x00\x00\x00\x00"  # a zero mask: frames go out as they are
 _MESSAGE: Final = b'{"type":"message"'
@@ -54,9 +55,9 @@ class Dialect:
     kind: str
 
     def path(self, token: str, channels: list[str]) -> str:
-        if self.kind in FRAME_KINDS:
+        if self.kind in BUS_KINDS and self.kind not in HEADER_KINDS:
             return "/ws"
-        if self.kind in BUS_KINDS or self.kind == "bare":
+        if self.kind in HEADER_KINDS or self.kind == "bare":
             return "/ws?channels=" + ",".join(channels)
         if self.kind == "asgi_ws":
             return "/ws/?token=" + token
@@ -64,13 +65,13 @@ class Dialect:
 
     def headers(self, token: str) -> str:
         """Extra handshake header lines."""
-        if self.kind in BUS_KINDS and self.kind not in FRAME_KINDS:
+        if self.kind in HEADER_KINDS:
             return f"Sec-WebSocket-Protocol: {PROTOCOL}, {BEARER_PREFIX}{token}\r\n"
         return ""
 
     def first_frame(self, token: str, channels: list[str]) -> bytes | None:
         """What the client sends once upgraded (None: nothing)."""
-        if self.kind in FRAME_KINDS:
+        if self.kind in BUS_KINDS and self.kind not in HEADER_KINDS:
             return json.dumps({"type": "connect", "token": token, "channels": channels}).encode()
         return None
 

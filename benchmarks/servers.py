@@ -43,8 +43,8 @@ from .system import pin_to_core, raise_fd_limit
 # wsbus_limits / wsbus_unlimited: the bus with every abuse limit on (the socket
 # rates, sockets per user, the emit rate, none of them reached) / every one off,
 # to price the limits.
-# wsbus_frame: the bus, its clients sending the token in a connect frame after the
-# upgrade instead of in the handshake, to price the handshake against the frame.
+# wsbus_header: the bus, its clients offering the token in the handshake (as
+# wsbus.js does with tokenInHeader) instead of a connect frame, to price the two.
 KINDS: Final = (
     "wsbus",
     "bare",
@@ -54,7 +54,7 @@ KINDS: Final = (
     "wsbus_presence",
     "wsbus_limits",
     "wsbus_unlimited",
-    "wsbus_frame",
+    "wsbus_header",
 )
 # The comparisons run when asked for by name (--servers).
 DEFAULT_KINDS: Final = ("wsbus", "bare", "asgi_ws", "socketio")
@@ -85,7 +85,7 @@ EMIT_PATH: Final = {
     "wsbus_limits": "/ws/emit",
     "wsbus_unlimited": "/ws/emit",
     "wsbus_presence": "/ws/emit",
-    "wsbus_frame": "/ws/emit",
+    "wsbus_header": "/ws/emit",
     "bare": "/emit",
     "asgi_ws": "/ws/emmit",
     "socketio": "/emit",

@@ -67,7 +67,7 @@ export class WsBus {
     this._maxDelay = Math.max(options.maxReconnectDelay ?? 20000, this._minDelay);
     this._refreshBefore = options.refreshBefore ?? 30;
     this._connectTimeout = options.connectTimeout ?? 10000;
-    this._tokenInHeader = options.tokenInHeader ?? true;
+    this._tokenInHeader = options.tokenInHeader ?? false;
     this._random = options.random ?? Math.random;
     const timers = options.timers ?? {};
     this._timers = {

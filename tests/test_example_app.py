@@ -510,8 +510,8 @@ async def test_signing_in_and_chatting_meets_no_404_or_other_error(
     await bob.say("everything loaded")
     await expect(bob.view("chat:lobby")).to_contain_text("everything loaded", timeout=WAIT_MS)
     await bob.page.close()  # the socket's line is logged when it closes
-    # Its request line carries the channels (the token travels in a header, never logged).
-    await eventually(lambda: any(" /ws?channels=" in line for line in example.access_log))
+    # Its request line carries nothing but the path: the token travels in the connect frame.
+    await eventually(lambda: any("GET /ws HTTP" in line for line in example.access_log))
     # Chromium asks for an icon on its own: the page names one that exists.
     await eventually(lambda: any("favicon" in line for line in example.access_log))
     answered = [line.rsplit(" ", 1) for line in example.access_log]

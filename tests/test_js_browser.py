@@ -35,7 +35,7 @@ RECONNECTED_ONCE = ["connecting", "connected", "disconnected", "connecting", "co
 # is the client itself, for tests that subscribe more.
 # `?bus=PATH&connectTimeout=MS` points it elsewhere (the scripted socket); `?user=NAME`
 # asks for NAME's token, which may read presence (on a PageServer that keeps it);
-# `?tokenInHeader=false` sends the token in a connect frame. `window.opened` holds
+# `?tokenInHeader=true` offers the token in the handshake. `window.opened` holds
 # every WebSocket made.
 PAGE = """<!doctype html>
 <meta charset="utf-8">
@@ -346,9 +346,9 @@ async def test_page_receives_again_after_a_server_restart(
 
 @pytest.mark.parametrize(
     ("query", "protocol", "url_query"),
-    [("", PROTOCOL, "?channels=chat%3Alobby"), ("?tokenInHeader=false", "", "")],
+    [("?tokenInHeader=true", PROTOCOL, "?channels=chat%3Alobby"), ("", "", "")],
 )
-async def test_page_offers_its_token_in_the_handshake_unless_told_to_send_a_connect_frame(
+async def test_page_sends_a_connect_frame_unless_told_to_offer_its_token_in_the_handshake(
     browser: Browser, page_server: PageServer, query: str, protocol: str, url_query: str
 ) -> None:
     async with load_page(browser, page_server.url + query) as page:

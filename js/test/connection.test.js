@@ -4,7 +4,7 @@ import { CloseCodes, WsBus } from "../wsbus.js";
 import { harness, settle } from "../test-support/fakes.js";
 
 test("the handshake offers a fresh token as a subprotocol and every channel in the query, without since", async () => {
-  const h = harness({ channels: ["a", "b"], tokens: ["aaa.bbb.c-_9"] });
+  const h = harness({ channels: ["a", "b"], tokens: ["aaa.bbb.c-_9"], tokenInHeader: true });
   const hello = await h.open();
   assert.deepEqual(h.socket.protocols, ["wsbus.v1", "wsbus.bearer.aaa.bbb.c-_9"]);
   assert.equal(h.socket.url, "ws://bus.test/ws?channels=a%2Cb");
@@ -12,8 +12,8 @@ test("the handshake offers a fresh token as a subprotocol and every channel in t
   assert.equal(h.socket.sent.length, 1); // no connect frame after the upgrade
 });
 
-test("with tokenInHeader: false the first frame is connect with a fresh token and every channel", async () => {
-  const h = harness({ channels: ["a", "b"], tokenInHeader: false });
+test("by default the first frame is connect with a fresh token and every channel", async () => {
+  const h = harness({ channels: ["a", "b"] });
   const hello = await h.open();
   assert.deepEqual(hello, { type: "connect", token: "token-1", channels: ["a", "b"] });
   assert.equal(h.socket.url, "ws://bus.test/ws");
@@ -24,7 +24,7 @@ test("a token no header may carry, or a URL too long, goes in the connect frame"
   const long = "x".repeat(4097);
   const channels = Array.from({ length: 400 }, (_, n) => `channel:${n}`);
   for (const [token, wanted] of [["a b", ["a"]], ["a,b", ["a"]], [long, ["a"]], ["t", channels]]) {
-    const h = harness({ channels: wanted, tokens: [token] });
+    const h = harness({ channels: wanted, tokens: [token], tokenInHeader: true });
     const hello = await h.open();
     assert.equal(h.socket.protocols, undefined);
     assert.equal(h.socket.url, "ws://bus.test/ws");

@@ -230,7 +230,7 @@ it("receives a published message on its channel, and nothing from other channels
   assert.deepEqual(seen.errors, []);
 });
 
-it("offers the token in the handshake (the server echoes wsbus.v1 only), or a connect frame when told", async (t) => {
+it("offers the token in the handshake when told (the server echoes wsbus.v1 only), or a connect frame", async (t) => {
   const opened = [];
   class RecordedWebSocket extends globalThis.WebSocket {
     constructor(url, protocols) {
