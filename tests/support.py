@@ -22,7 +22,7 @@ import aiohttp_wsbus
 from aiohttp_wsbus.brokers.base import History, HistoryOptions, Published
 from aiohttp_wsbus.connection import Connection, Expiries, WriteScheduler
 from aiohttp_wsbus.errors import BrokerUnavailable
-from aiohttp_wsbus.protocol import Close, Position
+from aiohttp_wsbus.protocol import BEARER_PREFIX, PROTOCOL, Close, Position
 from aiohttp_wsbus.revocations import Revocation
 from aiohttp_wsbus.tokens import Claims
 
@@ -44,15 +44,24 @@ class BusServer:
         *,
         since: dict[str, Any] | None = None,
         path: str = "/ws",
+        handshake: bool = False,
         **frame: Any,
     ) -> tuple[ClientWebSocketResponse, dict[str, Any]]:
-        """Connect, send the connect frame and return the socket and its welcome."""
-        socket = await self.client.ws_connect(path)
+        """Connect, send the connect frame (or, with `handshake`, offer the token in
+        Sec-WebSocket-Protocol and the rest in the query) and return the socket and
+        its welcome."""
         connect: dict[str, Any] = {"type": "connect", "token": token, "channels": channels}
         if since is not None:
             connect["since"] = since
         connect.update(frame)
-        await socket.send_json(connect)
+        if handshake:
+            query = {"channels": ",".join(channels)}
+            query |= {k: json.dumps(v) for k, v in connect.items() if k in ("since", "rewind")}
+            protocols = (PROTOCOL, BEARER_PREFIX + token)
+            socket = await self.client.ws_connect(path, params=query, protocols=protocols)
+        else:
+            socket = await self.client.ws_connect(path)
+            await socket.send_json(connect)
         welcome = await next_frame(socket)
         assert welcome["type"] == "welcome", welcome
         return socket, welcome

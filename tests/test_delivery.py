@@ -70,6 +70,8 @@ def authorizer_allows(table: dict[str, set[int]], user: int, channel: str) -> bo
     published=st.lists(st.sampled_from(CHANNELS), min_size=1, max_size=12),
     # Publishes over the sockets: (who, channel); a refused one reaches nobody.
     client_published=st.lists(st.tuples(st.integers(0, 3), st.sampled_from(CHANNELS)), max_size=6),
+    # Who offers the token in the handshake instead of a connect frame: both admit alike.
+    handshakes=st.lists(st.booleans(), min_size=4, max_size=4),
 )
 async def test_no_socket_ever_receives_a_channel_its_token_or_the_application_does_not_allow(
     aiohttp_client: AiohttpClient,
@@ -79,6 +81,7 @@ async def test_no_socket_ever_receives_a_channel_its_token_or_the_application_do
     table: dict[str, set[int]],
     published: list[str],
     client_published: list[tuple[int, str]],
+    handshakes: list[bool],
 ) -> None:
     def prepare(bus: Bus) -> None:
         for pattern, allowed in table.items():
@@ -98,7 +101,7 @@ async def test_no_socket_ever_receives_a_channel_its_token_or_the_application_do
         token = make_token(
             sub=f"user{n}", channels=sorted(grants), presence=sorted(reads), publish=sorted(speaks)
         )
-        socket, welcome = await server.open(token, sorted(wanted))
+        socket, welcome = await server.open(token, sorted(wanted), handshake=handshakes[n])
         sockets.append(socket)
         presence_seen.append(set(welcome.get("presence", {})))
     frames: list[list[dict[str, Any]]] = [[] for _ in people]
