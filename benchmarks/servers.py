@@ -14,6 +14,11 @@ reads every worker's CPU, RSS and sockets). Every kind serves:
   one after the other (`"concurrent": true`: all at once, gathered);
 - `POST /bench/publish_each` {"prefix", "count", "data"}: publish once to each of
   the channels prefix0 .. prefix(count-1).
+- `GET /bench/objects` -> {"tracked", "traced"}: after a full collection, the objects
+  the garbage collector tracks and the bytes tracemalloc traces (0 unless the server
+  runs with PYTHONTRACEMALLOC, as `python -m benchmarks.objects` starts it);
+  `POST /bench/objects` keeps a tracemalloc snapshot, and `GET /bench/objects?top=N`
+  adds the N source lines whose retained bytes grew most since then ("top").
 
 KINDS: wsbus (this project), bare (the aiohttp floor), asgi_ws 1.0.0 (FastAPI +
 uvicorn), socketio (python-socketio on aiohttp).
@@ -22,12 +27,14 @@ uvicorn), socketio (python-socketio on aiohttp).
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib
 import json
 import os
 import signal
 import socket
 import sys
+import tracemalloc
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Final
@@ -141,6 +148,36 @@ def add_control_routes(app: web.Application, publish: Publish, count: Callable[[
     app.router.add_get("/bench/stats", stats)
     app.router.add_post("/bench/publish", publish_many)
     app.router.add_post("/bench/publish_each", publish_each)
+    add_object_routes(app)
+
+
+def add_object_routes(app: web.Application) -> None:
+    """`/bench/objects`: what the process retains, for `python -m benchmarks.objects`."""
+    snapshots: list[tracemalloc.Snapshot] = []
+
+    def retained() -> dict[str, Any]:
+        gc.collect()
+        traced = tracemalloc.get_traced_memory()[0] if tracemalloc.is_tracing() else 0
+        return {"tracked": len(gc.get_objects()), "traced": traced}
+
+    async def measure(request: web.Request) -> web.Response:
+        figures = retained()
+        top = int(request.query.get("top", "0"))
+        if top and snapshots:
+            grown = tracemalloc.take_snapshot().compare_to(snapshots[-1], "lineno")
+            figures["top"] = [
+                [str(stat.traceback), stat.size_diff, stat.count_diff] for stat in grown[:top]
+            ]
+        return web.json_response(figures)
+
+    async def keep(request: web.Request) -> web.Response:
+        figures = retained()
+        if tracemalloc.is_tracing():
+            snapshots[:] = [tracemalloc.take_snapshot()]
+        return web.json_response(figures)
+
+    app.router.add_get("/bench/objects", measure)
+    app.router.add_post("/bench/objects", keep)
 
 
 # -- the kinds ---------------------------------------------------------------
