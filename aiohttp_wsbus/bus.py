@@ -26,7 +26,7 @@ from .brokers.base import (
     scoped_message_id,
 )
 from .brokers.presence import Member
-from .connection import Connection, Expiries, WriteScheduler, message_frame
+from .connection import Connection, ConnectionHub, Expiries, WriteScheduler, message_frame
 from .errors import BrokerUnavailable, InvalidToken
 from .history import HistoryPage, read_history, read_positions
 from .hooks import ConnectionInfo, Hooks
@@ -89,12 +89,8 @@ class Bus:
             "subscribe": Authorizers("subscribe", self.hook_errors),
             "publish": Authorizers("publish", self.hook_errors),
         }
-        self._scheduler: WriteScheduler | None = None
-        self._expiries: Expiries | None = None
+        self._hub: ConnectionHub | None = None  # what every connection shares; made at start
         self._background_tasks: set[asyncio.Task[None]] = set()
-        # Bound once: each `self._forget` made anew is one more object every socket holds.
-        self._on_close = self._forget
-        self._closer = self._start_closing
 
     # -- lifetime --------------------------------------------------------
 
@@ -156,8 +152,14 @@ class Bus:
         self.requests.freeze()
         for authorizers in self.authorizers.values():
             authorizers.freeze()
-        self._scheduler = WriteScheduler(asyncio.get_running_loop())
-        self._expiries = Expiries(asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        self._hub = ConnectionHub(
+            scheduler=WriteScheduler(loop),
+            expiries=Expiries(loop),
+            send_buffer_limit=self.settings.send_buffer_limit,
+            on_close=self._forget,
+            closer=self._start_closing,
+        )
         await self.verifier.start(session)
         await self.broker.start(
             self.deliver,
@@ -395,18 +397,8 @@ class Bus:
 
     def connect(self, socket: Any, transport: asyncio.Transport, claims: Claims) -> Connection:
         """Register an authenticated socket; it closes itself at exp + leeway."""
-        assert self._scheduler is not None and self._expiries is not None, "not started"
-        connection = Connection(
-            secrets.token_urlsafe(12),
-            socket,
-            transport,
-            claims,
-            scheduler=self._scheduler,
-            expiries=self._expiries,
-            send_buffer_limit=self.settings.send_buffer_limit,
-            on_close=self._on_close,
-            closer=self._closer,
-        )
+        assert self._hub is not None, "not started"
+        connection = Connection(secrets.token_urlsafe(12), socket, transport, claims, self._hub)
         self.connections.add(connection)
         connection.expire_at(claims.expires_at + self.settings.leeway)
         return connection

@@ -7,7 +7,7 @@ import contextlib
 import heapq
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from aiohttp import web
 
@@ -16,7 +16,12 @@ from .grants import may
 from .protocol import SLOW_CONSUMER, TOKEN_EXPIRED, Close, encode, encode_message, text_frame
 from .tokens import Claims
 
-__all__ = ["Connection", "Expiries", "WriteScheduler", "message_frame"]
+__all__ = ["Connection", "ConnectionHub", "Expiries", "WriteScheduler", "message_frame"]
+
+# Up to this many channels a connection keeps them as a tuple, more as a set: a set
+# of one channel costs 216 bytes and a garbage-collected container per socket, a
+# tuple of strings 48 bytes, untracked after its first collection.
+MAX_TUPLE_CHANNELS: Final = 8
 
 
 class WriteScheduler:
@@ -59,26 +64,30 @@ class Expiries:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        # An emptied set stays until its deadline passes: no key is ever pushed twice.
-        self._due: dict[float, set[Connection]] = {}
+        # Each deadline as first filed (the one float its connections keep) and its
+        # connections, as dict keys (about half the bytes of a set's). An emptied
+        # entry stays until its deadline passes: no key is ever pushed twice.
+        self._due: dict[float, tuple[float, dict[Connection, None]]] = {}
         self._deadlines: list[float] = []  # a heap of _due's keys
         self._timer: asyncio.TimerHandle | None = None
 
-    def add(self, connection: Connection, deadline: float) -> None:
-        """Close `connection` at `deadline` (wall-clock seconds)."""
+    def add(self, connection: Connection, deadline: float) -> float:
+        """Close `connection` at `deadline` (wall-clock seconds); return the deadline as
+        held here, for the connection to keep (one float for all its sockets)."""
         due = self._due.get(deadline)
         if due is None:
-            due = self._due[deadline] = set()
+            due = self._due[deadline] = (deadline, {})
             heapq.heappush(self._deadlines, deadline)
             if self._deadlines[0] == deadline:
                 self._schedule()
-        due.add(connection)
+        due[1][connection] = None
+        return due[0]
 
     def discard(self, connection: Connection, deadline: float) -> None:
         """Forget `connection`'s `deadline` (refreshed, or closed)."""
         due = self._due.get(deadline)
         if due is not None:
-            due.discard(connection)
+            due[1].pop(connection, None)
 
     def _schedule(self) -> None:
         if self._timer is not None:
@@ -90,10 +99,34 @@ class Expiries:
         self._timer = None
         now = time.time()
         while self._deadlines and self._deadlines[0] <= now:
-            for connection in self._due.pop(heapq.heappop(self._deadlines)):
+            _, due = self._due.pop(heapq.heappop(self._deadlines))
+            for connection in due:
                 connection.close(TOKEN_EXPIRED)
         if self._deadlines and self._timer is None:
             self._schedule()
+
+
+class ConnectionHub:
+    """What every connection of one bus shares: the write scheduler, the expiry
+    timer, the send buffer limit and the bus's close callbacks (one reference a
+    socket instead of five)."""
+
+    __slots__ = ("closer", "expiries", "on_close", "scheduler", "send_buffer_limit")
+
+    def __init__(
+        self,
+        *,
+        scheduler: WriteScheduler,
+        expiries: Expiries,
+        send_buffer_limit: int,
+        on_close: Callable[[Connection], None],
+        closer: Callable[[Connection, Close], None],
+    ) -> None:
+        self.scheduler = scheduler
+        self.expiries = expiries
+        self.send_buffer_limit = send_buffer_limit
+        self.on_close = on_close
+        self.closer = closer
 
 
 class Connection:
@@ -101,12 +134,9 @@ class Connection:
 
     __slots__ = (
         "__weakref__",
-        "_closer",
-        "_expiries",
         "_expiry",
-        "_on_close",
+        "_hub",
         "_outbox",
-        "_scheduler",
         "allowed",
         "channels",
         "claims",
@@ -116,7 +146,6 @@ class Connection:
         "is_announced",
         "is_closing",
         "pending",
-        "send_buffer_limit",
         "socket",
         "transport",
     )
@@ -127,18 +156,15 @@ class Connection:
         socket: web.WebSocketResponse,
         transport: asyncio.Transport,
         claims: Claims,
-        *,
-        scheduler: WriteScheduler,
-        expiries: Expiries,
-        send_buffer_limit: int,
-        on_close: Callable[[Connection], None],
-        closer: Callable[[Connection, Close], None],
+        hub: ConnectionHub,
     ) -> None:
         self.id = connection_id
         self.socket = socket
         self.transport = transport
         self.claims = claims
-        self.channels: set[str] = set()
+        # The subscribed channels, in the order subscribed while few (see
+        # MAX_TUPLE_CHANNELS); changed by `join` and `leave` only.
+        self.channels: tuple[str, ...] | set[str] = ()
         # Channels an authorizer allowed this socket (None: none; most sockets).
         self.allowed: set[str] | None = None
         self.is_announced = False  # on_connect accepted it: on_disconnect will follow
@@ -149,20 +175,40 @@ class Connection:
         self.is_closing = False
         self.closed_with: Close | None = None
         self.closing: asyncio.Task[None] | None = None  # the close being sent
-        self.send_buffer_limit = send_buffer_limit
-        self._scheduler = scheduler
+        self._hub = hub
         # None while nothing waits; one frame is kept as bytes, several as a list.
         # Bytes are not tracked by the garbage collector: a message queued for
         # 10000 sockets must not create 10000 containers, or the collections it
         # triggers stall the loop (seen as a 3x p99 latency at 10000 subscribers).
         self._outbox: bytes | list[bytes] | None = None
-        self._on_close = on_close
-        self._closer = closer
-        self._expiries = expiries
-        self._expiry: float | None = None  # the deadline it is filed under in _expiries
+        self._expiry: float | None = None  # the deadline it is filed under in the hub's expiries
 
     def __repr__(self) -> str:
         return f"<Connection {self.id} user={self.claims.subject!r}>"
+
+    @property
+    def send_buffer_limit(self) -> int:
+        """Bytes waiting to be written above which the peer is a slow consumer."""
+        return self._hub.send_buffer_limit
+
+    def join(self, channel: str) -> None:
+        """Note `channel` as subscribed here (the registry's part of a subscribe)."""
+        channels = self.channels
+        if isinstance(channels, set):
+            channels.add(channel)
+        elif channel not in channels:
+            if len(channels) < MAX_TUPLE_CHANNELS:
+                self.channels = (*channels, channel)
+            else:
+                self.channels = {*channels, channel}
+
+    def leave(self, channel: str) -> None:
+        """Forget `channel` (the registry's part of an unsubscribe)."""
+        channels = self.channels
+        if isinstance(channels, set):
+            channels.discard(channel)
+        elif channel in channels:
+            self.channels = tuple(c for c in channels if c != channel)
 
     def may_subscribe(self, channel: str) -> bool:
         """Whether the token's grants cover `channel`, or an authorizer allowed it here."""
@@ -182,7 +228,7 @@ class Connection:
         outbox = self._outbox
         if outbox is None:
             self._outbox = frame
-            self._scheduler.mark(self)
+            self._hub.scheduler.mark(self)
         elif isinstance(outbox, bytes):
             self._outbox = [outbox, frame]
         else:
@@ -229,7 +275,7 @@ class Connection:
         if self.is_closing or self.transport.is_closing():
             return
         self.transport.write(outbox if isinstance(outbox, bytes) else b"".join(outbox))
-        if self.transport.get_write_buffer_size() > self.send_buffer_limit:
+        if self.transport.get_write_buffer_size() > self._hub.send_buffer_limit:
             self.close(SLOW_CONSUMER)
 
     # -- lifetime --------------------------------------------------------
@@ -238,10 +284,10 @@ class Connection:
         """Close with 4001 at `deadline` (wall-clock seconds) unless refreshed first."""
         if self.is_closing:
             return
+        expiries = self._hub.expiries
         if self._expiry is not None:
-            self._expiries.discard(self, self._expiry)
-        self._expiry = deadline
-        self._expiries.add(self, deadline)
+            expiries.discard(self, self._expiry)
+        self._expiry = expiries.add(self, deadline)
 
     def close(self, close: Close) -> None:
         """Leave the registry now, then close the socket in the background."""
@@ -255,10 +301,10 @@ class Connection:
         self.closed_with = close
         self._outbox = None
         if self._expiry is not None:
-            self._expiries.discard(self, self._expiry)
+            self._hub.expiries.discard(self, self._expiry)
             self._expiry = None
-        self._on_close(self)
-        self._closer(self, close)
+        self._hub.on_close(self)
+        self._hub.closer(self, close)
 
     async def send_close(self, close: Close, timeout: float) -> None:
         """Send the close frame and wait for the peer; abort the socket if it won't drain."""

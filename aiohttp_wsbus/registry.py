@@ -101,12 +101,12 @@ class Registry:
         if subscribers is None:
             subscribers = self._subscribers[channel] = {}
         subscribers[connection] = None
-        connection.channels.add(channel)
+        connection.join(channel)
         return is_first
 
     def remove(self, connection: Connection, channel: str) -> bool:
         """Unsubscribe; return True when the channel has no subscriber here any more."""
-        connection.channels.discard(channel)
+        connection.leave(channel)
         subscribers = self._subscribers.get(channel)
         if subscribers is None or connection not in subscribers:
             return False
@@ -119,7 +119,7 @@ class Registry:
     def remove_all(self, connection: Connection) -> list[str]:
         """Unsubscribe from everything; return the channels left with no subscriber."""
         emptied = [c for c in list(connection.channels) if self.remove(connection, c)]
-        connection.channels.clear()
+        connection.channels = ()
         return emptied
 
     def regrant(self, connection: Connection) -> tuple[list[str], list[str]]:
@@ -127,7 +127,7 @@ class Registry:
 
         Returns (revoked channels, channels left with no subscriber).
         """
-        revoked = [c for c in connection.channels if not connection.may_subscribe(c)]
+        revoked = [c for c in list(connection.channels) if not connection.may_subscribe(c)]
         emptied = [c for c in revoked if self.remove(connection, c)]
         return revoked, emptied
 

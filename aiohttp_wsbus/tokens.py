@@ -64,8 +64,19 @@ class Claims:
     token_hash: bytes
     token_id: str | None = None  # `jti`
     issued_at: float | None = None  # `iat`
-    # Every verified claim, read-only (kept out of repr: it may hold personal data).
-    extra: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), repr=False)
+    # Every verified claim as compact JSON (kept out of repr: it may hold personal data).
+    # Bytes, not a dict: every open socket keeps its token's Claims, and bytes cost a
+    # third of a dict of lists and nothing to the garbage collector.
+    payload: bytes = field(default=b"{}", repr=False)
+
+    @property
+    def extra(self) -> Mapping[str, Any]:
+        """Every verified claim, read-only, decoded from `payload` at each read.
+
+        Each read is a fresh copy (its lists are this caller's own): to read several
+        claims, keep it in a local.
+        """
+        return MappingProxyType(json.loads(self.payload))
 
 
 class TokenVerifier(ABC):
@@ -214,7 +225,7 @@ class TokenVerifier(ABC):
             token_hash=token_hash,
             token_id=token_id if isinstance(token_id, str) else None,
             issued_at=_numeric_date(payload, "iat"),
-            extra=MappingProxyType(self._repeated.payload(payload)),
+            payload=_PAYLOAD_ENCODER.encode(payload).encode(),
         )
 
 
@@ -357,18 +368,18 @@ class SecretVerifier(TokenVerifier):
 
 MAX_SHARED_LENGTH: Final = 256  # characters of a string, entries of a tuple
 _Shareable = TypeVar("_Shareable", str, tuple[str, ...])
-# Claims whose values differ from token to token: sharing them would only churn the table.
-_UNIQUE_CLAIMS: Final = frozenset(("sub", "jti", "exp", "iat", "nbf"))
+# ASCII only: the bytes always decode, whatever strings (lone surrogates too) a token held.
+_PAYLOAD_ENCODER: Final = json.JSONEncoder(separators=(",", ":"))
 
 
 class RepeatedValues:
-    """One copy of what many tokens repeat: claim names, issuer, audience, grant
-    patterns and the grant tuples made of them.
+    """One copy of what many tokens repeat: the grant tuples (the other claims are
+    kept as bytes, see `Claims.payload`).
 
     Every socket keeps its token's claims while it is open, so without this 10000
-    users hold 10000 copies of each (about 0.7 KB a socket). Bounded: only short
-    values are held, and the table is emptied when full, so values that never
-    repeat cost a little sharing, never memory.
+    users hold 10000 copies of the same grants. Bounded: only short values are
+    held, and the table is emptied when full, so values that never repeat cost a
+    little sharing, never memory.
     """
 
     def __init__(self, size: int = 4096) -> None:
@@ -386,20 +397,6 @@ class RepeatedValues:
             self._values.clear()
         self._values[value] = value
         return value
-
-    def payload(self, payload: dict[str, Any]) -> dict[str, Any]:
-        """The same claims, their names and repeated string values (lists' too) shared."""
-        one = self.one
-        shared: dict[str, Any] = {}
-        for name, value in payload.items():
-            if name in _UNIQUE_CLAIMS:
-                pass
-            elif type(value) is str:
-                value = one(value)
-            elif type(value) is list:
-                value = [one(entry) if type(entry) is str else entry for entry in value]
-            shared[one(name)] = value
-        return shared
 
 
 class ClaimsCache:

@@ -62,6 +62,11 @@ class WebSocketHandler:
         self.bus = bus
         self.settings = bus.settings
         self._rates = (self.settings.client_rate, self.settings.subscribe_rate)
+        # Made once: every socket keeps what its WebSocketResponse was given, and a
+        # tuple or a large int built per handshake is one more object per socket.
+        self._protocols = (PROTOCOL,)
+        # aiohttp refuses a frame of max_msg_size bytes; ours allows exactly that.
+        self._max_msg_size = self.settings.max_message_size + 1
         # Upgraded sockets that have not authenticated yet: the bus does not know them.
         self._unauthenticated: dict[web.WebSocketResponse, asyncio.Transport] = {}
 
@@ -91,10 +96,9 @@ class WebSocketHandler:
                 web.HTTPBadRequest, "bad_websocket_protocol", reason=str(error)
             ) from None
         socket = web.WebSocketResponse(
-            protocols=(PROTOCOL,),
+            protocols=self._protocols,
             heartbeat=settings.heartbeat,
-            # aiohttp refuses a frame of max_msg_size bytes; ours allows exactly that.
-            max_msg_size=settings.max_message_size + 1,
+            max_msg_size=self._max_msg_size,
             compress=False,  # frames are built once and written as they are
             timeout=settings.close_timeout,
         )

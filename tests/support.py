@@ -20,7 +20,7 @@ from pytest_aiohttp import AiohttpClient
 
 import aiohttp_wsbus
 from aiohttp_wsbus.brokers.base import History, HistoryOptions, Published
-from aiohttp_wsbus.connection import Connection, Expiries, WriteScheduler
+from aiohttp_wsbus.connection import Connection, ConnectionHub, Expiries, WriteScheduler
 from aiohttp_wsbus.errors import BrokerUnavailable
 from aiohttp_wsbus.protocol import BEARER_PREFIX, PROTOCOL, Close, Position
 from aiohttp_wsbus.revocations import Revocation
@@ -472,15 +472,18 @@ def standalone_connection(
 ) -> tuple[Connection, CloseLog]:
     """A Connection on `transport` with no bus around it, and the log of its closes."""
     log = CloseLog()
-    connection = Connection(
-        secrets.token_urlsafe(6),
-        web.WebSocketResponse(),  # never used: the CloseLog sends the close frame
-        transport,
-        claims if claims is not None else make_claims(),
+    hub = ConnectionHub(
         scheduler=scheduler or WriteScheduler(asyncio.get_running_loop()),
         expiries=expiries or Expiries(asyncio.get_running_loop()),
         send_buffer_limit=send_buffer_limit,
         on_close=log.on_close,
         closer=log.closer,
+    )
+    connection = Connection(
+        secrets.token_urlsafe(6),
+        web.WebSocketResponse(),  # never used: the CloseLog sends the close frame
+        transport,
+        claims if claims is not None else make_claims(),
+        hub,
     )
     return connection, log

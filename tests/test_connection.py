@@ -140,14 +140,15 @@ async def test_a_peer_that_stops_reading_is_closed_4002_and_sent_nothing_more() 
 
 async def test_4002_is_for_a_buffer_over_the_limit_not_at_it() -> None:
     async with loopback_transport(**SMALL_BUFFERS) as (transport, _):
-        connection, log = standalone_connection(transport)
         # Fill the kernel's buffers: from here on, every byte written stays in the
         # transport's own buffer, so its size is exact (no await until the end).
         transport.write(b"\0" * 1_000_000)
         buffered = transport.get_write_buffer_size()
         assert buffered > 0
         frame = text_frame(b"y" * 100)
-        connection.send_buffer_limit = buffered + len(frame)
+        connection, log = standalone_connection(
+            transport, send_buffer_limit=buffered + len(frame)
+        )
         connection.enqueue(frame)
         connection.flush()
         assert transport.get_write_buffer_size() == connection.send_buffer_limit

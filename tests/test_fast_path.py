@@ -9,6 +9,7 @@ import inspect
 import json
 import os
 import socket as stdlib_socket
+import time
 
 import pytest
 from aiohttp import web
@@ -122,6 +123,18 @@ async def test_connections_share_the_bus_s_callbacks_and_expiry_timer(
         await server.open(make_token(sub=f"user{n}"), [])
     await eventually(lambda: len(server.bus.connections) == 2)
     one, two = server.bus.connections
-    assert one._on_close is two._on_close
-    assert one._closer is two._closer
-    assert one._expiries is two._expiries
+    assert one._hub is two._hub
+
+
+async def test_idle_sockets_of_one_expiry_share_its_deadline_and_keep_no_channel_set(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
+) -> None:
+    # A float per socket is 24 bytes, a set of one channel 216 and a tracked container.
+    server = await start_bus(aiohttp_client, jwks_server.url)
+    expires = int(time.time()) + 300
+    for n in range(2):
+        await server.open(make_token(sub=f"user{n}", exp=expires), ["chat:a"])
+    await eventually(lambda: len(server.bus.connections) == 2)
+    one, two = server.bus.connections
+    assert one._expiry is two._expiry
+    assert one.channels == two.channels == ("chat:a",)
