@@ -87,6 +87,10 @@ class Registry:
 
     def __init__(self) -> None:
         self._subscribers: dict[str, dict[Connection, None]] = {}
+        # Each subscribed channel's name as first seen: the one string every
+        # subscriber's `channels` holds (each frame parses its own copy, and an
+        # idle socket would keep it).
+        self._names: dict[str, str] = {}
 
     def subscribers(self, channel: str) -> Collection[Connection]:
         """The connections subscribed to `channel` (a live view: do not keep it)."""
@@ -100,6 +104,9 @@ class Registry:
         is_first = subscribers is None
         if subscribers is None:
             subscribers = self._subscribers[channel] = {}
+            self._names[channel] = channel
+        else:
+            channel = self._names[channel]
         subscribers[connection] = None
         connection.join(channel)
         return is_first
@@ -114,6 +121,7 @@ class Registry:
         if subscribers:
             return False
         del self._subscribers[channel]
+        del self._names[channel]
         return True
 
     def remove_all(self, connection: Connection) -> list[str]:
