@@ -7,7 +7,9 @@ each with an RS256 token of its own and one channel (as the "memory from outside
 workload does), and prints per socket: the bytes tracemalloc traces and the
 objects the garbage collector tracks, both after a full collection. Unlike RSS
 these do not depend on the allocator or the machine's load. `--top N` prints the
-N source lines whose retained bytes grew most.
+N source lines whose retained bytes grew most. `--cold` skips the warm-up, as the
+"memory from outside" workload does: what the first connection builds once (lazy
+imports, the broker's connections, caches) is then counted too.
 """
 
 from __future__ import annotations
@@ -30,13 +32,14 @@ WARM_UP = 5
 SETTLE = 1.0  # seconds for handshake buffers to be freed before counting
 
 
-async def measure(server: Server, size: int, top: int) -> dict[str, Any]:
+async def measure(server: Server, size: int, top: int, *, cold: bool) -> dict[str, Any]:
     """Per-socket bytes and tracked objects retained by `size` idle clients."""
     assert server.http is not None
     clients = Clients(server)
     tokens = server.keys.distinct(server.kind, size + WARM_UP)
-    await clients.add(tokens[size:], [[FANOUT_CHANNEL]] * WARM_UP)
-    await clients.close()
+    if not cold:
+        await clients.add(tokens[size:], [[FANOUT_CHANNEL]] * WARM_UP)
+        await clients.close()
     await asyncio.sleep(SETTLE)
     async with server.http.post("/bench/objects") as response:
         before = await response.json()
@@ -53,7 +56,7 @@ async def measure(server: Server, size: int, top: int) -> dict[str, Any]:
     }
 
 
-async def run(kinds: list[str], brokers: list[str], size: int, top: int) -> None:
+async def run(kinds: list[str], brokers: list[str], size: int, top: int, *, cold: bool) -> None:
     os.environ["PYTHONTRACEMALLOC"] = "1"  # the servers inherit it: tracing from their start
     with (
         contextlib.ExitStack() as stack,
@@ -67,7 +70,7 @@ async def run(kinds: list[str], brokers: list[str], size: int, top: int) -> None
                 on_redis = broker == "redis"
                 server = Server(kind, SERVER_CORE, 25, keys, redis if on_redis else None)
                 async with running(server):
-                    found = await measure(server, size, top)
+                    found = await measure(server, size, top, cold=cold)
                 name = column(kind, on_redis)
                 print(f"{name:<16} {found['bytes']:>13.0f} {found['tracked']:>23.1f}", flush=True)
                 for where, grown, count in found["top"]:
@@ -80,9 +83,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--broker", default="memory", help="comma-separated, from memory,redis")
     parser.add_argument("--size", type=int, default=2000, help="idle clients (default 2000)")
     parser.add_argument("--top", type=int, default=0, help="print the N lines that grew most")
+    parser.add_argument("--cold", action="store_true", help="no warm-up connections first")
     args = parser.parse_args(argv)
     raise_fd_limit()
-    asyncio.run(run(args.servers.split(","), args.broker.split(","), args.size, args.top))
+    kinds, brokers = args.servers.split(","), args.broker.split(",")
+    asyncio.run(run(kinds, brokers, args.size, args.top, cold=args.cold))
 
 
 if __name__ == "__main__":
