@@ -73,7 +73,7 @@ class Expiries:
 
     def add(self, connection: Connection, deadline: float) -> float:
         """Close `connection` at `deadline` (wall-clock seconds); return the deadline as
-        held here, for the connection to keep (one float for all its sockets)."""
+        held here, for the connection to keep (one float for every socket filed under it)."""
         due = self._due.get(deadline)
         if due is None:
             due = self._due[deadline] = (deadline, {})
