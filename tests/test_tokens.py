@@ -26,6 +26,7 @@ from aiohttp_wsbus.jwks import MAX_JWKS_BYTES
 from aiohttp_wsbus.tokens import (
     MAX_SHARED_LENGTH,
     Claims,
+    ClaimsCache,
     JwksVerifier,
     RepeatedValues,
     SecretVerifier,
@@ -605,6 +606,17 @@ async def test_cache_is_bounded(start_verifier: StartVerifier, make_token: MakeT
     again = await verifier.verify(tokens[0])
     assert again == claims[0]
     assert again is not claims[0]
+
+
+def test_a_full_cache_drops_its_least_recently_used_sixteenth() -> None:
+    cache = ClaimsCache(32)
+    claims = [Claims(f"user-{n}", 0, (), (), bytes([n])) for n in range(33)]
+    for held in claims[:32]:
+        cache.put(held)
+    assert cache.get(claims[0].token_hash) is claims[0]  # used: now the most recent
+    cache.put(claims[32])
+    kept = [held for held in claims if cache.get(held.token_hash) is not None]
+    assert kept == [claims[0], *claims[4:]]  # 1, 2 and 3 were the oldest: 33 - 32 + 32 // 16
 
 
 async def test_removing_a_key_from_the_jwks_revokes_its_cached_tokens(
