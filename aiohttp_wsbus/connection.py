@@ -144,7 +144,6 @@ class Connection:
         "closing",
         "id",
         "is_announced",
-        "is_closing",
         "pending",
         "socket",
         "transport",
@@ -172,8 +171,7 @@ class Connection:
         # wait here until the replay is out. Made only while a subscribe is in
         # flight: idle sockets carry no dict.
         self.pending: dict[str, list[Message | bytes]] | None = None
-        self.is_closing = False
-        self.closed_with: Close | None = None
+        self.closed_with: Close | None = None  # set by `close`: then it sends nothing more
         self.closing: asyncio.Task[None] | None = None  # the close being sent
         self._hub = hub
         # None while nothing waits; one frame is kept as bytes, several as a list.
@@ -185,6 +183,11 @@ class Connection:
 
     def __repr__(self) -> str:
         return f"<Connection {self.id} user={self.claims.subject!r}>"
+
+    @property
+    def is_closing(self) -> bool:
+        """Whether `close` was called: the connection left the registry and sends nothing."""
+        return self.closed_with is not None
 
     @property
     def send_buffer_limit(self) -> int:
@@ -223,7 +226,7 @@ class Connection:
 
     def enqueue(self, frame: bytes) -> None:
         """Queue a ready-built WebSocket frame; it leaves at the end of this tick."""
-        if self.is_closing:
+        if self.closed_with is not None:  # is_closing, without a call on the delivery path
             return
         outbox = self._outbox
         if outbox is None:
@@ -272,7 +275,7 @@ class Connection:
         if outbox is None:
             return
         self._outbox = None
-        if self.is_closing or self.transport.is_closing():
+        if self.closed_with is not None or self.transport.is_closing():
             return
         self.transport.write(outbox if isinstance(outbox, bytes) else b"".join(outbox))
         if self.transport.get_write_buffer_size() > self._hub.send_buffer_limit:
@@ -297,7 +300,6 @@ class Connection:
             self.flush()  # what was queued before the close still goes out
             if self.is_closing:  # the flush found a slow consumer and closed it
                 return
-        self.is_closing = True
         self.closed_with = close
         self._outbox = None
         if self._expiry is not None:
