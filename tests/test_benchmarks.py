@@ -20,7 +20,7 @@ from benchmarks import workloads
 from benchmarks.client import payload
 from benchmarks.redis_engine import redis_engine
 from benchmarks.run import MODES, SERVER_CORE, make_keys, paired, run_server
-from benchmarks.system import process_cpu_seconds, rss_bytes
+from benchmarks.system import process_cpu_seconds, rss_bytes, tick_cpu_seconds
 from benchmarks.workloads import FANOUT_CHANNEL, Result
 
 from .support import WAIT
@@ -189,6 +189,45 @@ async def test_two_workers_are_measured_as_one_server(tmp_path: Path) -> None:
             assert server.cpu() >= sum(cpu)
             assert server.rss() > 1.5 * max(rss_bytes(pid) for pid in server.pids)
             await clients.close()
+
+
+# A child that spends 0.3 s of CPU in its main thread and 0.2 s in a second one,
+# measured by each thread's own clock, then waits to be read (both threads alive).
+_BURNER = """
+import sys, threading, time
+def burn(seconds):
+    while time.thread_time() < seconds:
+        pass
+done, read = threading.Event(), threading.Event()
+def second():
+    burn(0.2)
+    done.set()
+    read.wait(30)
+thread = threading.Thread(target=second)
+thread.start()
+burn(0.3)
+done.wait(30)
+print("BURNT", flush=True)
+sys.stdin.readline()
+read.set()
+"""
+
+
+def test_process_cpu_is_read_below_the_clock_tick_and_counts_every_thread() -> None:
+    with subprocess.Popen(  # noqa: S603 (a fixed command line)
+        [sys.executable, "-c", _BURNER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    ) as child:
+        assert child.stdout is not None and child.stdin is not None
+        try:
+            assert child.stdout.readline() == "BURNT\n"
+            precise, ticks = process_cpu_seconds(child.pid), tick_cpu_seconds(child.pid)
+        finally:
+            child.stdin.close()
+            child.wait(timeout=30)
+    assert precise >= 0.5, precise  # both threads
+    assert abs(precise - ticks) < 0.03, (precise, ticks)  # the same clock, finer
+    # Nanoseconds, not 10 ms ticks: a whole number of ticks would be a 1 in 10^7 chance.
+    assert round(precise * 100) != precise * 100, precise
 
 
 async def test_a_group_that_fails_keeps_the_figures_of_the_others(
