@@ -93,6 +93,12 @@ def test_quick_suite_reports_every_workload_for_the_bus_and_the_bare_loop(
         assert "timed out" not in result["note"], result
         if result["metric"] in ("deliveries/s", "connections/s"):
             assert result["value"] > 0, result
+    # The latency workload is also a fan-out at a fixed rate: what one delivery cost.
+    latency_metrics = {
+        (r["server"], r["metric"]) for r in results if r["workload"].startswith("latency")
+    }
+    for server in ("wsbus", "bare"):
+        assert (server, "server CPU per delivery") in latency_metrics, latency_metrics
 
     assert "| workload | N | metric | bare | wsbus | load generator CPU |" in stdout
     assert re.search(r"\(\d+\.\d\d\N{MULTIPLICATION SIGN}\)", stdout), stdout  # ratios vs bare
