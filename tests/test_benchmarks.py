@@ -248,3 +248,22 @@ async def test_a_group_that_fails_keeps_the_figures_of_the_others(
     assert "fan-out via HTTP emit" in {r.workload for r in results}
     failed = [r for r in results if r.workload == "error"]
     assert [r.note for r in failed] == ["connect storm: ConnectionError: closed before ready"]
+
+
+@pytest.mark.parametrize("mode", ["timed", "off"])
+def test_connect_cost_prints_each_storms_cost_per_connection(mode: str) -> None:
+    command = ["benchmarks.connect_cost", "wsbus", "--size", "5", "--repeats", "2"]
+    run = subprocess.run(  # noqa: S603 (a fixed command line)
+        [sys.executable, "-m", *command, "--collector", mode],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    cost = r"^wsbus (.+): server CPU µs per connection \d+ \d+, least \d+$"
+    costs = re.findall(cost, run.stdout, re.M)
+    assert costs == ["new tokens", "reconnect"]
+    collected = re.findall(r"^wsbus (.+): of which the collector \d+ \d+$", run.stdout, re.M)
+    assert collected == (["new tokens", "reconnect"] if mode == "timed" else [])
