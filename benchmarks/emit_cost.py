@@ -27,6 +27,7 @@ from .system import pin_to_core, raise_fd_limit
 from .workloads import OWN_PREFIX, Clients, Keys, Server, running, warm_up
 
 IN_FLIGHT = 4
+STEP = 2000  # messages between two readings of the server's CPU (at least IN_FLIGHT batches)
 
 
 async def cost(
@@ -37,7 +38,7 @@ async def cost(
     started = server.cpu()
     sent = 0
     while server.cpu() - started < cpu:
-        rounds = 2000 // batch or 1
+        rounds = max(1, STEP // (batch * IN_FLIGHT))
         clients.stats.reset(rounds * batch * IN_FLIGHT)
         await asyncio.gather(
             *(_send(server, channels, batch, rounds, data) for _ in range(IN_FLIGHT))
