@@ -1,8 +1,10 @@
 """The batch form of POST {base_path}/emit: {"messages": [{channel, data, id?, ephemeral?}]}.
 
 Every message is checked, authorized and rewritten like a single emit's before
-any is published; then the runs of stored messages go to the broker in one
-round trip each (`Bus.publish_checked_many`), the ephemeral ones one by one.
+any is published (the common message by `simple_message`, which the single emit
+shares, anything else by the schema, which words every error); then the runs of
+stored messages go to the broker in one round trip each
+(`Bus.publish_checked_many`), the ephemeral ones one by one.
 """
 
 from __future__ import annotations
