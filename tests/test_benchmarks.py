@@ -150,6 +150,27 @@ def test_workers_run_the_bus_once_per_count_and_report_two_against_one(
     assert "| workload | N | metric | 2 workers / 1 worker |" in stdout
 
 
+def test_emit_cost_reports_cpu_per_message_for_each_form() -> None:
+    tiny = ["--subscribers", "20", "--cpu", "0.01", "--repeats", "1"]
+    run = subprocess.run(  # noqa: S603 (a fixed command line)
+        [sys.executable, "-m", "benchmarks.emit_cost", *tiny],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    figures = dict(re.findall(r"^(.+): ([0-9.]+) µs server CPU per message", run.stdout, re.M))
+    assert set(figures) == {
+        "bare single",
+        "wsbus single",
+        "wsbus batch 100",
+        "wsbus batch 1000",
+    }, run.stdout
+    assert all(float(value) > 0 for value in figures.values()), figures
+
+
 def test_more_than_one_worker_without_a_redis_broker_is_refused() -> None:
     run = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--quick", "--servers", "wsbus", "--workers", "1,2"],
