@@ -19,7 +19,7 @@ from marshmallow import fields as mf
 
 from .brokers.base import Published, is_valid_message_id, subject_publisher
 from .bus import Bus
-from .emit_batch import emit_batch
+from .emit_batch import emit_batch, simple_message
 from .errors import BrokerUnavailable, InvalidToken, KeysUnavailable, RequestError, http_error
 from .grants import is_valid_channel, may
 from .limits import PublisherLimits
@@ -80,31 +80,6 @@ class _EmitSchema(Schema):
 
 
 _EMIT_SCHEMA: Final = _EmitSchema()
-_SIMPLE_FIELDS: Final = frozenset(("channel", "data", "id", "ephemeral"))
-
-
-def _simple_emit(body: Any) -> dict[str, Any] | None:
-    """The common well-formed body (one channel, data, maybe id or ephemeral) as the
-    schema would load it, without the schema's cost; None for anything else.
-
-    It only ever accepts: whatever it passes over goes through the schema, which
-    refuses or accepts it and words every error.
-    """
-    if type(body) is not dict or not body.keys() <= _SIMPLE_FIELDS or "data" not in body:
-        return None
-    channel = body.get("channel")
-    ephemeral = body.get("ephemeral", False)
-    if type(ephemeral) is not bool or not is_valid_channel(channel):
-        return None
-    loaded = {"channel": channel, "data": body["data"], "ephemeral": ephemeral}
-    if "id" in body:
-        message_id = body["id"]
-        if ephemeral or type(message_id) is not str or not is_valid_message_id(message_id):
-            return None
-        loaded["id"] = message_id
-    return loaded
-
-
 def _finite(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):
@@ -179,7 +154,7 @@ class Endpoints:
         self, publisher: str, claims: Claims | None, body: Any
     ) -> list[Published]:
         """The single form: one message to `channel`, or the same to each of `channels`."""
-        loaded = _simple_emit(body) or self._validate(body)
+        loaded = simple_message(body) or self._validate(body)
         channels: list[str] = list(dict.fromkeys(loaded.get("channels") or [loaded["channel"]]))
         if claims is not None:
             await self.admit(claims, channels)

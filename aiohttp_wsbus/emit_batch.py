@@ -1,8 +1,10 @@
 """The batch form of POST {base_path}/emit: {"messages": [{channel, data, id?, ephemeral?}]}.
 
 Every message is checked, authorized and rewritten like a single emit's before
-any is published; then the runs of stored messages go to the broker in one
-round trip each (`Bus.publish_checked_many`), the ephemeral ones one by one.
+any is published (the common message by `simple_message`, which the single emit
+shares, anything else by the schema, which words every error); then the runs of
+stored messages go to the broker in one round trip each
+(`Bus.publish_checked_many`), the ephemeral ones one by one.
 """
 
 from __future__ import annotations
@@ -22,9 +24,50 @@ from .tokens import Claims
 if TYPE_CHECKING:
     from .emit import Endpoints
 
-__all__ = ["MAX_BATCH_MESSAGES", "emit_batch"]
+__all__ = ["MAX_BATCH_MESSAGES", "emit_batch", "simple_message"]
 
 MAX_BATCH_MESSAGES: Final = 1000
+_SIMPLE_FIELDS: Final = frozenset(("channel", "data", "id", "ephemeral"))
+
+
+def simple_message(body: Any) -> dict[str, Any] | None:
+    """A common well-formed message (one channel, data, maybe id or ephemeral), a
+    single emit's body or one of a batch's, as the schemas load it, without their
+    cost; None for anything else.
+
+    It only ever accepts: whatever it passes over goes through the schema, which
+    refuses or accepts it and words every error.
+    """
+    if type(body) is not dict or not body.keys() <= _SIMPLE_FIELDS or "data" not in body:
+        return None
+    channel = body.get("channel")
+    ephemeral = body.get("ephemeral", False)
+    if type(ephemeral) is not bool or not is_valid_channel(channel):
+        return None
+    loaded = {"channel": channel, "data": body["data"], "ephemeral": ephemeral}
+    if "id" in body:
+        message_id = body["id"]
+        if ephemeral or type(message_id) is not str or not is_valid_message_id(message_id):
+            return None
+        loaded["id"] = message_id
+    return loaded
+
+
+def _simple_batch(body: Any) -> list[dict[str, Any]] | None:
+    """A batch of common well-formed messages as the schema loads it; None for anything
+    else (the schema then checks it, and words every error)."""
+    if type(body) is not dict or len(body) != 1:
+        return None
+    messages = body.get("messages")
+    if type(messages) is not list or not 1 <= len(messages) <= MAX_BATCH_MESSAGES:
+        return None
+    loaded = []
+    for message in messages:
+        simple = simple_message(message)
+        if simple is None:
+            return None
+        loaded.append(simple)
+    return loaded
 
 
 class _MessageSchema(Schema):
@@ -72,11 +115,7 @@ async def emit_batch(
     Raises the 4xx of the first refused message before any is published, and
     BrokerUnavailable holding every message that landed before the broker went.
     """
-    try:
-        messages: list[dict[str, Any]] = _BATCH_SCHEMA.load(body)["messages"]
-    except ValidationError as error:
-        fields = error.messages_dict
-        raise http_error(web.HTTPBadRequest, "invalid_request", fields=fields) from None
+    messages = _simple_batch(body) or _load(body)
     values = [message["data"] for message in messages]
     if claims is not None:
         await endpoints.admit(claims, list(dict.fromkeys(m["channel"] for m in messages)))
@@ -94,6 +133,15 @@ async def emit_batch(
     except BrokerUnavailable as error:
         raise BrokerUnavailable(*error.args, published=published) from None
     return published
+
+
+def _load(body: Any) -> list[dict[str, Any]]:
+    try:
+        messages: list[dict[str, Any]] = _BATCH_SCHEMA.load(body)["messages"]
+    except ValidationError as error:
+        fields = error.messages_dict
+        raise http_error(web.HTTPBadRequest, "invalid_request", fields=fields) from None
+    return messages
 
 
 async def _rewrite(

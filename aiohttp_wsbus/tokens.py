@@ -40,12 +40,11 @@ from typing import Any, ClassVar, Final, TypeVar
 
 import aiohttp
 import jwt
-from jwt.types import Options
 
+from . import jws
 from .errors import InvalidSettings, InvalidToken, KeysUnavailable
 from .grants import grant_patterns
 from .jwks import PUBLIC_KEY_ALGORITHMS, SECRET_ALGORITHMS, JwksKey, JwksKeySet, PublicKey
-from .jws import DECODER
 
 __all__ = ["Claims", "ClaimsCache", "JwksVerifier", "SecretVerifier", "TokenVerifier"]
 
@@ -167,25 +166,9 @@ class TokenVerifier(ABC):
         return expires_at <= now - self.leeway
 
     def _decode_with(self, token: str, key: PublicKey | str, algorithm: str) -> dict[str, Any]:
-        """Run PyJWT on one key; exp/nbf/iat are checked by _claims_from instead."""
-        options: Options = {
-            "verify_exp": False,
-            "verify_nbf": False,
-            "verify_iat": False,
-            "verify_sub": False,
-            "verify_jti": False,
-            "verify_iss": self.issuer is not None,
-            "verify_aud": self.audience is not None,
-        }
+        """Check one key's signature, iss and aud as PyJWT does; exp/nbf/iat: _claims_from."""
         try:
-            return DECODER.decode(
-                token,
-                key,
-                algorithms=[algorithm],
-                options=options,
-                issuer=self.issuer,
-                audience=self.audience,
-            )
+            return jws.decode(token, key, algorithm, issuer=self.issuer, audience=self.audience)
         except jwt.InvalidSignatureError:
             raise InvalidToken("signature") from None
         except jwt.InvalidAlgorithmError:

@@ -69,9 +69,18 @@ class WebSocketHandler:
         self._max_msg_size = self.settings.max_message_size + 1
         # Upgraded sockets that have not authenticated yet: the bus does not know them.
         self._unauthenticated: dict[web.WebSocketResponse, asyncio.Transport] = {}
+        # Sockets waiting for their connect frame and their deadlines (loop time), in
+        # the order they came: one timer for all of them, not a timeout per socket.
+        self._awaiting_connect: dict[web.WebSocketResponse, float] = {}
+        self._connect_timer: asyncio.TimerHandle | None = None
+        # Sockets past their deadline, each being closed by a task of its own.
+        self._late: dict[web.WebSocketResponse, asyncio.Task[None]] = {}
 
     async def shutdown(self) -> None:
         """Close the sockets still authenticating (the bus closes the others)."""
+        if self._connect_timer is not None:
+            self._connect_timer.cancel()
+            self._connect_timer = None
         await asyncio.gather(
             *(
                 self._refuse(socket, transport, SHUTTING_DOWN)
@@ -253,10 +262,15 @@ class WebSocketHandler:
                 return query_connect(token, query)
             except BadFrame as error:
                 return bad_request(error)
+        self._await_connect(socket)
         try:
-            message = await socket.receive(timeout=self.settings.auth_timeout)
-        except TimeoutError:
-            return NO_CONNECT_FRAME
+            message = await socket.receive()
+        finally:
+            self._awaiting_connect.pop(socket, None)
+            late = self._late.pop(socket, None)
+        if late is not None:  # being closed NO_CONNECT_FRAME by _close_late
+            await late
+            return None
         if message.type in _ENDED:
             return None  # aiohttp has answered it (1009 for an oversized frame)
         try:
@@ -270,6 +284,34 @@ class WebSocketHandler:
         except InvalidRequest:  # a request frame: answerable, but not before connect
             return bad_request(BadFrame("the first frame must be connect"))
         return frame
+
+    def _await_connect(self, socket: web.WebSocketResponse) -> None:
+        """Give `socket` auth_timeout seconds to send its connect frame."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.auth_timeout
+        self._awaiting_connect[socket] = deadline
+        if self._connect_timer is None:
+            self._connect_timer = loop.call_at(deadline, self._close_late, loop)
+
+    def _close_late(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Close the sockets whose connect frame is late; wake again for the next one.
+
+        Deadlines grow in arrival order (auth_timeout is one for all), so the
+        first socket still waiting is the next to be late.
+        """
+        self._connect_timer = None
+        now = loop.time()
+        late = []
+        for socket, deadline in self._awaiting_connect.items():
+            if deadline > now:
+                self._connect_timer = loop.call_at(deadline, self._close_late, loop)
+                break
+            late.append(socket)
+        for socket in late:
+            del self._awaiting_connect[socket]
+            transport = self._unauthenticated.get(socket)
+            # Closing wakes the socket's receive(); its handler then awaits this task.
+            self._late[socket] = self.bus.track(self._refuse(socket, transport, NO_CONNECT_FRAME))
 
     async def _refuse(
         self, socket: web.WebSocketResponse, transport: asyncio.Transport | None, close: Close

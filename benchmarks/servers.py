@@ -34,6 +34,7 @@ import os
 import signal
 import socket
 import sys
+import time
 import tracemalloc
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -85,6 +86,10 @@ AUDIENCE: Final = "wsbus"
 KEY_ID: Final = "bench"
 # Set by the load generator for `--broker redis`: the bus kinds share messages through it.
 REDIS_URL_VARIABLE: Final = "WSBUS_BENCH_REDIS_URL"
+# Set by benchmarks/connect_cost.py: "off" turns the cyclic garbage collector off in
+# the server, "timed" times it (its CPU seconds and collections in /bench/stats).
+COLLECTOR_VARIABLE: Final = "WSBUS_BENCH_COLLECTOR"
+COLLECTOR: Final[dict[str, Any]] = {"seconds": 0.0, "collections": [0, 0, 0]}
 BACKLOG: Final = 4096
 EMIT_PATH: Final = {
     "wsbus": "/ws/emit",
@@ -126,7 +131,7 @@ def listening_socket() -> socket.socket:
 
 def add_control_routes(app: web.Application, publish: Publish, count: Callable[[], int]) -> None:
     async def stats(request: web.Request) -> web.Response:
-        return web.json_response({"connections": count()})
+        return web.json_response({"connections": count(), "collector": COLLECTOR})
 
     async def publish_many(request: web.Request) -> web.Response:
         body = await request.json()
@@ -379,6 +384,24 @@ def _asgi_ws_manager(app: Any) -> Any:
 # -- running ---------------------------------------------------------------
 
 
+def watch_collector(mode: str) -> None:
+    """Turn the cyclic collector off ("off") or time each collection ("timed")."""
+    if mode == "off":
+        gc.disable()
+    elif mode == "timed":
+        started = 0.0
+
+        def timed(phase: str, info: dict[str, int]) -> None:
+            nonlocal started
+            if phase == "start":
+                started = time.process_time()
+                return
+            COLLECTOR["seconds"] += time.process_time() - started
+            COLLECTOR["collections"][info["generation"]] += 1
+
+        gc.callbacks.append(timed)
+
+
 def ready(sock: socket.socket) -> None:
     print("READY", sock.getsockname()[1], flush=True)
 
@@ -449,6 +472,7 @@ def main(argv: list[str]) -> None:
     if count > 1 and not (kind.startswith("wsbus") and os.environ.get(REDIS_URL_VARIABLE)):
         raise SystemExit("workers > 1: a bus kind on Redis only (the workers share the bus)")
     pin_to_core(int(core))  # before forking: the workers share this core (benchmarks/README.md)
+    watch_collector(os.environ.get(COLLECTOR_VARIABLE, ""))
     raise_fd_limit()
     prefix = f"bench-{os.getpid()}"  # one for all workers: one bus
 

@@ -20,7 +20,7 @@ from benchmarks import workloads
 from benchmarks.client import payload
 from benchmarks.redis_engine import redis_engine
 from benchmarks.run import MODES, SERVER_CORE, make_keys, paired, run_server
-from benchmarks.system import process_cpu_seconds, rss_bytes
+from benchmarks.system import process_cpu_seconds, rss_bytes, tick_cpu_seconds
 from benchmarks.workloads import FANOUT_CHANNEL, Result
 
 from .support import WAIT
@@ -93,6 +93,12 @@ def test_quick_suite_reports_every_workload_for_the_bus_and_the_bare_loop(
         assert "timed out" not in result["note"], result
         if result["metric"] in ("deliveries/s", "connections/s"):
             assert result["value"] > 0, result
+    # The latency workload is also a fan-out at a fixed rate: what one delivery cost.
+    latency_metrics = {
+        (r["server"], r["metric"]) for r in results if r["workload"].startswith("latency")
+    }
+    for server in ("wsbus", "bare"):
+        assert (server, "server CPU per delivery") in latency_metrics, latency_metrics
 
     assert "| workload | N | metric | bare | wsbus | load generator CPU |" in stdout
     assert re.search(r"\(\d+\.\d\d\N{MULTIPLICATION SIGN}\)", stdout), stdout  # ratios vs bare
@@ -144,6 +150,27 @@ def test_workers_run_the_bus_once_per_count_and_report_two_against_one(
     assert "| workload | N | metric | 2 workers / 1 worker |" in stdout
 
 
+def test_emit_cost_reports_cpu_per_message_for_each_form() -> None:
+    tiny = ["--subscribers", "20", "--cpu", "0.01", "--repeats", "1"]
+    run = subprocess.run(  # noqa: S603 (a fixed command line)
+        [sys.executable, "-m", "benchmarks.emit_cost", *tiny],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    figures = dict(re.findall(r"^(.+): ([0-9.]+) µs server CPU per message", run.stdout, re.M))
+    assert set(figures) == {
+        "bare single",
+        "wsbus single",
+        "wsbus batch 100",
+        "wsbus batch 1000",
+    }, run.stdout
+    assert all(float(value) > 0 for value in figures.values()), figures
+
+
 def test_more_than_one_worker_without_a_redis_broker_is_refused() -> None:
     run = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--quick", "--servers", "wsbus", "--workers", "1,2"],
@@ -191,6 +218,45 @@ async def test_two_workers_are_measured_as_one_server(tmp_path: Path) -> None:
             await clients.close()
 
 
+# A child that spends 0.3 s of CPU in its main thread and 0.2 s in a second one,
+# measured by each thread's own clock, then waits to be read (both threads alive).
+_BURNER = """
+import sys, threading, time
+def burn(seconds):
+    while time.thread_time() < seconds:
+        pass
+done, read = threading.Event(), threading.Event()
+def second():
+    burn(0.2)
+    done.set()
+    read.wait(30)
+thread = threading.Thread(target=second)
+thread.start()
+burn(0.3)
+done.wait(30)
+print("BURNT", flush=True)
+sys.stdin.readline()
+read.set()
+"""
+
+
+def test_process_cpu_is_read_below_the_clock_tick_and_counts_every_thread() -> None:
+    with subprocess.Popen(  # noqa: S603 (a fixed command line)
+        [sys.executable, "-c", _BURNER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    ) as child:
+        assert child.stdout is not None and child.stdin is not None
+        try:
+            assert child.stdout.readline() == "BURNT\n"
+            precise, ticks = process_cpu_seconds(child.pid), tick_cpu_seconds(child.pid)
+        finally:
+            child.stdin.close()
+            child.wait(timeout=30)
+    assert precise >= 0.5, precise  # both threads
+    assert abs(precise - ticks) < 0.03, (precise, ticks)  # the same clock, finer
+    # Nanoseconds, not 10 ms ticks: a whole number of ticks would be a 1 in 10^7 chance.
+    assert round(precise * 100) != precise * 100, precise
+
+
 async def test_a_group_that_fails_keeps_the_figures_of_the_others(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -203,3 +269,22 @@ async def test_a_group_that_fails_keeps_the_figures_of_the_others(
     assert "fan-out via HTTP emit" in {r.workload for r in results}
     failed = [r for r in results if r.workload == "error"]
     assert [r.note for r in failed] == ["connect storm: ConnectionError: closed before ready"]
+
+
+@pytest.mark.parametrize("mode", ["timed", "off"])
+def test_connect_cost_prints_each_storms_cost_per_connection(mode: str) -> None:
+    command = ["benchmarks.connect_cost", "wsbus", "--size", "5", "--repeats", "2"]
+    run = subprocess.run(  # noqa: S603 (a fixed command line)
+        [sys.executable, "-m", *command, "--collector", mode],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    cost = r"^wsbus (.+): server CPU µs per connection \d+ \d+, least \d+$"
+    costs = re.findall(cost, run.stdout, re.M)
+    assert costs == ["new tokens", "reconnect"]
+    collected = re.findall(r"^wsbus (.+): of which the collector \d+ \d+$", run.stdout, re.M)
+    assert collected == (["new tokens", "reconnect"] if mode == "timed" else [])

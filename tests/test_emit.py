@@ -12,7 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pytest_aiohttp import AiohttpClient
 
-from aiohttp_wsbus.emit import _EMIT_SCHEMA, _simple_emit
+from aiohttp_wsbus.emit import _EMIT_SCHEMA
+from aiohttp_wsbus.emit_batch import simple_message
 
 from .conftest import JwksServer, MakeToken
 from .support import WAIT, BusServer, eventually, next_frame, nothing_more, start_bus
@@ -438,7 +439,7 @@ field_values = (
 
 @given(body=st.dictionaries(emit_fields, field_values) | field_values)
 def test_the_common_body_loads_as_the_schema_loads_it(body: Any) -> None:
-    fast = _simple_emit(body)
+    fast = simple_message(body)
     # The fast path only accepts, and only what the schema accepts, as the schema has it;
     # every refusal (and its wording) is the schema's.
     if fast is not None:
@@ -454,4 +455,4 @@ def test_the_common_body_loads_as_the_schema_loads_it(body: Any) -> None:
     ],
 )
 def test_the_common_body_skips_the_schema(body: dict[str, Any]) -> None:
-    assert _simple_emit(body) == _EMIT_SCHEMA.load(body)
+    assert simple_message(body) == _EMIT_SCHEMA.load(body)

@@ -6,12 +6,17 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from pytest_aiohttp import AiohttpClient
 
 from aiohttp_wsbus import BrokerUnavailable, Bus, Claims, InvalidChannel
-from aiohttp_wsbus.emit_batch import MAX_BATCH_MESSAGES
+from aiohttp_wsbus.emit_batch import (
+    _BATCH_SCHEMA,
+    MAX_BATCH_MESSAGES,
+    _simple_batch,
+    simple_message,
+)
 
 from .conftest import JwksServer, MakeToken
 from .support import BusServer, FlakyBroker, next_frames, nothing_more, start_bus
@@ -146,6 +151,79 @@ async def test_no_batch_gets_a_server_error_and_a_refused_one_publishes_nothing(
         assert len(answer["published"]) == len(messages)
     else:
         assert await offsets(server, "chat:a", "chat:b") == [0, 0]
+
+
+message_fields = st.sampled_from(["channel", "data", "id", "ephemeral", "payload", "x"])
+message_values = (
+    json_values
+    | st.floats(allow_nan=False)
+    | st.sampled_from(["chat:a", "no spaces", "", "x" * 300, "m-1", "\x7f"])
+    | st.lists(json_values, max_size=2)
+    | st.dictionaries(st.text(max_size=2), st.integers(), max_size=2)
+)
+# Few values, so that nearly well-formed messages (a field missing, wrong or one too many)
+# come often.
+near_values = st.sampled_from(["chat:a", "no spaces", "m-1", "", "x" * 129, True, False, None, 1])
+good_messages = st.fixed_dictionaries(
+    {"channel": st.sampled_from(["chat:a", "chat:b"]), "data": json_values},
+    optional={"id": st.sampled_from(["m-1", "m-2"]), "ephemeral": st.just(False)},
+)
+near_messages = (
+    st.builds(
+        lambda good, changed, dropped: {k: v for k, v in (good | changed).items() if k != dropped},
+        good_messages,
+        st.dictionaries(message_fields, near_values, max_size=2),
+        st.sampled_from(["channel", "data", "none"]),
+    )
+    | st.dictionaries(message_fields, near_values)
+    | near_values
+)
+batch_bodies = (
+    st.fixed_dictionaries(
+        {"messages": st.lists(good_messages, max_size=3) | near_values},
+        optional={"channel": st.just("chat:a"), "data": json_values},
+    )
+    | st.builds(
+        lambda good, near: {"messages": [*good, near]}, st.lists(good_messages), near_messages
+    )
+    | st.builds(
+        lambda count, message: {"messages": [message] * count},
+        st.sampled_from([MAX_BATCH_MESSAGES, MAX_BATCH_MESSAGES + 1]),
+        good_messages,
+    )
+    | message_values
+)
+
+
+@settings(max_examples=300)
+@example(message={"channel": "chat:a", "data": 1, "id": "m-1", "ephemeral": True})
+@given(message=near_messages | st.dictionaries(message_fields, message_values))
+def test_a_common_message_loads_as_the_schema_loads_it(message: Any) -> None:
+    fast = simple_message(message)
+    # The fast path only accepts, and only what the schema accepts, as the schema has it;
+    # every refusal (and its wording) is the schema's.
+    if fast is not None:
+        assert [fast] == _BATCH_SCHEMA.load({"messages": [message]})["messages"]
+
+
+@settings(max_examples=300)
+@given(body=batch_bodies)
+def test_the_common_batch_loads_as_the_schema_loads_it(body: Any) -> None:
+    fast = _simple_batch(body)
+    if fast is not None:
+        assert fast == _BATCH_SCHEMA.load(body)["messages"]
+
+
+def test_the_common_batch_skips_the_schema() -> None:
+    body = {
+        "messages": [
+            {"channel": "chat:a", "data": {"t": 1}},
+            {"channel": "chat:b", "data": None, "id": "m-1"},
+            {"channel": "chat:a", "data": 1, "ephemeral": True},
+            {"channel": "chat:a", "data": [], "ephemeral": False, "id": "m-2"},
+        ]
+    }
+    assert _simple_batch(body) == _BATCH_SCHEMA.load(body)["messages"]
 
 
 async def test_a_forbidden_channel_in_a_bearer_batch_is_403_and_publishes_nothing(

@@ -6,11 +6,12 @@ The broker contract it shares with RedisBroker is tested in test_redis_broker.py
 from __future__ import annotations
 
 import dataclasses
+import gc
 
 import pytest
 
 from aiohttp_wsbus.brokers import HistoryOptions, MemoryBroker, Message
-from aiohttp_wsbus.brokers.base import EmptyEpoch
+from aiohttp_wsbus.brokers.base import EmptyEpoch, Publication
 from aiohttp_wsbus.protocol import Position
 
 
@@ -138,3 +139,33 @@ async def test_a_flood_of_channels_is_capped_least_recently_used_first() -> None
 def test_max_channels_must_be_positive() -> None:
     with pytest.raises(ValueError, match="max_channels"):
         MemoryBroker(max_channels=0)
+
+
+async def test_kept_history_adds_nothing_for_the_garbage_collector_to_walk() -> None:
+    broker = MemoryBroker()
+    await broker.start(lambda message: None, HistoryOptions(1000, 300.0))
+    gc.collect()
+    before = len(gc.get_objects())
+    for n in range(1000):
+        await broker.publish("a", f'"{n}"')
+    gc.collect()
+    # 1000 messages kept: a full collection walks none of them (a stream is a few objects).
+    assert len(gc.get_objects()) - before < 20
+    page = await broker.history({"a": Position(998, (await broker.publish("a", "1")).epoch)})
+    assert [(m.offset, m.data) for m in page["a"].messages] == [
+        (999, '"998"'),
+        (1000, '"999"'),
+        (1001, "1"),
+    ]
+
+
+async def test_a_batch_publishes_and_delivers_each_message_in_order() -> None:
+    broker, delivered, _ = await started()
+    publications = [Publication("a", "1"), Publication("b", "2", "x"), Publication("b", "3", "x")]
+    published = await broker.publish_many(publications)
+    assert [(p.channel, p.offset, p.is_repeat) for p in published] == [
+        ("a", 1, False),
+        ("b", 1, False),
+        ("b", 1, True),
+    ]
+    assert [(m.channel, m.offset, m.data) for m in delivered] == [("a", 1, "1"), ("b", 1, "2")]

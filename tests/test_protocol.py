@@ -21,6 +21,7 @@ from aiohttp_wsbus.protocol import (
     Refresh,
     Subscribe,
     Unsubscribe,
+    encode,
     encode_message,
     parse_client_frame,
     text_frame,
@@ -99,6 +100,12 @@ def test_message_encoding_is_byte_identical_to_json_dumps(
     if recovered:
         frame["recovered"] = True
     assert fast == json.dumps(frame, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+@given(frame=st.dictionaries(st.text(max_size=8), json_values, max_size=6))
+def test_control_frames_encode_as_json_dumps_does(frame: dict[str, Any]) -> None:
+    # The encoder is made once; its bytes are json.dumps's, escapes (ASCII only) and all.
+    assert encode(frame) == json.dumps(frame, separators=(",", ":")).encode()
 
 
 @pytest.mark.parametrize("size", [0, 125, 126, 65535, 65536, 70000])

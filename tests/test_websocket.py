@@ -104,6 +104,24 @@ async def test_no_connect_frame_in_time_closes_4401(
     assert await close_code(socket) == 4401
 
 
+async def test_each_late_socket_closes_4401_and_one_in_time_is_served(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
+) -> None:
+    # One timer watches every socket waiting for its connect frame: each late one is
+    # closed at its own deadline, and one that connected in time is left alone.
+    server = await start_bus(aiohttp_client, jwks_server.url, auth_timeout=0.3)
+    first = await server.client.ws_connect("/ws")
+    in_time, welcome = await server.open(make_token(), [])
+    assert welcome["type"] == "welcome"
+    second = await server.client.ws_connect("/ws")  # a token verified since: a later deadline
+    assert await close_code(first) == 4401
+    assert await close_code(second) == 4401
+    await in_time.send_json({"type": "ping"})
+    assert await next_frame(in_time) == {"type": "pong"}
+    late = await server.client.ws_connect("/ws")  # the timer wakes again for a newcomer
+    assert await close_code(late) == 4401
+
+
 async def test_bad_tokens_close_4401(
     aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
 ) -> None:
