@@ -378,6 +378,8 @@ class Bus:
         subscribers = self.registry.subscribers(channel)
         if not subscribers:
             return
+        if self.presence_keeper.queued:  # its joins and leaves first, as decided
+            self.presence_keeper.hand_out(channel)
         frame = text_frame(encode_ephemeral(channel, data))
         self.messages_delivered += len(subscribers)
         for connection in subscribers:
@@ -388,6 +390,8 @@ class Bus:
         subscribers = self.registry.subscribers(message.channel)
         if not subscribers:
             return
+        if self.presence_keeper.queued:  # its joins and leaves first, as decided
+            self.presence_keeper.hand_out(message.channel)
         frame = message_frame(message)
         self.messages_delivered += len(subscribers)
         for connection in subscribers:

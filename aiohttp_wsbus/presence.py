@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 from .brokers.presence import (
@@ -59,6 +59,16 @@ class Presence:
         # same socket (unsubscribed, then subscribed again) waits for them, or
         # the late leave would take the new entry away.
         self._leaving: dict[str, asyncio.Task[None]] = {}
+        # Joins and leaves decided this tick, by channel, not yet handed out: a
+        # connect storm decides many per tick, and each reader then takes them in
+        # one call instead of one per event. Handed out at the end of the tick, or
+        # before a message reaches the channel's readers or one of them leaves, so
+        # each reader gets exactly the events it would have got at once, in the
+        # same order with the channel's messages. A reader that came while some
+        # were queued takes them from where it came (`_late`): its snapshot holds
+        # the earlier ones.
+        self.queued: dict[str, list[bytes]] = {}
+        self._late: dict[str, dict[Connection, int]] = {}
 
     def __bool__(self) -> bool:
         """Whether any channel keeps presence (off by default: then nothing here runs)."""
@@ -74,9 +84,10 @@ class Presence:
         """Whether the token's presence grant covers `channel`."""
         return may(grant_patterns(claims.extra.get(self._claim)), channel)
 
-    def info(self, claims: Claims) -> str:
-        """The member info the token carries, as JSON text (`{}` without a usable one)."""
-        value = claims.extra.get(self._info_claim)
+    def info(self, claims: Claims, extra: Mapping[str, Any] | None = None) -> str:
+        """The member info the token carries, as JSON text (`{}` without a usable one);
+        `extra`: claims.extra already read (each read decodes it)."""
+        value = (claims.extra if extra is None else extra).get(self._info_claim)
         if value is None:
             return _NO_INFO
         try:
@@ -106,13 +117,18 @@ class Presence:
             await asyncio.wait({leaving})
         claims = connection.claims
         broker = self.bus.broker
-        readable = [c for c in channels if self.may_read(claims, c)]
+        extra = claims.extra  # decoded once for the grant and the info
+        grants = grant_patterns(extra.get(self._claim))
+        readable = [c for c in channels if may(grants, c)]
         for channel in readable:  # from now on: a join racing the snapshot is held, not lost
+            queued = self.queued.get(channel)
+            if queued:
+                self._late.setdefault(channel, {})[connection] = len(queued)
             self._readers.setdefault(channel, {})[connection] = None
         snapshots = await broker.join(
             connection.id,
             claims.subject,
-            self.info(claims),
+            self.info(claims, extra),
             channels,
             snapshot=readable,
             limit=self.options.max_members,
@@ -125,6 +141,7 @@ class Presence:
         if not present:
             return
         for channel in present:
+            self.hand_out(channel)
             readers = self._readers.get(channel)
             if readers is not None:
                 readers.pop(connection, None)
@@ -146,6 +163,7 @@ class Presence:
         for channel in connection.channels:
             if not self.keeps(channel):
                 continue
+            self.hand_out(channel)
             readers = self._readers.setdefault(channel, {})
             if self.may_read(connection.claims, channel):
                 readers[connection] = None
@@ -175,8 +193,32 @@ class Presence:
         if event.info is not None:
             frame["info"] = decode_info(event.info)
         data = text_frame(encode(frame))
-        for connection in readers:
-            connection.deliver_frame(event.channel, data)
+        queued = self.queued.get(event.channel)
+        if queued is not None:
+            queued.append(data)
+            return
+        if not self.queued:
+            asyncio.get_running_loop().call_soon(self.hand_out_all)
+        self.queued[event.channel] = [data]
+
+    def hand_out(self, channel: str) -> None:
+        """Give the channel's readers the joins and leaves queued for it."""
+        frames = self.queued.pop(channel, None)
+        late = self._late.pop(channel, None)
+        if frames is None:
+            return
+        data = frames[0] if len(frames) == 1 else b"".join(frames)
+        for connection in self._readers.get(channel, ()):
+            start = late.get(connection) if late else None
+            if start is None:
+                connection.deliver_frame(channel, data)
+            elif start < len(frames):
+                connection.deliver_frame(channel, b"".join(frames[start:]))
+
+    def hand_out_all(self) -> None:
+        """End of the tick: every queued join and leave goes out."""
+        for channel in list(self.queued):
+            self.hand_out(channel)
 
     async def members(self, channel: str) -> dict[str, Member]:
         """Everyone present in `channel`, by user."""

@@ -4,6 +4,7 @@ join and leave once per user, who may read it, the HTTP endpoint and the Bus API
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Collection
@@ -84,6 +85,50 @@ async def test_a_token_without_the_presence_grant_gets_no_presence_data(
         member(make_token, "dan", presence=["chat:other"]), [ROOM, "chat:other"]
     )
     assert list(welcome["presence"]) == ["chat:other"]
+
+
+async def test_joins_decided_in_one_tick_arrive_in_order_and_before_a_later_message(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
+) -> None:
+    server = await presence_bus(aiohttp_client, jwks_server)
+    alice, _ = await server.open(member(make_token, "alice"), [ROOM])
+    assert (await next_frame(alice))["user"] == "alice"
+    broker = server.bus.broker
+    # One tick, no await that yields: three users join elsewhere (as another node's
+    # sockets would), one leaves again, and a message follows on the same channel.
+    for user in ("u1", "u2", "u3"):
+        await broker.join(f"elsewhere-{user}", user, '{"n":1}', [ROOM])
+    await broker.leave("elsewhere-u2", [ROOM])
+    await server.bus.publish(ROOM, "after them")
+    frames = [await next_frame(alice) for _ in range(5)]
+    assert frames[:4] == [
+        {"type": "join", "channel": ROOM, "user": "u1", "info": {"n": 1}},
+        {"type": "join", "channel": ROOM, "user": "u2", "info": {"n": 1}},
+        {"type": "join", "channel": ROOM, "user": "u3", "info": {"n": 1}},
+        {"type": "leave", "channel": ROOM, "user": "u2"},
+    ]
+    assert (frames[4]["type"], frames[4]["data"]) == ("message", "after them")
+    await nothing_more(alice)
+
+
+async def test_a_reader_that_comes_within_the_tick_takes_only_the_later_joins(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
+) -> None:
+    server = await presence_bus(aiohttp_client, jwks_server)
+    alice, _ = await server.open(member(make_token, "alice"), [ROOM])
+    assert (await next_frame(alice))["user"] == "alice"
+    bob, _ = await server.open(member(make_token, "bob"), ["chat:other"])
+    assert (await next_frame(bob))["channel"] == "chat:other"  # his own join there
+    (bob_socket,) = [c for c in server.bus.connections if c.claims.subject == "bob"]
+    keeper, broker = server.bus.presence_keeper, server.bus.broker
+    # One tick: u1 joins, then bob becomes a reader of the room, then u2 joins.
+    await broker.join("elsewhere-u1", "u1", "{}", [ROOM])
+    snapshot = await keeper.join(bob_socket, [ROOM])
+    await broker.join("elsewhere-u2", "u2", "{}", [ROOM])
+    assert {"alice", "u1", "bob"} <= set(json.loads(snapshot[ROOM]))  # u1 is in it
+    assert [(await next_frame(alice))["user"] for _ in range(3)] == ["u1", "bob", "u2"]
+    assert [(await next_frame(bob))["user"] for _ in range(2)] == ["bob", "u2"]
+    await nothing_more(bob)
 
 
 async def test_subscribe_and_unsubscribe_frames_join_and_leave(
