@@ -6,7 +6,9 @@ and connect again with the same tokens ("reconnect", the bus's token cache warm)
 Prints each storm's server CPU per connection and the least of the repeats. On a
 shared machine the cyclic collector is most of the spread (its full collections
 walk every object of every open socket), so `--collector off` gives the rest of
-the cost alone and `--collector timed` prints the collector's share.
+the cost alone, `--collector timed` prints the collector's share and
+`--collector frozen` freezes what the server made at start-up (gc.freeze, as the
+`wsbus` command does) to price that.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ def main() -> None:
     parser.add_argument("kinds", nargs="+", help="server kinds, e.g. wsbus bare")
     parser.add_argument("--size", type=int, default=3000, help="connections per storm")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--collector", choices=("on", "off", "timed"), default="on")
+    parser.add_argument("--collector", choices=("on", "off", "timed", "frozen"), default="on")
     arguments = parser.parse_args()
     os.environ[COLLECTOR_VARIABLE] = arguments.collector  # the servers inherit it
     for kind in arguments.kinds:

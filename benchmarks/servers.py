@@ -87,7 +87,8 @@ KEY_ID: Final = "bench"
 # Set by the load generator for `--broker redis`: the bus kinds share messages through it.
 REDIS_URL_VARIABLE: Final = "WSBUS_BENCH_REDIS_URL"
 # Set by benchmarks/connect_cost.py: "off" turns the cyclic garbage collector off in
-# the server, "timed" times it (its CPU seconds and collections in /bench/stats).
+# the server, "timed" times it (its CPU seconds and collections in /bench/stats),
+# "frozen" freezes what start-up made once the server listens (as `wsbus` does).
 COLLECTOR_VARIABLE: Final = "WSBUS_BENCH_COLLECTOR"
 COLLECTOR: Final[dict[str, Any]] = {"seconds": 0.0, "collections": [0, 0, 0]}
 BACKLOG: Final = 4096
@@ -451,6 +452,9 @@ async def serve(
     await web.SockSite(runner, sock, backlog=BACKLOG).start()
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    if os.environ.get(COLLECTOR_VARIABLE) == "frozen":
+        gc.collect()
+        gc.freeze()
     if worker:
         # The same app on a port of its own: how the load generator asks this worker,
         # not whichever one the kernel picks, for its sockets.

@@ -271,7 +271,7 @@ async def test_a_group_that_fails_keeps_the_figures_of_the_others(
     assert [r.note for r in failed] == ["connect storm: ConnectionError: closed before ready"]
 
 
-@pytest.mark.parametrize("mode", ["timed", "off"])
+@pytest.mark.parametrize("mode", ["timed", "off", "frozen"])
 def test_connect_cost_prints_each_storms_cost_per_connection(mode: str) -> None:
     command = ["benchmarks.connect_cost", "wsbus", "--size", "5", "--repeats", "2"]
     run = subprocess.run(  # noqa: S603 (a fixed command line)

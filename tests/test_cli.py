@@ -174,6 +174,21 @@ async def test_flags_and_environment_reach_the_settings(
     assert await server.stop() == 0
 
 
+async def test_start_up_objects_are_frozen_out_of_the_collectors_reach(
+    start_cli: StartCli, jwks_server: JwksServer, make_token: MakeToken
+) -> None:
+    server = await start_cli("--port", "0", "--log-level", "debug", **token_settings(jwks_server))
+    frozen = [re.search(r"froze (\d+) start-up objects", line) for line in server.lines]
+    counts = [int(found.group(1)) for found in frozen if found]
+    # Modules and the app: tens of thousands of objects (aiohttp alone makes more).
+    assert len(counts) == 1 and counts[0] > 10_000, server.lines
+    async with aiohttp.ClientSession(server.url) as session:  # and it serves as before
+        socket = await connect(session, "/ws", make_token(), ["chat:a"])
+        assert (await next_frame(socket))["type"] == "welcome"
+        await socket.close()
+    assert await server.stop() == 0
+
+
 async def test_sigterm_closes_connected_clients_with_1001(
     start_cli: StartCli, jwks_server: JwksServer, make_token: MakeToken
 ) -> None:

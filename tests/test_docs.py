@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import re
 import time
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from aiohttp import web
 from pytest_aiohttp import AiohttpClient
 
 import aiohttp_wsbus
@@ -170,3 +172,20 @@ async def test_readme_worker_resumes_from_its_saved_position_after_a_restart(
     await eventually(lambda: not server.bus.registry.subscribers("orders:42"))
     assert await run_until_printed(1) == [(3, "shipped")]
     assert printed.empty()
+
+
+async def test_deploy_freeze_snippet_freezes_start_up_once_the_bus_has_started(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer
+) -> None:
+    (snippet,) = [block for block in python_blocks("deploy.md") if "gc.freeze" in block]
+    app = web.Application()
+    aiohttp_wsbus.setup(app, jwks_url=jwks_server.url)
+    namespace: dict[str, Any] = {"app": app}
+    exec(compile(snippet, "deploy.md", "exec"), namespace)  # noqa: S102
+    assert app.on_startup[-1] is namespace["freeze"]  # after the bus's own start-up
+    gc.unfreeze()
+    try:
+        await aiohttp_client(app)
+        assert gc.get_freeze_count() > 10_000
+    finally:
+        gc.unfreeze()  # the rest of the test session collects as before
