@@ -288,3 +288,19 @@ def test_connect_cost_prints_each_storms_cost_per_connection(mode: str) -> None:
     assert costs == ["new tokens", "reconnect"]
     collected = re.findall(r"^wsbus (.+): of which the collector \d+ \d+$", run.stdout, re.M)
     assert collected == (["new tokens", "reconnect"] if mode == "timed" else [])
+
+
+def test_fanout_cost_prints_each_repeats_cost_per_delivery() -> None:
+    command = ["benchmarks.fanout_cost", "wsbus", "wsbus_presence", "--size", "5"]
+    run = subprocess.run(  # noqa: S603 (a fixed command line)
+        [sys.executable, "-m", *command, "--repeats", "2", "--rate", "20", "--seconds", "0.2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    cost = r"^(\S+): server CPU µs per delivery \d+\.\d\d \d+\.\d\d, least \d+\.\d\d$"
+    assert re.findall(cost, run.stdout, re.M) == ["wsbus", "wsbus_presence"], run.stdout
+    assert len(re.findall(r"^\S+: p99 ms [\d.]+ [\d.]+$", run.stdout, re.M)) == 2, run.stdout
