@@ -149,6 +149,8 @@ class Presence:
                     del self._readers[channel]
         connection_id = connection.id
         earlier = self._leaving.get(connection_id)
+        if earlier is None and self.bus.broker.leave_at_once(connection_id, present):
+            return  # no task: a close storm closes thousands at once
         task = self.bus.track(self._leave(connection_id, present, earlier))
         self._leaving[connection_id] = task
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+from collections.abc import Collection
 
 import pytest
 
@@ -169,3 +170,19 @@ async def test_a_batch_publishes_and_delivers_each_message_in_order() -> None:
         ("b", 1, True),
     ]
     assert [(m.channel, m.offset, m.data) for m in delivered] == [("a", 1, "1"), ("b", 1, "2")]
+
+
+async def test_a_leave_is_done_at_once_unless_a_subclass_wraps_leave() -> None:
+    broker = MemoryBroker()
+    await broker.join("c1", "alice", "{}", ["chat:a"])
+    assert broker.leave_at_once("c1", ["chat:a"])  # done, nothing awaited
+    assert (await broker.presence(["chat:a"]))["chat:a"].count == 0
+
+    class Wrapped(MemoryBroker):
+        async def leave(self, connection_id: str, channels: Collection[str]) -> None:
+            await super().leave(connection_id, channels)
+
+    wrapped = Wrapped()
+    await wrapped.join("c1", "alice", "{}", ["chat:a"])
+    assert not wrapped.leave_at_once("c1", ["chat:a"])  # its own leave must see it
+    assert (await wrapped.presence(["chat:a"]))["chat:a"].count == 1

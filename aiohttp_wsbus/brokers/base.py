@@ -394,6 +394,12 @@ class Broker(ABC):
         when it was their last socket there. Leaving a channel not joined is harmless."""
         raise NotImplementedError(f"{type(self).__name__} cannot keep presence")
 
+    def leave_at_once(self, connection_id: str, channels: Collection[str]) -> bool:
+        """`leave`, done now if this broker can do it without waiting (one kept in this
+        process); False (the default) if it cannot, and nothing was done: then call
+        `leave`. Spares a closing socket a task when thousands close at once."""
+        return False
+
     async def presence(
         self, channels: Collection[str], *, limit: int | None = None
     ) -> dict[str, PresenceSnapshot]:

@@ -151,6 +151,15 @@ class MemoryBroker(Broker):
         return await self.presence(snapshot, limit=limit)
 
     async def leave(self, connection_id: str, channels: Collection[str]) -> None:
+        self._leave(connection_id, channels)
+
+    def leave_at_once(self, connection_id: str, channels: Collection[str]) -> bool:
+        if type(self).leave is not MemoryBroker.leave:
+            return False  # a subclass that wraps leave sees every leave through it
+        self._leave(connection_id, channels)
+        return True
+
+    def _leave(self, connection_id: str, channels: Collection[str]) -> None:
         limit = self._presence_options.max_members
         for channel in channels:
             event = self._presence.leave(channel, connection_id, limit)
