@@ -75,6 +75,21 @@ def run_quick(tmp_path: Path, *arguments: str) -> tuple[str, list[dict[str, Any]
     return run.stdout, results
 
 
+def run_tool(module: str, *arguments: str) -> str:
+    """`python -m MODULE ARGUMENTS` (one of the benchmarks' cost tools): its output,
+    once it exited 0."""
+    run = subprocess.run(  # noqa: S603 (a fixed command line)
+        [sys.executable, "-m", module, *arguments],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run.stdout
+
+
 def test_quick_suite_reports_every_workload_for_the_bus_and_the_bare_loop(
     tmp_path: Path,
 ) -> None:
@@ -152,22 +167,14 @@ def test_workers_run_the_bus_once_per_count_and_report_two_against_one(
 
 def test_emit_cost_reports_cpu_per_message_for_each_form() -> None:
     tiny = ["--subscribers", "20", "--cpu", "0.01", "--repeats", "1"]
-    run = subprocess.run(  # noqa: S603 (a fixed command line)
-        [sys.executable, "-m", "benchmarks.emit_cost", *tiny],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    figures = dict(re.findall(r"^(.+): ([0-9.]+) µs server CPU per message", run.stdout, re.M))
+    stdout = run_tool("benchmarks.emit_cost", *tiny)
+    figures = dict(re.findall(r"^(.+): ([0-9.]+) µs server CPU per message", stdout, re.M))
     assert set(figures) == {
         "bare single",
         "wsbus single",
         "wsbus batch 100",
         "wsbus batch 1000",
-    }, run.stdout
+    }, stdout
     assert all(float(value) > 0 for value in figures.values()), figures
 
 
@@ -273,34 +280,19 @@ async def test_a_group_that_fails_keeps_the_figures_of_the_others(
 
 @pytest.mark.parametrize("mode", ["timed", "off", "frozen"])
 def test_connect_cost_prints_each_storms_cost_per_connection(mode: str) -> None:
-    command = ["benchmarks.connect_cost", "wsbus", "--size", "5", "--repeats", "2"]
-    run = subprocess.run(  # noqa: S603 (a fixed command line)
-        [sys.executable, "-m", *command, "--collector", mode],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+    stdout = run_tool(
+        "benchmarks.connect_cost", "wsbus", "--size", "5", "--repeats", "2", "--collector", mode
     )
-    assert run.returncode == 0, run.stderr[-3000:]
     cost = r"^wsbus (.+): server CPU µs per connection \d+ \d+, least \d+$"
-    costs = re.findall(cost, run.stdout, re.M)
+    costs = re.findall(cost, stdout, re.M)
     assert costs == ["new tokens", "reconnect"]
-    collected = re.findall(r"^wsbus (.+): of which the collector \d+ \d+$", run.stdout, re.M)
+    collected = re.findall(r"^wsbus (.+): of which the collector \d+ \d+$", stdout, re.M)
     assert collected == (["new tokens", "reconnect"] if mode == "timed" else [])
 
 
 def test_fanout_cost_prints_each_repeats_cost_per_delivery() -> None:
-    command = ["benchmarks.fanout_cost", "wsbus", "wsbus_presence", "--size", "5"]
-    run = subprocess.run(  # noqa: S603 (a fixed command line)
-        [sys.executable, "-m", *command, "--repeats", "2", "--rate", "20", "--seconds", "0.2"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
+    kinds = ["wsbus", "wsbus_presence", "--size", "5", "--repeats", "2"]
+    stdout = run_tool("benchmarks.fanout_cost", *kinds, "--rate", "20", "--seconds", "0.2")
     cost = r"^(\S+): server CPU µs per delivery \d+\.\d\d \d+\.\d\d, least \d+\.\d\d$"
-    assert re.findall(cost, run.stdout, re.M) == ["wsbus", "wsbus_presence"], run.stdout
-    assert len(re.findall(r"^\S+: p99 ms [\d.]+ [\d.]+$", run.stdout, re.M)) == 2, run.stdout
+    assert re.findall(cost, stdout, re.M) == ["wsbus", "wsbus_presence"], stdout
+    assert len(re.findall(r"^\S+: p99 ms [\d.]+ [\d.]+$", stdout, re.M)) == 2, stdout
