@@ -57,27 +57,8 @@ TWO_WAY_WORKLOADS = {
 }
 
 
-def run_quick(tmp_path: Path, *arguments: str) -> tuple[str, list[dict[str, Any]]]:
-    """`python -m benchmarks --quick ARGUMENTS`: its output and its figures, once it
-    exited 0 with no figure reporting an error."""
-    output = tmp_path / "results.json"
-    run = subprocess.run(  # noqa: S603 (a fixed command line)
-        [sys.executable, "-m", "benchmarks", "--quick", *arguments, "--json", str(output)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    results: list[dict[str, Any]] = json.loads(output.read_text())
-    assert not [r for r in results if r["workload"] == "error"], results
-    return run.stdout, results
-
-
 def run_tool(module: str, *arguments: str) -> str:
-    """`python -m MODULE ARGUMENTS` (one of the benchmarks' cost tools): its output,
-    once it exited 0."""
+    """`python -m MODULE ARGUMENTS`: its output, once it exited 0."""
     run = subprocess.run(  # noqa: S603 (a fixed command line)
         [sys.executable, "-m", module, *arguments],
         cwd=ROOT,
@@ -88,6 +69,16 @@ def run_tool(module: str, *arguments: str) -> str:
     )
     assert run.returncode == 0, run.stderr[-3000:]
     return run.stdout
+
+
+def run_quick(tmp_path: Path, *arguments: str) -> tuple[str, list[dict[str, Any]]]:
+    """`python -m benchmarks --quick ARGUMENTS`: its output and its figures, once it
+    exited 0 with no figure reporting an error."""
+    output = tmp_path / "results.json"
+    stdout = run_tool("benchmarks", "--quick", *arguments, "--json", str(output))
+    results: list[dict[str, Any]] = json.loads(output.read_text())
+    assert not [r for r in results if r["workload"] == "error"], results
+    return stdout, results
 
 
 def test_quick_suite_reports_every_workload_for_the_bus_and_the_bare_loop(
