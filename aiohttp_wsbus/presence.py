@@ -121,10 +121,11 @@ class Presence:
         grants = grant_patterns(extra.get(self._claim))
         readable = [c for c in channels if may(grants, c)]
         for channel in readable:  # from now on: a join racing the snapshot is held, not lost
+            readers = self._readers.setdefault(channel, {})
             queued = self.queued.get(channel)
-            if queued:
+            if queued and connection not in readers:  # a reader already takes them all
                 self._late.setdefault(channel, {})[connection] = len(queued)
-            self._readers.setdefault(channel, {})[connection] = None
+            readers[connection] = None
         snapshots = await broker.join(
             connection.id,
             claims.subject,

@@ -131,6 +131,20 @@ async def test_a_reader_that_comes_within_the_tick_takes_only_the_later_joins(
     await nothing_more(bob)
 
 
+async def test_a_reader_joining_again_within_the_tick_still_takes_every_join(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
+) -> None:
+    server = await presence_bus(aiohttp_client, jwks_server)
+    bob, _ = await server.open(member(make_token, "bob"), [ROOM])
+    assert (await next_frame(bob))["user"] == "bob"
+    (bob_socket,) = server.bus.connections
+    keeper, broker = server.bus.presence_keeper, server.bus.broker
+    await broker.join("elsewhere-u1", "u1", "{}", [ROOM])  # queued, and bob reads the room
+    await keeper.join(bob_socket, [ROOM])  # the same socket again, within the tick
+    assert (await next_frame(bob))["user"] == "u1"
+    await nothing_more(bob)
+
+
 async def test_subscribe_and_unsubscribe_frames_join_and_leave(
     aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
 ) -> None:
