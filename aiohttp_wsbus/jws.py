@@ -130,13 +130,7 @@ def decode_common(
         header_segment, payload_segment = signing_input.split(b".", 1)
     except ValueError:
         raise DecodeError("Not enough segments") from None
-    header_data = decode_segment(header_segment, "header")
-    try:
-        header = json.loads(header_data)
-    except (ValueError, RecursionError) as error:
-        raise DecodeError(f"Invalid header string: {error}") from error
-    if not isinstance(header, dict):
-        raise DecodeError("Invalid header string: must be a json object")
+    header = _json_object(decode_segment(header_segment, "header"), "header")
     if "b64" in header or "crit" in header:
         return None  # detached payloads and critical extensions: PyJWT's rules
     payload_data = decode_segment(payload_segment, "payload")
@@ -152,19 +146,24 @@ def decode_common(
         return None  # PyJWT warns (or refuses, if told to)
     if not verifier.verify(signing_input, prepared, signature):
         raise InvalidSignatureError("Signature verification failed")
-    # PyJWT._decode_payload
-    try:
-        payload = json.loads(payload_data)
-    except (ValueError, RecursionError) as error:
-        raise DecodeError(f"Invalid payload string: {error}") from error
-    if not isinstance(payload, dict):
-        raise DecodeError("Invalid payload string: must be a json object")
+    payload = _json_object(payload_data, "payload")  # PyJWT._decode_payload
     # PyJWT._validate_claims: nothing required; exp, nbf, iat, sub, jti not asked for
     if issuer is not None:
         _check_issuer(payload, issuer)
     if audience is not None:
         _check_audience(payload, audience)
     return payload
+
+
+def _json_object(data: bytes, name: str) -> dict[str, Any]:
+    """A segment's JSON object, refused in PyJWT's words (`name`: header or payload)."""
+    try:
+        value = json.loads(data)
+    except (ValueError, RecursionError) as error:
+        raise DecodeError(f"Invalid {name} string: {error}") from error
+    if not isinstance(value, dict):
+        raise DecodeError(f"Invalid {name} string: must be a json object")
+    return value
 
 
 def _check_issuer(payload: dict[str, Any], issuer: str) -> None:
