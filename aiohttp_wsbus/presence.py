@@ -82,7 +82,12 @@ class Presence:
 
     def may_read(self, claims: Claims, channel: str) -> bool:
         """Whether the token's presence grant covers `channel`."""
-        return may(grant_patterns(claims.extra.get(self._claim)), channel)
+        return may(self._read_grants(claims.extra), channel)
+
+    def _read_grants(self, extra: Mapping[str, Any]) -> tuple[str, ...]:
+        """The patterns of the presence grant among the token's claims (`claims.extra`,
+        read once by the caller: each read decodes it)."""
+        return grant_patterns(extra.get(self._claim))
 
     def info(self, claims: Claims, extra: Mapping[str, Any] | None = None) -> str:
         """The member info the token carries, as JSON text (`{}` without a usable one);
@@ -118,7 +123,7 @@ class Presence:
         claims = connection.claims
         broker = self.bus.broker
         extra = claims.extra  # decoded once for the grant and the info
-        grants = grant_patterns(extra.get(self._claim))
+        grants = self._read_grants(extra)
         readable = [c for c in channels if may(grants, c)]
         for channel in readable:  # from now on: a join racing the snapshot is held, not lost
             readers = self._readers.setdefault(channel, {})
@@ -163,12 +168,13 @@ class Presence:
 
     def regrant(self, connection: Connection) -> None:
         """Re-read which of its presence channels a refreshed token may read."""
+        grants = self._read_grants(connection.claims.extra)
         for channel in connection.channels:
             if not self.keeps(channel):
                 continue
             self.hand_out(channel)
             readers = self._readers.setdefault(channel, {})
-            if self.may_read(connection.claims, channel):
+            if may(grants, channel):
                 readers[connection] = None
             else:
                 readers.pop(connection, None)
