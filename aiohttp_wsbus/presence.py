@@ -62,11 +62,11 @@ class Presence:
         # Joins and leaves decided this tick, by channel, not yet handed out: a
         # connect storm decides many per tick, and each reader then takes them in
         # one call instead of one per event. Handed out at the end of the tick, or
-        # before a message reaches the channel's readers or one of them leaves, so
-        # each reader gets exactly the events it would have got at once, in the
-        # same order with the channel's messages. A reader that came while some
-        # were queued takes them from where it came (`_late`): its snapshot holds
-        # the earlier ones.
+        # before a message reaches the channel's readers, so each reader gets
+        # exactly the events it would have got at once, in the same order with the
+        # channel's messages; a reader that leaves takes those queued so far alone.
+        # A reader that came while some were queued takes them from where it came
+        # (`_late`): its snapshot holds the earlier ones.
         self.queued: dict[str, list[bytes]] = {}
         self._late: dict[str, dict[Connection, int]] = {}
 
@@ -147,12 +147,15 @@ class Presence:
         if not present:
             return
         for channel in present:
-            self.hand_out(channel)
             readers = self._readers.get(channel)
-            if readers is not None:
-                readers.pop(connection, None)
-                if not readers:
-                    del self._readers[channel]
+            if readers is None or connection not in readers:
+                continue
+            # What was decided before it left goes to it alone: handing the tick's
+            # queue to every reader at each leave would make a close storm quadratic.
+            self._hand_out_to(channel, connection)
+            del readers[connection]
+            if not readers:
+                del self._readers[channel]
         connection_id = connection.id
         earlier = self._leaving.get(connection_id)
         if earlier is None and self.bus.broker.leave_at_once(connection_id, present):
@@ -223,6 +226,14 @@ class Presence:
                 connection.deliver_frame(channel, data)
             elif start < len(frames):
                 connection.deliver_frame(channel, b"".join(frames[start:]))
+
+    def _hand_out_to(self, channel: str, connection: Connection) -> None:
+        """Give one reader the channel's joins and leaves queued since it began reading."""
+        frames = self.queued.get(channel)
+        late = self._late.get(channel)
+        start = late.pop(connection, 0) if late else 0
+        if frames and start < len(frames):
+            connection.deliver_frame(channel, b"".join(frames[start:]))
 
     def hand_out_all(self) -> None:
         """End of the tick: every queued join and leave goes out."""

@@ -3,7 +3,8 @@
 `python -m benchmarks.connect_cost wsbus bare`: for each kind, one server; REPEATS
 times, SIZE clients with tokens never seen connect at once ("new tokens"), leave,
 and connect again with the same tokens ("reconnect", the bus's token cache warm).
-Prints each storm's server CPU per connection and the least of the repeats. On a
+Prints each storm's server CPU per connection and the least of the repeats, and
+the same per close when every client of the storm closes at once. On a
 shared machine the cyclic collector is most of the spread (its full collections
 walk every object of every open socket), so `--collector off` gives the rest of
 the cost alone, `--collector timed` prints the collector's share and
@@ -41,6 +42,7 @@ async def measure(kind: str, size: int, repeats: int, timed: bool) -> None:
         tokens = keys.distinct(kind, size * repeats)
         cost: dict[str, list[float]] = {storm: [] for storm in STORMS}
         collecting: dict[str, list[float]] = {storm: [] for storm in STORMS}
+        closing: dict[str, list[float]] = {storm: [] for storm in STORMS}
         async with running(Server(kind, SERVER_CORE, 25, keys)) as server:
             clients = Clients(server)
             await warm_up(server, clients, 1.0)
@@ -54,11 +56,17 @@ async def measure(kind: str, size: int, repeats: int, timed: bool) -> None:
                     after = await collector(server)
                     cost[storm].append(server_cpu / size * 1e6)
                     collecting[storm].append((after["seconds"] - before["seconds"]) / size * 1e6)
-                    await clients.close()
+                    meter = Meter(server)
+                    await clients.close()  # every client at once: a close storm
+                    _, server_cpu, _ = meter.stop()
+                    closing[storm].append(server_cpu / size * 1e6)
         for storm in STORMS:
             line = " ".join(f"{value:.0f}" for value in cost[storm])
             least = min(cost[storm])
             print(f"{kind} {storm}: server CPU µs per connection {line}, least {least:.0f}")
+            line = " ".join(f"{value:.0f}" for value in closing[storm])
+            least = min(closing[storm])
+            print(f"{kind} {storm}, then closed: server CPU µs per close {line}, least {least:.0f}")
             if timed:
                 line = " ".join(f"{value:.0f}" for value in collecting[storm])
                 print(f"{kind} {storm}: of which the collector {line}")

@@ -277,6 +277,8 @@ def test_connect_cost_prints_each_storms_cost_per_connection(mode: str) -> None:
     cost = r"^wsbus (.+): server CPU µs per connection \d+ \d+, least \d+$"
     costs = re.findall(cost, stdout, re.M)
     assert costs == ["new tokens", "reconnect"]
+    closes = r"^wsbus (.+), then closed: server CPU µs per close \d+ \d+, least \d+$"
+    assert re.findall(closes, stdout, re.M) == ["new tokens", "reconnect"]
     collected = re.findall(r"^wsbus (.+): of which the collector \d+ \d+$", stdout, re.M)
     assert collected == (["new tokens", "reconnect"] if mode == "timed" else [])
 

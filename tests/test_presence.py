@@ -131,6 +131,27 @@ async def test_a_reader_that_comes_within_the_tick_takes_only_the_later_joins(
     await nothing_more(bob)
 
 
+async def test_a_reader_that_leaves_within_the_tick_takes_the_earlier_joins_alone(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
+) -> None:
+    server = await presence_bus(aiohttp_client, jwks_server)
+    alice, _ = await server.open(member(make_token, "alice"), [ROOM])
+    assert (await next_frame(alice))["user"] == "alice"
+    bob, _ = await server.open(member(make_token, "bob"), [ROOM])
+    assert [(await next_frame(ws))["user"] for ws in (alice, bob)] == ["bob", "bob"]
+    alice_socket, bob_socket = sorted(server.bus.connections, key=lambda c: c.claims.subject)
+    keeper, broker = server.bus.presence_keeper, server.bus.broker
+    # One tick: u1 joins, bob stops reading the room, u2 joins.
+    await broker.join("elsewhere-u1", "u1", "{}", [ROOM])
+    keeper.leave(bob_socket, [ROOM])
+    # The others' events stay queued for the end of the tick: one hand-out each.
+    assert alice_socket._outbox is None
+    await broker.join("elsewhere-u2", "u2", "{}", [ROOM])
+    assert [(await next_frame(alice))["user"] for _ in range(3)] == ["u1", "bob", "u2"]
+    assert (await next_frame(bob))["user"] == "u1"  # decided before he left
+    await nothing_more(bob)
+
+
 async def test_a_reader_joining_again_within_the_tick_still_takes_every_join(
     aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
 ) -> None:
