@@ -27,6 +27,8 @@ BUS_KINDS: Final = (
     "wsbus_unlimited",
     "wsbus_header",
 )
+# The kinds whose clients speak it: the bus's, and the hand-written floor.
+PROTOCOL_KINDS: Final = (*BUS_KINDS, "floor")
 # Its clients offer the token in the handshake (Sec-WebSocket-Protocol), as wsbus.js
 # does with tokenInHeader; every other bus kind's clients send a connect frame after
 # the upgrade, as the clients do by default.
@@ -55,7 +57,7 @@ class Dialect:
     kind: str
 
     def path(self, token: str, channels: list[str]) -> str:
-        if self.kind in BUS_KINDS and self.kind not in HEADER_KINDS:
+        if self.kind in PROTOCOL_KINDS and self.kind not in HEADER_KINDS:
             return "/ws"
         if self.kind in HEADER_KINDS or self.kind == "bare":
             return "/ws?channels=" + ",".join(channels)
@@ -71,7 +73,7 @@ class Dialect:
 
     def first_frame(self, token: str, channels: list[str]) -> bytes | None:
         """What the client sends once upgraded (None: nothing)."""
-        if self.kind in BUS_KINDS and self.kind not in HEADER_KINDS:
+        if self.kind in PROTOCOL_KINDS and self.kind not in HEADER_KINDS:
             return json.dumps({"type": "connect", "token": token, "channels": channels}).encode()
         return None
 
@@ -114,9 +116,10 @@ class WsClient(asyncio.Protocol):
         self.upgraded = False
         self.is_ready = False
         # The bus's sockets may get other frames too (join and leave, with presence):
-        # only messages count. Every bus kind checks, so that the check's cost, which
-        # shows where the load generator saturates, is the same for all of them.
-        self.counts_every_frame = dialect.kind not in BUS_KINDS
+        # only messages count. Every kind of the bus's protocol checks, so that the
+        # check's cost, which shows where the load generator saturates, is the same
+        # for all of them.
+        self.counts_every_frame = dialect.kind not in PROTOCOL_KINDS
 
     # -- asyncio.Protocol --------------------------------------------------
 

@@ -20,14 +20,17 @@ reads every worker's CPU, RSS and sockets). Every kind serves:
   `POST /bench/objects` keeps a tracemalloc snapshot, and `GET /bench/objects?top=N`
   adds the N source lines whose retained bytes grew most since then ("top").
 
-KINDS: wsbus (this project), bare (the aiohttp floor), asgi_ws 1.0.0 (FastAPI +
-uvicorn), socketio (python-socketio on aiohttp).
+KINDS: wsbus (this project), bare (the aiohttp floor), floor (the bus's protocol
+by hand: bare plus what it cannot skip), asgi_ws 1.0.0 (FastAPI + uvicorn),
+socketio (python-socketio on aiohttp).
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import hashlib
+import hmac
 import importlib
 import json
 import os
@@ -53,9 +56,12 @@ from .system import pin_to_core, raise_fd_limit
 # to price the limits.
 # wsbus_header: the bus, its clients offering the token in the handshake (as
 # wsbus.js does with tokenInHeader) instead of a connect frame, to price the two.
+# floor: the bus's protocol written by hand in the fewest lines (see ProtocolFloor),
+# what any server that verifies the same tokens and answers the same frames pays.
 KINDS: Final = (
     "wsbus",
     "bare",
+    "floor",
     "asgi_ws",
     "socketio",
     "wsbus_authz",
@@ -100,6 +106,7 @@ EMIT_PATH: Final = {
     "wsbus_presence": "/ws/emit",
     "wsbus_header": "/ws/emit",
     "bare": "/emit",
+    "floor": "/emit",
     "asgi_ws": "/ws/emmit",
     "socketio": "/emit",
 }
@@ -266,8 +273,11 @@ class BareLoop:
                 self.channels[channel].discard(ws)
         return ws
 
+    separators: tuple[str, str] | None = None  # json.dumps's own
+
     async def publish(self, channel: str, data: Any) -> None:
-        text = json.dumps({"type": "message", "channel": channel, "data": data})
+        message = {"type": "message", "channel": channel, "data": data}
+        text = json.dumps(message, separators=self.separators)
         for ws in list(self.channels.get(channel, ())):
             await ws.send_str(text)
 
@@ -275,6 +285,89 @@ class BareLoop:
         body = await request.json()
         await self.publish(body["channel"], body["data"])
         return web.json_response({"ok": True}, status=202)
+
+
+class ProtocolFloor(BareLoop):
+    """The bare loop plus the least the bus's protocol asks of any server, by hand.
+
+    A connect frame with an RS256 token (PyJWT's decode: signature, exp, iss, aud),
+    verified claims kept by sha256(token) for reconnects, the channels checked
+    against the token's `channels` patterns, a welcome, and an API key on emit.
+    No history, offsets, limits, hooks, expiry timers or close codes: it prices
+    the protocol, so the bus's own cost is what it costs beyond this.
+    """
+
+    separators = (",", ":")  # the protocol's compact frames, as its clients read them
+
+    def __init__(self, heartbeat: float, public_key: str) -> None:
+        # Imported here: the bare loop's process must not hold them.
+        import jwt
+        from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
+        from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+        super().__init__(heartbeat)
+        self.jwt = jwt
+        key = load_pem_public_key(public_key.encode())
+        assert isinstance(key, RSAPublicKey)
+        self.key = key  # parsed once, as the bus parses its JWKS once
+        self.verified: dict[bytes, dict[str, Any]] = {}
+
+    def claims(self, token: str) -> dict[str, Any]:
+        digest = hashlib.sha256(token.encode()).digest()
+        claims = self.verified.get(digest)
+        if claims is None or claims["exp"] <= time.time():
+            claims = self.jwt.decode(
+                token,
+                self.key,
+                algorithms=["RS256"],
+                issuer=ISSUER,
+                audience=AUDIENCE,
+                options={"require": ["exp"]},
+            )
+            self.verified[digest] = claims
+        return claims
+
+    async def websocket(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(heartbeat=self.heartbeat, max_msg_size=65536, compress=False)
+        await ws.prepare(request)
+        try:
+            connect = json.loads(await ws.receive_str(timeout=10))
+            grants = self.claims(connect["token"])["channels"]
+            joined = [c for c in connect["channels"] if any(_granted(g, c) for g in grants)]
+        except (ValueError, TypeError, KeyError, TimeoutError, self.jwt.InvalidTokenError):
+            await ws.close(code=4401)
+            return ws
+        await ws.send_str(json.dumps({"type": "welcome", "subscribed": joined}))
+        self.count += 1
+        for channel in joined:
+            self.channels.setdefault(channel, set()).add(ws)
+        try:
+            async for message in ws:
+                if message.type == WSMsgType.ERROR:
+                    break
+        finally:
+            self.count -= 1
+            for channel in joined:
+                self.channels[channel].discard(ws)
+        return ws
+
+    async def emit(self, request: web.Request) -> web.Response:
+        if not hmac.compare_digest(request.headers.get("X-API-Key", ""), API_KEY):
+            return web.json_response({"error": "unauthorized"}, status=401)
+        return await super().emit(request)
+
+
+def _granted(pattern: str, channel: str) -> bool:
+    return channel.startswith(pattern[:-1]) if pattern.endswith("*") else channel == pattern
+
+
+async def floor_app(heartbeat: float, keydir: Path) -> web.Application:
+    floor = ProtocolFloor(heartbeat, (keydir / "public.pem").read_text())
+    app = web.Application()
+    app.router.add_get("/ws", floor.websocket)
+    app.router.add_post("/emit", floor.emit)
+    add_control_routes(app, floor.publish, lambda: floor.count)
+    return app
 
 
 async def bare_app(heartbeat: float) -> web.Application:
@@ -443,6 +536,8 @@ async def serve(
         )
     elif kind == "bare":
         app = await bare_app(heartbeat)
+    elif kind == "floor":
+        app = await floor_app(heartbeat, keydir)
     elif kind == "socketio":
         app = await socketio_app(heartbeat, keydir)
     else:

@@ -17,7 +17,7 @@ from typing import Any
 
 import aiohttp
 
-from .client import BUS_KINDS, Dialect, Stats, WsClient, close_all, open_clients, payload
+from .client import PROTOCOL_KINDS, Dialect, Stats, WsClient, close_all, open_clients, payload
 from .redis_engine import RedisEngine
 from .servers import API_KEY, AUDIENCE, EMIT_PATH, REDIS_URL_VARIABLE
 from .system import own_cpu_seconds, process_cpu_seconds, rss_bytes
@@ -172,7 +172,7 @@ class Server:
     async def emit(self, channel: str, data: Any) -> None:
         assert self.http is not None
         field_name = "payload" if self.kind == "asgi_ws" else "data"
-        headers = {"X-API-Key": API_KEY} if self.kind in BUS_KINDS else {}
+        headers = {"X-API-Key": API_KEY} if self.kind in PROTOCOL_KINDS else {}
         body = {"channel": channel, field_name: data}
         async with self.http.post(EMIT_PATH[self.kind], json=body, headers=headers) as response:
             if response.status >= 300:
