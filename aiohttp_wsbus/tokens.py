@@ -83,8 +83,9 @@ class Claims:
         claims: dict[str, Any] = {"sub": self.subject, "exp": self.expires_at}
         if self.token_id is not None:
             claims["jti"] = self.token_id
-        if self.issued_at is not None:
-            claims["iat"] = int(self.issued_at)
+        issued_at = self.issued_at
+        if issued_at is not None:
+            claims["iat"] = int(issued_at) if float(issued_at).is_integer() else issued_at
         claims.update(json.loads(self.payload))  # an exp or iat that is no integer, as said
         return MappingProxyType(claims)
 

@@ -766,6 +766,12 @@ async def test_extra_keeps_each_claim_and_its_type_whatever_the_fields_hold(
     }
 
 
+def test_extra_of_claims_made_by_hand_holds_their_fields() -> None:
+    claims = Claims("alice", 100, (), (), b"", token_id="j", issued_at=1.5)
+    assert claims.extra == {"sub": "alice", "exp": 100, "jti": "j", "iat": 1.5}
+    assert type(Claims("bob", 100, (), (), b"", issued_at=7.0).extra["iat"]) is int
+
+
 async def test_tokens_of_different_users_share_the_claims_they_both_say(
     start_verifier: StartVerifier, make_token: MakeToken
 ) -> None:
