@@ -7,7 +7,6 @@ import asyncio
 import collections
 import functools
 import logging
-import secrets
 from collections.abc import Callable, Collection, Coroutine, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
@@ -402,7 +401,7 @@ class Bus:
     def connect(self, socket: Any, transport: asyncio.Transport, claims: Claims) -> Connection:
         """Register an authenticated socket; it closes itself at exp + leeway."""
         assert self._hub is not None, "not started"
-        connection = Connection(secrets.token_urlsafe(12), socket, transport, claims, self._hub)
+        connection = Connection(socket, transport, claims, self._hub)
         self.connections.add(connection)
         connection.expire_at(claims.expires_at + self.settings.leeway)
         return connection

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
+import itertools
+import secrets
 import time
 from collections.abc import Callable
 from typing import Any, Final
@@ -108,10 +110,18 @@ class Expiries:
 
 class ConnectionHub:
     """What every connection of one bus shares: the write scheduler, the expiry
-    timer, the send buffer limit and the bus's close callbacks (one reference a
-    socket instead of five)."""
+    timer, the send buffer limit, the bus's close callbacks (one reference a
+    socket instead of five) and what the connections' ids are made of."""
 
-    __slots__ = ("closer", "expiries", "on_close", "scheduler", "send_buffer_limit")
+    __slots__ = (
+        "closer",
+        "expiries",
+        "id_prefix",
+        "numbers",
+        "on_close",
+        "scheduler",
+        "send_buffer_limit",
+    )
 
     def __init__(
         self,
@@ -127,6 +137,10 @@ class ConnectionHub:
         self.send_buffer_limit = send_buffer_limit
         self.on_close = on_close
         self.closer = closer
+        # A connection's id is this prefix (random per process: ids stay unique
+        # across workers and restarts, as presence needs) and its number here.
+        self.id_prefix = secrets.token_urlsafe(9)
+        self.numbers = itertools.count(1)
 
 
 class Connection:
@@ -142,8 +156,8 @@ class Connection:
         "claims",
         "closed_with",
         "closing",
-        "id",
         "is_announced",
+        "number",
         "pending",
         "socket",
         "transport",
@@ -151,13 +165,14 @@ class Connection:
 
     def __init__(
         self,
-        connection_id: str,
         socket: web.WebSocketResponse,
         transport: asyncio.Transport,
         claims: Claims,
         hub: ConnectionHub,
     ) -> None:
-        self.id = connection_id
+        # Kept as a number, its id made at each read: an id string per idle socket
+        # cost 65 bytes.
+        self.number = next(hub.numbers)
         self.socket = socket
         self.transport = transport
         self.claims = claims
@@ -185,6 +200,11 @@ class Connection:
         return f"<Connection {self.id} user={self.claims.subject!r}>"
 
     @property
+    def id(self) -> str:
+        """This connection's id (the welcome frame's `client`), unique across processes."""
+        return f"{self._hub.id_prefix}{self.number:x}"
+
+    @property
     def is_closing(self) -> bool:
         """Whether `close` was called: the connection left the registry and sends nothing."""
         return self.closed_with is not None
@@ -194,13 +214,19 @@ class Connection:
         """Bytes waiting to be written above which the peer is a slow consumer."""
         return self._hub.send_buffer_limit
 
-    def join(self, channel: str) -> None:
-        """Note `channel` as subscribed here (the registry's part of a subscribe)."""
+    def join(self, channel: str, alone: tuple[str, ...] = ()) -> None:
+        """Note `channel` as subscribed here (the registry's part of a subscribe).
+
+        `alone`, if given, is `(channel,)`, kept when it is the only channel: the
+        registry hands every such socket the same tuple.
+        """
         channels = self.channels
         if isinstance(channels, set):
             channels.add(channel)
         elif channel not in channels:
-            if len(channels) < MAX_TUPLE_CHANNELS:
+            if not channels and alone:
+                self.channels = alone
+            elif len(channels) < MAX_TUPLE_CHANNELS:
                 self.channels = (*channels, channel)
             else:
                 self.channels = {*channels, channel}

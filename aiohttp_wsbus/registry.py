@@ -87,10 +87,11 @@ class Registry:
 
     def __init__(self) -> None:
         self._subscribers: dict[str, dict[Connection, None]] = {}
-        # Each subscribed channel's name as first seen: the one string every
-        # subscriber's `channels` holds (each frame parses its own copy, and an
-        # idle socket would keep it).
-        self._names: dict[str, str] = {}
+        # Each subscribed channel's name as first seen, in a tuple of its own: the
+        # one string every subscriber's `channels` holds (each frame parses its own
+        # copy, and an idle socket would keep it), and the one tuple of every
+        # subscriber that has no other channel.
+        self._names: dict[str, tuple[str]] = {}
 
     def subscribers(self, channel: str) -> Collection[Connection]:
         """The connections subscribed to `channel` (a live view: do not keep it)."""
@@ -104,11 +105,11 @@ class Registry:
         is_first = subscribers is None
         if subscribers is None:
             subscribers = self._subscribers[channel] = {}
-            self._names[channel] = channel
+            alone = self._names[channel] = (channel,)
         else:
-            channel = self._names[channel]
+            alone = self._names[channel]
         subscribers[connection] = None
-        connection.join(channel)
+        connection.join(alone[0], alone)
         return is_first
 
     def remove(self, connection: Connection, channel: str) -> bool:

@@ -63,19 +63,31 @@ class Claims:
     token_hash: bytes
     token_id: str | None = None  # `jti`
     issued_at: float | None = None  # `iat`
-    # Every verified claim as compact JSON (kept out of repr: it may hold personal data).
-    # Bytes, not a dict: every open socket keeps its token's Claims, and bytes cost a
-    # third of a dict of lists and nothing to the garbage collector.
+    # The verified claims the fields above do not hold as the token said them, as
+    # compact JSON (kept out of repr: it may hold personal data). Bytes, not a dict:
+    # every open socket keeps its token's Claims, and bytes cost a third of a dict of
+    # lists and nothing to the garbage collector. Without `sub`, `exp`, `jti` and
+    # `iat`, what is left (issuer, audience, grants) is often the same for many
+    # tokens, and the verifier then keeps one copy of it for all.
     payload: bytes = field(default=b"{}", repr=False)
 
     @property
     def extra(self) -> Mapping[str, Any]:
-        """Every verified claim, read-only, decoded from `payload` at each read.
+        """Every verified claim, read-only, rebuilt from the fields and `payload` at
+        each read.
 
         Each read is a fresh copy (its lists are this caller's own): to read several
-        claims, keep it in a local.
+        claims, keep it in a local. Values and types are the token's; the order of
+        the names is not.
         """
-        return MappingProxyType(json.loads(self.payload))
+        claims: dict[str, Any] = {"sub": self.subject, "exp": self.expires_at}
+        if self.token_id is not None:
+            claims["jti"] = self.token_id
+        issued_at = self.issued_at
+        if issued_at is not None:
+            claims["iat"] = int(issued_at) if float(issued_at).is_integer() else issued_at
+        claims.update(json.loads(self.payload))  # an exp or iat that is no integer, as said
+        return MappingProxyType(claims)
 
 
 class TokenVerifier(ABC):
@@ -199,6 +211,7 @@ class TokenVerifier(ABC):
         if not isinstance(subject, str) or not subject:
             raise InvalidToken("claims")
         token_id = payload.get("jti")
+        issued_at = _numeric_date(payload, "iat")
         one = self._repeated.one
         return Claims(
             subject=subject,
@@ -207,8 +220,8 @@ class TokenVerifier(ABC):
             publish=one(grant_patterns(payload.get(self.publish_claim))),
             token_hash=token_hash,
             token_id=token_id if isinstance(token_id, str) else None,
-            issued_at=_numeric_date(payload, "iat"),
-            payload=_PAYLOAD_ENCODER.encode(payload).encode(),
+            issued_at=issued_at,
+            payload=one(_PAYLOAD_ENCODER.encode(_not_in_fields(payload)).encode()),
         )
 
 
@@ -349,15 +362,15 @@ class SecretVerifier(TokenVerifier):
         return self._decode_with(token, self._secret, algorithm)
 
 
-MAX_SHARED_LENGTH: Final = 256  # characters of a string, entries of a tuple
-_Shareable = TypeVar("_Shareable", str, tuple[str, ...])
+MAX_SHARED_LENGTH: Final = 256  # characters of a string, bytes, entries of a tuple
+_Shareable = TypeVar("_Shareable", str, bytes, tuple[str, ...])
 # ASCII only: the bytes always decode, whatever strings (lone surrogates too) a token held.
 _PAYLOAD_ENCODER: Final = json.JSONEncoder(separators=(",", ":"))
 
 
 class RepeatedValues:
-    """One copy of what many tokens repeat: the grant tuples (the other claims are
-    kept as bytes, see `Claims.payload`).
+    """One copy of what many tokens repeat: the grant tuples and the claims beyond
+    the subject, times and id (`Claims.payload`).
 
     Every socket keeps its token's claims while it is open, so without this 10000
     users hold 10000 copies of the same grants. Bounded: only short values are
@@ -367,7 +380,7 @@ class RepeatedValues:
 
     def __init__(self, size: int = 4096) -> None:
         self.size = size
-        self._values: dict[str | tuple[str, ...], Any] = {}
+        self._values: dict[str | bytes | tuple[str, ...], Any] = {}
 
     def one(self, value: _Shareable) -> _Shareable:
         """The copy of `value` already held, else `value` (then held, if short)."""
@@ -443,6 +456,22 @@ def _read_header(token: str) -> tuple[str, str | None]:
     if key_id is not None and not isinstance(key_id, str):
         raise InvalidToken("malformed")
     return algorithm, key_id
+
+
+def _not_in_fields(payload: dict[str, Any]) -> dict[str, Any]:
+    """The claims `Claims.extra` cannot rebuild from the typed fields: `sub` always is
+    (a verified token's is a non-empty string), `jti` when a string, `exp` and `iat`
+    when integers (they are held as numbers: a float, or an integer beyond a float's
+    precision, stays in the payload as said)."""
+    rest = dict(payload)
+    del rest["sub"]
+    if isinstance(rest.get("jti"), str):
+        del rest["jti"]
+    for name in ("exp", "iat"):
+        value = rest.get(name)
+        if type(value) is int and int(float(value)) == value:
+            del rest[name]
+    return rest
 
 
 def _numeric_date(payload: Mapping[str, Any], name: str) -> float | None:

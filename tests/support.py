@@ -7,7 +7,6 @@ import base64
 import contextlib
 import json
 import os
-import secrets
 import socket as stdlib_socket
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -480,7 +479,6 @@ def standalone_connection(
         closer=log.closer,
     )
     connection = Connection(
-        secrets.token_urlsafe(6),
         web.WebSocketResponse(),  # never used: the CloseLog sends the close frame
         transport,
         claims if claims is not None else make_claims(),

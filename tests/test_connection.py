@@ -12,9 +12,10 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 import pytest
+from aiohttp.web import WebSocketResponse
 
 from aiohttp_wsbus.brokers.base import Message
-from aiohttp_wsbus.connection import Expiries, WriteScheduler
+from aiohttp_wsbus.connection import Connection, Expiries, WriteScheduler
 from aiohttp_wsbus.protocol import (
     CLIENT_GONE,
     SLOW_CONSUMER,
@@ -27,6 +28,7 @@ from .support import (
     WAIT,
     WriteRecorder,
     loopback_transport,
+    make_claims,
     read_exactly,
     server_close_frame,
     standalone_connection,
@@ -49,6 +51,17 @@ async def everything_else(transport: asyncio.Transport, peer: stdlib_socket.sock
         while chunk := await loop.sock_recv(peer, 1 << 16):
             received += chunk
     return received
+
+
+async def test_connection_ids_are_unique_within_a_bus_and_across_buses() -> None:
+    async with loopback_transport() as (transport, _):
+        first, _ = standalone_connection(transport)  # each on a hub of its own, as two
+        second, _ = standalone_connection(transport)  # processes' buses are
+        hub = first._hub
+        also_first = [Connection(WebSocketResponse(), transport, make_claims(), hub) for _ in "ab"]
+    ids = [first.id, second.id, *(connection.id for connection in also_first)]
+    assert len(set(ids)) == len(ids) and all(ids)
+    assert first.id == first.id  # made at each read, always the same
 
 
 async def test_frames_queued_in_one_tick_leave_in_one_write_in_order() -> None:

@@ -743,6 +743,47 @@ async def test_extra_is_every_claim_as_the_token_said_it(
     assert "payload" not in repr(claims) and "blue" not in repr(claims)
 
 
+@pytest.mark.parametrize(
+    "said",
+    [
+        {"jti": "order-7", "iat": 1_700_000_000},
+        {"jti": 7, "iat": 1_700_000_000.5},  # a jti that is no string, a fractional iat
+        {"jti": None, "iat": None, "exp": 4_000_000_000.5},  # none, a fractional exp
+        {"iat": -(2**60 + 1)},  # an integer a float cannot hold
+        {"jti": ["a"], "iat": 0},
+    ],
+)
+async def test_extra_keeps_each_claim_and_its_type_whatever_the_fields_hold(
+    start_verifier: StartVerifier, make_token: MakeToken, said: dict[str, Any]
+) -> None:
+    verifier = await start_verifier()
+    token = make_token(sub="alice", **said)
+    as_signed = jwt.decode(token, options={"verify_signature": False})
+    extra = (await verifier.verify(token)).extra
+    assert extra == as_signed
+    assert {name: type(value) for name, value in extra.items()} == {
+        name: type(value) for name, value in as_signed.items()
+    }
+
+
+def test_extra_of_claims_made_by_hand_holds_their_fields() -> None:
+    claims = Claims("alice", 100, (), (), b"", token_id="j", issued_at=1.5)
+    assert claims.extra == {"sub": "alice", "exp": 100, "jti": "j", "iat": 1.5}
+    assert type(Claims("bob", 100, (), (), b"", issued_at=7.0).extra["iat"]) is int
+
+
+async def test_tokens_of_different_users_share_the_claims_they_both_say(
+    start_verifier: StartVerifier, make_token: MakeToken
+) -> None:
+    verifier = await start_verifier()
+    alice = await verifier.verify(make_token(sub="alice", jti="a", exp_in=60))
+    bob = await verifier.verify(make_token(sub="bob", jti="b", exp_in=90))
+    # Issuer, audience and grants are one copy; subject, id and times are their own.
+    assert alice.payload is bob.payload
+    assert (alice.extra["sub"], alice.extra["jti"]) == ("alice", "a")
+    assert (bob.extra["sub"], bob.extra["jti"]) == ("bob", "b")
+
+
 async def test_extra_is_read_only_and_each_read_is_a_fresh_copy(
     start_verifier: StartVerifier, make_token: MakeToken
 ) -> None:
