@@ -98,12 +98,22 @@ _JSON_DECODER: Final = json.JSONDecoder(parse_float=_finite, parse_constant=_not
 def _parse_json(raw: bytes) -> Any:
     """Strict JSON: no NaN or Infinity, no numbers that overflow to them."""
     try:
-        # What json.loads does with bytes: UTF-8, -16 or -32, told apart by the first bytes.
-        return _JSON_DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
+        return _JSON_DECODER.decode(raw.decode(_encoding(raw), "surrogatepass"))
     except RecursionError:
         raise _invalid("_body", "JSON nested too deeply") from None
     except ValueError as error:  # UnicodeDecodeError included
         raise _invalid("_body", f"body is not valid JSON: {error}") from None
+
+
+def _encoding(raw: bytes) -> str:
+    """What json.loads takes bytes for: UTF-8, -16 or -32, told apart by the first bytes.
+
+    A body that opens with "{" and then a byte other than zero (no byte order
+    mark, not UTF-16 or -32) is UTF-8: the common case, told without the look-up.
+    """
+    if raw[:1] == b"{" and raw[1:2] != b"\x00":
+        return "utf-8"
+    return json.detect_encoding(raw)
 
 
 def _invalid(field: str, message: str) -> web.HTTPException:
@@ -155,7 +165,10 @@ class Endpoints:
     ) -> list[Published]:
         """The single form: one message to `channel`, or the same to each of `channels`."""
         loaded = simple_message(body) or self._validate(body)
-        channels: list[str] = list(dict.fromkeys(loaded.get("channels") or [loaded["channel"]]))
+        if "channel" in loaded:
+            channels = [loaded["channel"]]
+        else:  # the schema's: one of the two, at least one channel
+            channels = list(dict.fromkeys(loaded["channels"]))
         if claims is not None:
             await self.admit(claims, channels)
         value = loaded["data"] if "data" in loaded else loaded["payload"]
@@ -386,12 +399,13 @@ def _encode_each(values: dict[str, Any]) -> dict[str, str]:
     texts: dict[int, str] = {}
     encoded = {}
     for channel, value in values.items():
-        if id(value) not in texts:
+        text = texts.get(id(value))
+        if text is None:
             try:
-                texts[id(value)] = encode_data(value)
+                text = texts[id(value)] = encode_data(value)
             except ValueError as error:
                 raise _invalid("data", str(error)) from None
-        encoded[channel] = texts[id(value)]
+        encoded[channel] = text
     return encoded
 
 

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pytest_aiohttp import AiohttpClient
 
-from aiohttp_wsbus.emit import _EMIT_SCHEMA
+from aiohttp_wsbus.emit import _EMIT_SCHEMA, _encoding
 from aiohttp_wsbus.emit_batch import simple_message
 
 from .conftest import JwksServer, MakeToken
@@ -456,3 +456,8 @@ def test_the_common_body_loads_as_the_schema_loads_it(body: Any) -> None:
 )
 def test_the_common_body_skips_the_schema(body: dict[str, Any]) -> None:
     assert simple_message(body) == _EMIT_SCHEMA.load(body)
+
+
+@given(st.binary(max_size=8) | st.sampled_from([b"{", b"{}", b'{\x00"\x00', b"{\x00\x00\x00"]))
+def test_body_encoding_is_told_as_json_loads_tells_it(raw: bytes) -> None:
+    assert _encoding(raw) == json.detect_encoding(raw)

@@ -6,13 +6,14 @@ sockets, tokens or grants.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from ..errors import BrokerUnavailable, InvalidChannel
 from ..grants import is_valid_channel
@@ -81,6 +82,37 @@ def check_publish(channel: str, message_id: str | None) -> None:
         raise ValueError("id must be 1 to 128 printable ASCII characters")
 
 
+_Frozen = TypeVar("_Frozen", bound=type)
+
+
+def _direct_init(cls: _Frozen) -> _Frozen:
+    """Give a frozen, slotted dataclass an __init__ that fills its slots directly.
+
+    The generated one calls object.__setattr__ once a field (a frozen class
+    refuses plain assignment), about twice the cost; Message and Published are
+    made once a published message. Same parameters, defaults and result.
+    """
+    fields = dataclasses.fields(cls)
+    if any(not f.init or f.default_factory is not dataclasses.MISSING for f in fields):
+        raise TypeError(f"{cls.__name__}: only plain fields, with or without a default")
+    setters = {f"_set_{f.name}": getattr(cls, f.name).__set__ for f in fields}
+    defaults = {f"_default_{f.name}": f.default for f in fields}
+    parameters = ", ".join(
+        f.name if f.default is dataclasses.MISSING else f"{f.name}=_default_{f.name}"
+        for f in fields
+    )
+    body = "".join(f"    _set_{f.name}(self, {f.name})\n" for f in fields)
+    namespace: dict[str, Any] = {}
+    exec(  # noqa: S102 -- as dataclasses makes __init__, from the field names only
+        f"def __init__(self, {parameters}):\n{body}", setters | defaults, namespace
+    )
+    init = namespace["__init__"]
+    init.__qualname__ = f"{cls.__qualname__}.__init__"
+    cls.__init__ = init  # type: ignore[misc]
+    return cls
+
+
+
 @dataclass(frozen=True, slots=True)
 class HistoryOptions:
     """How much of a channel's stream is kept for recovery.
@@ -108,6 +140,7 @@ class HistoryOptions:
 DEFAULT_HISTORY: Final = HistoryOptions()
 
 
+@_direct_init
 @dataclass(frozen=True, slots=True)
 class Published:
     """Where a published message landed: its channel, offset and epoch.
@@ -125,6 +158,7 @@ class Published:
     is_ephemeral: bool = False
 
 
+@_direct_init
 @dataclass(frozen=True, slots=True)
 class Publication:
     """One message of a batch publish: what `Broker.publish` takes, as one value."""
@@ -135,6 +169,7 @@ class Publication:
     history: HistoryOptions | None = None
 
 
+@_direct_init
 @dataclass(frozen=True, slots=True)
 class Message:
     """One message in a channel's stream; `data` is its JSON text, encoded once."""
