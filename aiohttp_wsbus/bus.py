@@ -442,6 +442,11 @@ class Bus:
             )
 
     def _start_closing(self, connection: Connection, close: Close) -> None:
+        if connection.socket.closed or connection.transport.is_closing():
+            # aiohttp answered the peer's close, or the connection is going: no close
+            # frame could be answered, and a task per socket is what a close storm
+            # would pay for nothing.
+            return
         connection.closing = self.track(connection.send_close(close, self.settings.close_timeout))
 
     def track(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:

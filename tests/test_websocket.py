@@ -363,6 +363,22 @@ async def test_peers_that_drop_give_their_connection_slots_back(
     assert len(sockets) == 3
 
 
+async def test_a_socket_the_peer_closed_or_dropped_is_let_go_without_a_close_task(
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, make_token: MakeToken
+) -> None:
+    server = await start_bus(aiohttp_client, jwks_server.url)
+    polite, _ = await server.open(make_token(sub="polite"), ["news"])
+    rude, _ = await server.open(make_token(sub="rude"), ["news"])
+    connections = list(server.bus.connections)
+    await polite.close()  # aiohttp answers the close frame itself
+    assert polite.close_code == 1000
+    rude._response.connection.transport.abort()  # type: ignore[union-attr]
+    await eventually(lambda: server.bus.open_sockets == 0)
+    # Nothing could leave on either: no task was started to send a close.
+    assert [c.closing for c in connections] == [None, None]
+    assert all(c.is_closing for c in connections)
+
+
 async def test_empty_and_oversized_tokens_close_4401_with_a_reason(
     aiohttp_client: AiohttpClient, jwks_server: JwksServer
 ) -> None:
