@@ -259,7 +259,9 @@ class BareLoop:
     async def websocket(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(heartbeat=self.heartbeat, max_msg_size=65536, compress=False)
         await ws.prepare(request)
-        joined = [c for c in request.query.get("channels", "").split(",") if c]
+        joined = await self.admit(request, ws)
+        if joined is None:
+            return ws
         self.count += 1
         for channel in joined:
             self.channels.setdefault(channel, set()).add(ws)
@@ -272,6 +274,10 @@ class BareLoop:
             for channel in joined:
                 self.channels[channel].discard(ws)
         return ws
+
+    async def admit(self, request: web.Request, ws: web.WebSocketResponse) -> list[str] | None:
+        """The channels the socket joins (None: refused, and closed)."""
+        return [c for c in request.query.get("channels", "").split(",") if c]
 
     separators: tuple[str, str] | None = None  # json.dumps's own
 
@@ -327,29 +333,16 @@ class ProtocolFloor(BareLoop):
             self.verified[digest] = claims
         return claims
 
-    async def websocket(self, request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse(heartbeat=self.heartbeat, max_msg_size=65536, compress=False)
-        await ws.prepare(request)
+    async def admit(self, request: web.Request, ws: web.WebSocketResponse) -> list[str] | None:
         try:
             connect = json.loads(await ws.receive_str(timeout=10))
             grants = self.claims(connect["token"])["channels"]
             joined = [c for c in connect["channels"] if any(_granted(g, c) for g in grants)]
         except (ValueError, TypeError, KeyError, TimeoutError, self.jwt.InvalidTokenError):
             await ws.close(code=4401)
-            return ws
+            return None
         await ws.send_str(json.dumps({"type": "welcome", "subscribed": joined}))
-        self.count += 1
-        for channel in joined:
-            self.channels.setdefault(channel, set()).add(ws)
-        try:
-            async for message in ws:
-                if message.type == WSMsgType.ERROR:
-                    break
-        finally:
-            self.count -= 1
-            for channel in joined:
-                self.channels[channel].discard(ws)
-        return ws
+        return joined
 
     async def emit(self, request: web.Request) -> web.Response:
         if not hmac.compare_digest(request.headers.get("X-API-Key", ""), API_KEY):

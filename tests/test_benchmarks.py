@@ -289,3 +289,22 @@ def test_fanout_cost_prints_each_repeats_cost_per_delivery() -> None:
     cost = r"^(\S+): server CPU µs per delivery \d+\.\d\d \d+\.\d\d, least \d+\.\d\d$"
     assert re.findall(cost, stdout, re.M) == ["wsbus", "wsbus_presence"], stdout
     assert len(re.findall(r"^\S+: p99 ms [\d.]+ [\d.]+$", stdout, re.M)) == 2, stdout
+
+
+async def test_the_floor_speaks_the_protocol_and_checks_tokens_and_the_api_key(
+    tmp_path: Path,
+) -> None:
+    keys = make_keys(tmp_path, 0)
+    async with workloads.running(workloads.Server("floor", SERVER_CORE, 25, keys)) as server:
+        clients = workloads.Clients(server)
+        await clients.add([keys.shared("floor")] * 3, [[FANOUT_CHANNEL, "not:granted"]] * 3)
+        await server.wait_for_connections(3, timeout=WAIT)
+        clients.stats.reset(3)
+        await server.emit(FANOUT_CHANNEL, payload())  # with the API key
+        await asyncio.wait_for(clients.stats.reached.wait(), WAIT)
+        with pytest.raises(ConnectionError, match="4401"):
+            await clients.add(["not-a-token"], [[FANOUT_CHANNEL]])
+        assert server.http is not None
+        body = {"channel": FANOUT_CHANNEL, "data": payload()}
+        async with server.http.post("/emit", json=body) as response:
+            assert response.status == 401
