@@ -116,6 +116,12 @@ async def test_no_socket_ever_receives_a_channel_its_token_or_the_application_do
             await sockets[n].send_json({"type": "refresh", "token": token})
             while (frame := await next_frame(sockets[n]))["type"] != "refreshed":
                 frames[n].append(frame)
+    # A passer-by who reads every channel's presence comes and goes: its join and
+    # leave, and its leaving as a reader, must reach only those allowed to read them.
+    passer_by = make_token(sub="passer-by", channels=["*"], presence=["*"])
+    passing, _ = await server.open(passer_by, CHANNELS)
+    await passing.close()
+    await eventually(lambda: len(server.bus.connections) == len(people))
     sent = list(published)  # every message that went out, in order
     for channel in published:
         await server.bus.publish(channel, channel)
