@@ -36,12 +36,23 @@ async def collector(server: Server) -> dict[str, Any]:
     return figures
 
 
+def by_generation(before: dict[str, Any], after: dict[str, Any], size: int) -> str:
+    """Collections and µs per connection of each generation between two readings,
+    e.g. `379:6/35:12/4:105`: full collections (the last) walk every open socket."""
+    return "/".join(
+        f"{after['collections'][g] - before['collections'][g]}:"
+        f"{(after['by_generation'][g] - before['by_generation'][g]) / size * 1e6:.0f}"
+        for g in range(3)
+    )
+
+
 async def measure(kind: str, size: int, repeats: int, timed: bool) -> None:
     with tempfile.TemporaryDirectory() as directory:
         keys = make_keys(Path(directory), size * repeats)
         tokens = keys.distinct(kind, size * repeats)
         cost: dict[str, list[float]] = {storm: [] for storm in STORMS}
         collecting: dict[str, list[float]] = {storm: [] for storm in STORMS}
+        generations: dict[str, list[str]] = {storm: [] for storm in STORMS}
         closing: dict[str, list[float]] = {storm: [] for storm in STORMS}
         async with running(Server(kind, SERVER_CORE, 25, keys)) as server:
             clients = Clients(server)
@@ -56,6 +67,7 @@ async def measure(kind: str, size: int, repeats: int, timed: bool) -> None:
                     after = await collector(server)
                     cost[storm].append(server_cpu / size * 1e6)
                     collecting[storm].append((after["seconds"] - before["seconds"]) / size * 1e6)
+                    generations[storm].append(by_generation(before, after, size))
                     meter = Meter(server)
                     await clients.close()  # every client at once: a close storm
                     _, server_cpu, _ = meter.stop()
@@ -70,6 +82,8 @@ async def measure(kind: str, size: int, repeats: int, timed: bool) -> None:
             if timed:
                 line = " ".join(f"{value:.0f}" for value in collecting[storm])
                 print(f"{kind} {storm}: of which the collector {line}")
+                line = " ".join(generations[storm])
+                print(f"{kind} {storm}: of which each generation (collections:µs) {line}")
 
 
 def main() -> None:

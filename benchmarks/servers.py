@@ -96,7 +96,11 @@ REDIS_URL_VARIABLE: Final = "WSBUS_BENCH_REDIS_URL"
 # the server, "timed" times it (its CPU seconds and collections in /bench/stats),
 # "frozen" freezes what start-up made once the server listens (as `wsbus` does).
 COLLECTOR_VARIABLE: Final = "WSBUS_BENCH_COLLECTOR"
-COLLECTOR: Final[dict[str, Any]] = {"seconds": 0.0, "collections": [0, 0, 0]}
+COLLECTOR: Final[dict[str, Any]] = {
+    "seconds": 0.0,
+    "collections": [0, 0, 0],
+    "by_generation": [0.0, 0.0, 0.0],  # seconds each generation's collections took
+}
 BACKLOG: Final = 4096
 EMIT_PATH: Final = {
     "wsbus": "/ws/emit",
@@ -483,8 +487,10 @@ def watch_collector(mode: str) -> None:
             if phase == "start":
                 started = time.process_time()
                 return
-            COLLECTOR["seconds"] += time.process_time() - started
+            took = time.process_time() - started
+            COLLECTOR["seconds"] += took
             COLLECTOR["collections"][info["generation"]] += 1
+            COLLECTOR["by_generation"][info["generation"]] += took
 
         gc.callbacks.append(timed)
 

@@ -281,6 +281,9 @@ def test_connect_cost_prints_each_storms_cost_per_connection(mode: str) -> None:
     assert re.findall(closes, stdout, re.M) == ["new tokens", "reconnect"]
     collected = re.findall(r"^wsbus (.+): of which the collector \d+ \d+$", stdout, re.M)
     assert collected == (["new tokens", "reconnect"] if mode == "timed" else [])
+    each = r"^wsbus (.+): of which each generation \(collections:µs\)( \d+:\d+/\d+:\d+/\d+:\d+){2}$"
+    generations = re.findall(each, stdout, re.M)
+    assert [storm for storm, _ in generations] == collected
 
 
 def test_fanout_cost_prints_each_repeats_cost_per_delivery() -> None:
