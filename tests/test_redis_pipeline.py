@@ -204,11 +204,12 @@ def bus_on_own_redis(
     own_redis: RedisServer,
     redis_prefix: str,
 ) -> Callable[..., Awaitable[BusServer]]:
-    """Start a bus whose RedisBroker (options as it takes them) uses the test's own Redis."""
+    """Start a bus whose RedisBroker (options as it takes them) uses the test's own Redis;
+    `settings` are the bus's."""
 
-    def start(**options: Any) -> Awaitable[BusServer]:
+    def start(settings: dict[str, Any] | None = None, **options: Any) -> Awaitable[BusServer]:
         broker = RedisBroker(own_redis.url, prefix=redis_prefix, **options)
-        return start_bus(aiohttp_client, jwks_server.url, broker=broker)
+        return start_bus(aiohttp_client, jwks_server.url, broker=broker, **(settings or {}))
 
     return start
 
@@ -256,4 +257,51 @@ async def test_sockets_arriving_while_their_channel_is_being_subscribed_wait_not
         welcome = await next_frame(socket)
         assert welcome["positions"]["chat:a"] == {"offset": 1, "epoch": published.epoch}
     # The subscription's own catch-up read, and none for the sockets that waited for it.
+    assert await calls_of(stats, "evalsha") == 1
+
+
+async def test_sockets_joining_an_empty_channel_share_its_recent_read_and_still_recover(
+    bus_on_own_redis: Callable[..., Awaitable[BusServer]],
+    make_token: MakeToken,
+    stats: redis.asyncio.Redis,
+) -> None:
+    server = await bus_on_own_redis()
+    token = make_token(channels=["chat:*"])
+    first, welcome = await server.open(token, ["chat:e"])
+    empty = welcome["positions"]["chat:e"]
+    assert empty["offset"] == 0 and empty["epoch"].startswith("~")  # nothing published
+    await stats.config_resetstat()
+    second, welcome = await server.open(token, ["chat:e"])
+    # The same read: the channel held nothing then, and the node delivered nothing since.
+    assert welcome["positions"]["chat:e"] == empty
+    assert await calls_of(stats, "evalsha") == 0
+    await second.close()
+    await server.bus.publish("chat:e", "missed")
+    assert (await next_frame(first))["data"] == "missed"
+    # The shared position recovers what was published after it, as its own read would.
+    again, welcome = await server.open(token, ["chat:e"], since={"chat:e": empty})
+    assert welcome["recovered"] == {"chat:e": True}
+    frame = await next_frame(again)
+    assert (frame["data"], frame["recovered"]) == ("missed", True)
+
+
+async def test_an_empty_channels_read_is_shared_for_a_tenth_of_the_ttl_at_most(
+    bus_on_own_redis: Callable[..., Awaitable[BusServer]],
+    make_token: MakeToken,
+    stats: redis.asyncio.Redis,
+) -> None:
+    server = await bus_on_own_redis({"history_ttl": 2.0})
+    token = make_token(channels=["chat:*"])
+    _, welcome = await server.open(token, ["chat:e"])
+    first_read = welcome["positions"]["chat:e"]
+    # A tenth of history_ttl (2 s here) is the most a read is shared for: then read again.
+    await asyncio.sleep(0.25)
+    await stats.config_resetstat()
+    _, welcome = await server.open(token, ["chat:e"])
+    second_read = welcome["positions"]["chat:e"]
+    assert await calls_of(stats, "evalsha") == 1
+    assert second_read["offset"] == 0 and second_read["epoch"] != first_read["epoch"]
+    # That read is the one the next sockets share.
+    _, welcome = await server.open(token, ["chat:e"])
+    assert welcome["positions"]["chat:e"] == second_read
     assert await calls_of(stats, "evalsha") == 1

@@ -70,6 +70,15 @@ logger = logging.getLogger("aiohttp_wsbus")
 _PUBLISH: Final = Script(PUBLISH_SCRIPT)
 _HISTORY: Final = Script(HISTORY_SCRIPT, is_shared=True)  # equal reads share one answer
 _KEEP: Final = Script(KEEP_SCRIPT)
+# An empty channel's position names when it was read (EmptyEpoch), and recovering
+# from it works for one TTL after that read. Subscribers that share one read lose
+# its age from that window, so a read is shared for at most a second, and at most a
+# tenth of the shortest TTL: enough for a connect storm's sockets to share one.
+_SHARE_EMPTY_FOR: Final = 1.0
+
+
+def _share_empty_for(ttl: float) -> float:
+    return min(_SHARE_EMPTY_FOR, ttl / 10)
 
 
 class RedisBroker(Broker):
@@ -128,6 +137,7 @@ class RedisBroker(Broker):
         self._control = ControlChannel(self.prefix, sharded=self.sharded)
         self._users = UserSockets(self.prefix)
         self._keep_every: float | None = None  # seconds; the shortest TTL / 3
+        self._share_empty_for = _share_empty_for(DEFAULT_HISTORY.ttl)
         self._on_presence: OnPresence | None = None
         self._on_ephemeral: OnEphemeral | None = None
         self._presence = self._new_presence(DEFAULT_PRESENCE)
@@ -154,6 +164,7 @@ class RedisBroker(Broker):
     ) -> None:
         self._deliver = deliver
         self._history = history
+        self._share_empty_for = _share_empty_for(history.ttl)
         self._on_control = on_control
         self._on_presence = on_presence
         self._on_ephemeral = on_ephemeral
@@ -398,6 +409,7 @@ class RedisBroker(Broker):
     async def share_options(self, writers_view: Mapping[str, Any]) -> None:
         await share_options(self._redis, self.prefix, writers_view)
         self._keep_every = shortest_ttl(writers_view) / 3
+        self._share_empty_for = _share_empty_for(shortest_ttl(writers_view))
         if self._tasks:  # started: _keep starts again with it
             self._tasks[0].cancel()
             self._tasks[0] = asyncio.get_running_loop().create_task(self._keep())
@@ -460,7 +472,8 @@ class RedisBroker(Broker):
     async def delivered_position(self, channel: str) -> Position | None:
         """The last message delivered from `channel`, once Redis confirmed its subscription
         and while its connection is up: a connect storm's sockets start there without a
-        round trip each. An empty epoch names when it was read: read again (Broker)."""
+        round trip each. An empty channel's position, read from Redis since the
+        subscription, serves only while that read is recent (_SHARE_EMPTY_FOR)."""
         subscription = self._subscriptions.get(channel)
         if subscription is None:
             return None
@@ -471,7 +484,10 @@ class RedisBroker(Broker):
         last, listener = subscription.last, subscription.listener
         if last is None or listener is None or not listener.is_connected:
             return None
-        return None if EmptyEpoch.parse(last.epoch) is not None else last
+        if EmptyEpoch.parse(last.epoch) is None:
+            return last
+        age = asyncio.get_running_loop().time() - subscription.read_at
+        return last if age < self._share_empty_for else None
 
     async def history(
         self,
@@ -492,11 +508,35 @@ class RedisBroker(Broker):
             tops = await self._read({c: (p, False) for c, p in since.items()})
         except UNREACHABLE as error:
             raise BrokerUnavailable(f"redis: {error}") from None
+        for channel, top in tops.items():
+            if since[channel] is None:
+                self._read_empty(channel, top.position)
         ttls = {c: (options or {}).get(c, self._history).ttl for c in tops}
         return {
             c: recover(since[c], t.position, t.first, t.messages, now=t.now, ttl=ttls[c])
             for c, t in tops.items()
         }
+
+    def _read_empty(self, channel: str, top: Position) -> None:
+        """A read found `channel` still empty: later subscribers may start there too.
+
+        Only while the node has delivered nothing from it either: the read was
+        made after the subscription was confirmed, so whatever comes after it
+        reaches this node live.
+        """
+        subscription = self._subscriptions.get(channel)
+        if (
+            subscription is None
+            or not subscription.ready.done()
+            or subscription.last is None
+            or subscription.listener is None
+            or not subscription.listener.is_connected
+        ):
+            return
+        now, last = EmptyEpoch.parse(top.epoch), EmptyEpoch.parse(subscription.last.epoch)
+        if now is not None and last is not None and now.generation == last.generation:
+            subscription.last = top
+            subscription.read_at = asyncio.get_running_loop().time()
 
     async def _read(self, since: Mapping[str, tuple[Position | None, bool]]) -> dict[str, Top]:
         """Run HISTORY_SCRIPT for each channel, in the next pipeline with every read
@@ -585,6 +625,7 @@ class RedisBroker(Broker):
         last = subscription.last
         answer = await self._read({subscription.channel: (last, last is not None)})
         top = answer[subscription.channel]
+        subscription.read_at = asyncio.get_running_loop().time()
         if last is None:
             # A new subscription starts at the top: its subscribers read the rest as history.
             subscription.last = top.position

@@ -43,6 +43,7 @@ class Subscription:
     ready: asyncio.Future[None]
     last: Position | None = None
     listener: Listener | None = None
+    read_at: float = 0.0  # loop time of the last read of its top from Redis
 
 
 class ListenerHandler(Protocol):
