@@ -9,18 +9,21 @@ shared machine the cyclic collector is most of the spread (its full collections
 walk every object of every open socket), so `--collector off` gives the rest of
 the cost alone, `--collector timed` prints the collector's share and
 `--collector frozen` freezes what the server made at start-up (gc.freeze, as the
-`wsbus` command does) to price that.
+`wsbus` command does) to price that. A bus kind named with `+redis`
+(`wsbus+redis`) runs on a redis-server of its own, as `--broker redis` does.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from .redis_engine import redis_engine
 from .run import SERVER_CORE, make_keys
 from .servers import COLLECTOR_VARIABLE
 from .workloads import FANOUT_CHANNEL, Clients, Meter, Server, running, warm_up
@@ -46,15 +49,18 @@ def by_generation(before: dict[str, Any], after: dict[str, Any], size: int) -> s
     )
 
 
-async def measure(kind: str, size: int, repeats: int, timed: bool) -> None:
-    with tempfile.TemporaryDirectory() as directory:
+async def measure(name: str, size: int, repeats: int, timed: bool) -> None:
+    kind, _, broker = name.partition("+")
+    with contextlib.ExitStack() as stack:
+        directory = stack.enter_context(tempfile.TemporaryDirectory())
+        redis = stack.enter_context(redis_engine(SERVER_CORE)) if broker == "redis" else None
         keys = make_keys(Path(directory), size * repeats)
         tokens = keys.distinct(kind, size * repeats)
         cost: dict[str, list[float]] = {storm: [] for storm in STORMS}
         collecting: dict[str, list[float]] = {storm: [] for storm in STORMS}
         generations: dict[str, list[str]] = {storm: [] for storm in STORMS}
         closing: dict[str, list[float]] = {storm: [] for storm in STORMS}
-        async with running(Server(kind, SERVER_CORE, 25, keys)) as server:
+        async with running(Server(kind, SERVER_CORE, 25, keys, redis)) as server:
             clients = Clients(server)
             await warm_up(server, clients, 1.0)
             for repeat in range(repeats):
@@ -75,15 +81,15 @@ async def measure(kind: str, size: int, repeats: int, timed: bool) -> None:
         for storm in STORMS:
             line = " ".join(f"{value:.0f}" for value in cost[storm])
             least = min(cost[storm])
-            print(f"{kind} {storm}: server CPU µs per connection {line}, least {least:.0f}")
+            print(f"{name} {storm}: server CPU µs per connection {line}, least {least:.0f}")
             line = " ".join(f"{value:.0f}" for value in closing[storm])
             least = min(closing[storm])
-            print(f"{kind} {storm}, then closed: server CPU µs per close {line}, least {least:.0f}")
+            print(f"{name} {storm}, then closed: server CPU µs per close {line}, least {least:.0f}")
             if timed:
                 line = " ".join(f"{value:.0f}" for value in collecting[storm])
-                print(f"{kind} {storm}: of which the collector {line}")
+                print(f"{name} {storm}: of which the collector {line}")
                 line = " ".join(generations[storm])
-                print(f"{kind} {storm}: of which each generation (collections:µs) {line}")
+                print(f"{name} {storm}: of which each generation (collections:µs) {line}")
 
 
 def main() -> None:

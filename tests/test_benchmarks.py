@@ -286,6 +286,12 @@ def test_connect_cost_prints_each_storms_cost_per_connection(mode: str) -> None:
     assert [storm for storm, _ in generations] == collected
 
 
+def test_connect_cost_runs_a_bus_kind_on_redis_as_kind_plus_redis() -> None:
+    stdout = run_tool("benchmarks.connect_cost", "wsbus+redis", "--size", "5", "--repeats", "1")
+    cost = r"^wsbus\+redis (.+): server CPU µs per connection \d+, least \d+$"
+    assert re.findall(cost, stdout, re.M) == ["new tokens", "reconnect"], stdout
+
+
 def test_fanout_cost_prints_each_repeats_cost_per_delivery() -> None:
     kinds = ["wsbus", "wsbus_presence", "--size", "5", "--repeats", "2"]
     stdout = run_tool("benchmarks.fanout_cost", *kinds, "--rate", "20", "--seconds", "0.2")
