@@ -305,3 +305,29 @@ async def test_an_empty_channels_read_is_shared_for_a_tenth_of_the_ttl_at_most(
     _, welcome = await server.open(token, ["chat:e"])
     assert welcome["positions"]["chat:e"] == second_read
     assert await calls_of(stats, "evalsha") == 1
+
+
+async def test_sockets_whose_connect_frames_arrive_together_wait_for_one_subscription(
+    bus_on_own_redis: Callable[..., Awaitable[BusServer]],
+    make_token: MakeToken,
+    stats: redis.asyncio.Redis,
+) -> None:
+    # The first socket's handler starts the node's subscription; the others, woken in
+    # the same tick, must wait for it rather than read the channel's position before
+    # Redis confirmed it (what is published in between would reach none of them).
+    server = await bus_on_own_redis()
+    published = await server.bus.publish("chat:t", "1")
+    token = make_token(channels=["chat:*"])
+    sockets = [await server.client.ws_connect("/ws") for _ in range(10)]
+    await stats.config_resetstat()
+    connect = {"type": "connect", "token": token, "channels": ["chat:t"]}
+    for socket in sockets:  # written without yielding: the server reads them in one tick
+        await socket.send_json(connect)
+    for socket in sockets:
+        welcome = await next_frame(socket)
+        assert welcome["positions"]["chat:t"] == {"offset": 1, "epoch": published.epoch}
+    assert await calls_of(stats, "subscribe") == 1
+    assert await calls_of(stats, "evalsha") == 1  # the subscription's own catch-up read
+    await server.bus.publish("chat:t", "2")
+    for socket in sockets:
+        assert (await next_frame(socket))["offset"] == 2
