@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import logging
 from collections.abc import Callable, Collection, Mapping
@@ -67,11 +66,6 @@ class Subscriptions:
 
     def __init__(self, bus: Bus) -> None:
         self.bus = bus
-        # The broker subscriptions in flight, by channel. A socket joining a channel
-        # whose first subscriber's is still in flight waits for it before reading the
-        # channel's position: a read made before the broker confirmed the node's
-        # subscription could miss what is published in between.
-        self._subscribing: dict[str, asyncio.Task[None]] = {}
 
     async def may_read(self, claims: Claims, channel: str) -> Verdict:
         """Whether `claims` may read `channel` (its history, its presence): subscribe
@@ -91,17 +85,6 @@ class Subscriptions:
             return
         with contextlib.suppress(BrokerUnavailable):  # it forgets interest on reconnect
             await self.bus.broker.unsubscribe(channel)
-
-    def _subscribe_broker(self, channel: str) -> asyncio.Task[None]:
-        """Start the broker's subscription to `channel`, for the sockets that join meanwhile too."""
-        task = self.bus.track(self.bus.broker.subscribe(channel))
-        self._subscribing[channel] = task
-        task.add_done_callback(functools.partial(self._subscribed, channel))
-        return task
-
-    def _subscribed(self, channel: str, task: asyncio.Task[None]) -> None:
-        if self._subscribing.get(channel) is task:
-            del self._subscribing[channel]
 
     async def subscribe(
         self,
@@ -125,26 +108,21 @@ class Subscriptions:
             allowed = await self._authorize_subscribe(connection, undecided, result)
         accepted = self._admit(connection, candidates, allowed, result)
         firsts = []
-        waits: dict[str, asyncio.Task[None]] = {}
         for channel in accepted:
             # Held from the moment it joins the registry until the replay is queued.
             connection.hold(channel)
             if self.bus.registry.add(connection, channel):
                 firsts.append(channel)
-                waits[channel] = self._subscribe_broker(channel)
-            elif (in_flight := self._subscribing.get(channel)) is not None:
-                waits[channel] = in_flight
-        if waits:
-            # Shielded: the subscription is every waiting socket's, not only this one's.
+        if firsts:
             outcomes = await asyncio.gather(
-                *(asyncio.shield(w) for w in waits.values()), return_exceptions=True
+                *(self.bus.broker.subscribe(c) for c in firsts), return_exceptions=True
             )
             failed = []
-            for channel, outcome in zip(waits, outcomes, strict=True):
+            for channel, outcome in zip(firsts, outcomes, strict=True):
                 if outcome is None:
                     continue
                 failed.append(channel)
-                if not isinstance(outcome, BrokerUnavailable) and channel in firsts:
+                if not isinstance(outcome, BrokerUnavailable):
                     logger.error("broker subscribe failed: %s", channel, exc_info=outcome)
             self.drop(connection, failed)
             result.denied.update(dict.fromkeys(failed, "unavailable"))

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Coroutine, Iterator, Mapping, Sequence
 from typing import Any, Final
 
 from redis.asyncio import Redis, RedisCluster
@@ -79,6 +79,10 @@ _SHARE_EMPTY_FOR: Final = 1.0
 
 def _share_empty_for(ttl: float) -> float:
     return min(_SHARE_EMPTY_FOR, ttl / 10)
+
+
+async def _fail(error: Exception) -> None:
+    raise error
 
 
 class RedisBroker(Broker):
@@ -236,21 +240,29 @@ class RedisBroker(Broker):
 
     # -- subscriptions ---------------------------------------------------
 
-    async def subscribe(self, channel: str) -> None:
-        """Listen to `channel`; returns once Redis confirmed it, so nothing after is missed."""
+    def subscribe(self, channel: str) -> Coroutine[Any, Any, None]:
+        """Listen to `channel`; returns once Redis confirmed it, so nothing after is missed.
+
+        The channel is taken at the call, before the first await: the bus calls
+        this for a channel's first socket, and the reads for the sockets that join
+        it meanwhile (`history`, `delivered_position`) wait for this confirmation.
+        """
         subscription = self._subscriptions.get(channel)
-        if subscription is None:
-            if not self.is_available:
-                raise BrokerUnavailable("redis is not reachable")
-            keys = ChannelKeys.of(self.prefix, channel)
-            try:
-                listener = self._listener_for(keys)
-            except UNREACHABLE as error:
-                raise BrokerUnavailable(f"redis: {error}") from None
-            loop = asyncio.get_running_loop()
-            subscription = Subscription(channel, keys, loop.create_future())
-            self._subscriptions[channel] = subscription
-            await listener.add(subscription)
+        if subscription is not None:
+            return self._ready(subscription)
+        if not self.is_available:
+            return _fail(BrokerUnavailable("redis is not reachable"))
+        keys = ChannelKeys.of(self.prefix, channel)
+        try:
+            listener = self._listener_for(keys)
+        except UNREACHABLE as error:
+            return _fail(BrokerUnavailable(f"redis: {error}"))
+        subscription = Subscription(channel, keys, asyncio.get_running_loop().create_future())
+        self._subscriptions[channel] = subscription
+        return self._listen(listener, subscription)
+
+    async def _listen(self, listener: Listener, subscription: Subscription) -> None:
+        await listener.add(subscription)
         await self._ready(subscription)
 
     async def unsubscribe(self, channel: str) -> None:
