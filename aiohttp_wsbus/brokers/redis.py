@@ -85,6 +85,17 @@ async def _fail(error: Exception) -> None:
     raise error
 
 
+def _settle(settled: asyncio.Future[None]) -> None:
+    """Wake a subscription's waiters: their time is up, or Redis answered."""
+    if not settled.done():
+        settled.set_result(None)
+
+
+def _answered(settled: asyncio.Future[None], timer: asyncio.TimerHandle, _: object) -> None:
+    timer.cancel()
+    _settle(settled)
+
+
 class RedisBroker(Broker):
     """Shares offsets, history and messages between every node on one Redis.
 
@@ -274,11 +285,28 @@ class RedisBroker(Broker):
             await subscription.listener.remove(subscription)
 
     async def _ready(self, subscription: Subscription) -> None:
-        await asyncio.wait([subscription.ready], timeout=self._socket_timeout * 2)
-        if not subscription.ready.done() or subscription.ready.cancelled():
+        if not await self._confirmed(subscription):
             if self._subscriptions.get(subscription.channel) is subscription:
                 await self.unsubscribe(subscription.channel)
             raise BrokerUnavailable("redis did not confirm the subscription")
+
+    async def _confirmed(self, subscription: Subscription) -> bool:
+        """Wait for Redis to confirm `subscription`, at most 2 socket timeouts from the
+        first wait; whether it did.
+
+        A connect storm's sockets wait here together: one timer and one future per
+        subscription, not per socket (asyncio.wait makes both for each caller).
+        """
+        ready = subscription.ready
+        if not ready.done():
+            settled = subscription.settled
+            if settled is None:
+                loop = asyncio.get_running_loop()
+                settled = subscription.settled = loop.create_future()
+                timer = loop.call_later(self._socket_timeout * 2, _settle, settled)
+                ready.add_done_callback(functools.partial(_answered, settled, timer))
+            await asyncio.shield(settled)  # a cancelled waiter leaves it to the others
+        return ready.done() and not ready.cancelled()
 
     def _listener_for(self, keys: ChannelKeys) -> Listener:
         """The pub/sub connection a channel belongs on: the only one, or its shard's."""
@@ -489,9 +517,7 @@ class RedisBroker(Broker):
         subscription = self._subscriptions.get(channel)
         if subscription is None:
             return None
-        if not subscription.ready.done():  # its first subscriber is still waiting for Redis
-            await asyncio.wait([subscription.ready], timeout=self._socket_timeout * 2)
-        if not subscription.ready.done() or subscription.ready.cancelled():
+        if not await self._confirmed(subscription):  # its first subscriber waits for Redis
             return None
         last, listener = subscription.last, subscription.listener
         if last is None or listener is None or not listener.is_connected:
@@ -509,13 +535,10 @@ class RedisBroker(Broker):
     ) -> dict[str, History]:
         # A subscribe still waiting for Redis must land first, or this read
         # could miss a message published between it and the subscription.
-        waiting = [
-            s.ready
-            for channel in since
-            if (s := self._subscriptions.get(channel)) is not None and not s.ready.done()
-        ]
-        if waiting:
-            await asyncio.wait(waiting, timeout=self._socket_timeout * 2)
+        for channel in since:
+            subscription = self._subscriptions.get(channel)
+            if subscription is not None:
+                await self._confirmed(subscription)
         try:
             tops = await self._read({c: (p, False) for c, p in since.items()})
         except UNREACHABLE as error:

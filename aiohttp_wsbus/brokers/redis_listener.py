@@ -44,6 +44,7 @@ class Subscription:
     last: Position | None = None
     listener: Listener | None = None
     read_at: float = 0.0  # loop time of the last read of its top from Redis
+    settled: asyncio.Future[None] | None = None  # RedisBroker._confirmed's, while waited on
 
 
 class ListenerHandler(Protocol):
