@@ -315,7 +315,7 @@ async def test_publishers_say_when_an_id_was_already_published(
 
 
 async def test_only_subscribed_channels_are_delivered(make_redis_broker: RedisMaker) -> None:
-    one, delivered = await make_redis_broker()
+    one, delivered = await make_redis_broker(unsubscribe_after=0)
     await one.subscribe("wanted")
     await one.subscribe("dropped")
     await one.unsubscribe("dropped")
@@ -665,6 +665,44 @@ async def test_an_unreachable_redis_is_warned_about_again_and_its_return_logged(
     await eventually(lambda: broker.is_available)
     [back] = [m for m in messages(logging.INFO) if "again" in m]
     assert back.startswith(f"redis broker reached 127.0.0.1:{own_redis.port}/0 again after ")
+
+
+async def test_a_channel_stays_subscribed_for_unsubscribe_after_its_last_subscriber_left(
+    make_redis_broker: RedisMaker, redis_url: str, redis_prefix: str
+) -> None:
+    one, delivered = await make_redis_broker(unsubscribe_after=0.3)
+    pubsub = ChannelKeys.of(redis_prefix, "a").pubsub
+
+    async def listeners() -> int:
+        async with redis.asyncio.Redis.from_url(redis_url) as client:
+            [(_, count)] = await client.pubsub_numsub(pubsub)
+            return int(count)
+
+    await one.subscribe("a")
+    await one.unsubscribe("a")
+    await one.publish("a", "meanwhile")  # still delivered: the node still listens
+    await delivered_count(delivered, 1)
+    await one.subscribe("a")  # back in time: the same subscription, nothing sent to Redis
+    started = time.monotonic()
+    await one.unsubscribe("a")
+    assert await listeners() == 1
+    await until(lambda: _is(listeners(), 0))
+    assert time.monotonic() - started >= 0.3
+    await one.subscribe("b")
+    await one.publish("a", "after")
+    await one.publish("b", "b")
+    await delivered_count(delivered, 2)
+    assert [m.data for m in delivered] == ["meanwhile", "b"]
+
+
+async def _is(value: Awaitable[int], expected: int) -> bool:
+    return await value == expected
+
+
+@pytest.mark.parametrize("delay", [-1.0, float("nan")])
+def test_unsubscribe_after_is_checked(delay: float) -> None:
+    with pytest.raises(ValueError, match=r"unsubscribe_after must be >= 0 seconds, not "):
+        RedisBroker("redis://localhost", unsubscribe_after=delay)
 
 
 def test_prefix_is_checked() -> None:

@@ -331,3 +331,28 @@ async def test_sockets_whose_connect_frames_arrive_together_wait_for_one_subscri
     await server.bus.publish("chat:t", "2")
     for socket in sockets:
         assert (await next_frame(socket))["offset"] == 2
+
+
+async def test_sockets_coming_back_soon_after_the_last_one_left_need_no_round_trip(
+    bus_on_own_redis: Callable[..., Awaitable[BusServer]],
+    make_token: MakeToken,
+    stats: redis.asyncio.Redis,
+) -> None:
+    # A network blip: every socket of a channel leaves, then they reconnect.
+    server = await bus_on_own_redis(unsubscribe_after=5.0)
+    token = make_token(channels=["chat:*"])
+    first, _ = await server.open(token, ["chat:b"])
+    await server.bus.publish("chat:b", "1")
+    assert (await next_frame(first))["data"] == "1"
+    await first.close()
+    await eventually(lambda: not server.bus.registry.subscribers("chat:b"))
+    published = await server.bus.publish("chat:b", "2")  # nobody here hears it
+    await stats.config_resetstat()
+    again, welcome = await server.open(token, ["chat:b"])
+    # The node kept listening: it knows where the channel stands without asking.
+    assert welcome["positions"]["chat:b"] == {"offset": 2, "epoch": published.epoch}
+    assert await calls_of(stats, "subscribe") == 0
+    assert await calls_of(stats, "evalsha") == 0
+    await server.bus.publish("chat:b", "3")
+    frame = await next_frame(again)
+    assert (frame["offset"], frame["data"]) == (3, "3")

@@ -45,6 +45,7 @@ class Subscription:
     listener: Listener | None = None
     read_at: float = 0.0  # loop time of the last read of its top from Redis
     settled: asyncio.Future[None] | None = None  # RedisBroker._confirmed's, while waited on
+    leaving: asyncio.TimerHandle | None = None  # its last subscriber left: unsubscribe then
 
 
 class ListenerHandler(Protocol):
