@@ -695,6 +695,24 @@ async def test_a_channel_stays_subscribed_for_unsubscribe_after_its_last_subscri
     assert [m.data for m in delivered] == ["meanwhile", "b"]
 
 
+async def test_a_channel_subscribed_again_as_its_delay_ends_is_listened_to(
+    make_redis_broker: RedisMaker,
+) -> None:
+    one, delivered = await make_redis_broker(unsubscribe_after=0.05)
+    await one.subscribe("a")
+    await one.unsubscribe("a")
+    loop = asyncio.get_running_loop()
+    again: list[asyncio.Task[None]] = []
+    # Due in the same loop turn as the delay's end, and run after it.
+    loop.call_later(0.05, lambda: again.append(loop.create_task(one.subscribe("a"))))
+    time.sleep(0.1)  # noqa: ASYNC251  (blocks the loop so that both timers are due at once)
+    await eventually(lambda: bool(again))
+    await again[0]
+    await one.publish("a", "heard")
+    await delivered_count(delivered, 1)
+    assert [m.data for m in delivered] == ["heard"]
+
+
 async def _is(value: Awaitable[int], expected: int) -> bool:
     return await value == expected
 

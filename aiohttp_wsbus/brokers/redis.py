@@ -114,8 +114,8 @@ class RedisBroker(Broker):
 
     A channel stays subscribed for `unsubscribe_after` seconds after its last
     local subscriber left: the sockets of a reconnect storm (a network blip, a
-    proxy restart) find it confirmed and know where it stands, with no round
-    trip to Redis each.
+    proxy restart) find it confirmed and start where the node stands, with no
+    SUBSCRIBE (nor a read, unless the channel holds nothing).
     """
 
     def __init__(
@@ -313,17 +313,23 @@ class RedisBroker(Broker):
         """Its time without subscribers is up (loop timer)."""
         subscription.leaving = None
         if self._subscriptions.get(subscription.channel) is subscription:
+            # Forgotten now, not when the task runs: a subscribe in between makes
+            # a new subscription rather than keep this one, which is going.
+            self._forget(subscription)
             task = asyncio.get_running_loop().create_task(self._drop(subscription))
             self._leaving.add(task)
             task.add_done_callback(self._leaving.discard)
 
-    async def _drop(self, subscription: Subscription) -> None:
+    def _forget(self, subscription: Subscription) -> None:
         if self._subscriptions.get(subscription.channel) is subscription:
             del self._subscriptions[subscription.channel]
         if subscription.leaving is not None:
             subscription.leaving.cancel()
             subscription.leaving = None
         subscription.ready.cancel()
+
+    async def _drop(self, subscription: Subscription) -> None:
+        self._forget(subscription)
         if subscription.listener is not None:
             await subscription.listener.remove(subscription)
 
@@ -582,21 +588,23 @@ class RedisBroker(Broker):
             subscription = self._subscriptions.get(channel)
             if subscription is not None:
                 await self._confirmed(subscription)
+        asked_at = asyncio.get_running_loop().time()
         try:
             tops = await self._read({c: (p, False) for c, p in since.items()})
         except UNREACHABLE as error:
             raise BrokerUnavailable(f"redis: {error}") from None
         for channel, top in tops.items():
             if since[channel] is None:
-                self._read_empty(channel, top.position)
+                self._read_empty(channel, top.position, asked_at)
         ttls = {c: (options or {}).get(c, self._history).ttl for c in tops}
         return {
             c: recover(since[c], t.position, t.first, t.messages, now=t.now, ttl=ttls[c])
             for c, t in tops.items()
         }
 
-    def _read_empty(self, channel: str, top: Position) -> None:
-        """A read found `channel` still empty: later subscribers may start there too.
+    def _read_empty(self, channel: str, top: Position, asked_at: float) -> None:
+        """A read asked at `asked_at` (loop time) found `channel` still empty: later
+        subscribers may start there too.
 
         Only while the node has delivered nothing from it either: the read was
         made after the subscription was confirmed, so whatever comes after it
@@ -614,7 +622,7 @@ class RedisBroker(Broker):
         now, last = EmptyEpoch.parse(top.epoch), EmptyEpoch.parse(subscription.last.epoch)
         if now is not None and last is not None and now.generation == last.generation:
             subscription.last = top
-            subscription.read_at = asyncio.get_running_loop().time()
+            subscription.read_at = asked_at
 
     async def _read(self, since: Mapping[str, tuple[Position | None, bool]]) -> dict[str, Top]:
         """Run HISTORY_SCRIPT for each channel, in the next pipeline with every read
@@ -701,9 +709,10 @@ class RedisBroker(Broker):
     async def _catch_up(self, subscription: Subscription) -> None:
         """Deliver what the stream holds after the last delivered offset (on (re)subscribe)."""
         last = subscription.last
+        asked_at = asyncio.get_running_loop().time()
         answer = await self._read({subscription.channel: (last, last is not None)})
         top = answer[subscription.channel]
-        subscription.read_at = asyncio.get_running_loop().time()
+        subscription.read_at = asked_at
         if last is None:
             # A new subscription starts at the top: its subscribers read the rest as history.
             subscription.last = top.position

@@ -140,7 +140,10 @@ class Listener:
             del self.subscriptions[name]
         if unsubscribe:
             async with self._write_lock:
-                await self._send_quietly("UNSUBSCRIBE", subscription.keys.pubsub)
+                # Subscribed again meanwhile (a new Subscription under the same name):
+                # Redis holds one subscription per name, and it is the new one's now.
+                if name not in self.subscriptions:
+                    await self._send_quietly("UNSUBSCRIBE", subscription.keys.pubsub)
 
     def _command(self, name: str) -> str:
         return "S" + name if self._options.sharded else name
@@ -204,7 +207,8 @@ class Listener:
             await connection.connect()  # type: ignore[no-untyped-call]
             async with self._write_lock:
                 self._connection = connection
-                for subscription in self.subscriptions.values():
+                # A copy: `remove` does not wait for the lock to forget a subscription.
+                for subscription in list(self.subscriptions.values()):
                     name = subscription.keys.pubsub
                     await connection.send_command(self._command("SUBSCRIBE"), name)
                 if not self.subscriptions:
