@@ -713,6 +713,27 @@ async def test_a_channel_subscribed_again_as_its_delay_ends_is_listened_to(
     assert [m.data for m in delivered] == ["heard"]
 
 
+async def test_a_stale_unsubscribe_leaves_a_newer_subscription_of_the_name_alone(
+    make_redis_broker: RedisMaker,
+) -> None:
+    one, delivered = await make_redis_broker(unsubscribe_after=0)
+    await one.subscribe("a")
+    old = one._subscriptions["a"]
+    listener = old.listener
+    assert listener is not None
+    async with listener._write_lock:  # the new SUBSCRIBE queues first, the old UNSUBSCRIBE next
+        one._forget(old)
+        again = asyncio.create_task(one.subscribe("a"))
+        await asyncio.sleep(0)  # one turn: it waits for the lock
+        stale = asyncio.create_task(listener.remove(old))
+        await asyncio.sleep(0)
+    await again
+    await stale
+    await one.publish("a", "heard")
+    await delivered_count(delivered, 1)
+    assert [m.data for m in delivered] == ["heard"]
+
+
 async def _is(value: Awaitable[int], expected: int) -> bool:
     return await value == expected
 
