@@ -356,3 +356,25 @@ async def test_sockets_coming_back_soon_after_the_last_one_left_need_no_round_tr
     await server.bus.publish("chat:b", "3")
     frame = await next_frame(again)
     assert (frame["offset"], frame["data"]) == (3, "3")
+
+
+async def test_sockets_that_joined_a_subscription_redis_never_confirmed_are_told_unavailable(
+    bus_on_own_redis: Callable[..., Awaitable[BusServer]],
+    make_token: MakeToken,
+    own_redis: RedisServer,
+) -> None:
+    # Left subscribed without the node's subscription, they would hear nothing live.
+    server = await bus_on_own_redis(socket_timeout=0.3)
+    token = make_token(channels=["chat:*"])
+    connect = {"type": "connect", "token": token, "channels": ["chat:x"]}
+    with own_redis.frozen():
+        first = await server.client.ws_connect("/ws")
+        await first.send_json(connect)
+        await eventually(lambda: bool(server.bus.registry.subscribers("chat:x")))
+        joined = await server.client.ws_connect("/ws")
+        await joined.send_json(connect)
+        for socket in (first, joined):  # answered while Redis is still frozen
+            welcome = await next_frame(socket)
+            assert welcome["denied"] == {"chat:x": "unavailable"}
+            assert welcome["subscribed"] == []
+    assert not server.bus.registry.subscribers("chat:x")
