@@ -275,3 +275,66 @@ async def make_redis_broker(
     yield make
     for broker in brokers:
         await broker.stop()
+
+
+class SubscribeHoldingProxy:
+    """A loopback TCP proxy to a Redis whose answers to a connection stop once it
+    sent a SUBSCRIBE naming `holding`: a pub/sub connection Redis never answers
+    again, the node's other connections (reads, publishes) served as usual."""
+
+    def __init__(self, upstream_port: int, holding: bytes) -> None:
+        self.upstream_port = upstream_port
+        self.holding = holding
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in self._writers:
+            writer.close()
+        await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        self._writers.update((writer, up_writer))
+        subscribed = asyncio.Event()
+
+        async def pipe(
+            source: asyncio.StreamReader, sink: asyncio.StreamWriter, upstream: bool
+        ) -> None:
+            with contextlib.suppress(ConnectionError):
+                while data := await source.read(65536):
+                    if upstream and b"SUBSCRIBE" in data and self.holding in data:
+                        subscribed.set()
+                    if not upstream and subscribed.is_set():
+                        continue  # Redis's answer never arrives
+                    sink.write(data)
+                    await sink.drain()
+            sink.close()
+
+        await asyncio.gather(
+            pipe(reader, up_writer, upstream=True), pipe(up_reader, writer, upstream=False)
+        )
+
+
+@pytest.fixture
+async def subscribe_holding_proxy(
+    own_redis: RedisServer,
+) -> AsyncIterator[SubscribeHoldingProxy]:
+    """A SubscribeHoldingProxy in front of the test's own Redis, holding chat:x."""
+    proxy = SubscribeHoldingProxy(own_redis.port, b"chat:x")
+    await proxy.start()
+    try:
+        yield proxy
+    finally:
+        await proxy.close()

@@ -23,7 +23,7 @@ from aiohttp_wsbus.brokers.redis_pipeline import Autopipeline, Script, ScriptCal
 from aiohttp_wsbus.protocol import Position
 
 from .conftest import JwksServer, MakeToken
-from .redis_server import RedisMaker, RedisServer
+from .redis_server import RedisMaker, RedisServer, SubscribeHoldingProxy
 from .support import BusServer, eventually, next_frame, nothing_more, start_bus
 
 READ = Script("return 'read'", is_shared=True)
@@ -378,3 +378,35 @@ async def test_sockets_that_joined_a_subscription_redis_never_confirmed_are_told
             assert welcome["denied"] == {"chat:x": "unavailable"}
             assert welcome["subscribed"] == []
     assert not server.bus.registry.subscribers("chat:x")
+
+
+async def test_sockets_joining_a_subscription_redis_never_confirmed_are_told_unavailable(
+    aiohttp_client: AiohttpClient,
+    jwks_server: JwksServer,
+    subscribe_holding_proxy: SubscribeHoldingProxy,
+    redis_prefix: str,
+    make_token: MakeToken,
+) -> None:
+    # Redis answers reads but never the node's SUBSCRIBE: a joiner whose read works
+    # would be subscribed with nothing to hear, and so would every later one.
+    broker = RedisBroker(subscribe_holding_proxy.url, prefix=redis_prefix, socket_timeout=0.3)
+    server = await start_bus(aiohttp_client, jwks_server.url, broker=broker)
+    token = make_token(channels=["chat:*"])
+    connect = {"type": "connect", "token": token, "channels": ["chat:x"]}
+    first = await server.client.ws_connect("/ws")
+    await first.send_json(connect)
+    await eventually(lambda: bool(server.bus.registry.subscribers("chat:x")))
+    joined = await server.client.ws_connect("/ws")
+    await joined.send_json(connect)
+    for socket in (first, joined):
+        welcome = await next_frame(socket)
+        assert welcome["denied"] == {"chat:x": "unavailable"}
+        assert welcome["subscribed"] == []
+    assert not server.bus.registry.subscribers("chat:x")
+    # Once Redis answers again the channel works for the next socket.
+    subscribe_holding_proxy.holding = b"nothing to hold"
+    await eventually(lambda: broker.is_available)
+    again, welcome = await server.open(token, ["chat:x"])
+    assert welcome["subscribed"] == ["chat:x"]
+    await server.bus.publish("chat:x", "live")
+    assert (await next_frame(again))["data"] == "live"

@@ -75,6 +75,7 @@ _KEEP: Final = Script(KEEP_SCRIPT)
 # its age from that window, so a read is shared for at most a second, and at most a
 # tenth of the shortest TTL: enough for a connect storm's sockets to share one.
 _SHARE_EMPTY_FOR: Final = 1.0
+_UNCONFIRMED: Final = "redis did not confirm the subscription"
 
 
 def _share_empty_for(ttl: float) -> float:
@@ -273,7 +274,9 @@ class RedisBroker(Broker):
         it meanwhile (`history`, `delivered_position`) wait for this confirmation.
         """
         subscription = self._subscriptions.get(channel)
-        if subscription is not None:
+        if subscription is not None and subscription.ready.cancelled():
+            self._forget(subscription)  # failed, its unsubscribe not run yet: anew
+        elif subscription is not None:
             if subscription.leaving is not None:  # a subscriber came back in time
                 subscription.leaving.cancel()
                 subscription.leaving = None
@@ -335,9 +338,10 @@ class RedisBroker(Broker):
 
     async def _ready(self, subscription: Subscription) -> None:
         if not await self._confirmed(subscription):
-            if self._subscriptions.get(subscription.channel) is subscription:
-                await self.unsubscribe(subscription.channel)
-            raise BrokerUnavailable("redis did not confirm the subscription")
+            # Failed, but kept until the bus unsubscribes: the sockets that joined
+            # meanwhile read it as failed too, instead of an unsubscribed channel.
+            subscription.ready.cancel()
+            raise BrokerUnavailable(_UNCONFIRMED)
 
     async def _confirmed(self, subscription: Subscription) -> bool:
         """Wait for Redis to confirm `subscription`, at most 2 socket timeouts from the
@@ -567,7 +571,7 @@ class RedisBroker(Broker):
         if subscription is None:
             return None
         if not await self._confirmed(subscription):  # its first subscriber waits for Redis
-            return None
+            raise BrokerUnavailable(_UNCONFIRMED)
         last, listener = subscription.last, subscription.listener
         if last is None or listener is None or not listener.is_connected:
             return None
@@ -583,11 +587,12 @@ class RedisBroker(Broker):
         options: Mapping[str, HistoryOptions] | None = None,
     ) -> dict[str, History]:
         # A subscribe still waiting for Redis must land first, or this read
-        # could miss a message published between it and the subscription.
+        # could miss a message published between it and the subscription; one
+        # Redis never confirmed leaves its joiners nothing to hear.
         for channel in since:
             subscription = self._subscriptions.get(channel)
-            if subscription is not None:
-                await self._confirmed(subscription)
+            if subscription is not None and not await self._confirmed(subscription):
+                raise BrokerUnavailable(_UNCONFIRMED)
         asked_at = asyncio.get_running_loop().time()
         try:
             tops = await self._read({c: (p, False) for c, p in since.items()})
