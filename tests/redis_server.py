@@ -24,10 +24,15 @@ from typing import Any
 
 import pytest
 import redis
+import redis.asyncio
+from pytest_aiohttp import AiohttpClient
 
 from aiohttp_wsbus import RedisBroker
 from aiohttp_wsbus.brokers import HistoryOptions, Message
 from aiohttp_wsbus.brokers.base import OnControl
+from aiohttp_wsbus.testing import JwksServer
+
+from .support import BusServer, start_bus
 
 # make_redis_broker: start a RedisBroker (options as RedisBroker takes them); it and
 # the messages it delivers.
@@ -338,3 +343,28 @@ async def subscribe_holding_proxy(
         yield proxy
     finally:
         await proxy.close()
+
+
+@pytest.fixture
+async def stats(own_redis: RedisServer) -> AsyncIterator[redis.asyncio.Redis]:
+    """A client of the test's own Redis, to read its command counts."""
+    client = redis.asyncio.Redis.from_url(own_redis.url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def bus_on_own_redis(
+    aiohttp_client: AiohttpClient,
+    jwks_server: JwksServer,
+    own_redis: RedisServer,
+    redis_prefix: str,
+) -> Callable[..., Awaitable[BusServer]]:
+    """Start a bus whose RedisBroker (options as it takes them) uses the test's own Redis;
+    `settings` are the bus's."""
+
+    def start(settings: dict[str, Any] | None = None, **options: Any) -> Awaitable[BusServer]:
+        broker = RedisBroker(own_redis.url, prefix=redis_prefix, **options)
+        return start_bus(aiohttp_client, jwks_server.url, broker=broker, **(settings or {}))
+
+    return start

@@ -9,7 +9,7 @@ against a redis-server of the test's own, whose command counts it reads.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import pytest
@@ -133,13 +133,6 @@ async def test_a_cancelled_caller_leaves_the_others_their_answers() -> None:
 # -- against Redis ------------------------------------------------------------
 
 
-@pytest.fixture
-async def stats(own_redis: RedisServer) -> AsyncIterator[redis.asyncio.Redis]:
-    """A client of the test's own Redis, to read its command counts."""
-    client = redis.asyncio.Redis.from_url(own_redis.url)
-    yield client
-    await client.aclose()
-
 
 async def calls_of(client: redis.asyncio.Redis, command: str) -> int:
     info = await client.info("commandstats")
@@ -196,22 +189,6 @@ async def test_concurrent_publishes_land_in_call_order_each_with_its_own_offset(
         sent = [str(n) for n, p in enumerate(published) if p.channel == channel]
         assert [m.data for m in delivered if m.channel == channel] == sent
 
-
-@pytest.fixture
-def bus_on_own_redis(
-    aiohttp_client: AiohttpClient,
-    jwks_server: JwksServer,
-    own_redis: RedisServer,
-    redis_prefix: str,
-) -> Callable[..., Awaitable[BusServer]]:
-    """Start a bus whose RedisBroker (options as it takes them) uses the test's own Redis;
-    `settings` are the bus's."""
-
-    def start(settings: dict[str, Any] | None = None, **options: Any) -> Awaitable[BusServer]:
-        broker = RedisBroker(own_redis.url, prefix=redis_prefix, **options)
-        return start_bus(aiohttp_client, jwks_server.url, broker=broker, **(settings or {}))
-
-    return start
 
 
 async def test_a_socket_joining_a_channel_its_node_listens_to_starts_there_without_a_read(

@@ -244,10 +244,18 @@ class RedisBroker(Broker):
         self._on_control = None
         self._on_presence = None
         self._on_ephemeral = None
-        for subscription in self._subscriptions.values():
+        # Forgotten: a later unsubscribe arms no timer, a later start begins afresh, and
+        # waiters on one Redis never confirmed wake now (its cancelled `ready` settles them).
+        subscriptions, self._subscriptions = self._subscriptions, {}
+        for subscription in subscriptions.values():
             if subscription.leaving is not None:
                 subscription.leaving.cancel()
                 subscription.leaving = None
+            subscription.ready.cancel()
+            for _, waiter in subscription.behind or ():  # no more to wait for
+                if not waiter.done():
+                    waiter.set_result(None)
+            subscription.behind = None
         for task in (*self._tasks, *self._leaving):
             task.cancel()
         await asyncio.gather(*self._tasks, *self._leaving, return_exceptions=True)
@@ -281,16 +289,24 @@ class RedisBroker(Broker):
                 subscription.leaving.cancel()
                 subscription.leaving = None
             return self._ready(subscription)
-        if not self.is_available:
-            return _fail(BrokerUnavailable("redis is not reachable"))
         keys = ChannelKeys.of(self.prefix, channel)
+        subscription = Subscription(channel, keys, asyncio.get_running_loop().create_future())
+        self._subscriptions[channel] = subscription
+        if not self.is_available:
+            return self._failed(subscription, BrokerUnavailable("redis is not reachable"))
         try:
             listener = self._listener_for(keys)
         except UNREACHABLE as error:
-            return _fail(BrokerUnavailable(f"redis: {error}"))
-        subscription = Subscription(channel, keys, asyncio.get_running_loop().create_future())
-        self._subscriptions[channel] = subscription
+            return self._failed(subscription, BrokerUnavailable(f"redis: {error}"))
         return self._listen(listener, subscription)
+
+    def _failed(
+        self, subscription: Subscription, error: BrokerUnavailable
+    ) -> Coroutine[Any, Any, None]:
+        """Keep `subscription` as failed until the bus unsubscribes: sockets joining it
+        meanwhile read it as failed too, instead of as a channel nobody listens to."""
+        subscription.ready.cancel()
+        return _fail(error)
 
     async def _listen(self, listener: Listener, subscription: Subscription) -> None:
         await listener.add(subscription)
@@ -426,8 +442,8 @@ class RedisBroker(Broker):
             self._listener_on(node)
         for subscription in list(self._subscriptions.values()):
             listener = self._listener_for(subscription.keys)
-            if subscription.listener is listener:
-                continue
+            if subscription.listener is listener or subscription.ready.cancelled():
+                continue  # in place, or failed and waiting for the bus's unsubscribe
             # The old shard already dropped it (or is gone): no SUNSUBSCRIBE there.
             if subscription.listener is not None:
                 await subscription.listener.remove(subscription, unsubscribe=False)
@@ -598,6 +614,7 @@ class RedisBroker(Broker):
             tops = await self._read({c: (p, False) for c, p in since.items()})
         except UNREACHABLE as error:
             raise BrokerUnavailable(f"redis: {error}") from None
+        await self._delivered_up_to({c: t.position for c, t in tops.items()})
         for channel, top in tops.items():
             if since[channel] is None:
                 self._read_empty(channel, top.position, asked_at)
@@ -606,6 +623,43 @@ class RedisBroker(Broker):
             c: recover(since[c], t.position, t.first, t.messages, now=t.now, ttl=ttls[c])
             for c, t in tops.items()
         }
+
+    async def _delivered_up_to(self, tops: Mapping[str, Position]) -> None:
+        """Wait until this node has delivered each channel it listens to up to its top
+        read from Redis, at most 2 socket timeouts in all.
+
+        A subscriber starts at the top it read and gets what the node delivers
+        after it: delivered again, the messages between the node's position and
+        that top (still on their way, or a catch-up's after a lost connection)
+        would reach it twice.
+        """
+        waits = []
+        for channel, top in tops.items():
+            subscription = self._subscriptions.get(channel)
+            if subscription is not None and subscription.is_behind(top):
+                waiter = asyncio.get_running_loop().create_future()
+                subscription.behind = [*(subscription.behind or ()), (top, waiter)]
+                waits.append(waiter)
+        if not waits:
+            return
+        try:
+            async with asyncio.timeout(self._socket_timeout * 2):
+                await asyncio.gather(*waits)
+        except TimeoutError:
+            raise BrokerUnavailable("redis: this node did not catch up with the channel") from None
+
+    def _caught_up(self, subscription: Subscription) -> None:
+        """Wake the reads waiting for `subscription` to deliver what they found."""
+        assert subscription.behind is not None
+        waiting = []
+        for top, waiter in subscription.behind:
+            if waiter.done():
+                continue
+            if subscription.is_behind(top):
+                waiting.append((top, waiter))
+            else:
+                waiter.set_result(None)
+        subscription.behind = waiting or None
 
     def _read_empty(self, channel: str, top: Position, asked_at: float) -> None:
         """A read asked at `asked_at` (loop time) found `channel` still empty: later
@@ -715,12 +769,16 @@ class RedisBroker(Broker):
         """Deliver what the stream holds after the last delivered offset (on (re)subscribe)."""
         last = subscription.last
         asked_at = asyncio.get_running_loop().time()
+        connection = subscription.listener.connections if subscription.listener else 0
         answer = await self._read({subscription.channel: (last, last is not None)})
         top = answer[subscription.channel]
         subscription.read_at = asked_at
+        subscription.caught_up_on = connection
         if last is None:
             # A new subscription starts at the top: its subscribers read the rest as history.
             subscription.last = top.position
+            if subscription.behind:
+                self._caught_up(subscription)
             return
         if top.messages and top.position.epoch == last.epoch and top.first > last.offset + 1:
             logger.warning(
@@ -732,9 +790,13 @@ class RedisBroker(Broker):
         for message in top.messages:
             self._hand_over(subscription, message)
         subscription.last = top.position
+        if subscription.behind:
+            self._caught_up(subscription)
 
     def _hand_over(self, subscription: Subscription, message: Message) -> None:
         subscription.last = Position(message.offset, message.epoch)
         if self._deliver is not None and self._subscriptions.get(message.channel) is subscription:
             self._deliver(message)
+        if subscription.behind:
+            self._caught_up(subscription)
 

@@ -46,6 +46,28 @@ class Subscription:
     read_at: float = 0.0  # loop time of the last read of its top from Redis
     settled: asyncio.Future[None] | None = None  # RedisBroker._confirmed's, while waited on
     leaving: asyncio.TimerHandle | None = None  # its last subscriber left: unsubscribe then
+    caught_up_on: int = 0  # the listener's connection its last catch-up ran on
+    # Reads that found the channel past what this node delivered, waiting for it.
+    behind: list[tuple[Position, asyncio.Future[None]]] | None = None
+
+    @property
+    def is_live(self) -> bool:
+        """Whether it has caught up on its listener's current connection, which is up."""
+        listener = self.listener
+        return (
+            listener is not None
+            and listener.is_connected
+            and self.caught_up_on == listener.connections
+        )
+
+    def is_behind(self, top: Position) -> bool:
+        """Whether this node has yet to deliver `top` (a channel position read from Redis)."""
+        if top.offset == 0:
+            return False  # nothing to deliver twice: whatever comes next is news to all
+        if not self.is_live:
+            return True  # its catch-up will deliver what it missed, maybe up to `top`
+        last = self.last
+        return last is not None and last.epoch == top.epoch and last.offset < top.offset
 
 
 class ListenerHandler(Protocol):

@@ -1,0 +1,206 @@
+"""RedisBroker races found in review: sockets left on a channel whose node subscription
+is gone, and sockets that get a message twice after the node's pub/sub reconnects.
+
+Real Redis (the test's own), real sockets; waits are on frames and on the
+broker's state, each bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import pytest
+import redis.asyncio
+
+from aiohttp_wsbus import BrokerUnavailable
+
+from .conftest import MakeToken
+from .redis_server import RedisMaker, RedisServer
+from .support import BusServer, eventually, next_frame
+
+
+async def test_a_socket_that_joined_an_unconfirmed_subscription_is_not_left_deaf(
+    bus_on_own_redis: Callable[..., Awaitable[BusServer]],
+    make_token: MakeToken,
+    own_redis: RedisServer,
+) -> None:
+    # The first socket's subscribe times out (Redis frozen) and drops the node's
+    # subscription although a second socket joined it meanwhile. If Redis answers
+    # that socket's position read (it came back within socket_timeout), the socket
+    # is welcomed as subscribed on a channel this node no longer listens to.
+    server = await bus_on_own_redis(socket_timeout=1.0)
+    broker = server.bus.broker
+    token = make_token(channels=["chat:*"])
+    connect = {"type": "connect", "token": token, "channels": ["chat:x"]}
+    with own_redis.frozen():
+        first = await server.client.ws_connect("/ws")
+        await first.send_json(connect)
+        await eventually(lambda: len(server.bus.registry.subscribers("chat:x")) == 1)
+        joined = await server.client.ws_connect("/ws")
+        await joined.send_json(connect)
+        await eventually(lambda: len(server.bus.registry.subscribers("chat:x")) == 2)
+        welcome = await next_frame(first)  # 2 socket timeouts: the node gives up
+        assert welcome["denied"] == {"chat:x": "unavailable"}
+    # Redis answers again, within the joined socket's read's socket_timeout.
+    welcome = await next_frame(joined)
+    assert welcome["type"] == "welcome"
+    if welcome["subscribed"] == []:
+        assert welcome["denied"] == {"chat:x": "unavailable"}  # told: fine
+        return
+    assert welcome["subscribed"] == ["chat:x"]
+    await eventually(lambda: broker.is_available, timeout=15.0)
+    held = set(server.bus.registry.subscribers("chat:x"))
+    node_listens = "chat:x" in broker._subscriptions  # type: ignore[attr-defined]
+    published = await server.bus.publish("chat:x", "after the welcome")
+    try:
+        frame = await next_frame(joined, timeout=3.0)
+    except TimeoutError:
+        pytest.fail(
+            f"welcomed as subscribed at {welcome['positions']['chat:x']}, still held by the "
+            f"registry ({len(held)} socket), node subscribed: {node_listens}; offset "
+            f"{published.offset} published after it never arrived"
+        )
+    assert (frame["offset"], frame["data"]) == (published.offset, "after the welcome")
+
+
+async def test_a_socket_joining_while_the_pubsub_connection_is_down_gets_nothing_twice(
+    bus_on_own_redis: Callable[..., Awaitable[BusServer]],
+    make_redis_broker: RedisMaker,
+    make_token: MakeToken,
+    own_redis: RedisServer,
+    stats: redis.asyncio.Redis,
+) -> None:
+    # The node's pub/sub connection is lost (CLIENT KILL, an output buffer limit) while
+    # Redis still answers commands. A socket joining then reads its position from Redis,
+    # past what the node has delivered; the listener's catch-up after it reconnects
+    # delivers those messages to every local socket, the new one included.
+    server = await bus_on_own_redis(reconnect_delay=(2.0, 2.0))
+    broker = server.bus.broker
+    other, _ = await make_redis_broker(url=own_redis.url)  # another node, same prefix
+    token = make_token(channels=["chat:*"])
+    staying, _ = await server.open(token, ["chat:d"])
+    joined, _ = await server.open(token, ["chat:elsewhere"])
+    await server.bus.publish("chat:d", "1")
+    assert (await next_frame(staying))["offset"] == 1
+    await stats.client_kill_filter(_type="pubsub")
+    await eventually(lambda: not broker.is_available)
+    missed = await other.publish("chat:d", '"2"')  # the node hears it only on catch-up
+    assert missed.offset == 2
+    # An open socket subscribes (new sockets are refused while the node is unavailable).
+    await joined.send_json({"type": "subscribe", "channels": ["chat:d"]})
+    subscribed = await next_frame(joined)
+    assert subscribed["subscribed"] == ["chat:d"], subscribed
+    assert subscribed["positions"]["chat:d"] == {"offset": 2, "epoch": missed.epoch}
+    await eventually(lambda: broker.is_available, timeout=10.0)
+    assert (await next_frame(staying))["offset"] == 2  # caught up: right for this one
+    after = await server.bus.publish("chat:d", "3")
+    frame = await next_frame(joined)
+    # Its welcome said offset 2: the next message it gets must be offset 3, once.
+    assert (frame["offset"], frame["data"]) == (after.offset, "3"), frame
+
+
+async def test_a_recovery_while_the_pubsub_connection_is_down_replays_nothing_twice(
+    bus_on_own_redis: Callable[..., Awaitable[BusServer]],
+    make_redis_broker: RedisMaker,
+    make_token: MakeToken,
+    own_redis: RedisServer,
+    stats: redis.asyncio.Redis,
+) -> None:
+    # As above, with `since`: the replay comes from Redis, then the listener's
+    # catch-up delivers the same messages live.
+    server = await bus_on_own_redis(reconnect_delay=(2.0, 2.0))
+    broker = server.bus.broker
+    other, _ = await make_redis_broker(url=own_redis.url)
+    token = make_token(channels=["chat:*"])
+    staying, _ = await server.open(token, ["chat:r"])
+    joined, _ = await server.open(token, ["chat:elsewhere"])
+    first = await server.bus.publish("chat:r", "1")
+    assert (await next_frame(staying))["offset"] == 1
+    await stats.client_kill_filter(_type="pubsub")
+    await eventually(lambda: not broker.is_available)
+    missed = await other.publish("chat:r", '"2"')
+    since = {"chat:r": {"offset": 1, "epoch": first.epoch}}
+    await joined.send_json({"type": "subscribe", "channels": ["chat:r"], "since": since})
+    subscribed = await next_frame(joined)
+    assert subscribed["recovered"] == {"chat:r": True}, subscribed
+    replayed = await next_frame(joined)
+    assert (replayed["offset"], replayed["recovered"]) == (missed.offset, True)
+    await eventually(lambda: broker.is_available, timeout=10.0)
+    assert (await next_frame(staying))["offset"] == 2
+    after = await server.bus.publish("chat:r", "3")
+    frame = await next_frame(joined)
+    assert (frame["offset"], frame["data"]) == (after.offset, "3"), frame
+
+
+async def test_stopping_releases_a_subscribe_still_waiting_for_redis(
+    make_redis_broker: RedisMaker, own_redis: RedisServer
+) -> None:
+    # A subscription in flight when the broker stops is never confirmed: its waiters
+    # (and the one timer they share) should end with the broker, not 2 socket
+    # timeouts later.
+    broker, _ = await make_redis_broker(url=own_redis.url, socket_timeout=3.0)
+    subscribing = asyncio.ensure_future(broker.subscribe("pending"))
+    await asyncio.sleep(0)  # the subscription is taken and its SUBSCRIBE on its way
+    await broker.stop()
+    try:
+        async with asyncio.timeout(1.0):
+            await asyncio.gather(subscribing, return_exceptions=True)
+    except TimeoutError:
+        subscribing.cancel()
+        pytest.fail("subscribe() still waiting for Redis after stop()")
+    assert isinstance(subscribing.exception(), BrokerUnavailable)
+
+
+async def test_sockets_subscribing_together_while_the_pubsub_connection_is_down_are_all_told(
+    bus_on_own_redis: Callable[..., Awaitable[BusServer]],
+    make_token: MakeToken,
+    stats: redis.asyncio.Redis,
+) -> None:
+    # The first socket's broker subscribe fails at once (the pub/sub connection is
+    # down) without taking the channel; a socket subscribing in the same tick finds
+    # no subscription to wait for, reads its position (Redis still answers reads) and
+    # is subscribed to a channel this node will not listen to while it stays.
+    server = await bus_on_own_redis(reconnect_delay=(2.0, 2.0))
+    broker = server.bus.broker
+    token = make_token(channels=["chat:*"])
+    sockets = [(await server.open(token, [f"chat:own{n}"]))[0] for n in range(2)]
+    await stats.client_kill_filter(_type="pubsub")
+    await eventually(lambda: not broker.is_available)
+    frame = {"type": "subscribe", "channels": ["chat:z"]}
+    for socket in sockets:  # written without yielding: the server reads them in one tick
+        await socket.send_json(frame)
+    answers = [await next_frame(socket) for socket in sockets]
+    await eventually(lambda: broker.is_available, timeout=10.0)
+    subscribed = [s for s, a in zip(sockets, answers, strict=True) if a["subscribed"]]
+    assert all(a["subscribed"] or a["denied"] == {"chat:z": "unavailable"} for a in answers)
+    if not subscribed:
+        return
+    published = await server.bus.publish("chat:z", "heard?")
+    for socket in subscribed:
+        try:
+            got = await next_frame(socket, timeout=3.0)
+        except TimeoutError:
+            pytest.fail(f"answers {answers}: a subscribed socket never got offset "
+                        f"{published.offset}; node subscribed: "
+                        f"{'chat:z' in broker._subscriptions}")  # type: ignore[attr-defined]
+        assert got["offset"] == published.offset
+
+
+async def test_stopping_releases_a_read_waiting_for_the_node_to_catch_up(
+    make_redis_broker: RedisMaker, own_redis: RedisServer, stats: redis.asyncio.Redis
+) -> None:
+    # A read that found the channel past what the node delivered waits for the
+    # node's catch-up; a broker that stops has none to give, and ends the wait.
+    broker, _ = await make_redis_broker(url=own_redis.url, reconnect_delay=(30.0, 30.0))
+    other, _ = await make_redis_broker(url=own_redis.url)
+    await broker.subscribe("chat:w")
+    await stats.client_kill_filter(_type="pubsub")
+    await eventually(lambda: not broker.is_available)
+    await other.publish("chat:w", '"missed"')
+    reading = asyncio.ensure_future(broker.history({"chat:w": None}))
+    await eventually(lambda: bool(broker._subscriptions["chat:w"].behind))
+    await broker.stop()
+    async with asyncio.timeout(1.0):
+        history = await reading
+    assert history["chat:w"].position.offset == 1
