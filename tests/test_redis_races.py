@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import pytest
 import redis.asyncio
+from aiohttp import ClientWebSocketResponse
 
 from aiohttp_wsbus import BrokerUnavailable
+from aiohttp_wsbus.brokers import Published
 
 from .conftest import MakeToken
 from .redis_server import RedisMaker, RedisServer
@@ -64,72 +67,82 @@ async def test_a_socket_that_joined_an_unconfirmed_subscription_is_not_left_deaf
     assert (frame["offset"], frame["data"]) == (published.offset, "after the welcome")
 
 
-async def test_a_socket_joining_while_the_pubsub_connection_is_down_gets_nothing_twice(
+@dataclass
+class MissedOne:
+    """A node whose pub/sub connection is down after it delivered offset 1 of a channel
+    to `staying`, while another node published offset 2 (`missed`); `joined` is a
+    socket of it open on another channel."""
+
+    server: BusServer
+    staying: ClientWebSocketResponse
+    joined: ClientWebSocketResponse
+    first: Published
+    missed: Published
+
+
+@pytest.fixture
+def missed_one(
     bus_on_own_redis: Callable[..., Awaitable[BusServer]],
     make_redis_broker: RedisMaker,
     make_token: MakeToken,
     own_redis: RedisServer,
     stats: redis.asyncio.Redis,
-) -> None:
+) -> Callable[[str], Awaitable[MissedOne]]:
     # The node's pub/sub connection is lost (CLIENT KILL, an output buffer limit) while
-    # Redis still answers commands. A socket joining then reads its position from Redis,
-    # past what the node has delivered; the listener's catch-up after it reconnects
-    # delivers those messages to every local socket, the new one included.
-    server = await bus_on_own_redis(reconnect_delay=(2.0, 2.0))
-    broker = server.bus.broker
-    other, _ = await make_redis_broker(url=own_redis.url)  # another node, same prefix
-    token = make_token(channels=["chat:*"])
-    staying, _ = await server.open(token, ["chat:d"])
-    joined, _ = await server.open(token, ["chat:elsewhere"])
-    await server.bus.publish("chat:d", "1")
-    assert (await next_frame(staying))["offset"] == 1
-    await stats.client_kill_filter(_type="pubsub")
-    await eventually(lambda: not broker.is_available)
-    missed = await other.publish("chat:d", '"2"')  # the node hears it only on catch-up
-    assert missed.offset == 2
+    # Redis still answers commands: the node hears offset 2 only on its catch-up.
+    async def make(channel: str) -> MissedOne:
+        server = await bus_on_own_redis(reconnect_delay=(2.0, 2.0))
+        other, _ = await make_redis_broker(url=own_redis.url)  # another node, same prefix
+        token = make_token(channels=["chat:*"])
+        staying, _ = await server.open(token, [channel])
+        joined, _ = await server.open(token, ["chat:elsewhere"])
+        first = await server.bus.publish(channel, "1")
+        assert (await next_frame(staying))["offset"] == 1
+        await stats.client_kill_filter(_type="pubsub")
+        await eventually(lambda: not server.bus.broker.is_available)
+        missed = await other.publish(channel, '"2"')
+        assert missed.offset == 2
+        return MissedOne(server, staying, joined, first, missed)
+
+    return make
+
+
+async def test_a_socket_joining_while_the_pubsub_connection_is_down_gets_nothing_twice(
+    missed_one: Callable[[str], Awaitable[MissedOne]],
+) -> None:
+    # A socket joining then reads its position from Redis, past what the node has
+    # delivered; the listener's catch-up after it reconnects delivers those messages
+    # to every local socket, the new one included.
+    node = await missed_one("chat:d")
     # An open socket subscribes (new sockets are refused while the node is unavailable).
-    await joined.send_json({"type": "subscribe", "channels": ["chat:d"]})
-    subscribed = await next_frame(joined)
+    await node.joined.send_json({"type": "subscribe", "channels": ["chat:d"]})
+    subscribed = await next_frame(node.joined)
     assert subscribed["subscribed"] == ["chat:d"], subscribed
-    assert subscribed["positions"]["chat:d"] == {"offset": 2, "epoch": missed.epoch}
-    await eventually(lambda: broker.is_available, timeout=10.0)
-    assert (await next_frame(staying))["offset"] == 2  # caught up: right for this one
-    after = await server.bus.publish("chat:d", "3")
-    frame = await next_frame(joined)
+    assert subscribed["positions"]["chat:d"] == {"offset": 2, "epoch": node.missed.epoch}
+    await eventually(lambda: node.server.bus.broker.is_available, timeout=10.0)
+    assert (await next_frame(node.staying))["offset"] == 2  # caught up: right for this one
+    after = await node.server.bus.publish("chat:d", "3")
+    frame = await next_frame(node.joined)
     # Its welcome said offset 2: the next message it gets must be offset 3, once.
     assert (frame["offset"], frame["data"]) == (after.offset, "3"), frame
 
 
 async def test_a_recovery_while_the_pubsub_connection_is_down_replays_nothing_twice(
-    bus_on_own_redis: Callable[..., Awaitable[BusServer]],
-    make_redis_broker: RedisMaker,
-    make_token: MakeToken,
-    own_redis: RedisServer,
-    stats: redis.asyncio.Redis,
+    missed_one: Callable[[str], Awaitable[MissedOne]],
 ) -> None:
     # As above, with `since`: the replay comes from Redis, then the listener's
     # catch-up delivers the same messages live.
-    server = await bus_on_own_redis(reconnect_delay=(2.0, 2.0))
-    broker = server.bus.broker
-    other, _ = await make_redis_broker(url=own_redis.url)
-    token = make_token(channels=["chat:*"])
-    staying, _ = await server.open(token, ["chat:r"])
-    joined, _ = await server.open(token, ["chat:elsewhere"])
-    first = await server.bus.publish("chat:r", "1")
-    assert (await next_frame(staying))["offset"] == 1
-    await stats.client_kill_filter(_type="pubsub")
-    await eventually(lambda: not broker.is_available)
-    missed = await other.publish("chat:r", '"2"')
-    since = {"chat:r": {"offset": 1, "epoch": first.epoch}}
-    await joined.send_json({"type": "subscribe", "channels": ["chat:r"], "since": since})
-    subscribed = await next_frame(joined)
+    node = await missed_one("chat:r")
+    since = {"chat:r": {"offset": 1, "epoch": node.first.epoch}}
+    await node.joined.send_json({"type": "subscribe", "channels": ["chat:r"], "since": since})
+    subscribed = await next_frame(node.joined)
     assert subscribed["recovered"] == {"chat:r": True}, subscribed
-    replayed = await next_frame(joined)
-    assert (replayed["offset"], replayed["recovered"]) == (missed.offset, True)
-    await eventually(lambda: broker.is_available, timeout=10.0)
-    assert (await next_frame(staying))["offset"] == 2
-    after = await server.bus.publish("chat:r", "3")
-    frame = await next_frame(joined)
+    replayed = await next_frame(node.joined)
+    assert (replayed["offset"], replayed["recovered"]) == (node.missed.offset, True)
+    await eventually(lambda: node.server.bus.broker.is_available, timeout=10.0)
+    assert (await next_frame(node.staying))["offset"] == 2
+    after = await node.server.bus.publish("chat:r", "3")
+    frame = await next_frame(node.joined)
     assert (frame["offset"], frame["data"]) == (after.offset, "3"), frame
 
 
