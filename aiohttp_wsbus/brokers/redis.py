@@ -769,11 +769,13 @@ class RedisBroker(Broker):
         """Deliver what the stream holds after the last delivered offset (on (re)subscribe)."""
         last = subscription.last
         asked_at = asyncio.get_running_loop().time()
-        connection = subscription.listener.connections if subscription.listener else 0
+        listener = subscription.listener
+        connection = listener.connections if listener is not None else 0
         answer = await self._read({subscription.channel: (last, last is not None)})
         top = answer[subscription.channel]
         subscription.read_at = asked_at
-        subscription.caught_up_on = connection
+        if subscription.listener is listener:  # not moved to another shard meanwhile
+            subscription.caught_up_on = connection
         if last is None:
             # A new subscription starts at the top: its subscribers read the rest as history.
             subscription.last = top.position

@@ -152,6 +152,7 @@ class Listener:
 
     async def add(self, subscription: Subscription) -> None:
         subscription.listener = self
+        subscription.caught_up_on = 0  # here, once its confirmation's catch-up has run
         async with self._write_lock:
             self.subscriptions[subscription.keys.pubsub.encode()] = subscription
             await self._send_quietly("SUBSCRIBE", subscription.keys.pubsub)
