@@ -345,6 +345,76 @@ async def subscribe_holding_proxy(
         await proxy.close()
 
 
+class PushHoldingProxy:
+    """A loopback TCP proxy to a Redis that can hold what Redis sends on pub/sub
+    connections (those that sent a SUBSCRIBE) while the test says so: a message
+    still on its way to the node, its other connections (reads, publishes)
+    served as usual. Held bytes are passed on, in order, on `release`."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.port = 0
+        self._flowing = asyncio.Event()
+        self._flowing.set()
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
+    def hold(self) -> None:
+        self._flowing.clear()
+
+    def release(self) -> None:
+        self._flowing.set()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        assert self._server is not None
+        self._flowing.set()
+        self._server.close()
+        for writer in self._writers:
+            writer.close()
+        await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        self._writers.update((writer, up_writer))
+        pubsub = asyncio.Event()
+
+        async def pipe(
+            source: asyncio.StreamReader, sink: asyncio.StreamWriter, upstream: bool
+        ) -> None:
+            with contextlib.suppress(ConnectionError):
+                while data := await source.read(65536):
+                    if upstream and b"SUBSCRIBE" in data:
+                        pubsub.set()
+                    if not upstream and pubsub.is_set():
+                        await self._flowing.wait()
+                    sink.write(data)
+                    await sink.drain()
+            sink.close()
+
+        await asyncio.gather(
+            pipe(reader, up_writer, upstream=True), pipe(up_reader, writer, upstream=False)
+        )
+
+
+@pytest.fixture
+async def push_holding_proxy(own_redis: RedisServer) -> AsyncIterator[PushHoldingProxy]:
+    """A PushHoldingProxy in front of the test's own Redis."""
+    proxy = PushHoldingProxy(own_redis.port)
+    await proxy.start()
+    try:
+        yield proxy
+    finally:
+        await proxy.close()
+
+
 @pytest.fixture
 async def stats(own_redis: RedisServer) -> AsyncIterator[redis.asyncio.Redis]:
     """A client of the test's own Redis, to read its command counts."""

@@ -67,7 +67,12 @@ class Subscription:
         if not self.is_live:
             return True  # its catch-up will deliver what it missed, maybe up to `top`
         last = self.last
-        return last is not None and last.epoch == top.epoch and last.offset < top.offset
+        if last is None:
+            return False
+        # Another epoch: `top` is in one the node has yet to hear (an empty channel's first
+        # message, or a channel Redis lost started again), still on its way. (If the node
+        # already moved past it to a newer one, the read waits out its time: unavailable.)
+        return last.epoch != top.epoch or last.offset < top.offset
 
 
 class ListenerHandler(Protocol):
