@@ -196,7 +196,7 @@ class Subscriptions:
             if position is not None:
                 known[channel] = History([], position, recovered=False)
         asked = {c: read for c, read in reads.items() if c not in known}
-        histories = await broker.history(asked, options=own) if asked else {}
+        histories = await broker.history_for_subscribers(asked, options=own) if asked else {}
         return reads, {**histories, **known}
 
     async def _join_presence(

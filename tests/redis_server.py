@@ -250,9 +250,7 @@ def durable_redis(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 @pytest.fixture
-async def make_redis_broker(
-    redis_url: str, redis_prefix: str
-) -> AsyncIterator[RedisMaker]:
+async def make_redis_broker(redis_url: str, redis_prefix: str) -> AsyncIterator[RedisMaker]:
     """Start RedisBrokers (on the session's Redis unless `url` says otherwise); stop them after.
 
     Ephemeral messages are recorded with the others, as Messages at offset 0.
@@ -282,77 +280,16 @@ async def make_redis_broker(
         await broker.stop()
 
 
-class SubscribeHoldingProxy:
-    """A loopback TCP proxy to a Redis whose answers to a connection stop once it
-    sent a SUBSCRIBE naming `holding`: a pub/sub connection Redis never answers
-    again, the node's other connections (reads, publishes) served as usual."""
-
-    def __init__(self, upstream_port: int, holding: bytes) -> None:
-        self.upstream_port = upstream_port
-        self.holding = holding
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}"
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def close(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for writer in self._writers:
-            writer.close()
-        await self._server.wait_closed()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
-        self._writers.update((writer, up_writer))
-        subscribed = asyncio.Event()
-
-        async def pipe(
-            source: asyncio.StreamReader, sink: asyncio.StreamWriter, upstream: bool
-        ) -> None:
-            with contextlib.suppress(ConnectionError):
-                while data := await source.read(65536):
-                    if upstream and b"SUBSCRIBE" in data and self.holding in data:
-                        subscribed.set()
-                    if not upstream and subscribed.is_set():
-                        continue  # Redis's answer never arrives
-                    sink.write(data)
-                    await sink.drain()
-            sink.close()
-
-        await asyncio.gather(
-            pipe(reader, up_writer, upstream=True), pipe(up_reader, writer, upstream=False)
-        )
-
-
-@pytest.fixture
-async def subscribe_holding_proxy(
-    own_redis: RedisServer,
-) -> AsyncIterator[SubscribeHoldingProxy]:
-    """A SubscribeHoldingProxy in front of the test's own Redis, holding chat:x."""
-    proxy = SubscribeHoldingProxy(own_redis.port, b"chat:x")
-    await proxy.start()
-    try:
-        yield proxy
-    finally:
-        await proxy.close()
-
-
-class PushHoldingProxy:
-    """A loopback TCP proxy to a Redis that can hold what Redis sends on pub/sub
-    connections (those that sent a SUBSCRIBE) while the test says so: a message
-    still on its way to the node, its other connections (reads, publishes)
-    served as usual. Held bytes are passed on, in order, on `release`."""
+class PubSubProxy:
+    """A loopback TCP proxy to a Redis that holds what Redis sends on pub/sub connections
+    (those that sent a SUBSCRIBE), the node's other connections (reads, publishes)
+    served as usual: from `hold()` until `release()` (a message still on its way,
+    passed on in order), or for good on a connection whose SUBSCRIBE named `never`
+    (a pub/sub connection Redis never answers again)."""
 
     def __init__(self, upstream_port: int) -> None:
         self.upstream_port = upstream_port
+        self.never: bytes | None = None
         self.port = 0
         self._flowing = asyncio.Event()
         self._flowing.set()
@@ -384,7 +321,7 @@ class PushHoldingProxy:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
         self._writers.update((writer, up_writer))
-        pubsub = asyncio.Event()
+        pubsub, stuck = asyncio.Event(), asyncio.Event()
 
         async def pipe(
             source: asyncio.StreamReader, sink: asyncio.StreamWriter, upstream: bool
@@ -393,6 +330,10 @@ class PushHoldingProxy:
                 while data := await source.read(65536):
                     if upstream and b"SUBSCRIBE" in data:
                         pubsub.set()
+                        if self.never is not None and self.never in data:
+                            stuck.set()
+                    if not upstream and stuck.is_set():
+                        continue  # Redis's answer never arrives
                     if not upstream and pubsub.is_set():
                         await self._flowing.wait()
                     sink.write(data)
@@ -405,9 +346,9 @@ class PushHoldingProxy:
 
 
 @pytest.fixture
-async def push_holding_proxy(own_redis: RedisServer) -> AsyncIterator[PushHoldingProxy]:
-    """A PushHoldingProxy in front of the test's own Redis."""
-    proxy = PushHoldingProxy(own_redis.port)
+async def pubsub_proxy(own_redis: RedisServer) -> AsyncIterator[PubSubProxy]:
+    """A PubSubProxy in front of the test's own Redis."""
+    proxy = PubSubProxy(own_redis.port)
     await proxy.start()
     try:
         yield proxy

@@ -23,7 +23,7 @@ from aiohttp_wsbus.brokers.redis_pipeline import Autopipeline, Script, ScriptCal
 from aiohttp_wsbus.protocol import Position
 
 from .conftest import JwksServer, MakeToken
-from .redis_server import RedisMaker, RedisServer, SubscribeHoldingProxy
+from .redis_server import PubSubProxy, RedisMaker, RedisServer
 from .support import BusServer, eventually, next_frame, nothing_more, start_bus
 
 READ = Script("return 'read'", is_shared=True)
@@ -360,13 +360,14 @@ async def test_sockets_that_joined_a_subscription_redis_never_confirmed_are_told
 async def test_sockets_joining_a_subscription_redis_never_confirmed_are_told_unavailable(
     aiohttp_client: AiohttpClient,
     jwks_server: JwksServer,
-    subscribe_holding_proxy: SubscribeHoldingProxy,
+    pubsub_proxy: PubSubProxy,
     redis_prefix: str,
     make_token: MakeToken,
 ) -> None:
     # Redis answers reads but never the node's SUBSCRIBE: a joiner whose read works
     # would be subscribed with nothing to hear, and so would every later one.
-    broker = RedisBroker(subscribe_holding_proxy.url, prefix=redis_prefix, socket_timeout=0.3)
+    pubsub_proxy.never = b"chat:x"
+    broker = RedisBroker(pubsub_proxy.url, prefix=redis_prefix, socket_timeout=0.3)
     server = await start_bus(aiohttp_client, jwks_server.url, broker=broker)
     token = make_token(channels=["chat:*"])
     connect = {"type": "connect", "token": token, "channels": ["chat:x"]}
@@ -381,7 +382,7 @@ async def test_sockets_joining_a_subscription_redis_never_confirmed_are_told_una
         assert welcome["subscribed"] == []
     assert not server.bus.registry.subscribers("chat:x")
     # Once Redis answers again the channel works for the next socket.
-    subscribe_holding_proxy.holding = b"nothing to hold"
+    pubsub_proxy.never = None
     await eventually(lambda: broker.is_available)
     again, welcome = await server.open(token, ["chat:x"])
     assert welcome["subscribed"] == ["chat:x"]

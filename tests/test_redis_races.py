@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import redis.asyncio
@@ -20,7 +21,7 @@ from aiohttp_wsbus import BrokerUnavailable, RedisBroker
 from aiohttp_wsbus.brokers import Published
 
 from .conftest import JwksServer, MakeToken
-from .redis_server import PushHoldingProxy, RedisMaker, RedisServer
+from .redis_server import PubSubProxy, RedisMaker, RedisServer
 from .support import BusServer, eventually, next_frame, start_bus
 
 
@@ -195,9 +196,11 @@ async def test_sockets_subscribing_together_while_the_pubsub_connection_is_down_
         try:
             got = await next_frame(socket, timeout=3.0)
         except TimeoutError:
-            pytest.fail(f"answers {answers}: a subscribed socket never got offset "
-                        f"{published.offset}; node subscribed: "
-                        f"{'chat:z' in broker._subscriptions}")  # type: ignore[attr-defined]
+            pytest.fail(
+                f"answers {answers}: a subscribed socket never got offset "
+                f"{published.offset}; node subscribed: "
+                f"{'chat:z' in broker._subscriptions}"  # type: ignore[attr-defined]
+            )
         assert got["offset"] == published.offset
 
 
@@ -212,7 +215,7 @@ async def test_stopping_releases_a_read_waiting_for_the_node_to_catch_up(
     await stats.client_kill_filter(_type="pubsub")
     await eventually(lambda: not broker.is_available)
     await other.publish("chat:w", '"missed"')
-    reading = asyncio.ensure_future(broker.history({"chat:w": None}))
+    reading = asyncio.ensure_future(broker.history_for_subscribers({"chat:w": None}))
     await eventually(lambda: bool(broker._subscriptions["chat:w"].behind))
     await broker.stop()
     async with asyncio.timeout(1.0):
@@ -221,13 +224,13 @@ async def test_stopping_releases_a_read_waiting_for_the_node_to_catch_up(
 
 
 async def bus_on_proxy(
-    aiohttp_client: AiohttpClient, jwks_server: JwksServer, proxy: PushHoldingProxy, prefix: str
+    aiohttp_client: AiohttpClient, jwks_server: JwksServer, proxy: PubSubProxy, prefix: str
 ) -> BusServer:
     broker = RedisBroker(proxy.url, prefix=prefix)
     return await start_bus(aiohttp_client, jwks_server.url, broker=broker)
 
 
-async def answer_or_wait(server: BusServer, channel: str, answer: asyncio.Future[object]) -> None:
+async def answer_or_wait(server: BusServer, channel: str, answer: asyncio.Future[Any]) -> None:
     """Until the socket is answered, or its read waits for the node to deliver `channel`."""
     subscriptions = server.bus.broker._subscriptions  # type: ignore[attr-defined]
     await eventually(lambda: answer.done() or bool(subscriptions[channel].behind))
@@ -236,7 +239,7 @@ async def answer_or_wait(server: BusServer, channel: str, answer: asyncio.Future
 async def test_a_recovery_from_an_empty_channel_gets_its_first_message_once(
     aiohttp_client: AiohttpClient,
     jwks_server: JwksServer,
-    push_holding_proxy: PushHoldingProxy,
+    pubsub_proxy: PubSubProxy,
     make_redis_broker: RedisMaker,
     make_token: MakeToken,
     own_redis: RedisServer,
@@ -247,21 +250,21 @@ async def test_a_recovery_from_an_empty_channel_gets_its_first_message_once(
     # node when a socket recovers from the empty position: its read finds offset 1 of
     # a real epoch, which is_behind does not count as ahead of the node (another
     # epoch), so the socket gets it replayed and then live from the node.
-    server = await bus_on_proxy(aiohttp_client, jwks_server, push_holding_proxy, redis_prefix)
+    server = await bus_on_proxy(aiohttp_client, jwks_server, pubsub_proxy, redis_prefix)
     other, _ = await make_redis_broker(url=own_redis.url)
     token = make_token(channels=["chat:*"])
     staying, welcome = await server.open(token, ["chat:e"])
     empty = welcome["positions"]["chat:e"]
     assert empty["offset"] == 0 and empty["epoch"].startswith("~"), empty
     joined, _ = await server.open(token, ["chat:elsewhere"])
-    push_holding_proxy.hold()
+    pubsub_proxy.hold()
     first = await other.publish("chat:e", '"1"')
     assert first.offset == 1
     since = {"chat:e": empty}
     await joined.send_json({"type": "subscribe", "channels": ["chat:e"], "since": since})
     answer = asyncio.ensure_future(next_frame(joined))
     await answer_or_wait(server, "chat:e", answer)
-    push_holding_proxy.release()
+    pubsub_proxy.release()
     subscribed = await answer
     assert subscribed["recovered"] == {"chat:e": True}, subscribed
     replayed = await next_frame(joined)
@@ -275,7 +278,7 @@ async def test_a_recovery_from_an_empty_channel_gets_its_first_message_once(
 async def test_a_socket_joining_a_channel_redis_lost_gets_its_new_first_message_once(
     aiohttp_client: AiohttpClient,
     jwks_server: JwksServer,
-    push_holding_proxy: PushHoldingProxy,
+    pubsub_proxy: PubSubProxy,
     make_redis_broker: RedisMaker,
     make_token: MakeToken,
     own_redis: RedisServer,
@@ -286,7 +289,7 @@ async def test_a_socket_joining_a_channel_redis_lost_gets_its_new_first_message_
     # connection up; another node's publish starts a new epoch, on its way to this node
     # when a socket joins: its read finds offset 1 of the new epoch and it starts
     # there; the node then hears offset 1, catches up (a new epoch) and delivers it.
-    server = await bus_on_proxy(aiohttp_client, jwks_server, push_holding_proxy, redis_prefix)
+    server = await bus_on_proxy(aiohttp_client, jwks_server, pubsub_proxy, redis_prefix)
     other, _ = await make_redis_broker(url=own_redis.url)
     token = make_token(channels=["chat:*"])
     staying, _ = await server.open(token, ["chat:l"])
@@ -294,14 +297,14 @@ async def test_a_socket_joining_a_channel_redis_lost_gets_its_new_first_message_
     old = await server.bus.publish("chat:l", "old")
     assert (await next_frame(staying))["offset"] == 1
     await stats.flushall()
-    push_holding_proxy.hold()
+    pubsub_proxy.hold()
     new = await other.publish("chat:l", '"new"')
     assert (new.offset, new.epoch != old.epoch) == (1, True)
     since = {"chat:l": {"offset": old.offset, "epoch": old.epoch}}  # a reconnecting client
     await joined.send_json({"type": "subscribe", "channels": ["chat:l"], "since": since})
     answer = asyncio.ensure_future(next_frame(joined))
     await answer_or_wait(server, "chat:l", answer)
-    push_holding_proxy.release()
+    pubsub_proxy.release()
     subscribed = await answer
     assert subscribed["subscribed"] == ["chat:l"], subscribed
     start = subscribed["positions"]["chat:l"]
@@ -310,4 +313,42 @@ async def test_a_socket_joining_a_channel_redis_lost_gets_its_new_first_message_
     frame = await next_frame(joined)
     # Told it starts at `start`: the next message must come after it, once.
     assert (frame["offset"], frame["epoch"], frame["data"]) == (
-        after.offset, after.epoch, "after"), (start, frame)
+        after.offset,
+        after.epoch,
+        "after",
+    ), (start, frame)
+
+
+async def test_a_history_page_of_a_channel_the_node_listens_to_does_not_wait_for_its_catch_up(
+    bus_on_own_redis: Callable[..., Awaitable[BusServer]],
+    make_redis_broker: RedisMaker,
+    make_token: MakeToken,
+    own_redis: RedisServer,
+    stats: redis.asyncio.Redis,
+) -> None:
+    # A page read (bus.history, a socket's history request, the HTTP queries) has no
+    # live stream after it, so nothing it could get twice: the wait for the node's
+    # catch-up only delays it, and refuses it once the pub/sub connection stays down,
+    # although Redis answers the read (a channel the node does not listen to is
+    # answered at once).
+    server = await bus_on_own_redis(socket_timeout=1.0, reconnect_delay=(30.0, 30.0))
+    broker = server.bus.broker
+    other, _ = await make_redis_broker(url=own_redis.url)
+    token = make_token(channels=["chat:*"])
+    staying, _ = await server.open(token, ["chat:h"])
+    await server.bus.publish("chat:h", "1")
+    assert (await next_frame(staying))["offset"] == 1
+    await stats.client_kill_filter(_type="pubsub")
+    await eventually(lambda: not broker.is_available)
+    await other.publish("chat:h", '"2"')
+    await other.publish("chat:elsewhere", '"2"')
+    elsewhere = await server.bus.history("chat:elsewhere")  # not listened to: answered
+    assert [m.offset for m in elsewhere.messages] == [1]
+    try:
+        page = await server.bus.history("chat:h")
+    except BrokerUnavailable:
+        pytest.fail(
+            "a history page of a channel the node listens to was refused "
+            "(2 socket timeouts waiting for a catch-up) although Redis answered it"
+        )
+    assert [m.offset for m in page.messages] == [1, 2]

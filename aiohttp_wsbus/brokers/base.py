@@ -374,6 +374,20 @@ class Broker(ABC):
         EmptyEpoch of this moment, and nothing is kept.
         """
 
+    async def history_for_subscribers(
+        self,
+        since: Mapping[str, Position | None],
+        *,
+        options: Mapping[str, HistoryOptions] | None = None,
+    ) -> dict[str, History]:
+        """`history`, for sockets that go live on this node from the positions it answers:
+        what this node delivers after that must follow them, without a message twice.
+
+        A broker whose live stream can lag its engine (RedisBroker) waits here
+        until this node has delivered up to what it read; by default, `history`.
+        """
+        return await self.history(since, options=options)
+
     async def delivered_position(self, channel: str) -> Position | None:
         """Where this node's live stream of `channel` stands (its last delivered message),
         if the broker knows without asking its engine; None: ask `history`.

@@ -602,19 +602,11 @@ class RedisBroker(Broker):
         *,
         options: Mapping[str, HistoryOptions] | None = None,
     ) -> dict[str, History]:
-        # A subscribe still waiting for Redis must land first, or this read
-        # could miss a message published between it and the subscription; one
-        # Redis never confirmed leaves its joiners nothing to hear.
-        for channel in since:
-            subscription = self._subscriptions.get(channel)
-            if subscription is not None and not await self._confirmed(subscription):
-                raise BrokerUnavailable(_UNCONFIRMED)
         asked_at = asyncio.get_running_loop().time()
         try:
             tops = await self._read({c: (p, False) for c, p in since.items()})
         except UNREACHABLE as error:
             raise BrokerUnavailable(f"redis: {error}") from None
-        await self._delivered_up_to({c: t.position for c, t in tops.items()})
         for channel, top in tops.items():
             if since[channel] is None:
                 self._read_empty(channel, top.position, asked_at)
@@ -623,6 +615,23 @@ class RedisBroker(Broker):
             c: recover(since[c], t.position, t.first, t.messages, now=t.now, ttl=ttls[c])
             for c, t in tops.items()
         }
+
+    async def history_for_subscribers(
+        self,
+        since: Mapping[str, Position | None],
+        *,
+        options: Mapping[str, HistoryOptions] | None = None,
+    ) -> dict[str, History]:
+        # A subscribe still waiting for Redis must land first, or this read
+        # could miss a message published between it and the subscription; one
+        # Redis never confirmed leaves its joiners nothing to hear.
+        for channel in since:
+            subscription = self._subscriptions.get(channel)
+            if subscription is not None and not await self._confirmed(subscription):
+                raise BrokerUnavailable(_UNCONFIRMED)
+        histories = await self.history(since, options=options)
+        await self._delivered_up_to({c: h.position for c, h in histories.items()})
+        return histories
 
     async def _delivered_up_to(self, tops: Mapping[str, Position]) -> None:
         """Wait until this node has delivered each channel it listens to up to its top

@@ -64,6 +64,12 @@ class _BrokerTap:
         self._check()
         return await self.real.history(since, **options)
 
+    async def history_for_subscribers(
+        self, since: Mapping[str, Position | None], **options: Any
+    ) -> dict[str, History]:
+        self._check()
+        return await self.real.history_for_subscribers(since, **options)
+
     async def control(self, message: Mapping[str, Any], **options: Any) -> None:
         self._check()
         await self.real.control(message, **options)
