@@ -223,100 +223,101 @@ async def test_stopping_releases_a_read_waiting_for_the_node_to_catch_up(
     assert history["chat:w"].position.offset == 1
 
 
-async def bus_on_proxy(
-    aiohttp_client: AiohttpClient, jwks_server: JwksServer, proxy: PubSubProxy, prefix: str
-) -> BusServer:
-    broker = RedisBroker(proxy.url, prefix=prefix)
-    return await start_bus(aiohttp_client, jwks_server.url, broker=broker)
+@dataclass
+class ProxiedNode:
+    """A bus whose Redis pub/sub answers `proxy` can hold, and `other`, a broker of
+    another node on the same Redis (not behind the proxy)."""
+
+    server: BusServer
+    other: RedisBroker
+    proxy: PubSubProxy
+
+    async def subscribe_while_held(
+        self, socket: ClientWebSocketResponse, frame: dict[str, Any], channel: str
+    ) -> dict[str, Any]:
+        """Send `frame` while the node's pub/sub answers are held, release them once it
+        is answered or its read waits for the node to deliver `channel`; the answer."""
+        await socket.send_json(frame)
+        answer = asyncio.ensure_future(next_frame(socket))
+        subscriptions = self.server.bus.broker._subscriptions  # type: ignore[attr-defined]
+        await eventually(lambda: answer.done() or bool(subscriptions[channel].behind))
+        self.proxy.release()
+        return await answer
 
 
-async def answer_or_wait(server: BusServer, channel: str, answer: asyncio.Future[Any]) -> None:
-    """Until the socket is answered, or its read waits for the node to deliver `channel`."""
-    subscriptions = server.bus.broker._subscriptions  # type: ignore[attr-defined]
-    await eventually(lambda: answer.done() or bool(subscriptions[channel].behind))
-
-
-async def test_a_recovery_from_an_empty_channel_gets_its_first_message_once(
+@pytest.fixture
+async def proxied_node(
     aiohttp_client: AiohttpClient,
     jwks_server: JwksServer,
     pubsub_proxy: PubSubProxy,
     make_redis_broker: RedisMaker,
-    make_token: MakeToken,
     own_redis: RedisServer,
     redis_prefix: str,
+) -> ProxiedNode:
+    broker = RedisBroker(pubsub_proxy.url, prefix=redis_prefix)
+    server = await start_bus(aiohttp_client, jwks_server.url, broker=broker)
+    other, _ = await make_redis_broker(url=own_redis.url)
+    return ProxiedNode(server, other, pubsub_proxy)
+
+
+async def test_a_recovery_from_an_empty_channel_gets_its_first_message_once(
+    proxied_node: ProxiedNode, make_token: MakeToken
 ) -> None:
     # The node listens to an empty channel (its position: offset 0 of an empty epoch).
     # Another node publishes the channel's first message, still on its way to this
     # node when a socket recovers from the empty position: its read finds offset 1 of
     # a real epoch, which is_behind does not count as ahead of the node (another
     # epoch), so the socket gets it replayed and then live from the node.
-    server = await bus_on_proxy(aiohttp_client, jwks_server, pubsub_proxy, redis_prefix)
-    other, _ = await make_redis_broker(url=own_redis.url)
+    server = proxied_node.server
     token = make_token(channels=["chat:*"])
     staying, welcome = await server.open(token, ["chat:e"])
     empty = welcome["positions"]["chat:e"]
     assert empty["offset"] == 0 and empty["epoch"].startswith("~"), empty
     joined, _ = await server.open(token, ["chat:elsewhere"])
-    pubsub_proxy.hold()
-    first = await other.publish("chat:e", '"1"')
+    proxied_node.proxy.hold()
+    first = await proxied_node.other.publish("chat:e", '"1"')
     assert first.offset == 1
-    since = {"chat:e": empty}
-    await joined.send_json({"type": "subscribe", "channels": ["chat:e"], "since": since})
-    answer = asyncio.ensure_future(next_frame(joined))
-    await answer_or_wait(server, "chat:e", answer)
-    pubsub_proxy.release()
-    subscribed = await answer
+    frame = {"type": "subscribe", "channels": ["chat:e"], "since": {"chat:e": empty}}
+    subscribed = await proxied_node.subscribe_while_held(joined, frame, "chat:e")
     assert subscribed["recovered"] == {"chat:e": True}, subscribed
     replayed = await next_frame(joined)
     assert (replayed["offset"], replayed["recovered"]) == (1, True), replayed
     assert (await next_frame(staying))["offset"] == 1  # the node delivered it
     after = await server.bus.publish("chat:e", "2")
-    frame = await next_frame(joined)
-    assert (frame["offset"], frame["data"]) == (after.offset, "2"), frame
+    live = await next_frame(joined)
+    assert (live["offset"], live["data"]) == (after.offset, "2"), live
 
 
 async def test_a_socket_joining_a_channel_redis_lost_gets_its_new_first_message_once(
-    aiohttp_client: AiohttpClient,
-    jwks_server: JwksServer,
-    pubsub_proxy: PubSubProxy,
-    make_redis_broker: RedisMaker,
-    make_token: MakeToken,
-    own_redis: RedisServer,
-    redis_prefix: str,
-    stats: redis.asyncio.Redis,
+    proxied_node: ProxiedNode, make_token: MakeToken, stats: redis.asyncio.Redis
 ) -> None:
     # Redis lost a channel the node listens to (FLUSHALL, an eviction) with the pub/sub
     # connection up; another node's publish starts a new epoch, on its way to this node
     # when a socket joins: its read finds offset 1 of the new epoch and it starts
     # there; the node then hears offset 1, catches up (a new epoch) and delivers it.
-    server = await bus_on_proxy(aiohttp_client, jwks_server, pubsub_proxy, redis_prefix)
-    other, _ = await make_redis_broker(url=own_redis.url)
+    server = proxied_node.server
     token = make_token(channels=["chat:*"])
     staying, _ = await server.open(token, ["chat:l"])
     joined, _ = await server.open(token, ["chat:elsewhere"])
     old = await server.bus.publish("chat:l", "old")
     assert (await next_frame(staying))["offset"] == 1
     await stats.flushall()
-    pubsub_proxy.hold()
-    new = await other.publish("chat:l", '"new"')
+    proxied_node.proxy.hold()
+    new = await proxied_node.other.publish("chat:l", '"new"')
     assert (new.offset, new.epoch != old.epoch) == (1, True)
     since = {"chat:l": {"offset": old.offset, "epoch": old.epoch}}  # a reconnecting client
-    await joined.send_json({"type": "subscribe", "channels": ["chat:l"], "since": since})
-    answer = asyncio.ensure_future(next_frame(joined))
-    await answer_or_wait(server, "chat:l", answer)
-    pubsub_proxy.release()
-    subscribed = await answer
+    frame = {"type": "subscribe", "channels": ["chat:l"], "since": since}
+    subscribed = await proxied_node.subscribe_while_held(joined, frame, "chat:l")
     assert subscribed["subscribed"] == ["chat:l"], subscribed
     start = subscribed["positions"]["chat:l"]
     assert (await next_frame(staying))["offset"] == 1  # the node delivered it
     after = await server.bus.publish("chat:l", "after")
-    frame = await next_frame(joined)
+    live = await next_frame(joined)
     # Told it starts at `start`: the next message must come after it, once.
-    assert (frame["offset"], frame["epoch"], frame["data"]) == (
-        after.offset,
-        after.epoch,
-        "after",
-    ), (start, frame)
+    assert (live["offset"], live["epoch"], live["data"]) == (after.offset, after.epoch, "after"), (
+        start,
+        live,
+    )
 
 
 async def test_a_history_page_of_a_channel_the_node_listens_to_does_not_wait_for_its_catch_up(
