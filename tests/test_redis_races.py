@@ -19,6 +19,7 @@ from pytest_aiohttp import AiohttpClient
 
 from aiohttp_wsbus import BrokerUnavailable, RedisBroker
 from aiohttp_wsbus.brokers import Published
+from aiohttp_wsbus.protocol import Position
 
 from .conftest import JwksServer, MakeToken
 from .redis_server import PubSubProxy, RedisMaker, RedisServer
@@ -353,3 +354,20 @@ async def test_a_history_page_of_a_channel_the_node_listens_to_does_not_wait_for
             "(2 socket timeouts waiting for a catch-up) although Redis answered it"
         )
     assert [m.offset for m in page.messages] == [1, 2]
+
+
+async def test_two_catch_ups_of_one_subscription_deliver_each_message_once(
+    make_redis_broker: RedisMaker, own_redis: RedisServer
+) -> None:
+    # A cluster's slot moving while a catch-up runs on the old shard's listener starts
+    # another on the new one from the same position: together they deliver each
+    # message once, and the node's position never goes back.
+    broker, delivered = await make_redis_broker(url=own_redis.url)
+    await broker.subscribe("chat:c")
+    published = [await broker.publish("chat:c", f'"{n}"') for n in range(3)]
+    await eventually(lambda: len(delivered) == 3)
+    subscription = broker._subscriptions["chat:c"]
+    subscription.last = Position(published[0].offset, published[0].epoch)  # two behind
+    await asyncio.gather(broker._catch_up(subscription), broker._catch_up(subscription))
+    assert [m.offset for m in delivered] == [1, 2, 3, 2, 3]  # the two missed, once each
+    assert subscription.last == Position(published[2].offset, published[2].epoch)

@@ -44,7 +44,14 @@ from .base import (
 from .presence import DEFAULT_PRESENCE, OnPresence, PresenceOptions, PresenceSnapshot
 from .redis_control import CONTROL_CHANNEL, ControlChannel
 from .redis_ephemeral import parse_ephemeral, publish_ephemeral
-from .redis_listener import Listener, ListenerOptions, Subscription, address, is_gap
+from .redis_listener import (
+    Listener,
+    ListenerOptions,
+    Subscription,
+    address,
+    is_delivered,
+    is_gap,
+)
 from .redis_options import share_options, shortest_ttl
 from .redis_pipeline import Autopipeline, Script, ScriptCall, run_scripts
 from .redis_presence import PRESENCE_MARK, RedisPresence
@@ -659,9 +666,9 @@ class RedisBroker(Broker):
 
     def _caught_up(self, subscription: Subscription) -> None:
         """Wake the reads waiting for `subscription` to deliver what they found."""
-        assert subscription.behind is not None
+        subscription.is_waking = False
         waiting = []
-        for top, waiter in subscription.behind:
+        for top, waiter in subscription.behind or ():
             if waiter.done():
                 continue
             if subscription.is_behind(top):
@@ -760,7 +767,7 @@ class RedisBroker(Broker):
             # Something was missed (a new epoch, or a gap): take it from the stream.
             await self._catch_up(subscription)
             last = subscription.last
-        if last is not None and epoch == last.epoch and offset <= last.offset:
+        if is_delivered(last, epoch, offset):
             return
         self._hand_over(subscription, Message(subscription.channel, offset, epoch, data.decode()))
 
@@ -788,8 +795,7 @@ class RedisBroker(Broker):
         if last is None:
             # A new subscription starts at the top: its subscribers read the rest as history.
             subscription.last = top.position
-            if subscription.behind:
-                self._caught_up(subscription)
+            self._wake(subscription)
             return
         if top.messages and top.position.epoch == last.epoch and top.first > last.offset + 1:
             logger.warning(
@@ -798,16 +804,25 @@ class RedisBroker(Broker):
                 last.offset + 1,
                 top.first - 1,
             )
+        # Each message once, and never back, should another catch-up of it (on a
+        # cluster's old and new shard) have delivered some meanwhile.
         for message in top.messages:
-            self._hand_over(subscription, message)
-        subscription.last = top.position
-        if subscription.behind:
-            self._caught_up(subscription)
+            if not is_delivered(subscription.last, message.epoch, message.offset):
+                self._hand_over(subscription, message)
+        if not is_delivered(subscription.last, top.position.epoch, top.position.offset):
+            subscription.last = top.position
+        self._wake(subscription)
 
     def _hand_over(self, subscription: Subscription, message: Message) -> None:
         subscription.last = Position(message.offset, message.epoch)
         if self._deliver is not None and self._subscriptions.get(message.channel) is subscription:
             self._deliver(message)
-        if subscription.behind:
-            self._caught_up(subscription)
+        if subscription.behind:  # per message: the check inline, the call when needed
+            self._wake(subscription)
+
+    def _wake(self, subscription: Subscription) -> None:
+        """Check the reads waiting for `subscription` once this tick, whatever it delivers."""
+        if subscription.behind and not subscription.is_waking:
+            subscription.is_waking = True
+            asyncio.get_running_loop().call_soon(self._caught_up, subscription)
 

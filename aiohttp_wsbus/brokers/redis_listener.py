@@ -28,6 +28,7 @@ __all__ = [
     "ListenerOptions",
     "Subscription",
     "address",
+    "is_delivered",
     "is_gap",
 ]
 
@@ -47,8 +48,10 @@ class Subscription:
     settled: asyncio.Future[None] | None = None  # RedisBroker._confirmed's, while waited on
     leaving: asyncio.TimerHandle | None = None  # its last subscriber left: unsubscribe then
     caught_up_on: int = 0  # the listener's connection its last catch-up ran on
-    # Reads that found the channel past what this node delivered, waiting for it.
+    # Reads that found the channel past what this node delivered, waiting for it,
+    # and whether a check of them is due this tick.
     behind: list[tuple[Position, asyncio.Future[None]]] | None = None
+    is_waking: bool = False
 
     @property
     def is_live(self) -> bool:
@@ -291,6 +294,11 @@ def address(options: Mapping[str, Any]) -> str:
     """host:port/db (or the socket path) of a connection, for logs: never its password."""
     where = options.get("path") or f"{options.get('host', 'localhost')}:{options.get('port', 6379)}"
     return f"{where}/{options.get('db', 0)}"
+
+
+def is_delivered(last: Position | None, epoch: str, offset: int) -> bool:
+    """Whether a node whose last delivered message is `last` has delivered this one."""
+    return last is not None and epoch == last.epoch and offset <= last.offset
 
 
 def is_gap(last: Position, epoch: str, offset: int) -> bool:
