@@ -20,6 +20,7 @@ from pytest_aiohttp import AiohttpClient
 from aiohttp_wsbus import BrokerUnavailable, RedisBroker
 from aiohttp_wsbus.brokers import Published
 from aiohttp_wsbus.protocol import Position
+from aiohttp_wsbus.testing import broker_outage
 
 from .conftest import JwksServer, MakeToken
 from .redis_server import PubSubProxy, RedisMaker, RedisServer
@@ -371,3 +372,19 @@ async def test_two_catch_ups_of_one_subscription_deliver_each_message_once(
     await asyncio.gather(broker._catch_up(subscription), broker._catch_up(subscription))
     assert [m.offset for m in delivered] == [1, 2, 3, 2, 3]  # the two missed, once each
     assert subscription.last == Position(published[2].offset, published[2].epoch)
+
+
+async def test_a_broker_outage_denies_a_socket_joining_a_channel_its_node_listens_to(
+    bus_on_own_redis: Callable[..., Awaitable[BusServer]], make_token: MakeToken
+) -> None:
+    # aiohttp_wsbus.testing's outage stands in for the broker: "subscriptions are denied
+    # unavailable". A socket joining a channel this node already listens to takes its
+    # start from broker.delivered_position, which the tap passes through unchecked.
+    server = await bus_on_own_redis()
+    token = make_token(channels=["chat:*"])
+    await server.open(token, ["chat:o"])  # the node listens to chat:o
+    joined, _ = await server.open(token, ["chat:elsewhere"])
+    with broker_outage(server.bus):
+        await joined.send_json({"type": "subscribe", "channels": ["chat:o"]})
+        subscribed = await next_frame(joined)
+    assert subscribed["denied"] == {"chat:o": "unavailable"}, subscribed

@@ -64,6 +64,10 @@ class _BrokerTap:
         self._check()
         return await self.real.history(since, **options)
 
+    async def delivered_position(self, channel: str, **options: Any) -> Position | None:
+        self._check()  # a socket joining a channel the node listens to starts there
+        return await self.real.delivered_position(channel, **options)
+
     async def history_for_subscribers(
         self, since: Mapping[str, Position | None], **options: Any
     ) -> dict[str, History]:
