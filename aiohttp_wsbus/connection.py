@@ -269,6 +269,11 @@ class Connection:
             self.pending = {}
         self.pending[channel] = []
 
+    def held(self, channel: str) -> int:
+        """How many items are held for `channel` so far."""
+        held = self.pending.get(channel) if self.pending else None
+        return 0 if held is None else len(held)
+
     def release(self, channel: str) -> list[Message | bytes]:
         """Stop holding `channel`; return what was held, in order."""
         if self.pending is None:

@@ -135,7 +135,9 @@ class Subscriptions:
         reads: dict[str, Position | None] = {}
         if accepted:
             try:
-                reads, histories = await self._history(accepted, since, rewind or {})
+                reads, histories, marks = await self._history(
+                    connection, accepted, since, rewind or {}
+                )
             except BrokerUnavailable:
                 self.drop(connection, accepted)
                 result.denied.update(dict.fromkeys(accepted, "unavailable"))
@@ -152,7 +154,7 @@ class Subscriptions:
                 result.recovered[channel] = history.recovered
         connection.enqueue(text_frame(result.encode(reply(result))))
         for channel in accepted:
-            self._go_live(connection, channel, histories[channel], reads.get(channel))
+            self._go_live(connection, channel, histories[channel], reads.get(channel), marks)
         if accepted and self.bus.on_subscribe and connection.is_announced:
             info = ConnectionInfo.of(connection)
             self.bus.track(
@@ -161,9 +163,15 @@ class Subscriptions:
         return result
 
     async def _history(
-        self, channels: list[str], since: Mapping[str, Position], rewind: Mapping[str, int]
-    ) -> tuple[dict[str, Position | None], dict[str, History]]:
-        """Where each channel is read from, and its top with what was missed since then.
+        self,
+        connection: Connection,
+        channels: list[str],
+        since: Mapping[str, Position],
+        rewind: Mapping[str, int],
+    ) -> tuple[dict[str, Position | None], dict[str, History], dict[str, int]]:
+        """Where each channel is read from, its top with what was missed since then, and
+        how many of its messages the connection held when that top was known: those
+        held after it came from this node after the top, whatever their epoch.
 
         A channel reads from its `since` position where it is recoverable; one
         to rewind (no `since`) from `rewind[channel]` messages (at most its
@@ -191,13 +199,16 @@ class Subscriptions:
                 reads[channel] = Position(max(0, top.offset - count), top.epoch)
         # Where the node's live stream stands will do for a start from the top.
         known = {}
+        marks = {}
         for channel, read in reads.items():
             position = None if read is not None else await broker.delivered_position(channel)
             if position is not None:
                 known[channel] = History([], position, recovered=False)
+                marks[channel] = connection.held(channel)
         asked = {c: read for c, read in reads.items() if c not in known}
         histories = await broker.history_for_subscribers(asked, options=own) if asked else {}
-        return reads, {**histories, **known}
+        marks.update((c, connection.held(c)) for c in asked)
+        return reads, {**histories, **known}, marks
 
     async def _join_presence(
         self, connection: Connection, accepted: list[str], result: SubscribeResult
@@ -222,9 +233,15 @@ class Subscriptions:
         return [c for c in accepted if c in connection.channels]
 
     def _go_live(
-        self, connection: Connection, channel: str, history: History, since: Position | None
+        self,
+        connection: Connection,
+        channel: str,
+        history: History,
+        since: Position | None,
+        marks: Mapping[str, int],
     ) -> None:
         held = connection.release(channel)
+        mark = marks.get(channel, 0)
         epoch = history.position.epoch
         last = history.position.offset
         if since is not None and history.recovered:
@@ -233,13 +250,17 @@ class Subscriptions:
                 if message.offset > last:
                     connection.enqueue(message_frame(message, recovered=True))
                     last = message.offset
-        for item in held:
+        for index, item in enumerate(held):
             if isinstance(item, bytes):  # a join or leave: after the snapshot, in order
                 connection.enqueue(item)
                 continue
             message = item
             if last == 0 and message.offset == 1:
                 epoch = message.epoch  # a channel's first message starts its epoch
+            elif message.epoch != epoch and index >= mark:
+                # Delivered by this node after the top was known: a newer epoch (the
+                # channel was lost and began again), all of it news to this socket.
+                epoch, last = message.epoch, 0
             if message.epoch == epoch and message.offset > last:
                 connection.enqueue(message_frame(message))
                 last = message.offset

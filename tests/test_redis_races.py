@@ -19,6 +19,7 @@ from pytest_aiohttp import AiohttpClient
 
 from aiohttp_wsbus import BrokerUnavailable, RedisBroker
 from aiohttp_wsbus.brokers import Published
+from aiohttp_wsbus.brokers.redis_scripts import ChannelKeys
 from aiohttp_wsbus.protocol import Position
 from aiohttp_wsbus.testing import broker_outage
 
@@ -388,3 +389,39 @@ async def test_a_broker_outage_denies_a_socket_joining_a_channel_its_node_listen
         await joined.send_json({"type": "subscribe", "channels": ["chat:o"]})
         subscribed = await next_frame(joined)
     assert subscribed["denied"] == {"chat:o": "unavailable"}, subscribed
+
+
+async def test_a_new_epoch_held_for_a_socket_while_another_channel_waits_reaches_it(
+    proxied_node: ProxiedNode,
+    make_token: MakeToken,
+    stats: redis.asyncio.Redis,
+    redis_prefix: str,
+) -> None:
+    # One subscribe frame: chat:c starts where the node stands (delivered_position, its
+    # old epoch), chat:d recovers and its read waits for the node (the node is behind).
+    # Meanwhile Redis lost chat:c and the node delivers its new epoch's first message:
+    # held for the socket, news after the start it was told, but _go_live keeps only
+    # held messages of the start's epoch, so the socket never gets it.
+    server = proxied_node.server
+    token = make_token(channels=["chat:*"])
+    staying, _ = await server.open(token, ["chat:c", "chat:d"])
+    joined, _ = await server.open(token, ["chat:elsewhere"])
+    old = await server.bus.publish("chat:c", "c1")
+    d1 = await server.bus.publish("chat:d", "d1")
+    assert [(await next_frame(staying))["offset"] for _ in range(2)] == [1, 1]
+    proxied_node.proxy.hold()
+    keys = ChannelKeys.of(redis_prefix, "chat:c")
+    await stats.delete(keys.meta, keys.stream)  # Redis lost chat:c
+    new = await proxied_node.other.publish("chat:c", '"c new 1"')
+    assert (new.offset, new.epoch != old.epoch) == (1, True)
+    await proxied_node.other.publish("chat:d", '"d2"')
+    since = {"chat:d": {"offset": d1.offset, "epoch": d1.epoch}}
+    frame = {"type": "subscribe", "channels": ["chat:c", "chat:d"], "since": since}
+    subscribed = await proxied_node.subscribe_while_held(joined, frame, "chat:d")
+    assert subscribed["positions"]["chat:c"] == {"offset": 1, "epoch": old.epoch}, subscribed
+    assert (await next_frame(staying))["epoch"] == new.epoch  # the node delivered it
+    after = await server.bus.publish("chat:c", "c new 2")
+    frames = [await next_frame(joined) for _ in range(2)]
+    on_c = [(f["offset"], f["epoch"]) for f in frames if f["channel"] == "chat:c"]
+    # Told it starts at offset 1 of the old epoch: next comes all of the new one, in order.
+    assert on_c[:1] == [(new.offset, new.epoch)], (frames, after)
