@@ -190,7 +190,6 @@ async def test_concurrent_publishes_land_in_call_order_each_with_its_own_offset(
         assert [m.data for m in delivered if m.channel == channel] == sent
 
 
-
 async def test_a_socket_joining_a_channel_its_node_listens_to_starts_there_without_a_read(
     bus_on_own_redis: Callable[..., Awaitable[BusServer]],
     make_token: MakeToken,

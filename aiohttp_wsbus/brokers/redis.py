@@ -255,10 +255,7 @@ class RedisBroker(Broker):
         # waiters on one Redis never confirmed wake now (its cancelled `ready` settles them).
         subscriptions, self._subscriptions = self._subscriptions, {}
         for subscription in subscriptions.values():
-            if subscription.leaving is not None:
-                subscription.leaving.cancel()
-                subscription.leaving = None
-            subscription.ready.cancel()
+            self._forget(subscription)
             for _, waiter in subscription.behind or ():  # no more to wait for
                 if not waiter.done():
                     waiter.set_result(None)
@@ -289,7 +286,7 @@ class RedisBroker(Broker):
         it meanwhile (`history`, `delivered_position`) wait for this confirmation.
         """
         subscription = self._subscriptions.get(channel)
-        if subscription is not None and subscription.ready.cancelled():
+        if subscription is not None and subscription.has_failed:
             self._forget(subscription)  # failed, its unsubscribe not run yet: anew
         elif subscription is not None:
             if subscription.leaving is not None:  # a subscriber came back in time
@@ -325,8 +322,7 @@ class RedisBroker(Broker):
         subscription = self._subscriptions.get(channel)
         if subscription is None:
             return
-        ready = subscription.ready
-        if self._unsubscribe_after and ready.done() and not ready.cancelled():
+        if self._unsubscribe_after and subscription.is_confirmed:
             if subscription.leaving is None:
                 loop = asyncio.get_running_loop()
                 subscription.leaving = loop.call_later(
@@ -382,7 +378,7 @@ class RedisBroker(Broker):
                 timer = loop.call_later(self._socket_timeout * 2, _settle, settled)
                 ready.add_done_callback(functools.partial(_answered, settled, timer))
             await asyncio.shield(settled)  # a cancelled waiter leaves it to the others
-        return ready.done() and not ready.cancelled()
+        return subscription.is_confirmed
 
     def _listener_for(self, keys: ChannelKeys) -> Listener:
         """The pub/sub connection a channel belongs on: the only one, or its shard's."""
@@ -449,7 +445,7 @@ class RedisBroker(Broker):
             self._listener_on(node)
         for subscription in list(self._subscriptions.values()):
             listener = self._listener_for(subscription.keys)
-            if subscription.listener is listener or subscription.ready.cancelled():
+            if subscription.listener is listener or subscription.has_failed:
                 continue  # in place, or failed and waiting for the bus's unsubscribe
             # The old shard already dropped it (or is gone): no SUNSUBSCRIBE there.
             if subscription.listener is not None:
@@ -688,7 +684,7 @@ class RedisBroker(Broker):
         subscription = self._subscriptions.get(channel)
         if (
             subscription is None
-            or not subscription.ready.done()
+            or not subscription.is_confirmed
             or subscription.last is None
             or subscription.listener is None
             or not subscription.listener.is_connected

@@ -54,6 +54,16 @@ class Subscription:
     is_waking: bool = False
 
     @property
+    def is_confirmed(self) -> bool:
+        """Whether Redis confirmed it (`ready` cancelled: it failed, or was dropped)."""
+        return self.ready.done() and not self.ready.cancelled()
+
+    @property
+    def has_failed(self) -> bool:
+        """Whether it failed or was dropped: kept only until the bus unsubscribes."""
+        return self.ready.cancelled()
+
+    @property
     def is_live(self) -> bool:
         """Whether it has caught up on its listener's current connection, which is up."""
         listener = self.listener
